@@ -1,0 +1,38 @@
+# make train: cache what is missing, then train (default: the embedded tiny Flux config)
+# make test:  the test suite;  make bench: seconds per training step, cached vs online priors
+# Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32  PYTHON=/path/to/python (an env with the project installed)
+
+CONFIG ?= configs/tiny-flux.toml
+DTYPE ?=
+VENV := .venv
+ifdef PYTHON
+PY := $(PYTHON)
+SETUP :=
+else
+PY := $(VENV)/bin/python
+SETUP := $(VENV)/.installed
+endif
+DTYPE_ARG := $(if $(DTYPE),--dtype $(DTYPE),)
+
+.PHONY: cache train test bench clean-output
+
+# torch==2.13.0 first: the CPU build; a plain `torch` requirement could pull a multi-GB CUDA build.
+# On a GPU machine, install your CUDA torch into the venv (or use PYTHON=) before `make`.
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q "torch==2.13.0"
+	$(VENV)/bin/pip install -q -e ".[test]"
+	touch $@
+
+cache: $(SETUP)
+	$(PY) -m pipeline cache --config $(CONFIG) $(DTYPE_ARG)
+
+train: $(SETUP)
+	$(PY) -m pipeline cache --config $(CONFIG) $(DTYPE_ARG)
+	$(PY) -m pipeline train --config $(CONFIG) $(DTYPE_ARG)
+
+test: $(SETUP)
+	$(PY) -m pytest -q
+
+bench: $(SETUP)
+	$(PY) -m pipeline.bench

@@ -1,0 +1,35 @@
+"""Assembling a batch from the cache: the one place both stages turn entries into model inputs, so the
+prior forward at cache time and the training forward see the same tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.objective import noise_from_seed
+from pipeline.plan import Plan, Sample
+from pipeline.store import Store
+
+
+def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]], text_memo: dict | None = None):
+    """Latents, noise, noisy latents, timesteps and batched conditioning for (sample, variant) pairs,
+    exactly as the train stage builds them."""
+    latents, noises, timesteps, sigmas, texts = [], [], [], [], []
+    for s, v in items:
+        lat = store.read("latent", s.latent_key)[0]["latent"]
+        n = store.read("noise", s.noise_keys[v])[0]
+        latents.append(lat)
+        noises.append(noise_from_seed(int(n["seed"]), lat.shape))
+        timesteps.append(n["timestep"])
+        sigmas.append(n["sigma"])
+        if text_memo is not None and s.text_key in text_memo:
+            texts.append(text_memo[s.text_key])
+        else:
+            t = store.read("text", s.text_key)[0]
+            if text_memo is not None:
+                text_memo[s.text_key] = t
+            texts.append(t)
+    latents, noises = torch.stack(latents), torch.stack(noises)
+    sigmas = torch.stack(sigmas)
+    text = {k: torch.stack([t[k] for t in texts]) for k in texts[0]}
+    noisy = plan.family.noisy_input(latents, noises, sigmas)
+    return latents, noises, noisy, torch.stack(timesteps), text

@@ -1,0 +1,182 @@
+"""Stage 1: run the frozen base model once and store latents, text embeddings, noise seeds and
+timesteps, and for every prior sample the base model's own prediction, keyed by the train dtype.
+
+Each phase computes only what is missing. Work is done in chunks of fixed composition (all needed
+keys sorted, cut every cache.batch_size), and each chunk is written as one atomic segment: a crash
+loses at most the chunk in flight, and a rerun recomputes exactly the same chunks with the same
+batch composition, so the finished cache equals an uninterrupted run's bit for bit.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from pipeline.config import Config, check_paths
+from pipeline.data import load_image
+from pipeline.batches import load_inputs
+from pipeline.objective import draw_timestep_index
+from pipeline.plan import TORCH_DTYPES, Plan, Sample, make_plan, pick_device
+from pipeline.store import Store
+
+
+def ensure_embedded(cfg: Config) -> None:
+    """For configs with an [embedded] table: build the tiny model and synthetic data where missing."""
+    if cfg.embedded is None:
+        return
+    from pathlib import Path
+
+    from pipeline import tiny
+
+    tiny.ensure_embedded(Path(cfg.model.path), [Path(c.folder) for c in cfg.concepts], cfg.embedded.family, cfg.embedded.preset)
+
+
+def _chunks(keys: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(keys), size):
+        yield keys[i : i + size]
+
+
+def _free(*models) -> None:
+    del models
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Phase:
+    """One kind of entry: which keys are needed, which are missing, and computing missing chunks."""
+
+    def __init__(self, store: Store, kind: str, needed: dict[str, object], batch: int, progress: bool):
+        self.store, self.kind, self.batch, self.progress = store, kind, batch, progress
+        self.order = sorted(needed)
+        self.needed = needed
+        self.missing = [k for k in self.order if not store.has(kind, k)]
+        self.computed = 0
+
+    def run(self, load: Callable[[], object], compute: Callable[[object, list], dict], unit: str) -> None:
+        if not self.missing:
+            return
+        model = load()
+        todo = [chunk for chunk in _chunks(self.order, self.batch) if any(not self.store.has(self.kind, k) for k in chunk)]
+        with tqdm(total=len(self.missing), desc=self.kind, unit=unit, disable=not self.progress) as bar:
+            for chunk in todo:
+                entries = compute(model, [self.needed[k] for k in chunk])
+                fresh = {k: entries[k] for k in chunk if not self.store.has(self.kind, k)}
+                self.store.write(self.kind, fresh)
+                self.computed += len(fresh)
+                bar.update(len(fresh))
+        _free(model)
+
+    @property
+    def reused(self) -> int:
+        return len(self.order) - self.computed
+
+
+def run_cache(cfg: Config, progress: bool = True) -> dict:
+    """Compute every missing cache entry the config needs. Returns the summary it prints."""
+    start = time.perf_counter()
+    ensure_embedded(cfg)
+    check_paths(cfg)
+    plan = make_plan(cfg)
+    family = plan.family
+    store = Store(cfg.cache.dir)
+    device = pick_device(cfg.cache.device)
+    enc_dtype = TORCH_DTYPES[cfg.model.encoder_dtype]
+    batch = cfg.cache.batch_size
+    res = cfg.data.resolution
+    if res % family.pixel_multiple:
+        from pipeline.errors import UserError
+
+        raise UserError(f"config key 'data.resolution' must be a multiple of {family.pixel_multiple} for {family.name}")
+
+    latents = Phase(store, "latent", {s.latent_key: s for s in plan.samples}, batch, progress)
+    latents.run(
+        lambda: family.load_vae(device, enc_dtype),
+        lambda vae, ss: {
+            s.latent_key: ({"latent": z}, {"image": str(s.path), "content_key": s.content_key, "resolution": res})
+            for s, z in zip(ss, family.encode_images(vae, torch.stack([load_image(s.path, res) for s in ss])))
+        },
+        "img",
+    )
+
+    texts = Phase(store, "text", {s.text_key: s for s in plan.samples}, batch, progress)
+    texts.run(
+        lambda: family.load_text_encoders(device, enc_dtype),
+        lambda enc, ss: {
+            s.text_key: (t, {"caption": s.caption}) for s, t in zip(ss, family.encode_captions(enc, [s.caption for s in ss]))
+        },
+        "caption",
+    )
+
+    noise_needed = {s.noise_keys[v]: (s, v) for s in plan.samples for v in range(cfg.cache.variants)}
+    noises = Phase(store, "noise", noise_needed, 256, progress)
+    noises.run(lambda: family.timestep_table(), lambda table, items: _noise_entries(cfg, table, items), "draw")
+
+    prior_needed = {plan.prior_key(s, v): (s, v) for s in plan.samples if s.prior for v in range(cfg.cache.variants)}
+    priors = Phase(store, plan.prior_kind(), prior_needed, batch, progress)
+    priors.run(
+        lambda: family.load_denoiser(device, TORCH_DTYPES[cfg.train.dtype]),
+        lambda model, items: _prior_entries(plan, store, model, items),
+        "pred",
+    )
+
+    summary = {
+        "samples": len(plan.samples),
+        "prior_samples": sum(s.prior for s in plan.samples),
+        "variants": cfg.cache.variants,
+        "dtype": cfg.train.dtype,
+        "latents_encoded": latents.computed,
+        "latents_reused": latents.reused,
+        "texts_encoded": texts.computed,
+        "texts_reused": texts.reused,
+        "noise_computed": noises.computed,
+        "noise_reused": noises.reused,
+        "priors_computed": priors.computed,
+        "priors_reused": priors.reused,
+        "bytes_on_disk": store.bytes_on_disk(),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    store.close()
+    return summary
+
+
+def _noise_entries(cfg: Config, table, items: list[tuple[Sample, int]]) -> dict:
+    timesteps, sigmas = table
+    c = cfg.cache
+    out = {}
+    for s, v in items:
+        g = torch.Generator("cpu").manual_seed(s.timestep_seeds[v])
+        i = draw_timestep_index(g, len(timesteps), c.timestep_sampling, c.logit_mean, c.logit_std, c.mode_scale)
+        out[s.noise_keys[v]] = (
+            {
+                "seed": torch.tensor(s.seeds[v], dtype=torch.int64),
+                "timestep": timesteps[i].reshape(()).float(),
+                "sigma": sigmas[i].reshape(()).float(),
+            },
+            {"content_key": s.content_key, "variant": v},
+        )
+    return out
+
+
+@torch.no_grad()
+def _prior_entries(plan: Plan, store: Store, model, items: list[tuple[Sample, int]]) -> dict:
+    out = {}
+    # Chunks are cut from sorted keys; a forward needs one latent shape, so split by shape.
+    by_shape: dict[tuple, list] = {}
+    for s, v in items:
+        shape = store.shape("latent", s.latent_key, "latent")
+        by_shape.setdefault(shape, []).append((s, v))
+    for group in by_shape.values():
+        _, _, noisy, timesteps, text = load_inputs(plan, store, group)
+        pred = plan.family.predict(model, noisy, timesteps, text).cpu()
+        for (s, v), p in zip(group, pred):
+            out[plan.prior_key(s, v)] = (
+                {"prediction": p.clone()},
+                {"latent_key": s.latent_key, "text_key": s.text_key, "noise_key": s.noise_keys[v], "variant": v,
+                 "dtype": plan.dtype, "denoiser": plan.denoiser_fp},
+            )
+    return out

@@ -1,0 +1,83 @@
+"""Command line: parses options and calls one stage function. Exit codes: 0 done, 1 internal failure,
+2 user error (bad config, missing file, stale cache), 130 interrupted."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from pipeline.config import DTYPES, load_config
+from pipeline.errors import UserError
+
+CONFIG = click.option(
+    "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="TOML config file."
+)
+DTYPE = click.option(
+    "--dtype", type=click.Choice(DTYPES), default=None,
+    help="Train dtype for this command only (overrides train.dtype); priors are cached per dtype.",
+)
+QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+def _run(fn):
+    try:
+        return fn()
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted: every finished cache segment is kept; run the same command again to go on", err=True)
+        sys.exit(130)
+
+
+def _print_summary(title: str, summary: dict) -> None:
+    click.echo(f"\n{title}")
+    width = max(len(k) for k in summary)
+    for k, v in summary.items():
+        click.echo(f"  {k:<{width}}  {v}")
+
+
+@click.group()
+def main():
+    """LoRA trainer with cached prior-prediction targets: `cache`, then `train`."""
+
+
+@main.command()
+@CONFIG
+@DTYPE
+@QUIET
+def cache(config_path, dtype, quiet):
+    """Compute every cache entry the config needs that is not cached yet (latents, text embeddings,
+    noise seeds and timesteps, and the base model's predictions for prior samples in the train dtype)."""
+    from pipeline.cache_stage import run_cache
+
+    def go():
+        s = run_cache(load_config(config_path, dtype), progress=not quiet)
+        work = s["latents_encoded"] + s["texts_encoded"] + s["noise_computed"] + s["priors_computed"]
+        _print_summary("cache: nothing to compute, everything is cached" if not work else "cache: done", s)
+        click.echo(json.dumps({"cache_summary": s}))
+
+    _run(go)
+
+
+@main.command()
+@CONFIG
+@DTYPE
+@QUIET
+def train(config_path, dtype, quiet):
+    """Train a LoRA on the cache (one denoiser forward per batch). Refuses when the cache lacks
+    anything this run needs, naming the command that fixes it."""
+    from pipeline.train_stage import run_train
+
+    def go():
+        s = run_train(load_config(config_path, dtype), progress=not quiet)
+        _print_summary("train: done", s)
+        click.echo(json.dumps({"train_summary": s}))
+
+    _run(go)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The TOML config: nested tables into frozen dataclasses; unknown keys and wrong types are errors.
+
+Relative paths are resolved against the folder of the config file, so a config means the same thing
+from whatever directory it is run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from pipeline.errors import UserError
+
+DTYPES = ("bf16", "fp16", "fp32")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str  # a local diffusers folder or a hub id
+    family: str = "auto"  # "auto" reads model_index.json
+    guidance: float = 1.0  # guidance-embedding value for guidance-distilled models (Flux.1-dev)
+    max_sequence_length: int = 512  # T5 tokens
+    encoder_dtype: str = "fp32"  # dtype the VAE and text encoders run in at cache time
+
+
+@dataclass(frozen=True)
+class ConceptConfig:
+    folder: str
+    type: str = "standard"  # "standard" | "prior"
+    caption_ext: str = ".txt"
+    default_caption: str = ""  # used for images without a caption file
+    repeats: int = 1
+    loss_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    resolution: int = 512  # square side in pixels; images are resized and centre-cropped to it
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: str = "cache"
+    variants: int = 4  # noise/timestep draws per sample; epoch e uses variant e mod variants
+    seed: int = 0
+    batch_size: int = 4
+    timestep_sampling: str = "logit_normal"  # "uniform" | "logit_normal" | "mode" (SD3 paper)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=list)  # empty: the family's default
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dtype: str = "bf16"  # weights of the frozen denoiser; the priors are cached per this dtype
+    batch_size: int = 1
+    epochs: int = 1
+    max_steps: int = 0  # 0: run all epochs
+    seed: int = 0
+    output_dir: str = "output"
+    lora_name: str = "pytorch_lora_weights.safetensors"
+    prior_mode: str = "cached"  # "online" recomputes the prior target with a second forward (peers' way)
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    family: str = "flux"  # build this tiny random-weight model and synthetic data where missing
+    preset: str = "default"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    concepts: list[ConceptConfig]
+    data: DataConfig = DataConfig()
+    cache: CacheConfig = CacheConfig()
+    lora: LoraConfig = LoraConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    embedded: EmbeddedConfig | None = None
+    source: str = ""  # the config file (not a TOML key)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _check_type(value, hint, key: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _check_type(value, args[0], key)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a table")
+        return _build(hint, value, key + ".")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}' must be a list")
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise UserError(f"config key '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, table: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)} - {"source"}
+    for k in table:
+        if k not in names:
+            raise UserError(f"unknown config key '{prefix}{k}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in table:
+            kwargs[f.name] = _check_type(table[f.name], hints[f.name], prefix + f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name != "source":
+            raise UserError(f"missing config key '{prefix}{f.name}'")
+    return cls(**kwargs)
+
+
+def _choice(value, allowed, key):
+    if value not in allowed:
+        raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _positive(value, key, zero_ok=False):
+    if value < 0 or (value == 0 and not zero_ok):
+        raise UserError(f"config key '{key}' must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
+def _resolve(base: Path, p: str) -> str:
+    path = Path(p).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def load_config(path: str | Path, dtype: str | None = None) -> Config:
+    """Read and validate a config file. Raises UserError naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid TOML: {e}") from None
+    try:
+        cfg = _build(Config, raw)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    base = path.resolve().parent
+    model_path = cfg.model.path
+    if not HUB_ID.match(model_path) or Path(base / model_path).exists():
+        model_path = _resolve(base, model_path)
+    cfg = dataclasses.replace(
+        cfg,
+        source=str(path.resolve()),
+        model=dataclasses.replace(cfg.model, path=model_path),
+        concepts=[dataclasses.replace(c, folder=_resolve(base, c.folder)) for c in cfg.concepts],
+        cache=dataclasses.replace(cfg.cache, dir=_resolve(base, cfg.cache.dir)),
+        train=dataclasses.replace(cfg.train, output_dir=_resolve(base, cfg.train.output_dir)),
+    )
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype=dtype))
+    try:
+        validate(cfg)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that do not touch the disk (paths are checked where they are used)."""
+    _choice(cfg.train.dtype, DTYPES, "train.dtype")
+    _choice(cfg.model.encoder_dtype, DTYPES, "model.encoder_dtype")
+    _choice(cfg.train.prior_mode, ("cached", "online"), "train.prior_mode")
+    _choice(cfg.optimizer.name, ("adamw",), "optimizer.name")
+    _choice(cfg.cache.timestep_sampling, ("uniform", "logit_normal", "mode"), "cache.timestep_sampling")
+    if not cfg.concepts:
+        raise UserError("config needs at least one [[concepts]] table")
+    for i, c in enumerate(cfg.concepts):
+        _choice(c.type, ("standard", "prior"), f"concepts[{i}].type")
+        _positive(c.repeats, f"concepts[{i}].repeats")
+        _positive(c.loss_weight, f"concepts[{i}].loss_weight", zero_ok=True)
+    for key, value, zero_ok in [
+        ("data.resolution", cfg.data.resolution, False),
+        ("cache.variants", cfg.cache.variants, False),
+        ("cache.batch_size", cfg.cache.batch_size, False),
+        ("train.batch_size", cfg.train.batch_size, False),
+        ("train.epochs", cfg.train.epochs, False),
+        ("train.max_steps", cfg.train.max_steps, True),
+        ("lora.rank", cfg.lora.rank, False),
+        ("optimizer.lr", cfg.optimizer.lr, False),
+        ("model.max_sequence_length", cfg.model.max_sequence_length, False),
+    ]:
+        _positive(value, key, zero_ok)
+    if len(cfg.optimizer.betas) != 2:
+        raise UserError("config key 'optimizer.betas' must have two numbers")
+
+
+def check_paths(cfg: Config) -> None:
+    """Disk checks: the model path and every concept folder exist and hold what they should."""
+    model = Path(cfg.model.path)
+    if not HUB_ID.match(cfg.model.path) and not model.exists():
+        raise UserError(f"model.path: '{cfg.model.path}' does not exist")
+    for i, c in enumerate(cfg.concepts):
+        folder = Path(c.folder)
+        if not folder.is_dir():
+            raise UserError(f"concepts[{i}].folder: '{folder}' does not exist")
+        if not any(p.suffix.lower() in IMAGE_EXTS for p in folder.iterdir() if p.is_file()):
+            raise UserError(f"concepts[{i}].folder: '{folder}' has no images ({', '.join(IMAGE_EXTS)})")

@@ -1,0 +1,100 @@
+"""Model families behind one small interface. The stages never ask which family they run;
+a new family is one new file here plus one line in FAMILIES."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from pipeline.config import HUB_ID, ModelConfig
+from pipeline.errors import UserError
+
+
+class Family(Protocol):
+    name: str
+    root: Path  # the local diffusers folder
+    vae_components: tuple[str, ...]  # subfolders whose weights the latents depend on
+    text_components: tuple[str, ...]  # ... the text embeddings
+    denoiser_component: str  # ... the priors
+    pixel_multiple: int  # image sides must be multiples of this
+    default_target_modules: list[str]
+
+    def load_vae(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
+
+    def encode_images(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B,3,H,W) in [-1,1] -> latents (B,C,h,w) float32 as the denoiser sees them (deterministic)."""
+
+    def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> Any: ...
+
+    def encode_captions(self, encoders: Any, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        """One dict of conditioning tensors (float32, no batch dim) per caption."""
+
+    def timestep_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scheduler's training timesteps and their sigmas (the distribution's support)."""
+
+    def timestep_spec(self) -> dict:
+        """Everything about the timestep table that the noise entries depend on."""
+
+    def load_denoiser(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
+
+    def noisy_input(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor: ...
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+
+    def predict(
+        self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """One denoiser forward: noisy latents (B,C,h,w), timesteps (B,) on the scheduler's 0..1000 scale,
+        batched conditioning -> prediction (B,C,h,w) in the denoiser's dtype."""
+
+    def prediction_settings(self) -> dict:
+        """Settings outside the weights that change a prediction (guidance...): part of the prior key."""
+
+
+def resolve_model(path: str) -> Path:
+    """A local folder, or a hub id resolved to its downloaded snapshot (downloaded when the hub answers)."""
+    local = Path(path)
+    if local.exists():
+        return local
+    if not HUB_ID.match(path):
+        raise UserError(f"model.path: '{path}' does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the local hub cache; try the hub itself
+        pass
+    try:
+        return Path(snapshot_download(path))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(
+            f"model.path: '{path}' is not downloaded and the hub could not be reached ({type(e).__name__}): "
+            f"download it first (huggingface-cli download {path} --local-dir DIR) and set model.path = \"DIR\""
+        ) from None
+
+
+def detect_family(root: Path) -> str:
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"model.path: '{root}' is not a diffusers folder (no model_index.json)")
+    cls = json.loads(index.read_text()).get("_class_name", "")
+    for name, family in FAMILIES.items():
+        if cls in family.pipeline_classes:
+            return name
+    raise UserError(f"model.path: '{root}' holds a {cls}, which no family here handles ({', '.join(FAMILIES)})")
+
+
+def get_family(cfg: ModelConfig) -> Family:
+    root = resolve_model(cfg.path)
+    name = detect_family(root) if cfg.family == "auto" else cfg.family
+    if name not in FAMILIES:
+        raise UserError(f"config key 'model.family' must be auto or one of {', '.join(FAMILIES)}, got {name!r}")
+    return FAMILIES[name](root, cfg)
+
+
+from pipeline.families.flux import FluxFamily  # noqa: E402
+
+FAMILIES = {"flux": FluxFamily}

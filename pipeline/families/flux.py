@@ -1,0 +1,108 @@
+"""Flux.1 (dev and schnell): CLIP pooled + T5 conditioning, 2x2-packed latents, flow matching.
+
+Every call mirrors what diffusers' FluxPipeline does inside one denoising step (packing, ids, timestep
+scaling, guidance), so a cached prior is exactly what the base model predicts in that pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+from pipeline import objective
+from pipeline.config import ModelConfig
+
+
+class FluxFamily:
+    name = "flux"
+    pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
+    vae_components = ("vae",)
+    text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    denoiser_component = "transformer"
+    pixel_multiple = 16  # VAE downsamples by 8, packing by 2 more
+    # attention projections of the double- and single-stream blocks
+    default_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+    def __init__(self, root: Path, cfg: ModelConfig):
+        self.root = Path(root)
+        self.cfg = cfg
+        self._scheduler = None
+
+    # -- cache stage: encoders -------------------------------------------------------------------
+    def load_vae(self, device, dtype):
+        return AutoencoderKL.from_pretrained(self.root, subfolder="vae", torch_dtype=dtype).to(device).eval()
+
+    @torch.no_grad()
+    def encode_images(self, vae, pixels):
+        # The distribution's mode, not a sample: the latent of an image is then a pure function of its bytes.
+        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return ((z.float() - vae.config.shift_factor) * vae.config.scaling_factor).cpu()
+
+    def load_text_encoders(self, device, dtype):
+        # The pipeline itself, without transformer and VAE: its encode_prompt is the reference conditioning.
+        pipe = FluxPipeline.from_pretrained(self.root, transformer=None, vae=None, torch_dtype=dtype)
+        return pipe.to(device)
+
+    @torch.no_grad()
+    def encode_captions(self, encoders, captions):
+        embeds, pooled, _ = encoders.encode_prompt(
+            captions, prompt_2=None, device=encoders.device, max_sequence_length=self.cfg.max_sequence_length
+        )
+        return [
+            {"prompt_embeds": e.float().cpu(), "pooled_prompt_embeds": p.float().cpu()} for e, p in zip(embeds, pooled)
+        ]
+
+    # -- timesteps --------------------------------------------------------------------------------
+    def scheduler(self) -> FlowMatchEulerDiscreteScheduler:
+        if self._scheduler is None:
+            self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.root, subfolder="scheduler")
+        return self._scheduler
+
+    def timestep_table(self):
+        # As diffusers' Flux LoRA script: the scheduler's training table (unshifted when the model uses
+        # dynamic shifting); sigma = t / num_train_timesteps.
+        s = self.scheduler()
+        return s.timesteps.float(), s.sigmas[: len(s.timesteps)].float()
+
+    def timestep_spec(self):
+        c = self.scheduler().config
+        return {k: c.get(k) for k in ("num_train_timesteps", "shift", "use_dynamic_shifting")}
+
+    # -- denoiser ---------------------------------------------------------------------------------
+    def load_denoiser(self, device, dtype):
+        model = FluxTransformer2DModel.from_pretrained(self.root, subfolder="transformer", torch_dtype=dtype)
+        return model.to(device).eval().requires_grad_(False)
+
+    def noisy_input(self, latents, noise, sigmas):
+        return objective.flow_noisy(latents, noise, sigmas)
+
+    def target(self, latents, noise):
+        return objective.flow_target(latents, noise)
+
+    def prediction_settings(self):
+        return {"guidance": self.cfg.guidance}
+
+    def predict(self, denoiser, noisy, timesteps, text):
+        b, c, h, w = noisy.shape
+        device, dtype = denoiser.device, denoiser.dtype
+        packed = FluxPipeline._pack_latents(noisy.to(device, dtype), b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
+        embeds = text["prompt_embeds"].to(device, dtype)
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
+        guidance = None
+        if denoiser.config.guidance_embeds:
+            guidance = torch.full([b], self.cfg.guidance, device=device, dtype=torch.float32)
+        out = denoiser(
+            hidden_states=packed,
+            timestep=timesteps.to(device, dtype) / 1000,  # the pipeline's order: cast, then scale
+            guidance=guidance,
+            pooled_projections=text["pooled_prompt_embeds"].to(device, dtype),
+            encoder_hidden_states=embeds,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        # vae_scale_factor=1 because h, w are already latent sizes
+        return FluxPipeline._unpack_latents(out, h, w, 1)

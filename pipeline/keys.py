@@ -1,0 +1,73 @@
+"""Cache keys, weight fingerprints and the deterministic seed recipe.
+
+Every key is a digest of everything that changes the entry, so a stale entry is never found: it simply
+has another key. The recipes are documented in the README ("Cache layout") so a user can recompute them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+CHUNK = 1 << 22
+
+
+def digest(*parts) -> str:
+    """Key of an entry: sha256 of the JSON list of its parts, first 32 hex digits."""
+    text = json.dumps(list(parts), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed: the first 8 bytes (big-endian) of sha256 of the JSON list of parts, top bit cleared."""
+    text = json.dumps(list(parts), sort_keys=True, separators=(",", ":"))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & (2**63 - 1)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Fingerprints:
+    """sha256 of files, remembered by (path, size, mtime, inode) in a JSON memo so that a 20 GB
+    checkpoint is read once, not on every run. The memo only saves time; deleting it is safe."""
+
+    def __init__(self, memo_path: Path):
+        self.memo_path = Path(memo_path)
+        try:
+            self.memo = json.loads(self.memo_path.read_text())
+        except (OSError, ValueError):
+            self.memo = {}
+        self.dirty = False
+
+    def file(self, path: Path) -> str:
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = self.memo.get(str(path.resolve()))
+        if hit and hit[0] == stamp:
+            return hit[1]
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        self.memo[str(path.resolve())] = [stamp, h.hexdigest()]
+        self.dirty = True
+        return h.hexdigest()
+
+    def folder(self, folder: Path) -> str:
+        """Fingerprint of a model component folder: its config and weight files' contents, not its path."""
+        files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise FileNotFoundError(folder)
+        return digest([[str(p.relative_to(folder)), self.file(p)] for p in files])
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        self.memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.memo_path.with_name(f".{self.memo_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.memo, indent=0))
+        os.replace(tmp, self.memo_path)
+        self.dirty = False

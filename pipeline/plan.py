@@ -1,0 +1,108 @@
+"""What a config needs from the cache: every sample with its keys. Both stages build the same plan,
+so the train stage finds exactly what the cache stage wrote, and a stale entry is never found.
+
+Key recipes (documented in the README):
+  content  = digest("image", sha256(image bytes), resolution, PREPARE)
+  latent   = digest("latent", content, vae fingerprint, encoder dtype)
+  text     = digest("text", caption, text-encoder fingerprint, max_sequence_length, encoder dtype)
+  noise[v] = digest("noise", content, v, cache seed, timestep sampling settings, scheduler table)
+  prior[v] = digest("prior", latent, text, noise[v], denoiser fingerprint, train dtype, prediction settings)
+  seed[v]  = derive_seed("noise", cache seed, content, v);  timestep draw seed: derive_seed("timestep", ...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config
+from pipeline.data import PREPARE, scan_concept
+from pipeline.families import Family, get_family
+from pipeline.keys import Fingerprints, derive_seed, digest, sha256_bytes
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    concept: int
+    prior: bool
+    loss_weight: float
+    repeats: int
+    caption: str
+    content_key: str
+    latent_key: str
+    text_key: str
+    noise_keys: tuple[str, ...]  # one per variant
+    seeds: tuple[int, ...]  # noise seed per variant
+    timestep_seeds: tuple[int, ...]
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    family: Family
+    samples: list[Sample]
+    vae_fp: str
+    text_fp: str
+    denoiser_fp: str
+
+    @property
+    def dtype(self) -> str:
+        return self.cfg.train.dtype
+
+    def prior_kind(self, dtype: str | None = None) -> str:
+        return f"prior/{dtype or self.dtype}"
+
+    def prior_key(self, sample: Sample, variant: int, dtype: str | None = None) -> str:
+        return digest(
+            "prior", sample.latent_key, sample.text_key, sample.noise_keys[variant],
+            self.denoiser_fp, dtype or self.dtype, self.family.prediction_settings(),
+        )
+
+
+def _component_fp(fps: Fingerprints, root: Path, names) -> str:
+    return digest([[n, fps.folder(root / n)] for n in names if (root / n).exists()])
+
+
+def make_plan(cfg: Config) -> Plan:
+    family = get_family(cfg.model)
+    fps = Fingerprints(Path(cfg.cache.dir) / "fingerprints.json")
+    vae_fp = _component_fp(fps, family.root, family.vae_components)
+    text_fp = _component_fp(fps, family.root, family.text_components)
+    denoiser_fp = _component_fp(fps, family.root, [family.denoiser_component])
+    fps.save()
+    c = cfg.cache
+    timestep_settings = [c.timestep_sampling, c.logit_mean, c.logit_std, c.mode_scale, family.timestep_spec()]
+    enc = cfg.model.encoder_dtype
+    samples = []
+    for i, concept in enumerate(cfg.concepts):
+        for path, caption in scan_concept(concept, i):
+            content = digest("image", sha256_bytes(path.read_bytes()), cfg.data.resolution, PREPARE)
+            variants = range(c.variants)
+            samples.append(
+                Sample(
+                    path=path,
+                    concept=i,
+                    prior=concept.type == "prior",
+                    loss_weight=concept.loss_weight,
+                    repeats=concept.repeats,
+                    caption=caption,
+                    content_key=content,
+                    latent_key=digest("latent", content, vae_fp, enc),
+                    text_key=digest("text", caption, text_fp, cfg.model.max_sequence_length, enc),
+                    noise_keys=tuple(digest("noise", content, v, c.seed, timestep_settings) for v in variants),
+                    seeds=tuple(derive_seed("noise", c.seed, content, v) for v in variants),
+                    timestep_seeds=tuple(derive_seed("timestep", c.seed, content, v) for v in variants),
+                )
+            )
+    return Plan(cfg, family, samples, vae_fp, text_fp, denoiser_fp)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,162 @@
+"""Stage 2: load only the denoiser, add a LoRA and train on the cache. One denoiser forward per batch:
+a prior sample's target is its cached base-model prediction, read from disk, not recomputed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.batches import load_inputs
+from pipeline.config import Config, check_paths
+from pipeline.errors import UserError
+from pipeline.keys import derive_seed
+from pipeline.lora import add_lora, save_lora
+from pipeline.objective import per_sample_mse
+from pipeline.plan import TORCH_DTYPES, Plan, Sample, make_plan, pick_device
+from pipeline.store import Store
+
+
+def fix_command(cfg: Config, dtype: str | None = None) -> str:
+    cmd = "make cache"
+    try:
+        rel = os.path.relpath(cfg.source)
+    except ValueError:
+        rel = cfg.source
+    if cfg.source and not rel.endswith(os.path.join("configs", "tiny-flux.toml")):
+        cmd += f" CONFIG={rel}"
+    if dtype:
+        cmd += f" DTYPE={dtype}"
+    return cmd
+
+
+def check_cache(plan: Plan, store: Store) -> None:
+    """Refuse, with the command that fixes it, unless every entry this run reads is present."""
+    cfg, variants = plan.cfg, range(plan.cfg.cache.variants)
+    missing = {
+        "latents": sum(not store.has("latent", s.latent_key) for s in plan.samples),
+        "text embeddings": sum(not store.has("text", s.text_key) for s in plan.samples),
+        "noise seeds and timesteps": sum(not store.has("noise", s.noise_keys[v]) for s in plan.samples for v in variants),
+    }
+    parts = [f"{name} ({n} missing)" for name, n in missing.items() if n]
+    if parts:
+        raise UserError(f"the cache lacks {', '.join(parts)} for this config: run {fix_command(cfg)}")
+    kind = plan.prior_kind()
+    need = [plan.prior_key(s, v) for s in plan.samples if s.prior for v in variants]
+    absent = sum(not store.has(kind, k) for k in need)
+    if absent:
+        raise UserError(
+            f"priors for {plan.dtype} are not cached ({absent} of {len(need)} missing for this model and data): "
+            f"run {fix_command(cfg, plan.dtype)}"
+        )
+
+
+def epoch_batches(plan: Plan, store: Store, epoch: int) -> list[list[Sample]]:
+    """Samples (with repeats) shuffled by a seed of (train seed, epoch), batched within one latent shape."""
+    items = [s for s in plan.samples for _ in range(s.repeats)]
+    g = torch.Generator().manual_seed(derive_seed("order", plan.cfg.train.seed, epoch))
+    items = [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
+    by_shape: dict[tuple, list[Sample]] = {}
+    for s in items:
+        by_shape.setdefault(store.shape("latent", s.latent_key, "latent"), []).append(s)
+    bs = plan.cfg.train.batch_size
+    batches = [group[i : i + bs] for group in by_shape.values() for i in range(0, len(group), bs)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def train_step(plan, store, model, optimizer, batch, variant, text_memo, prior_mode="cached") -> dict:
+    """One optimisation step on one batch; returns per-group losses (the training step in one screen)."""
+    family, dtype = plan.family, plan.dtype
+    items = [(s, variant) for s in batch]
+    latents, noise, noisy, timesteps, text = load_inputs(plan, store, items, text_memo)
+    is_prior = torch.tensor([s.prior for s in batch])
+    target = family.target(latents, noise)
+    if is_prior.any():
+        if prior_mode == "cached":
+            cached = [store.read(plan.prior_kind(), plan.prior_key(s, variant))[0]["prediction"] for s in batch if s.prior]
+            target[is_prior] = torch.stack(cached).float()
+        else:  # what every peer does: a second, adapter-disabled forward (kept for the benchmark)
+            with torch.no_grad():
+                model.disable_adapters()
+                sub = {k: v[is_prior] for k, v in text.items()}
+                target[is_prior] = family.predict(model, noisy[is_prior], timesteps[is_prior], sub).float().cpu()
+                model.enable_adapters()
+    pred = family.predict(model, noisy, timesteps, text)
+    weights = torch.tensor([s.loss_weight for s in batch], device=pred.device)
+    losses = per_sample_mse(pred, target.to(pred.device)) * weights
+    loss = losses.mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    losses = losses.detach().cpu()
+    group = lambda mask: float(losses[mask].mean()) if mask.any() else None  # noqa: E731
+    return {
+        "loss": float(loss.detach()),
+        "loss_standard": group(~is_prior),
+        "loss_prior": group(is_prior),
+        "n_standard": int((~is_prior).sum()),
+        "n_prior": int(is_prior.sum()),
+        "timestep_mean": float(timesteps.float().mean()),
+    }
+
+
+def run_train(cfg: Config, progress: bool = True) -> dict:
+    """Train a LoRA on the cache. Raises UserError when the cache lacks anything this run needs."""
+    start = time.perf_counter()
+    check_paths(cfg)
+    plan = make_plan(cfg)
+    store = Store(cfg.cache.dir)
+    check_cache(plan, store)
+    t = cfg.train
+    device = pick_device(t.device)
+    torch.manual_seed(t.seed)
+    model = plan.family.load_denoiser(device, TORCH_DTYPES[t.dtype])
+    params = add_lora(model, cfg.lora, plan.family.default_target_modules)
+    model.train()
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
+
+    steps_per_epoch = len(epoch_batches(plan, store, 0))
+    total = t.max_steps or t.epochs * steps_per_epoch
+    out_dir = Path(t.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.jsonl"
+    text_memo: dict = {}
+    step, epoch, last = 0, 0, {}
+    with open(metrics_path, "w") as metrics, tqdm(total=total, desc="train", unit="step", disable=not progress) as bar:
+        while step < total:
+            variant = epoch % cfg.cache.variants
+            for batch in epoch_batches(plan, store, epoch):
+                if step >= total:
+                    break
+                t0 = time.perf_counter()
+                last = train_step(plan, store, model, optimizer, batch, variant, text_memo, t.prior_mode)
+                record = {"step": step, "epoch": epoch, "variant": variant, **last, "lr": optimizer.param_groups[0]["lr"],
+                          "seconds": round(time.perf_counter() - t0, 4)}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+            epoch += 1
+
+    lora_path = out_dir / t.lora_name
+    save_lora(
+        lora_path, model, plan.family.denoiser_component,
+        {"prior_lora.config": cfg.to_json(), "prior_lora.base_model": plan.denoiser_fp,
+         "prior_lora.family": plan.family.name, "prior_lora.steps": str(step)},
+    )
+    store.close()
+    return {
+        "steps": step,
+        "epochs": math.ceil(step / max(steps_per_epoch, 1)),
+        "final_loss": last.get("loss"),
+        "lora": str(lora_path),
+        "metrics": str(metrics_path),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
