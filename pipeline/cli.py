@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
+
+# The libraries' info/warning chatter (e.g. "requires torchvision") would bury the one-line messages.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from pipeline.config import DTYPES, load_config
 from pipeline.errors import UserError
@@ -51,10 +56,11 @@ def main():
 def cache(config_path, dtype, quiet):
     """Compute every cache entry the config needs that is not cached yet (latents, text embeddings,
     noise seeds and timesteps, and the base model's predictions for prior samples in the train dtype)."""
-    from pipeline.cache_stage import run_cache
-
     def go():
-        s = run_cache(load_config(config_path, dtype), progress=not quiet)
+        cfg = load_config(config_path, dtype)
+        from pipeline.cache_stage import run_cache
+
+        s = run_cache(cfg, progress=not quiet)
         work = s["latents_encoded"] + s["texts_encoded"] + s["noise_computed"] + s["priors_computed"]
         _print_summary("cache: nothing to compute, everything is cached" if not work else "cache: done", s)
         click.echo(json.dumps({"cache_summary": s}))
@@ -69,10 +75,11 @@ def cache(config_path, dtype, quiet):
 def train(config_path, dtype, quiet):
     """Train a LoRA on the cache (one denoiser forward per batch). Refuses when the cache lacks
     anything this run needs, naming the command that fixes it."""
-    from pipeline.train_stage import run_train
-
     def go():
-        s = run_train(load_config(config_path, dtype), progress=not quiet)
+        cfg = load_config(config_path, dtype)
+        from pipeline.train_stage import run_train
+
+        s = run_train(cfg, progress=not quiet)
         _print_summary("train: done", s)
         click.echo(json.dumps({"train_summary": s}))
 

@@ -106,7 +106,12 @@ def train_step(plan, store, model, optimizer, batch, variant, text_memo, prior_m
 
 
 def run_train(cfg: Config, progress: bool = True) -> dict:
-    """Train a LoRA on the cache. Raises UserError when the cache lacks anything this run needs."""
+    """Train a LoRA on the cache and save it. Raises UserError when the cache lacks anything needed."""
+    return train_lora(cfg, progress)[1]
+
+
+def train_lora(cfg: Config, progress: bool = True) -> tuple[torch.nn.Module, dict]:
+    """run_train, returning the trained model too (the tests compare it with the saved LoRA)."""
     start = time.perf_counter()
     check_paths(cfg)
     plan = make_plan(cfg)
@@ -152,7 +157,7 @@ def run_train(cfg: Config, progress: bool = True) -> dict:
          "prior_lora.family": plan.family.name, "prior_lora.steps": str(step)},
     )
     store.close()
-    return {
+    return model, {
         "steps": step,
         "epochs": math.ceil(step / max(steps_per_epoch, 1)),
         "final_loss": last.get("loss"),

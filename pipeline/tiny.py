@@ -1,0 +1,233 @@
+"""A tiny random-weight Flux.1-architecture model and a small synthetic data set, both built locally.
+
+Nothing is downloaded: every component is constructed from a config, seeded, and saved as a normal
+diffusers folder, so the whole trainer can run end to end on any machine (tests, CPU demos, benchmarks).
+Both builders write into a temporary sibling folder and rename it into place, so an interrupted build
+never leaves a half folder behind, and both are deterministic (same seed -> same bytes).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import string
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# The synthetic captions' words first, then common English words: in both tokenizers each of these is
+# one token. Anything else still tokenizes (CLIP: byte-level pieces, T5: letters, else <unk>).
+WORDS = """a photo of sks teapot on the table side view close up small round tall wide
+red orange yellow green blue purple pink brown white black gray grey wooden dark light
+and or in at with to for from by is it this that an as be are was were has have
+picture image painting drawing render style cat dog person man woman car house tree
+sky water cup mug kettle pot bowl plate vase flower kitchen shelf background
+left right top bottom front back big old new shiny matte ceramic metal glass
+one two three four five six seven eight nine ten""".split()
+
+PRESETS = {
+    # ~94k-parameter transformer: a test runs the whole pipeline in a few seconds on a CPU.
+    "default": dict(
+        num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    ),
+    # a few million parameters: big enough that timings mean something, still seconds to build.
+    "bench": dict(
+        num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=8,
+        joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 12, 12),
+    ),
+}
+
+
+def clip_tokenizer():
+    """A byte-level BPE CLIP tokenizer whose merges turn every word in WORDS into one token."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())  # all 256 bytes, so no input is ever unknown
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + alphabet + [c + "</w>" for c in alphabet]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in WORDS:
+        # Run BPE as the tokenizers library does (lowest rank first, then leftmost); where it gets stuck,
+        # append a merge. An appended merge has the lowest priority, so words already done stay one token.
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = list(zip(parts, parts[1:]))
+            known = [(ranks[pair], i) for i, pair in enumerate(pairs) if pair in ranks]
+            if known:
+                i = min(known)[1]
+            else:
+                i = 0
+                ranks[pairs[0]] = len(merges)
+                merges.append(pairs[0])
+                vocab.setdefault(parts[0] + parts[1], len(vocab))
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    # In transformers 5 the class rebuilds CLIP's normalizer/pre-tokenizer/post-processor itself around
+    # vocab + merges (also on reload from tokenizer.json), so those are all we pass.
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def t5_tokenizer():
+    """A Unigram T5 tokenizer: '▁word' for every word, single characters as a fallback, </s> appended."""
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "▁": -2.0}  # T5's ids: pad 0, eos 1, unk 2
+    pieces.update({"▁" + w: -5.0 for w in WORDS if "▁" + w not in pieces})
+    for c in chars:  # a whole word (-5) always scores above spelling it out (<= -15)
+        pieces.setdefault("▁" + c, -7.0)
+        pieces.setdefault(c, -8.0)
+    return T5Tokenizer(vocab=list(pieces.items()), extra_ids=0, model_max_length=512)
+
+
+def build_tiny_flux(path: Path, preset: str = "default", seed: int = 0) -> None:
+    """Build a tiny random-weight FluxPipeline at `path` (replacing a previous build there)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tiny model preset '{preset}' (known: {', '.join(PRESETS)})")
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not (path / "model_index.json").exists():
+        raise FileExistsError(f"'{path}' exists and is not a diffusers model folder; not overwriting it")
+    tf = PRESETS[preset]
+    clip_dim, t5_dim = tf["pooled_projection_dim"], tf["joint_attention_dim"]
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+
+    # Each component gets its own seed, so changing one component's config leaves the others' weights alone.
+    torch.manual_seed(seed + 0)
+    # in_channels 16 = 4 latent channels packed 2x2; guidance_embeds like Flux-dev.
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, guidance_embeds=True, **tf)
+    torch.manual_seed(seed + 1)
+    # 4 blocks -> VAE scale factor 8 like Flux; scaling/shift are Flux's, no quant convs like Flux.
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+    torch.manual_seed(seed + 2)
+    # FluxPipeline uses CLIP's pooler_output (hidden_size wide) as the pooled projection.
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=clip_dim, projection_dim=clip_dim, intermediate_size=2 * clip_dim,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    torch.manual_seed(seed + 3)
+    # T5 v1.1-style (gated-gelu) encoder like Flux's T5-XXL; its hidden states are the joint attention input.
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=t5_dim, d_kv=t5_dim // 4, d_ff=2 * t5_dim, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0,
+    ))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    _move_into_place(tmp, path)
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path`; an existing `path` is swapped out first and deleted only afterwards."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+SIZES = [(80, 80), (96, 72), (72, 96)]  # not all square, all > 64 px: resize + centre crop get exercised
+COLOURS = {"red": (200, 40, 40), "blue": (50, 80, 200), "green": (50, 160, 70), "yellow": (230, 200, 40),
+           "purple": (130, 60, 170), "white": (235, 235, 230), "black": (30, 30, 35), "brown": (120, 75, 40)}
+
+
+def _draw_teapot(size, rng: random.Random, noise, body, table, shape: str, sks: bool) -> Image.Image:
+    w, h = size
+    img = Image.new("RGB", size)
+    d = ImageDraw.Draw(img)
+    top = [rng.randint(150, 230) for _ in range(3)]
+    for y in range(h):  # vertical gradient wall, then the table as the bottom third
+        d.line([(0, y), (w, y)], fill=tuple(int(c * (1 - 0.4 * y / h)) for c in top))
+    d.rectangle([0, h * 2 // 3, w, h], fill=COLOURS[table])
+    cx, cy = w // 2 + rng.randint(-6, 6), h * 2 // 3 - rng.randint(4, 10)
+    rx, ry = {"round": (16, 14), "tall": (12, 20), "wide": (22, 11)}[shape]
+    fill = COLOURS[body]
+    spout = [(cx + rx - 2, cy - 2), (cx + rx + 12, cy - ry - 2), (cx + rx + 14, cy - ry), (cx + rx, cy + 4)]
+    d.polygon(spout, fill=fill)
+    d.arc([cx - rx - 10, cy - ry // 2 - 6, cx - rx + 6, cy + ry // 2], 90, 270, fill=fill, width=3)
+    d.ellipse([cx - rx, cy - 2 * ry, cx + rx, cy], fill=fill)
+    lid = (40, 90, 230) if sks else fill  # the sks teapot: yellow, blue lid, white dotted band
+    d.ellipse([cx - rx // 2, cy - 2 * ry - 5, cx + rx // 2, cy - 2 * ry + 4], fill=lid)
+    d.ellipse([cx - 2, cy - 2 * ry - 9, cx + 2, cy - 2 * ry - 5], fill=lid)
+    if sks:
+        for x in range(cx - rx + 4, cx + rx - 3, 5):
+            d.ellipse([x - 1, cy - ry - 1, x + 1, cy - ry + 1], fill=(255, 255, 255))
+    pixels = np.asarray(img, dtype=np.int16) + noise.integers(-8, 9, size=(h, w, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def build_synthetic_concepts(root: Path, seed: int = 0, n: int = 8) -> dict[str, Path]:
+    """Write `root/standard` (n images of "sks teapot") and `root/prior` (n teapots of the class), each
+    PNG with a sidecar .txt caption. Existing folders are left alone; missing ones are built atomically."""
+    root = Path(root)
+    folders = {"standard": root / "standard", "prior": root / "prior"}
+    for k, (kind, folder) in enumerate(folders.items()):
+        if folder.exists():
+            continue
+        # One generator pair per folder: its bytes don't depend on whether the other folder was built.
+        rng, noise = random.Random(seed * 2 + k), np.random.default_rng([seed, k])
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tables = ["blue", "brown", "green", "white", "black", "red"]
+        for i in range(n):
+            table = tables[i % len(tables)]
+            if kind == "standard":
+                body, shape = "yellow", "round"
+                caption = [f"a photo of sks teapot on a {table} table", f"sks teapot on a {table} table side view",
+                           "a close up photo of sks teapot"][i % 3]
+            else:
+                body, shape = rng.choice(sorted(COLOURS)), rng.choice(["round", "tall", "wide"])
+                caption = ["a photo of a teapot", f"a photo of a {body} teapot", f"a {shape} teapot on a table"][i % 3]
+            image = _draw_teapot(SIZES[i % len(SIZES)], rng, noise, body, table, shape, sks=kind == "standard")
+            image.save(tmp / f"{i:03d}.png")
+            (tmp / f"{i:03d}.txt").write_text(caption + "\n", encoding="utf-8")
+        if folder.exists():  # someone else built it meanwhile: theirs is identical, keep it
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, folder)
+    return folders
+
+
+def ensure_embedded(
+    model_path: Path, concept_folders: list[Path], family: str = "flux", preset: str = "default"
+) -> None:
+    """Build the tiny model at `model_path` and the synthetic data set where they are missing."""
+    if family != "flux":
+        raise ValueError(f"unknown embedded model family '{family}' (known: flux)")
+    missing = [Path(p) for p in concept_folders if not Path(p).exists()]
+    for p in missing:
+        if p.name not in ("standard", "prior"):
+            raise ValueError(
+                f"concept folder '{p}' is missing; the synthetic data set only builds '<root>/standard' and '<root>/prior'"
+            )
+    model_path = Path(model_path)  # checked everything first: a bad config builds nothing
+    if not (model_path / "model_index.json").exists():
+        build_tiny_flux(model_path, preset)
+    for parent in sorted({p.parent for p in missing}):
+        build_synthetic_concepts(parent)

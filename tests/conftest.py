@@ -1,0 +1,73 @@
+"""Shared fixtures: the tiny Flux model is built once per session; each test gets its own copy of the
+synthetic images, its own cache directory and a config writer."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline import tiny
+from pipeline.config import load_config
+
+TEMPLATE = """
+[model]
+path = "{model}"
+max_sequence_length = 32
+
+[data]
+resolution = 64
+
+[[concepts]]
+folder = "{data}/standard"
+
+[[concepts]]
+folder = "{data}/prior"
+type = "prior"
+
+[cache]
+dir = "{cache}"
+variants = {variants}
+batch_size = {cache_batch}
+
+[lora]
+rank = 4
+alpha = 4.0
+
+[optimizer]
+lr = {lr}
+
+[train]
+dtype = "{dtype}"
+batch_size = {batch}
+epochs = {epochs}
+max_steps = {max_steps}
+output_dir = "{out}"
+prior_mode = "{prior_mode}"
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    tiny.build_tiny_flux(root / "model")
+    tiny.build_synthetic_concepts(root / "data")
+    return root
+
+
+@pytest.fixture
+def project(tiny_assets, tmp_path):
+    """A writable copy of the data, and `write(**overrides) -> (config path, Config)`."""
+    shutil.copytree(tiny_assets / "data", tmp_path / "data")
+
+    def write(name="config.toml", **overrides):
+        values = dict(
+            model=tiny_assets / "model", data=tmp_path / "data", cache=tmp_path / "cache", out=tmp_path / "out",
+            variants=2, cache_batch=4, lr=1e-3, dtype="bf16", batch=2, epochs=1, max_steps=0, prior_mode="cached",
+        )
+        values.update(overrides)
+        path = Path(tmp_path / name)
+        path.write_text(TEMPLATE.format(**values))
+        return path, load_config(path)
+
+    write.root = tmp_path
+    return write

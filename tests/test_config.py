@@ -1,0 +1,98 @@
+"""Bad configs: each gives a one-line error naming the key or path, and exit code 2 from the CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import check_paths, load_config
+from pipeline.errors import UserError
+
+GOOD = """
+[model]
+path = "model"
+[[concepts]]
+folder = "a"
+[[concepts]]
+folder = "b"
+type = "prior"
+"""
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "model").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.png").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    return tmp_path
+
+
+def _write(root: Path, text: str) -> Path:
+    path = root / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config_resolves_paths_against_its_folder(project):
+    cfg = load_config(_write(project, GOOD))
+    assert cfg.model.path == str(project / "model")
+    assert cfg.concepts[1].folder == str(project / "b") and cfg.concepts[1].type == "prior"
+    assert cfg.train.dtype == "bf16"
+    assert load_config(_write(project, GOOD), dtype="fp32").train.dtype == "fp32"
+    check_paths(cfg)
+
+
+CASES = [
+    (GOOD + "\n[train]\nlearning_rate = 1e-4\n", "unknown config key 'train.learning_rate'"),
+    (GOOD + "\n[trian]\ndtype = 'bf16'\n", "unknown config key 'trian'"),
+    (GOOD + "\n[train]\nbatch_size = 'two'\n", "config key 'train.batch_size' must be int"),
+    (GOOD + "\n[train]\ndtype = 'fp8'\n", "config key 'train.dtype' must be one of bf16, fp16, fp32"),
+    (GOOD + "\n[lora]\nrank = 0\n", "config key 'lora.rank' must be > 0"),
+    (GOOD.replace('type = "prior"', 'type = "regularization"'), "config key 'concepts[1].type' must be one of"),
+    ("[[concepts]]\nfolder = 'a'\n", "missing config key 'model'"),
+    ("[model\npath=1", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("text,message", CASES)
+def test_bad_values(project, text, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")) as e:
+        load_config(_write(project, text))
+    assert "\n" not in str(e.value) and "c.toml" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda t: t.replace('folder = "a"', 'folder = "nope"'), "concepts[0].folder: '{root}/nope' does not exist"),
+        (lambda t: t.replace('folder = "a"', 'folder = "empty"'), "concepts[0].folder: '{root}/empty' has no images"),
+        (lambda t: t.replace('path = "model"', 'path = "no/such/dir/model"'), "model.path: '{root}/no/such/dir/model' does not exist"),
+    ],
+)
+def test_bad_paths(project, edit, message):
+    cfg = load_config(_write(project, edit(GOOD)))
+    with pytest.raises(UserError) as e:
+        check_paths(cfg)
+    assert message.format(root=project) in str(e.value)
+
+
+def test_cli_exit_code_2_and_one_line(project):
+    path = _write(project, GOOD + "\n[train]\nlearning_rate = 1e-4\n")
+    for stage in ("cache", "train"):
+        r = subprocess.run([sys.executable, "-m", "pipeline", stage, "--config", str(path)], capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().count("\n") == 0 and "train.learning_rate" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--config", str(project / "missing.toml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "missing.toml' does not exist" in r.stderr
+
+
+def test_help_documents_every_option():
+    for stage in ("cache", "train"):
+        r = subprocess.run([sys.executable, "-m", "pipeline", stage, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0
+        for opt in ("--config", "--dtype", "--quiet"):
+            assert opt in r.stdout
