@@ -26,6 +26,15 @@ DTYPE = click.option(
 QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
 
 
+def _quiet_libraries() -> None:
+    # The stages draw one bar per phase; the libraries' per-component loading bars are noise.
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _run(fn):
     try:
         return fn()
@@ -60,6 +69,8 @@ def cache(config_path, dtype, quiet):
         cfg = load_config(config_path, dtype)
         from pipeline.cache_stage import run_cache
 
+        _quiet_libraries()
+
         s = run_cache(cfg, progress=not quiet)
         work = s["latents_encoded"] + s["texts_encoded"] + s["noise_computed"] + s["priors_computed"]
         _print_summary("cache: nothing to compute, everything is cached" if not work else "cache: done", s)
@@ -78,6 +89,8 @@ def train(config_path, dtype, quiet):
     def go():
         cfg = load_config(config_path, dtype)
         from pipeline.train_stage import run_train
+
+        _quiet_libraries()
 
         s = run_train(cfg, progress=not quiet)
         _print_summary("train: done", s)

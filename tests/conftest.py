@@ -31,7 +31,7 @@ batch_size = {cache_batch}
 
 [lora]
 rank = 4
-alpha = 4.0
+alpha = {alpha}
 
 [optimizer]
 lr = {lr}
@@ -62,7 +62,7 @@ def project(tiny_assets, tmp_path):
     def write(name="config.toml", **overrides):
         values = dict(
             model=tiny_assets / "model", data=tmp_path / "data", cache=tmp_path / "cache", out=tmp_path / "out",
-            variants=2, cache_batch=4, lr=1e-3, dtype="bf16", batch=2, epochs=1, max_steps=0, prior_mode="cached",
+            variants=2, cache_batch=4, lr=1e-3, alpha=4.0, dtype="bf16", batch=2, epochs=1, max_steps=0, prior_mode="cached",
         )
         values.update(overrides)
         path = Path(tmp_path / name)

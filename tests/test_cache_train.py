@@ -74,7 +74,7 @@ def test_cached_prior_equals_a_fresh_forward(project):
     sigma = t / 1000
     x_t = (1 - sigma) * z + sigma * noise
     b, c, h, w = x_t.shape
-    transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=torch.bfloat16)
+    transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", dtype=torch.bfloat16)
     with torch.no_grad():
         out = transformer(
             hidden_states=FluxPipeline._pack_latents(x_t.bfloat16(), b, c, h, w),

@@ -32,7 +32,7 @@ class FluxFamily:
 
     # -- cache stage: encoders -------------------------------------------------------------------
     def load_vae(self, device, dtype):
-        return AutoencoderKL.from_pretrained(self.root, subfolder="vae", torch_dtype=dtype).to(device).eval()
+        return AutoencoderKL.from_pretrained(self.root, subfolder="vae", dtype=dtype).to(device).eval()
 
     @torch.no_grad()
     def encode_images(self, vae, pixels):
@@ -42,7 +42,7 @@ class FluxFamily:
 
     def load_text_encoders(self, device, dtype):
         # The pipeline itself, without transformer and VAE: its encode_prompt is the reference conditioning.
-        pipe = FluxPipeline.from_pretrained(self.root, transformer=None, vae=None, torch_dtype=dtype)
+        pipe = FluxPipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype)
         return pipe.to(device)
 
     @torch.no_grad()
@@ -72,7 +72,7 @@ class FluxFamily:
 
     # -- denoiser ---------------------------------------------------------------------------------
     def load_denoiser(self, device, dtype):
-        model = FluxTransformer2DModel.from_pretrained(self.root, subfolder="transformer", torch_dtype=dtype)
+        model = FluxTransformer2DModel.from_pretrained(self.root, subfolder="transformer", dtype=dtype)
         return model.to(device).eval().requires_grad_(False)
 
     def noisy_input(self, latents, noise, sigmas):

@@ -1,0 +1,121 @@
+"""`make bench`: median seconds per training step on a small Flux-architecture model (random weights)
+for a batch of standard samples, a batch of prior samples with cached targets, and the same prior batch
+with its target computed online (the peers' extra no-grad, adapter-disabled forward)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+CONFIG = """
+[model]
+path = "model"
+max_sequence_length = 64
+[data]
+resolution = {resolution}
+[[concepts]]
+folder = "data/standard"
+[[concepts]]
+folder = "data/prior"
+type = "prior"
+[cache]
+dir = "cache"
+variants = 4
+batch_size = {batch}
+[lora]
+rank = 16
+alpha = 16.0
+[train]
+dtype = "{dtype}"
+batch_size = {batch}
+output_dir = "out"
+device = "{device}"
+"""
+
+
+def _median_step_seconds(modes: dict, steps: int, warmup: int) -> dict[str, float]:
+    """Round-robin over the modes, so that any drift in machine load hits all of them alike."""
+    times = {name: [] for name in modes}
+    for i in range(warmup + steps):
+        for name, run_step in modes.items():
+            t0 = time.perf_counter()
+            run_step(i)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@click.command()
+@click.option("--steps", default=20, show_default=True, help="Timed steps per mode.")
+@click.option("--warmup", default=3, show_default=True, help="Untimed steps per mode before timing.")
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--resolution", default=128, show_default=True, help="Pixels; latents are resolution/8.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Default: bf16 on CUDA, fp32 on CPU.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
+def main(steps, warmup, batch_size, resolution, dtype, device, threads):
+    from pipeline import tiny
+    from pipeline.cache_stage import run_cache
+    from pipeline.config import load_config
+    from pipeline.lora import add_lora
+    from pipeline.plan import TORCH_DTYPES, make_plan, pick_device
+    from pipeline.store import Store
+    from pipeline.train_stage import train_step
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = pick_device(device)
+    dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tiny.build_tiny_flux(root / "model", preset="bench")
+        tiny.build_synthetic_concepts(root / "data", n=max(8, batch_size))
+        (root / "bench.toml").write_text(CONFIG.format(resolution=resolution, batch=batch_size, dtype=dtype, device=dev.type))
+        cfg = load_config(root / "bench.toml")
+        run_cache(cfg, progress=False)
+        plan, store = make_plan(cfg), Store(cfg.cache.dir)
+        torch.manual_seed(0)
+        model = plan.family.load_denoiser(dev, TORCH_DTYPES[dtype])
+        params = add_lora(model, cfg.lora, plan.family.default_target_modules)
+        model.train()
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        n_params = sum(p.numel() for p in model.parameters())
+        standard = [s for s in plan.samples if not s.prior][:batch_size]
+        prior = [s for s in plan.samples if s.prior][:batch_size]
+        memo: dict = {}
+
+        def mode(batch, prior_mode):
+            return lambda i: train_step(plan, store, model, optimizer, batch, i % 4, memo, prior_mode)
+
+        medians = _median_step_seconds(
+            {"standard": mode(standard, "cached"), "prior_cached": mode(prior, "cached"), "prior_online": mode(prior, "online")},
+            steps, warmup,
+        )
+        store.close()
+    result = {
+        "device": str(dev), "dtype": dtype, "denoiser_params": n_params, "batch_size": batch_size,
+        "resolution": resolution, "steps": steps, "threads": torch.get_num_threads(),
+        "median_seconds": {k: round(v, 5) for k, v in medians.items()},
+        "ratio_prior_to_standard": round(medians["prior_cached"] / medians["standard"], 3),
+        "ratio_online_to_cached": round(medians["prior_online"] / medians["prior_cached"], 3),
+    }
+    click.echo(f"\nseconds per training step (median of {steps}; {n_params:,}-parameter Flux-architecture denoiser, "
+               f"{dtype}, {dev}, batch {batch_size}, {resolution}px)")
+    click.echo(f"  {'batch':<34}{'median s/step':>14}")
+    for name, label in [("standard", "standard samples"), ("prior_cached", "prior samples, cached target"),
+                        ("prior_online", "prior samples, online target (peers)")]:
+        click.echo(f"  {label:<34}{medians[name]:>14.4f}")
+    click.echo(f"  prior/standard {result['ratio_prior_to_standard']:.3f}   online/cached {result['ratio_online_to_cached']:.3f}")
+    click.echo(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
