@@ -35,14 +35,14 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _run(fn):
+def _run(fn, interrupted: str):
     try:
         return fn()
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        click.echo("interrupted: every finished cache segment is kept; run the same command again to go on", err=True)
+        click.echo(f"interrupted: {interrupted}", err=True)
         sys.exit(130)
 
 
@@ -76,7 +76,7 @@ def cache(config_path, dtype, quiet):
         _print_summary("cache: nothing to compute, everything is cached" if not work else "cache: done", s)
         click.echo(json.dumps({"cache_summary": s}))
 
-    _run(go)
+    _run(go, "every finished cache segment is kept; run the same command again to compute the rest")
 
 
 @main.command()
@@ -96,7 +96,7 @@ def train(config_path, dtype, quiet):
         _print_summary("train: done", s)
         click.echo(json.dumps({"train_summary": s}))
 
-    _run(go)
+    _run(go, "no LoRA was written (the cache is untouched); run the same command again to train")
 
 
 if __name__ == "__main__":
