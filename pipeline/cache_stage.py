@@ -12,13 +12,15 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from pipeline.batches import load_inputs
 from pipeline.config import Config, check_paths
 from pipeline.data import load_image
-from pipeline.batches import load_inputs
+from pipeline.errors import UserError
 from pipeline.objective import draw_timestep_index
 from pipeline.plan import TORCH_DTYPES, Plan, Sample, make_plan, pick_device
 from pipeline.store import Store
@@ -28,9 +30,7 @@ def ensure_embedded(cfg: Config) -> None:
     """For configs with an [embedded] table: build the tiny model and synthetic data where missing."""
     if cfg.embedded is None:
         return
-    from pathlib import Path
-
-    from pipeline import tiny
+    from pipeline import tiny  # only the embedded configs need it
 
     tiny.ensure_embedded(Path(cfg.model.path), [Path(c.folder) for c in cfg.concepts], cfg.embedded.family, cfg.embedded.preset)
 
@@ -40,8 +40,7 @@ def _chunks(keys: list[str], size: int) -> Iterator[list[str]]:
         yield keys[i : i + size]
 
 
-def _free(*models) -> None:
-    del models
+def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -69,7 +68,8 @@ class Phase:
                 self.store.write(self.kind, fresh)
                 self.computed += len(fresh)
                 bar.update(len(fresh))
-        _free(model)
+        del model  # before the next phase loads its model: only one is ever resident
+        _release_memory()
 
     @property
     def reused(self) -> int:
@@ -89,8 +89,6 @@ def run_cache(cfg: Config, progress: bool = True) -> dict:
     batch = cfg.cache.batch_size
     res = cfg.data.resolution
     if res % family.pixel_multiple:
-        from pipeline.errors import UserError
-
         raise UserError(f"config key 'data.resolution' must be a multiple of {family.pixel_multiple} for {family.name}")
 
     latents = Phase(store, "latent", {s.latent_key: s for s in plan.samples}, batch, progress)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -22,14 +21,16 @@ from pipeline.plan import TORCH_DTYPES, Plan, Sample, make_plan, pick_device
 from pipeline.store import Store
 
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-flux.toml"  # the Makefile's default
+
+
 def fix_command(cfg: Config, dtype: str | None = None) -> str:
+    """The make command that caches what this config lacks."""
     cmd = "make cache"
-    try:
-        rel = os.path.relpath(cfg.source)
-    except ValueError:
-        rel = cfg.source
-    if cfg.source and not rel.endswith(os.path.join("configs", "tiny-flux.toml")):
-        cmd += f" CONFIG={rel}"
+    source = Path(cfg.source)
+    if cfg.source and source != DEFAULT_CONFIG:
+        inside = source.is_relative_to(Path.cwd())
+        cmd += f" CONFIG={source.relative_to(Path.cwd()) if inside else source}"
     if dtype:
         cmd += f" DTYPE={dtype}"
     return cmd
@@ -105,6 +106,11 @@ def train_step(plan, store, model, optimizer, batch, variant, text_memo, prior_m
     }
 
 
+def _mean(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if r[key] is not None]
+    return round(sum(values) / len(values), 6) if values else None
+
+
 def run_train(cfg: Config, progress: bool = True) -> dict:
     """Train a LoRA on the cache and save it. Raises UserError when the cache lacks anything needed."""
     return train_lora(cfg, progress)[1]
@@ -132,10 +138,11 @@ def train_lora(cfg: Config, progress: bool = True) -> tuple[torch.nn.Module, dic
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
     text_memo: dict = {}
-    step, epoch, last = 0, 0, {}
+    step, epoch, last, epoch_records = 0, 0, {}, []
     with open(metrics_path, "w") as metrics, tqdm(total=total, desc="train", unit="step", disable=not progress) as bar:
         while step < total:
             variant = epoch % cfg.cache.variants
+            epoch_records = []
             for batch in epoch_batches(plan, store, epoch):
                 if step >= total:
                     break
@@ -143,6 +150,7 @@ def train_lora(cfg: Config, progress: bool = True) -> tuple[torch.nn.Module, dic
                 last = train_step(plan, store, model, optimizer, batch, variant, text_memo, t.prior_mode)
                 record = {"step": step, "epoch": epoch, "variant": variant, **last, "lr": optimizer.param_groups[0]["lr"],
                           "seconds": round(time.perf_counter() - t0, 4)}
+                epoch_records.append(record)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 step += 1
@@ -161,6 +169,8 @@ def train_lora(cfg: Config, progress: bool = True) -> tuple[torch.nn.Module, dic
         "steps": step,
         "epochs": math.ceil(step / max(steps_per_epoch, 1)),
         "final_loss": last.get("loss"),
+        "last_epoch_loss_standard": _mean(epoch_records, "loss_standard"),
+        "last_epoch_loss_prior": _mean(epoch_records, "loss_prior"),
         "lora": str(lora_path),
         "metrics": str(metrics_path),
         "seconds": round(time.perf_counter() - start, 2),

@@ -1,0 +1,47 @@
+"""The embedded default config through the command line, as `make train` runs it: the tiny model and
+images are built on first use, the cache stage then says there is nothing to compute, training writes a LoRA."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_default_config_end_to_end(tmp_path):
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "tiny-flux.toml"
+    config.write_text((REPO / "configs" / "tiny-flux.toml").read_text().replace("epochs = 8", "epochs = 1"))
+
+    first = _cli("cache", "--config", str(config), "--quiet")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "cache" / "tiny-flux" / "model" / "model_index.json").is_file()
+    summary = json.loads(first.stdout.strip().splitlines()[-1])["cache_summary"]
+    assert summary["samples"] == 16 and summary["priors_computed"] == 32
+
+    again = _cli("cache", "--config", str(config), "--quiet")
+    assert again.returncode == 0 and "nothing to compute" in again.stdout
+
+    trained = _cli("train", "--config", str(config), "--quiet")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (tmp_path / "output" / "tiny-flux" / "pytorch_lora_weights.safetensors").is_file()
+    assert "train: done" in trained.stdout
+
+
+def test_missing_cache_refuses_with_the_fix(tmp_path):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    config = tmp_path / "configs" / "tiny-flux.toml"
+    r = _cli("cache", "--config", str(config), "--quiet", "--dtype", "fp32")  # builds model+data, caches fp32
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _cli("train", "--config", str(config), "--quiet")  # bf16 priors were never cached
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        "error: priors for bf16 are not cached (32 of 32 missing for this model and data): "
+        f"run make cache CONFIG={config} DTYPE=bf16"
+    )
