@@ -10,7 +10,7 @@ from pipeline.plan import Plan, Sample
 from pipeline.store import Store
 
 
-def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]], text_memo: dict | None = None):
+def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]]):
     """Latents, noise, noisy latents, timesteps and batched conditioning for (sample, variant) pairs,
     exactly as the train stage builds them."""
     latents, noises, timesteps, sigmas, texts = [], [], [], [], []
@@ -21,13 +21,9 @@ def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]], text_
         noises.append(noise_from_seed(int(n["seed"]), lat.shape))
         timesteps.append(n["timestep"])
         sigmas.append(n["sigma"])
-        if text_memo is not None and s.text_key in text_memo:
-            texts.append(text_memo[s.text_key])
-        else:
-            t = store.read("text", s.text_key)[0]
-            if text_memo is not None:
-                text_memo[s.text_key] = t
-            texts.append(t)
+        # read per step, not memoised: a Flux caption at 512 tokens is 8 MiB, and reading costs
+        # milliseconds against a step of a second, while a memo of all captions could be gigabytes
+        texts.append(store.read("text", s.text_key)[0])
     latents, noises = torch.stack(latents), torch.stack(noises)
     sigmas = torch.stack(sigmas)
     text = {k: torch.stack([t[k] for t in texts]) for k in texts[0]}

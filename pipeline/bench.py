@@ -90,10 +90,9 @@ def main(steps, warmup, batch_size, resolution, dtype, device, threads):
         n_params = sum(p.numel() for p in model.parameters())
         standard = [s for s in plan.samples if not s.prior][:batch_size]
         prior = [s for s in plan.samples if s.prior][:batch_size]
-        memo: dict = {}
 
         def mode(batch, prior_mode):
-            return lambda i: train_step(plan, store, model, optimizer, batch, i % 4, memo, prior_mode)
+            return lambda i: train_step(plan, store, model, optimizer, batch, i % 4, prior_mode)
 
         medians = _median_step_seconds(
             {"standard": mode(standard, "cached"), "prior_cached": mode(prior, "cached"), "prior_online": mode(prior, "online")},

@@ -32,7 +32,11 @@ def ensure_embedded(cfg: Config) -> None:
         return
     from pipeline import tiny  # only the embedded configs need it
 
-    tiny.ensure_embedded(Path(cfg.model.path), [Path(c.folder) for c in cfg.concepts], cfg.embedded.family, cfg.embedded.preset)
+    try:
+        tiny.ensure_embedded(Path(cfg.model.path), [Path(c.folder) for c in cfg.concepts], cfg.embedded.family,
+                             cfg.embedded.preset)
+    except (ValueError, FileExistsError) as e:
+        raise UserError(f"[embedded]: {e}") from None
 
 
 def _chunks(keys: list[str], size: int) -> Iterator[list[str]]:
@@ -114,7 +118,11 @@ def run_cache(cfg: Config, progress: bool = True) -> dict:
     noises = Phase(store, "noise", noise_needed, 256, progress)
     noises.run(lambda: family.timestep_table(), lambda table, items: _noise_entries(cfg, table, items), "draw")
 
-    prior_needed = {plan.prior_key(s, v): (s, v) for s in plan.samples if s.prior for v in range(cfg.cache.variants)}
+    # with prior_mode = "online" training computes the prior targets itself: none to cache
+    cached_priors = cfg.train.prior_mode == "cached"
+    prior_needed = {
+        plan.prior_key(s, v): (s, v) for s in plan.samples if s.prior and cached_priors for v in range(cfg.cache.variants)
+    }
     priors = Phase(store, plan.prior_kind(), prior_needed, batch, progress)
     priors.run(
         lambda: family.load_denoiser(device, TORCH_DTYPES[cfg.train.dtype]),
@@ -136,6 +144,8 @@ def run_cache(cfg: Config, progress: bool = True) -> dict:
         "priors_computed": priors.computed,
         "priors_reused": priors.reused,
         "bytes_on_disk": store.bytes_on_disk(),
+        # files that could not be read (damaged or foreign); their entries, if needed, were recomputed
+        "unreadable_segments": [str(p) for p in store.unreadable],
         "seconds": round(time.perf_counter() - start, 2),
     }
     store.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import sys
 import types
@@ -25,6 +26,7 @@ from pipeline.errors import UserError
 DTYPES = ("bf16", "fp16", "fp32")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,23 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def portable_json(self) -> str:
+        """The config with local paths relative to the config file's folder, as written in it: what goes
+        into a LoRA file, which users share, so that it carries no absolute paths of this machine."""
+        base = Path(self.source).parent if self.source else Path.cwd()
+
+        def rel(p: str) -> str:
+            return os.path.relpath(p, base) if Path(p).is_absolute() else p
+
+        d = self.to_dict()
+        d["source"] = Path(self.source).name
+        d["model"]["path"] = rel(self.model.path)
+        d["cache"]["dir"] = rel(self.cache.dir)
+        d["train"]["output_dir"] = rel(self.train.output_dir)
+        for c in d["concepts"]:
+            c["folder"] = rel(c["folder"])
+        return json.dumps(d, sort_keys=True)
 
 
 def _check_type(value, hint, key: str):
@@ -228,6 +247,12 @@ def validate(cfg: Config) -> None:
         ("model.max_sequence_length", cfg.model.max_sequence_length, False),
     ]:
         _positive(value, key, zero_ok)
+    for key, value in (("cache.device", cfg.cache.device), ("train.device", cfg.train.device)):
+        if not DEVICE.match(value):
+            raise UserError(f"config key '{key}' must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
+    if cfg.embedded is not None:
+        _choice(cfg.embedded.family, ("flux",), "embedded.family")
+        _choice(cfg.embedded.preset, ("default", "bench"), "embedded.preset")
     if len(cfg.optimizer.betas) != 2:
         raise UserError("config key 'optimizer.betas' must have two numbers")
 

@@ -76,7 +76,7 @@ def make_plan(cfg: Config) -> Plan:
     denoiser_fp = _component_fp(fps, family.root, [family.denoiser_component])
     fps.save()
     c = cfg.cache
-    timestep_settings = [c.timestep_sampling, c.logit_mean, c.logit_std, c.mode_scale, family.timestep_spec()]
+    timestep_settings = [timestep_sampling_settings(cfg), family.timestep_spec()]
     enc = cfg.model.encoder_dtype
     samples = []
     for i, concept in enumerate(cfg.concepts):
@@ -100,6 +100,14 @@ def make_plan(cfg: Config) -> Plan:
                 )
             )
     return Plan(cfg, family, samples, vae_fp, text_fp, denoiser_fp)
+
+
+def timestep_sampling_settings(cfg: Config) -> dict:
+    """Only the settings the chosen scheme uses, so that changing an unused one recomputes nothing."""
+    c = cfg.cache
+    used = {"uniform": {}, "logit_normal": {"logit_mean": c.logit_mean, "logit_std": c.logit_std},
+            "mode": {"mode_scale": c.mode_scale}}[c.timestep_sampling]
+    return {"scheme": c.timestep_sampling, **used}
 
 
 def pick_device(name: str) -> torch.device:

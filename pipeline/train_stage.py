@@ -25,15 +25,12 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-flux.to
 
 
 def fix_command(cfg: Config, dtype: str | None = None) -> str:
-    """The make command that caches what this config lacks."""
-    cmd = "make cache"
+    """The commands that cache what this config lacks: make's, and the plain CLI's."""
     source = Path(cfg.source)
-    if cfg.source and source != DEFAULT_CONFIG:
-        inside = source.is_relative_to(Path.cwd())
-        cmd += f" CONFIG={source.relative_to(Path.cwd()) if inside else source}"
-    if dtype:
-        cmd += f" DTYPE={dtype}"
-    return cmd
+    shown = source.relative_to(Path.cwd()) if source.is_relative_to(Path.cwd()) else source
+    make = "make cache" + ("" if source == DEFAULT_CONFIG else f" CONFIG={shown}") + (f" DTYPE={dtype}" if dtype else "")
+    cli = f"python -m pipeline cache --config {shown}" + (f" --dtype {dtype}" if dtype else "")
+    return f"{make} (or: {cli})"
 
 
 def check_cache(plan: Plan, store: Store) -> None:
@@ -47,6 +44,8 @@ def check_cache(plan: Plan, store: Store) -> None:
     parts = [f"{name} ({n} missing)" for name, n in missing.items() if n]
     if parts:
         raise UserError(f"the cache lacks {', '.join(parts)} for this config: run {fix_command(cfg)}")
+    if cfg.train.prior_mode == "online":
+        return  # the prior targets are computed during training
     kind = plan.prior_kind()
     need = [plan.prior_key(s, v) for s in plan.samples if s.prior for v in variants]
     absent = sum(not store.has(kind, k) for k in need)
@@ -70,11 +69,11 @@ def epoch_batches(plan: Plan, store: Store, epoch: int) -> list[list[Sample]]:
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
-def train_step(plan, store, model, optimizer, batch, variant, text_memo, prior_mode="cached") -> dict:
+def train_step(plan, store, model, optimizer, batch, variant, prior_mode="cached") -> dict:
     """One optimisation step on one batch; returns per-group losses (the training step in one screen)."""
     family, dtype = plan.family, plan.dtype
     items = [(s, variant) for s in batch]
-    latents, noise, noisy, timesteps, text = load_inputs(plan, store, items, text_memo)
+    latents, noise, noisy, timesteps, text = load_inputs(plan, store, items)
     is_prior = torch.tensor([s.prior for s in batch])
     target = family.target(latents, noise)
     if is_prior.any():
@@ -137,7 +136,6 @@ def train_lora(cfg: Config, progress: bool = True) -> tuple[torch.nn.Module, dic
     out_dir = Path(t.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
-    text_memo: dict = {}
     step, epoch, last, epoch_records = 0, 0, {}, []
     with open(metrics_path, "w") as metrics, tqdm(total=total, desc="train", unit="step", disable=not progress) as bar:
         while step < total:
@@ -147,7 +145,7 @@ def train_lora(cfg: Config, progress: bool = True) -> tuple[torch.nn.Module, dic
                 if step >= total:
                     break
                 t0 = time.perf_counter()
-                last = train_step(plan, store, model, optimizer, batch, variant, text_memo, t.prior_mode)
+                last = train_step(plan, store, model, optimizer, batch, variant, t.prior_mode)
                 record = {"step": step, "epoch": epoch, "variant": variant, **last, "lr": optimizer.param_groups[0]["lr"],
                           "seconds": round(time.perf_counter() - t0, 4)}
                 epoch_records.append(record)
@@ -161,7 +159,7 @@ def train_lora(cfg: Config, progress: bool = True) -> tuple[torch.nn.Module, dic
     lora_path = out_dir / t.lora_name
     save_lora(
         lora_path, model, plan.family.denoiser_component,
-        {"prior_lora.config": cfg.to_json(), "prior_lora.base_model": plan.denoiser_fp,
+        {"prior_lora.config": cfg.portable_json(), "prior_lora.base_model": plan.denoiser_fp,
          "prior_lora.family": plan.family.name, "prior_lora.steps": str(step)},
     )
     store.close()

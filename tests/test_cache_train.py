@@ -228,3 +228,10 @@ def test_kill_9_mid_cache_then_rerun_equals_an_uninterrupted_run(project):
     for k, tensors in expected.items():
         for name, t in tensors.items():
             assert torch.equal(after[k][name], t), (k, name)
+
+
+def test_online_prior_mode_caches_no_priors_and_trains(project):
+    _, cfg = project(prior_mode="online")
+    s = run_cache(cfg, progress=False)
+    assert s["priors_computed"] == 0 and s["latents_encoded"] == 16
+    assert run_train(cfg, progress=False)["steps"] == 8

@@ -43,5 +43,5 @@ def test_missing_cache_refuses_with_the_fix(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == (
         "error: priors for bf16 are not cached (32 of 32 missing for this model and data): "
-        f"run make cache CONFIG={config} DTYPE=bf16"
+        f"run make cache CONFIG={config} DTYPE=bf16 (or: python -m pipeline cache --config {config} --dtype bf16)"
     )

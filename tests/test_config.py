@@ -96,3 +96,16 @@ def test_help_documents_every_option():
         assert r.returncode == 0
         for opt in ("--config", "--dtype", "--quiet"):
             assert opt in r.stdout
+
+
+def test_devices_and_embedded_settings_are_checked(project):
+    with pytest.raises(UserError, match="config key 'train.device' must be auto, cpu, mps, cuda or cuda:N"):
+        load_config(_write(project, GOOD + "\n[train]\ndevice = 'gpu'\n"))
+    with pytest.raises(UserError, match="config key 'embedded.family' must be one of flux"):
+        load_config(_write(project, GOOD + "\n[embedded]\nfamily = 'sd15'\n"))
+
+
+def test_portable_config_has_no_absolute_paths(project):
+    cfg = load_config(_write(project, GOOD))
+    text = cfg.portable_json()
+    assert str(project) not in text and '"folder": "a"' in text

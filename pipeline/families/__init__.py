@@ -69,10 +69,11 @@ def resolve_model(path: str) -> Path:
         pass
     try:
         return Path(snapshot_download(path))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated repo: all end here
         raise UserError(
-            f"model.path: '{path}' is not downloaded and the hub could not be reached ({type(e).__name__}): "
-            f"download it first (huggingface-cli download {path} --local-dir DIR) and set model.path = \"DIR\""
+            f"model.path: '{path}' is neither a local folder (relative to the config file) nor a hub model that "
+            f"could be fetched ({type(e).__name__}): download it first (hf download {path} --local-dir DIR) "
+            f"and set model.path = \"DIR\""
         ) from None
 
 

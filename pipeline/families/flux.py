@@ -6,6 +6,7 @@ scaling, guidance), so a cached prior is exactly what the base model predicts in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -82,7 +83,9 @@ class FluxFamily:
         return objective.flow_target(latents, noise)
 
     def prediction_settings(self):
-        return {"guidance": self.cfg.guidance}
+        # schnell has no guidance embedding: the value changes nothing there, so it is not in the key
+        config = json.loads((self.root / "transformer" / "config.json").read_text())
+        return {"guidance": self.cfg.guidance} if config.get("guidance_embeds") else {}
 
     def predict(self, denoiser, noisy, timesteps, text):
         b, c, h, w = noisy.shape
