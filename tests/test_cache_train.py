@@ -198,7 +198,7 @@ def cache_contents(cache_dir):
     return out
 
 
-def test_kill_9_mid_cache_then_rerun_equals_an_uninterrupted_run(project):
+def test_ctrl_c_and_kill_9_mid_cache_then_rerun_equals_an_uninterrupted_run(project):
     import os
     import signal
     import time
@@ -209,16 +209,20 @@ def test_kill_9_mid_cache_then_rerun_equals_an_uninterrupted_run(project):
     expected = cache_contents(reference.cache.dir)
 
     segments = project.root / "cache" / "segments"
-    for threshold in (3, 20):  # once during the latents, once during the priors
+    # Ctrl-C during the latents, then kill -9 during the priors
+    for threshold, sig in ((3, signal.SIGINT), (20, signal.SIGKILL)):
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "cache", "--config", str(path), "--quiet"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
             if segments.is_dir() and len([p for p in segments.glob("*.h5") if not p.name.startswith(".")]) >= threshold:
                 break
             time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+        if sig == signal.SIGINT:
+            assert proc.returncode == 130 and err.strip().startswith("interrupted: every finished cache segment is kept")
+            assert "Traceback" not in err
     before = cache_contents(cfg.cache.dir)
     assert 0 < len(before) < len(expected)
     s = run_cache(cfg, progress=False)
