@@ -21,6 +21,7 @@ from pipeline.batches import load_inputs
 from pipeline.config import Config, check_paths
 from pipeline.data import load_image
 from pipeline.errors import UserError
+from pipeline.lock import cache_lock
 from pipeline.objective import draw_timestep_index
 from pipeline.plan import TORCH_DTYPES, Plan, Sample, make_plan, pick_device
 from pipeline.store import Store
@@ -81,7 +82,13 @@ class Phase:
 
 
 def run_cache(cfg: Config, progress: bool = True) -> dict:
-    """Compute every missing cache entry the config needs. Returns the summary it prints."""
+    """Compute every missing cache entry the config needs. Returns the summary it prints.
+    Refuses (UserError) while another cache run, prune or repair writes the same directory."""
+    with cache_lock(cfg.cache.dir, "write"):
+        return _run_cache(cfg, progress)
+
+
+def _run_cache(cfg: Config, progress: bool) -> dict:
     start = time.perf_counter()
     ensure_embedded(cfg)
     check_paths(cfg)

@@ -15,6 +15,7 @@ from pipeline.batches import load_inputs
 from pipeline.config import Config, check_paths
 from pipeline.errors import UserError
 from pipeline.keys import derive_seed
+from pipeline.lock import cache_lock
 from pipeline.lora import add_lora, save_lora
 from pipeline.objective import per_sample_mse
 from pipeline.plan import TORCH_DTYPES, Plan, Sample, make_plan, pick_device
@@ -117,6 +118,11 @@ def run_train(cfg: Config, progress: bool = True) -> dict:
 
 def train_lora(cfg: Config, progress: bool = True) -> tuple[torch.nn.Module, dict]:
     """run_train, returning the trained model too (the tests compare it with the saved LoRA)."""
+    with cache_lock(cfg.cache.dir, "read"):
+        return _train_lora(cfg, progress)
+
+
+def _train_lora(cfg: Config, progress: bool) -> tuple[torch.nn.Module, dict]:
     start = time.perf_counter()
     check_paths(cfg)
     plan = make_plan(cfg)

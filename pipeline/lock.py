@@ -1,0 +1,71 @@
+"""Advisory locks on a cache directory (flock; released by the kernel when a process dies, so a
+crash never leaves a stale lock).
+
+Segments are immutable and a cache run only adds new ones, so a cache run may go on while training
+reads: training indexes the segments once at its start and never sees a half-written file. What must
+not overlap:
+  - two writers (two cache runs, or prune/repair): `.lock-write`, exclusive;
+  - a writer that deletes (prune, repair) and a reader (training): `.lock-read`, shared by readers,
+    exclusive for deleters;
+  - training starting while a cache run is still writing what it needs: training checks `.lock-write`.
+Every conflict refuses at once with a one-line message naming the other process; nothing waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def _take(path: Path, exclusive: bool, refusal: str):
+    """Take the lock without waiting, or raise UserError(refusal + who holds it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise UserError(f"{refusal} ({_holder(path)}); wait for it to finish, then run this again") from None
+    if exclusive:  # say who holds it, for the message another process will print
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}")
+        fh.flush()
+    return fh
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir: str | Path, mode: str) -> Iterator[None]:
+    """mode: "write" (cache stage), "delete" (prune, repair) or "read" (training)."""
+    root = Path(cache_dir)
+    write_lock, read_lock = root / ".lock-write", root / ".lock-read"
+    busy = f"cache directory '{root}' is busy:"
+    held = []
+    try:
+        if mode in ("write", "delete"):
+            held.append(_take(write_lock, True, f"{busy} another cache run, prune or repair is writing it"))
+        if mode == "delete":
+            held.append(_take(read_lock, True, f"{busy} a training run is reading it"))
+        if mode == "read":
+            # a cache run still writing may be computing entries this run needs: refuse rather than race
+            _take(write_lock, False, f"{busy} a cache run is writing it").close()
+            held.append(_take(read_lock, False, f"{busy} a prune or repair is changing it"))
+        yield
+    finally:
+        for fh in reversed(held):
+            if mode != "read":  # clear our stamp so a later refusal never names a finished process
+                fh.seek(0)
+                fh.truncate()
+            fh.close()
