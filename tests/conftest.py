@@ -13,9 +13,10 @@ TEMPLATE = """
 [model]
 path = "{model}"
 max_sequence_length = 32
+guidance = {guidance}
 
 [data]
-resolution = 64
+resolution = {resolution}
 
 [[concepts]]
 folder = "{data}/standard"
@@ -28,9 +29,12 @@ type = "prior"
 dir = "{cache}"
 variants = {variants}
 batch_size = {cache_batch}
+seed = {cache_seed}
+timestep_sampling = "{timestep_sampling}"
+logit_mean = {logit_mean}
 
 [lora]
-rank = 4
+rank = {rank}
 alpha = {alpha}
 
 [optimizer]
@@ -62,7 +66,8 @@ def project(tiny_assets, tmp_path):
     def write(name="config.toml", **overrides):
         values = dict(
             model=tiny_assets / "model", data=tmp_path / "data", cache=tmp_path / "cache", out=tmp_path / "out",
-            variants=2, cache_batch=4, lr=1e-3, alpha=4.0, dtype="bf16", batch=2, epochs=1, max_steps=0, prior_mode="cached",
+            variants=2, cache_batch=4, lr=1e-3, alpha=4.0, rank=4, guidance=1.0, resolution=64, cache_seed=0,
+            timestep_sampling="logit_normal", logit_mean=0.0, dtype="bf16", batch=2, epochs=1, max_steps=0, prior_mode="cached",
         )
         values.update(overrides)
         path = Path(tmp_path / name)
