@@ -19,11 +19,11 @@ from tqdm import tqdm
 
 from pipeline.batches import load_inputs
 from pipeline.config import Config, check_paths
-from pipeline.data import load_image
+from pipeline.data import BadImage, load_image
 from pipeline.errors import UserError
 from pipeline.lock import cache_lock
 from pipeline.objective import draw_timestep_index
-from pipeline.plan import TORCH_DTYPES, Plan, Sample, make_plan, pick_device
+from pipeline.plan import BAD_IMAGE, TORCH_DTYPES, Plan, Sample, make_plan, pick_device
 from pipeline.store import Store
 
 
@@ -69,7 +69,8 @@ class Phase:
         with tqdm(total=len(self.missing), desc=self.kind, unit=unit, disable=not self.progress) as bar:
             for chunk in todo:
                 entries = compute(model, [self.needed[k] for k in chunk])
-                fresh = {k: entries[k] for k in chunk if not self.store.has(self.kind, k)}
+                # entries may lack keys whose input turned out unusable (a bad image)
+                fresh = {k: e for k, e in entries.items() if not self.store.has(self.kind, k)}
                 self.store.write(self.kind, fresh)
                 self.computed += len(fresh)
                 bar.update(len(fresh))
@@ -78,7 +79,7 @@ class Phase:
 
     @property
     def reused(self) -> int:
-        return len(self.order) - self.computed
+        return len(self.order) - len(self.missing)  # present before this run
 
 
 def run_cache(cfg: Config, progress: bool = True) -> dict:
@@ -95,6 +96,7 @@ def _run_cache(cfg: Config, progress: bool) -> dict:
     plan = make_plan(cfg)
     family = plan.family
     store = Store(cfg.cache.dir)
+    plan.drop_bad(store)
     device = pick_device(cfg.cache.device)
     enc_dtype = TORCH_DTYPES[cfg.model.encoder_dtype]
     batch = cfg.cache.batch_size
@@ -103,14 +105,8 @@ def _run_cache(cfg: Config, progress: bool) -> dict:
         raise UserError(f"config key 'data.resolution' must be a multiple of {family.pixel_multiple} for {family.name}")
 
     latents = Phase(store, "latent", {s.latent_key: s for s in plan.samples}, batch, progress)
-    latents.run(
-        lambda: family.load_vae(device, enc_dtype),
-        lambda vae, ss: {
-            s.latent_key: ({"latent": z}, {"image": str(s.path), "content_key": s.content_key, "resolution": res})
-            for s, z in zip(ss, family.encode_images(vae, torch.stack([load_image(s.path, res) for s in ss])))
-        },
-        "img",
-    )
+    latents.run(lambda: family.load_vae(device, enc_dtype), lambda vae, ss: _latent_entries(plan, store, vae, ss), "img")
+    plan.drop_bad(store)  # images found undecodable just now
 
     texts = Phase(store, "text", {s.text_key: s for s in plan.samples}, batch, progress)
     texts.run(
@@ -153,10 +149,33 @@ def _run_cache(cfg: Config, progress: bool) -> dict:
         "bytes_on_disk": store.bytes_on_disk(),
         # files that could not be read (damaged or foreign); their entries, if needed, were recomputed
         "unreadable_segments": [str(p) for p in store.unreadable],
+        "skipped_images": plan.skipped,
         "seconds": round(time.perf_counter() - start, 2),
     }
     store.close()
     return summary
+
+
+def _latent_entries(plan: Plan, store: Store, vae, samples: list[Sample]) -> dict:
+    res, pixels, good, bad = plan.cfg.data.resolution, [], [], {}
+    for s in samples:
+        try:
+            pixels.append(load_image(s.path, res))
+            good.append(s)
+        except BadImage as e:
+            if plan.cfg.data.on_bad_image == "fail":
+                plan.skip(s.path, str(e))  # raises UserError
+            # the verdict is cached by content, so neither a rerun nor training decodes this file again;
+            # plan.drop_bad leaves the image out (with its warning) after this phase
+            bad[s.content_key] = ({}, {"reason": str(e), "image": str(s.path)})
+    store.write(BAD_IMAGE, bad)
+    if not good:
+        return {}
+    latents = plan.family.encode_images(vae, torch.stack(pixels))
+    return {
+        s.latent_key: ({"latent": z}, {"image": str(s.path), "content_key": s.content_key, "resolution": res})
+        for s, z in zip(good, latents)
+    }
 
 
 def _noise_entries(cfg: Config, table, items: list[tuple[Sample, int]]) -> dict:

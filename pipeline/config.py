@@ -51,6 +51,7 @@ class ConceptConfig:
 @dataclass(frozen=True)
 class DataConfig:
     resolution: int = 512  # square side in pixels; images are resized and centre-cropped to it
+    on_bad_image: str = "skip"  # "skip": warn, leave the image out, list it in the summary; "fail": stop
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg.model.encoder_dtype, DTYPES, "model.encoder_dtype")
     _choice(cfg.train.prior_mode, ("cached", "online"), "train.prior_mode")
     _choice(cfg.optimizer.name, ("adamw",), "optimizer.name")
+    _choice(cfg.data.on_bad_image, ("skip", "fail"), "data.on_bad_image")
     _choice(cfg.cache.timestep_sampling, ("uniform", "logit_normal", "mode"), "cache.timestep_sampling")
     if not cfg.concepts:
         raise UserError("config needs at least one [[concepts]] table")

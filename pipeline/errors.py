@@ -1,5 +1,15 @@
 """The one exception type that means "the user can fix this" (CLI exit code 2)."""
 
 
+import sys
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr that does not break a tqdm bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
 class UserError(Exception):
     """A problem with the user's config, files or cache; the message is one line and says what to do."""

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
-from pipeline.data import PREPARE, scan_concept
+from pipeline.data import PREPARE, BadImage, check_header, scan_concept
+from pipeline.errors import UserError, warn
 from pipeline.families import Family, get_family
 from pipeline.keys import Fingerprints, derive_seed, digest, sha256_bytes
 
+BAD_IMAGE = "bad-image"  # store kind: content key -> why that image cannot be decoded
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -49,6 +51,26 @@ class Plan:
     vae_fp: str
     text_fp: str
     denoiser_fp: str
+    skipped: list[str]  # "path: reason" for every image left out
+
+    def skip(self, path: Path, reason: str) -> None:
+        """Leave one image out (data.on_bad_image = "skip") or stop with a one-line error ("fail")."""
+        if self.cfg.data.on_bad_image == "fail":
+            raise UserError(f"image '{path}': {reason} (set data.on_bad_image = \"skip\" to leave it out)")
+        warn(f"skipping '{path}': {reason}")
+        self.skipped.append(f"{path}: {reason}")
+
+    def drop_bad(self, store) -> None:
+        """Leave out images the cache stage found it cannot decode (its verdict is cached by content)."""
+        keep = []
+        for s in self.samples:
+            if store.has(BAD_IMAGE, s.content_key):
+                self.skip(s.path, store.read(BAD_IMAGE, s.content_key)[1]["reason"])
+            else:
+                keep.append(s)
+        self.samples = keep
+        if not keep:
+            raise UserError("no usable images in any concept (see the warnings above)")
 
     @property
     def dtype(self) -> str:
@@ -78,12 +100,27 @@ def make_plan(cfg: Config) -> Plan:
     c = cfg.cache
     timestep_settings = [timestep_sampling_settings(cfg), family.timestep_spec()]
     enc = cfg.model.encoder_dtype
-    samples = []
+    plan = Plan(cfg, family, [], vae_fp, text_fp, denoiser_fp, [])
     for i, concept in enumerate(cfg.concepts):
+        if any(p.is_dir() for p in Path(concept.folder).iterdir()):
+            warn(f"concepts[{i}].folder: subfolders of '{concept.folder}' are not read (make each a concept)")
         for path, caption in scan_concept(concept, i):
-            content = digest("image", sha256_bytes(path.read_bytes()), cfg.data.resolution, PREPARE)
+            try:
+                if isinstance(caption, BadImage):
+                    raise caption
+                image_bytes = path.read_bytes()
+                width, height = check_header(path)
+            except OSError as e:
+                plan.skip(path, f"cannot be read ({e.strerror})")
+                continue
+            except BadImage as e:
+                plan.skip(path, str(e))
+                continue
+            if min(width, height) < cfg.data.resolution:
+                warn(f"'{path}' is {width}x{height}, smaller than data.resolution {cfg.data.resolution}: upscaled")
+            content = digest("image", sha256_bytes(image_bytes), cfg.data.resolution, PREPARE)
             variants = range(c.variants)
-            samples.append(
+            plan.samples.append(
                 Sample(
                     path=path,
                     concept=i,
@@ -99,7 +136,9 @@ def make_plan(cfg: Config) -> Plan:
                     timestep_seeds=tuple(derive_seed("timestep", c.seed, content, v) for v in variants),
                 )
             )
-    return Plan(cfg, family, samples, vae_fp, text_fp, denoiser_fp)
+    if not plan.samples:
+        raise UserError("no usable images in any concept (see the warnings above)")
+    return plan
 
 
 def timestep_sampling_settings(cfg: Config) -> dict:

@@ -127,6 +127,7 @@ def _train_lora(cfg: Config, progress: bool) -> tuple[torch.nn.Module, dict]:
     check_paths(cfg)
     plan = make_plan(cfg)
     store = Store(cfg.cache.dir)
+    plan.drop_bad(store)
     check_cache(plan, store)
     t = cfg.train
     device = pick_device(t.device)
@@ -175,6 +176,7 @@ def _train_lora(cfg: Config, progress: bool) -> tuple[torch.nn.Module, dict]:
         "final_loss": last.get("loss"),
         "last_epoch_loss_standard": _mean(epoch_records, "loss_standard"),
         "last_epoch_loss_prior": _mean(epoch_records, "loss_prior"),
+        "skipped_images": plan.skipped,
         "lora": str(lora_path),
         "metrics": str(metrics_path),
         "seconds": round(time.perf_counter() - start, 2),
