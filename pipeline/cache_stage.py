@@ -9,6 +9,7 @@ batch composition, so the finished cache equals an uninterrupted run's bit for b
 
 from __future__ import annotations
 
+import errno
 import gc
 import time
 from collections.abc import Callable, Iterator
@@ -71,7 +72,15 @@ class Phase:
                 entries = compute(model, [self.needed[k] for k in chunk])
                 # entries may lack keys whose input turned out unusable (a bad image)
                 fresh = {k: e for k, e in entries.items() if not self.store.has(self.kind, k)}
-                self.store.write(self.kind, fresh)
+                try:
+                    self.store.write(self.kind, fresh)
+                except OSError as e:
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT) and "No space left" not in str(e):
+                        raise
+                    raise UserError(
+                        f"disk full writing the cache in '{self.store.root}': every finished segment is kept "
+                        f"({self.computed} new {self.kind} entries this run); free space and run the same command again"
+                    ) from None
                 self.computed += len(fresh)
                 bar.update(len(fresh))
         del model  # before the next phase loads its model: only one is ever resident

@@ -43,6 +43,11 @@ def check_cache(plan: Plan, store: Store) -> None:
         "noise seeds and timesteps": sum(not store.has("noise", s.noise_keys[v]) for s in plan.samples for v in variants),
     }
     parts = [f"{name} ({n} missing)" for name, n in missing.items() if n]
+    if parts and store.unreadable:
+        raise UserError(
+            f"cache file '{store.unreadable[0]}' cannot be read ({len(store.unreadable)} such files; damaged or not "
+            f"ours) and the cache lacks {', '.join(parts)}: delete the file(s), then run {fix_command(cfg)}"
+        )
     if parts:
         raise UserError(f"the cache lacks {', '.join(parts)} for this config: run {fix_command(cfg)}")
     if cfg.train.prior_mode == "online":

@@ -1,0 +1,81 @@
+"""Faults: a full disk while caching, damaged or foreign files in the cache, Ctrl-C while training.
+Each ends in a one-line message, keeps what was finished, and a rerun completes."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.cache_stage import run_cache
+from pipeline.errors import UserError
+from pipeline.store import Store
+from pipeline.train_stage import run_train
+
+
+def test_disk_full_keeps_finished_segments_and_the_rerun_completes(project, monkeypatch):
+    _, cfg = project()
+    real_fsync, calls = os.fsync, {"n": 0}
+
+    def fsync(fd):  # the 6th segment hits a full disk while it is being flushed
+        calls["n"] += 1
+        if calls["n"] == 6 * 2:  # each segment: fsync of the file, then of its directory
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(UserError, match="disk full writing the cache in .* every finished segment is kept"):
+        run_cache(cfg, progress=False)
+    monkeypatch.undo()
+    segments = cfg.cache.dir + "/segments"
+    assert not [n for n in os.listdir(segments) if n.startswith(".tmp")], "no half-written file is left"
+    kept = Store(cfg.cache.dir)
+    assert not kept.unreadable and 0 < len(kept.keys("latent")) + len(kept.keys("text"))
+    again = run_cache(cfg, progress=False)  # space freed
+    assert again["latents_reused"] + again["texts_reused"] > 0 and again["priors_computed"] == 16
+    assert run_cache(cfg, progress=False)["priors_computed"] == 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_training_never_shows_an_hdf5_traceback(project, damage):
+    path, cfg = project()
+    run_cache(cfg, progress=False)
+    seg = cfg.cache.dir + "/segments"
+    victim = sorted(n for n in os.listdir(seg) if n.startswith("latent."))[0]
+    if damage == "truncated":
+        with open(os.path.join(seg, victim), "r+b") as f:
+            f.truncate(100)
+    else:
+        os.remove(os.path.join(seg, victim))
+        with open(os.path.join(seg, "notes.h5"), "w") as f:
+            f.write("not an hdf5 file\n")
+    r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--config", str(path), "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    assert "missing" in r.stderr and "run make cache CONFIG=" in r.stderr
+    if damage == "truncated":
+        assert f"cache file '{os.path.join(seg, victim)}' cannot be read" in r.stderr
+
+
+def test_ctrl_c_while_training_exits_cleanly_and_quickly(project):
+    path, cfg = project(epochs=50)
+    run_cache(cfg, progress=False)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--config", str(path), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(cfg.train.output_dir, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=30)
+    assert time.time() - t0 < 10
+    assert proc.returncode == 130 and err.strip() == (
+        "interrupted: no LoRA was written (the cache is untouched); run the same command again to train"
+    )
+    assert all(json.loads(line)["step"] >= 0 for line in open(metrics))  # complete lines only
