@@ -1,5 +1,6 @@
 # make train: cache what is missing, then train (default: the embedded tiny Flux config)
 # make test:  the test suite;  make bench: seconds per training step, cached vs online priors
+# make cache-status: what the cache holds, lacks and stores unused for CONFIG (DTYPE)
 # Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32  PYTHON=/path/to/python (an env with the project installed)
 
 CONFIG ?= configs/tiny-flux.toml
@@ -14,7 +15,7 @@ SETUP := $(VENV)/.installed
 endif
 DTYPE_ARG := $(if $(DTYPE),--dtype $(DTYPE),)
 
-.PHONY: cache train test bench clean-output
+.PHONY: cache cache-status train test bench clean-output
 
 # torch==2.13.0 first: the CPU build; a plain `torch` requirement could pull a multi-GB CUDA build.
 # On a GPU machine, install your CUDA torch into the venv (or use PYTHON=) before `make`.
@@ -26,6 +27,9 @@ $(VENV)/.installed: pyproject.toml
 
 cache: $(SETUP)
 	$(PY) -m pipeline cache --config $(CONFIG) $(DTYPE_ARG)
+
+cache-status: $(SETUP)
+	$(PY) -m pipeline cache status --config $(CONFIG) $(DTYPE_ARG)
 
 train: $(SETUP)
 	$(PY) -m pipeline cache --config $(CONFIG) $(DTYPE_ARG)

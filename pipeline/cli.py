@@ -58,13 +58,20 @@ def main():
     """LoRA trainer with cached prior-prediction targets: `cache`, then `train`."""
 
 
-@main.command()
-@CONFIG
+@main.group(invoke_without_command=True)
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False), help="TOML config file.")
 @DTYPE
 @QUIET
-def cache(config_path, dtype, quiet):
+@click.pass_context
+def cache(ctx, config_path, dtype, quiet):
     """Compute every cache entry the config needs that is not cached yet (latents, text embeddings,
-    noise seeds and timesteps, and the base model's predictions for prior samples in the train dtype)."""
+    noise seeds and timesteps, and the base model's predictions for prior samples in the train dtype).
+    The subcommands inspect (status), check (verify) and trim (prune) the cache instead."""
+    if ctx.invoked_subcommand is not None:
+        return  # a group runs before its subcommand; `cache --config F status` lends it F (see _config)
+    if config_path is None:
+        raise click.UsageError("Missing option '--config'.", ctx)
+
     def go():
         cfg = load_config(config_path, dtype)
         from pipeline.cache_stage import run_cache
@@ -77,6 +84,104 @@ def cache(config_path, dtype, quiet):
         click.echo(json.dumps({"cache_summary": s}))
 
     _run(go, "every finished cache segment is kept; run the same command again to compute the rest")
+
+
+# The subcommands take --config/--dtype themselves; given to `cache` instead, they are used from there.
+SUB_CONFIG = click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+                          help="TOML config file.")
+
+
+def _config(ctx, config_path, dtype):
+    parent = ctx.parent.params
+    config_path, dtype = config_path or parent.get("config_path"), dtype or parent.get("dtype")
+    if config_path is None:
+        raise click.UsageError("Missing option '--config'.", ctx)
+    return config_path, dtype, load_config(config_path, dtype)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+@cache.command("status")
+@SUB_CONFIG
+@DTYPE
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.pass_context
+def cache_status(ctx, config_path, dtype, as_json):
+    """Per kind of entry: how many this config needs, has, lacks, and stores without using."""
+    def go():
+        from pipeline.maintenance import status
+
+        s = status(_config(ctx, config_path, dtype)[2])
+        if as_json:
+            click.echo(json.dumps(s))
+            return
+        click.echo(f"cache {s['cache_dir']} for train dtype {s['dtype']}")
+        click.echo(f"  {'kind':<12}{'needed':>8}{'present':>9}{'missing':>9}{'unused':>8}{'MiB':>9}")
+        for kind, k in s["kinds"].items():
+            click.echo(f"  {kind:<12}{k['needed']:>8}{k['present']:>9}{k['missing']:>9}{k['unused']:>8}"
+                       f"{_mib(k['bytes']):>9}")
+        click.echo(f"  priors cached for: {', '.join(s['dtypes_with_priors']) or 'no dtype'}")
+        click.echo(f"  unreadable segment files: {len(s['unreadable_segments'])}")
+        click.echo(f"  total: {_mib(s['total_bytes'])} MiB")
+
+    _run(go, "nothing was changed")
+
+
+@cache.command("verify")
+@SUB_CONFIG
+@DTYPE
+@click.option("--repair", is_flag=True, help="Drop damaged entries and recompute them.")
+@click.pass_context
+def cache_verify(ctx, config_path, dtype, repair):
+    """Re-hash every entry this config uses against its stored sha256; exit 2 if any is damaged."""
+    def go():
+        from pipeline.maintenance import verify
+
+        path, dt, cfg = _config(ctx, config_path, dtype)
+        if repair:
+            _quiet_libraries()
+        v = verify(cfg, repair=repair)
+        for d in v["damaged"]:
+            click.echo(f"damaged: {d['kind']} {d['key']} in {d['segment']}: {d['reason']}")
+        for p in v["unreadable_segments"]:
+            click.echo(f"unreadable segment file: {p}")
+        click.echo(f"verify: {v['checked']} entries checked, {len(v['damaged'])} damaged, "
+                   f"{len(v['unreadable_segments'])} unreadable segment files, {v['missing']} not cached")
+        if repair:
+            click.echo(f"repair: {v['repaired']} entries recomputed")
+        elif v["damaged"] or v["unreadable_segments"]:
+            fix = f"python -m pipeline cache verify --config {path}{f' --dtype {dt}' if dt else ''} --repair"
+            click.echo(f"error: the cache is damaged: run {fix}", err=True)
+            sys.exit(2)
+
+    _run(go, "damaged entries not yet recomputed are simply missing; run the same command again")
+
+
+@cache.command("prune")
+@SUB_CONFIG
+@DTYPE
+@click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+@click.option("--keep-dtypes", is_flag=True, help="Keep the priors of other train dtypes.")
+@click.pass_context
+def cache_prune(ctx, config_path, dtype, dry_run, keep_dtypes):
+    """Remove every cache entry this config does not use (and unreadable segment files)."""
+    def go():
+        from pipeline.maintenance import prune
+
+        p = prune(_config(ctx, config_path, dtype)[2], dry_run=dry_run, keep_dtypes=keep_dtypes)
+        click.echo("prune: would remove (dry run, nothing changed)" if dry_run else "prune: removed")
+        for kind, n in p["entries_removed"].items():
+            click.echo(f"  {kind:<12}{n:>8} entries")
+        if p["unreadable_removed"]:
+            click.echo(f"  {len(p['unreadable_removed'])} unreadable segment files")
+        freed = "would free about" if dry_run else "freed"
+        click.echo(f"prune: {freed} {_mib(p['bytes_freed'])} MiB ({p['bytes_freed']} bytes)")
+        if p["lost"]:
+            click.echo(f"prune: {len(p['lost'])} kept entries were unreadable and are gone: run make cache", err=True)
+
+    _run(go, "every segment is complete and every used entry is kept; run the same command again")
 
 
 @main.command()

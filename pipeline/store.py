@@ -10,6 +10,10 @@ their own segments into the same directory (file names carry the pid and a rando
 
 bfloat16 has no HDF5/numpy type: such arrays are stored as their raw uint16 bits, with the dataset
 attribute `dtype = "bfloat16"`. Every dataset carries a `sha256` attribute of its bytes.
+
+Removing entries (`drop`) keeps segments immutable: a segment holding a dropped entry is replaced by a new
+segment with the entries it keeps, copied verbatim, and is unlinked only after the new one is in place.
+A crash in between leaves a key in two complete segments, which readers tolerate (the first one wins).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class Store:
         self.root = Path(root)
         self.segments = self.root / "segments"
         self._index: dict[tuple[str, str], Path] = {}
+        self._segs: dict[Path, tuple[str, list[str]]] = {}  # segment -> (kind, its keys)
         self._open: dict[Path, h5py.File] = {}
         self.unreadable: list[Path] = []
         self.refresh()
@@ -65,14 +70,16 @@ class Store:
         """Rebuild the index from the complete segment files on disk."""
         self.close()
         self._index.clear()
+        self._segs.clear()
         self.unreadable = []
         if not self.segments.is_dir():
             return
         for path in sorted(p for p in self.segments.glob("*.h5") if not p.name.startswith(".")):
             try:
                 with h5py.File(path, "r", locking=False) as f:
-                    kind = f.attrs["kind"]
-                    for key in f.keys():
+                    kind = str(f.attrs["kind"])
+                    self._segs[path] = (kind, list(f.keys()))
+                    for key in self._segs[path][1]:
                         self._index.setdefault((kind, key), path)
             except Exception:  # noqa: BLE001 - a foreign or damaged file must not stop the rest
                 self.unreadable.append(path)
@@ -85,6 +92,16 @@ class Store:
 
     def kinds(self) -> set[str]:
         return {kd for (kd, _) in self._index}
+
+    def segment_of(self, kind: str, key: str) -> Path | None:
+        """The segment an entry is read from (a key in several segments is read from the first)."""
+        return self._index.get((kind, key))
+
+    def segments_by_kind(self) -> dict[str, list[Path]]:
+        out: dict[str, list[Path]] = {}
+        for path, (kind, _) in self._segs.items():
+            out.setdefault(kind, []).append(path)
+        return out
 
     def _file(self, path: Path) -> h5py.File:
         f = self._open.get(path)
@@ -102,6 +119,21 @@ class Store:
             return tensors, dict(group.attrs)
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f"cache file '{path}' is damaged ({e}): delete it and run make cache") from None
+
+    def check(self, kind: str, key: str) -> str | None:
+        """None when every dataset of the entry reads back with the sha256 it was written with, else
+        why not. The hash is over the stored numpy bytes (bf16 as uint16 bits), exactly as `write` made it."""
+        path = self._index.get((kind, key))
+        if path is None:
+            return "missing"
+        try:
+            for name, ds in self._file(path)[key].items():
+                raw = np.asarray(ds[()]).tobytes()
+                if hashlib.sha256(raw).hexdigest() != ds.attrs.get("sha256"):
+                    return f"sha256 mismatch in dataset '{name}'"
+        except Exception as e:  # noqa: BLE001 - any read failure means the entry is damaged
+            return f"read error: {e}"
+        return None
 
     def shape(self, kind: str, key: str, name: str) -> tuple[int, ...]:
         """A dataset's shape without reading its data."""
@@ -122,6 +154,26 @@ class Store:
         """Write entries as one new segment, atomically. Returns its path (None when empty)."""
         if not entries:
             return None
+
+        def fill(f: h5py.File) -> None:
+            for key, (tensors, attrs) in entries.items():
+                group = f.create_group(key)
+                for name, value in attrs.items():
+                    group.attrs[name] = value
+                for name, tensor in tensors.items():
+                    array, dtype = to_numpy(tensor)
+                    ds = group.create_dataset(name, data=array)
+                    ds.attrs["dtype"] = dtype
+                    ds.attrs["sha256"] = hashlib.sha256(array.tobytes()).hexdigest()
+
+        final = self._write_segment(kind, fill)
+        self._segs[final] = (kind, list(entries))
+        for key in entries:
+            self._index.setdefault((kind, key), final)
+        return final
+
+    def _write_segment(self, kind: str, fill) -> Path:
+        """Create a segment under a temporary name, let `fill` write it, fsync, rename into place."""
         self.segments.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
         tag = f"{time.time_ns()}.{os.getpid()}.{secrets.token_hex(4)}"
@@ -130,15 +182,7 @@ class Store:
         try:
             with h5py.File(tmp, "w", locking=False) as f:
                 f.attrs["kind"] = kind
-                for key, (tensors, attrs) in entries.items():
-                    group = f.create_group(key)
-                    for name, value in attrs.items():
-                        group.attrs[name] = value
-                    for name, tensor in tensors.items():
-                        array, dtype = to_numpy(tensor)
-                        ds = group.create_dataset(name, data=array)
-                        ds.attrs["dtype"] = dtype
-                        ds.attrs["sha256"] = hashlib.sha256(array.tobytes()).hexdigest()
+                fill(f)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
@@ -146,9 +190,60 @@ class Store:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        for key in entries:
-            self._index.setdefault((kind, key), final)
         return final
+
+    def drop(self, kind: str, keys, dry_run: bool = False) -> dict:
+        """Remove these entries of one kind from every segment holding them. A segment that keeps some
+        entries is first rewritten (kept entries copied verbatim, stale checksums included, so damage
+        stays visible) and only then unlinked: a crash never loses a kept entry. Kept entries that cannot
+        be copied were unreadable already; they are reported as `lost`. Returns counts and bytes."""
+        drop = set(keys)
+        hit = [p for p, (kd, ks) in self._segs.items() if kd == kind and drop & set(ks)]
+        # a key also held by an untouched segment need not be copied again (crash leftovers)
+        elsewhere = {k for p, (kd, ks) in self._segs.items() if kd == kind and p not in hit for k in ks}
+        present = {k for p in hit for k in self._segs[p][1]} & drop
+        out = {"removed": len(present), "lost": [], "segments_rewritten": 0, "segments_removed": 0, "estimate": 0}
+        for path in hit:
+            seg_keys = self._segs[path][1]
+            gone = [k for k in seg_keys if k in drop]
+            keep = [k for k in dict.fromkeys(seg_keys) if k not in drop and k not in elsewhere]
+            out["estimate"] += path.stat().st_size if not keep else _stored_bytes(path, gone)
+            if dry_run:
+                continue
+            self.close()  # h5py must not hold the file we are about to replace
+            if keep:
+                copied: list[str] = []
+
+                def fill(f, path=path, keep=keep, copied=copied):
+                    with h5py.File(path, "r", locking=False) as src:
+                        for k in keep:
+                            try:
+                                src.copy(src[k], f, name=k)
+                                copied.append(k)
+                            except Exception:  # noqa: BLE001 - unreadable: nothing usable to keep
+                                out["lost"].append(k)
+                                if k in f:  # a half-copied group
+                                    del f[k]
+
+                self._write_segment(kind, fill)
+                elsewhere.update(copied)
+                out["segments_rewritten"] += 1
+            else:
+                out["segments_removed"] += 1
+            path.unlink(missing_ok=True)
+        if not dry_run and hit:
+            _fsync_dir(self.segments)
+            self.refresh()
+        return out
+
+    def remove_unreadable(self, dry_run: bool = False) -> int:
+        """Delete segment files that cannot be opened at all (they hold nothing usable). Returns bytes."""
+        size = sum(p.stat().st_size for p in self.unreadable if p.exists())
+        if not dry_run:
+            for p in self.unreadable:
+                p.unlink(missing_ok=True)
+            self.unreadable = []
+        return size
 
     def _remove_stale_temporaries(self) -> None:
         # A temporary whose writer is gone is a segment that was never finished; its entries were
@@ -157,6 +252,15 @@ class Store:
             pid = int(tmp.name.split(".")[2]) if tmp.name.split(".")[2].isdigit() else -1
             if pid != os.getpid() and not _pid_alive(pid):
                 tmp.unlink(missing_ok=True)
+
+
+def _stored_bytes(path: Path, keys: list[str]) -> int:
+    """Bytes the datasets of these entries take in a segment: the estimate of what dropping them frees."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return sum(ds.id.get_storage_size() for k in keys for ds in f[k].values())
+    except Exception:  # noqa: BLE001 - an estimate only
+        return 0
 
 
 def _fsync_dir(path: Path) -> None:

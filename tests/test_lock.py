@@ -45,3 +45,17 @@ def test_stages_take_the_locks(project):
         with pytest.raises(UserError, match="a cache run is writing it"):
             run_train(cfg, progress=False)
     assert run_train(cfg, progress=False)["steps"] == 1
+
+
+def test_prune_and_repair_refuse_while_training_reads(project):
+    from pipeline.cache_stage import run_cache
+    from pipeline.maintenance import prune, verify
+
+    _, cfg = project()
+    run_cache(cfg, progress=False)
+    with cache_lock(cfg.cache.dir, "read"):
+        with pytest.raises(UserError, match="a training run is reading it"):
+            prune(cfg)
+        with pytest.raises(UserError, match="a training run is reading it"):
+            verify(cfg, repair=True)
+        assert verify(cfg)["damaged"] == []  # a plain verify only reads

@@ -1,0 +1,148 @@
+"""Cache upkeep for one config: what it uses and what else is stored (`status`), whether what it uses is
+intact (`verify`, optionally recomputing what is not), and removing what it does not use (`prune`).
+
+"Uses" always means the keys `make_plan` gives for this config, the same keys the cache and train stages
+compute, so these commands cannot disagree with them. A cache dir shared by several configs keeps only
+the pruning config's entries: prune is for a dir that one config (in several dtypes) owns.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import Config, check_paths
+from pipeline.errors import UserError
+from pipeline.lock import cache_lock
+from pipeline.plan import BAD_IMAGE, Plan, make_plan
+from pipeline.store import Store
+
+BASE_KINDS = ("latent", "text", "noise")
+
+
+def needed_keys(plan: Plan, bad: set[str] = frozenset(), keep_priors: bool = False) -> dict[str, set[str]]:
+    """kind -> the keys this config reads, plus the cached verdicts on its undecodable images (`bad`).
+    The train dtype's priors are empty with prior_mode = "online" (training computes the targets),
+    unless keep_priors: prune keeps them, since switching back to "cached" must not cost a recompute."""
+    cfg = plan.cfg
+    variants = range(cfg.cache.variants)
+    out = {
+        "latent": {s.latent_key for s in plan.samples},
+        "text": {s.text_key for s in plan.samples},
+        "noise": {s.noise_keys[v] for s in plan.samples for v in variants},
+        BAD_IMAGE: set(bad),
+    }
+    want = cfg.train.prior_mode == "cached" or keep_priors
+    out[plan.prior_kind()] = {plan.prior_key(s, v) for s in plan.samples if s.prior and want for v in variants}
+    return out
+
+
+def _open(cfg: Config) -> tuple[Plan, Store, set[str]]:
+    from pipeline.cache_stage import ensure_embedded  # the embedded demo's files, as the stages build them
+
+    ensure_embedded(cfg)
+    # check_paths first: with a missing model or image folder the plan would have different keys, and
+    # prune would then take every entry for unused.
+    check_paths(cfg)
+    plan, store = make_plan(cfg), Store(cfg.cache.dir)
+    bad = {s.content_key for s in plan.samples if store.has(BAD_IMAGE, s.content_key)}
+    plan.drop_bad(store)
+    return plan, store, bad
+
+
+def status(cfg: Config) -> dict:
+    plan, store, bad = _open(cfg)
+    needed = needed_keys(plan, bad)
+    segs = store.segments_by_kind()
+    others = sorted((set(segs) | store.kinds() | set(needed)) - set(BASE_KINDS))
+    kinds = {}
+    for kind in (*BASE_KINDS, *others):
+        have, need = store.keys(kind), needed.get(kind, set())
+        kinds[kind] = {
+            "needed": len(need), "present": len(need & have), "missing": len(need - have),
+            "unused": len(have - need), "bytes": sum(_size(p) for p in segs.get(kind, [])),
+        }
+    result = {
+        "cache_dir": str(store.root), "dtype": plan.dtype, "kinds": kinds,
+        "dtypes_with_priors": sorted(k.removeprefix("prior/") for k in store.kinds() if k.startswith("prior/")),
+        "unreadable_segments": [str(p) for p in store.unreadable],
+        "total_bytes": store.bytes_on_disk(),
+    }
+    store.close()
+    return result
+
+
+def verify(cfg: Config, repair: bool = False) -> dict:
+    """Re-hash every stored entry this config uses. With repair: drop the damaged ones (and unreadable
+    segment files) and recompute them with the cache stage, which computes exactly what is missing."""
+    with cache_lock(cfg.cache.dir, "delete" if repair else "read"):
+        result = _verify(cfg, repair)
+    if result.pop("needs_recompute"):
+        from pipeline.cache_stage import run_cache  # takes the write lock itself, so after ours is released
+
+        s = run_cache(cfg, progress=False)
+        result["repaired"] = s["latents_encoded"] + s["texts_encoded"] + s["noise_computed"] + s["priors_computed"]
+        again = Store(cfg.cache.dir)
+        still = [d for d in result["damaged"] if again.check(d["kind"], d["key"])]
+        again.close()
+        if still:  # e.g. a failing disk: the fresh copy did not read back either
+            raise UserError(f"{len(still)} repaired cache entries read back damaged again (first in {still[0]['segment']})")
+    return result
+
+
+def _verify(cfg: Config, repair: bool) -> dict:
+    plan, store, bad = _open(cfg)
+    damaged, checked, missing = [], 0, 0
+    for kind, keys in needed_keys(plan, bad).items():
+        for key in sorted(keys):
+            if not store.has(kind, key):
+                missing += 1
+                continue
+            checked += 1
+            why = store.check(kind, key)
+            if why:
+                damaged.append({"kind": kind, "key": key, "segment": str(store.segment_of(kind, key)), "reason": why})
+    needs_recompute = bool(repair and (damaged or store.unreadable or missing))
+    result = {"checked": checked, "missing": missing, "damaged": damaged,
+              "unreadable_segments": [str(p) for p in store.unreadable], "repaired": 0,
+              "needs_recompute": needs_recompute}
+    if needs_recompute:
+        for kind in sorted({d["kind"] for d in damaged}):
+            store.drop(kind, [d["key"] for d in damaged if d["kind"] == kind])
+        store.remove_unreadable()
+    store.close()
+    return result
+
+
+def prune(cfg: Config, dry_run: bool = False, keep_dtypes: bool = False) -> dict:
+    """Remove every entry this config does not use, and unreadable segment files. With keep_dtypes the
+    priors of other train dtypes stay. Each segment is replaced before it is unlinked (see Store.drop),
+    so a crash at any point leaves every used entry in place."""
+    with cache_lock(cfg.cache.dir, "delete"):
+        return _prune(cfg, dry_run, keep_dtypes)
+
+
+def _prune(cfg: Config, dry_run: bool, keep_dtypes: bool) -> dict:
+    plan, store, bad = _open(cfg)
+    needed = needed_keys(plan, bad, keep_priors=True)
+    before = store.bytes_on_disk()
+    removed, lost, estimate = {}, [], 0
+    for kind in sorted(store.kinds()):
+        if keep_dtypes and kind.startswith("prior/") and kind not in needed:
+            continue
+        unused = store.keys(kind) - needed.get(kind, set())
+        if unused:
+            r = store.drop(kind, unused, dry_run=dry_run)
+            removed[kind] = r["removed"]
+            estimate += r["estimate"]
+            lost += [f"{kind}/{k}" for k in r["lost"]]
+    unreadable = [str(p) for p in store.unreadable]
+    estimate += store.remove_unreadable(dry_run=dry_run)
+    freed = estimate if dry_run else before - store.bytes_on_disk()
+    store.close()
+    return {"dry_run": dry_run, "entries_removed": removed, "unreadable_removed": unreadable,
+            "bytes_freed": freed, "lost": lost}
+
+
+def _size(path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # removed by a concurrent prune since the index was built
+        return 0

@@ -1,0 +1,163 @@
+"""Cache upkeep on the tiny Flux model: status counts, verify (and repair) against the stored sha256s,
+prune of what a config no longer uses, and a drop interrupted between its two steps losing nothing."""
+
+import json
+from pathlib import Path
+
+import h5py
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cache_stage import run_cache
+from pipeline.cli import main
+from pipeline.maintenance import needed_keys, prune, status, verify
+from pipeline.plan import make_plan
+from pipeline.store import Store
+from pipeline.train_stage import check_cache
+
+COMPUTED = ("latents_encoded", "texts_encoded", "noise_computed", "priors_computed")
+
+
+def work(summary):
+    return sum(summary[k] for k in COMPUTED)
+
+
+def contents(cache_dir):
+    store = Store(cache_dir)
+    out = {(kind, key): store.read(kind, key)[0] for kind in store.kinds() for key in store.keys(kind)}
+    store.close()
+    return out
+
+
+def cli(*args):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def test_status_and_prune_across_dtypes(project):
+    path, cfg = project()
+    run_cache(cfg, progress=False)
+    _, fp32 = project(name="fp32.toml", dtype="fp32")
+    run_cache(fp32, progress=False)
+
+    s = status(cfg)
+    assert s["dtypes_with_priors"] == ["bf16", "fp32"] and s["dtype"] == "bf16"
+    assert all(k["missing"] == 0 for k in s["kinds"].values())
+    for kind in ("latent", "text", "noise", "prior/bf16"):
+        assert s["kinds"][kind]["unused"] == 0 and s["kinds"][kind]["present"] == s["kinds"][kind]["needed"] > 0
+    assert s["kinds"]["prior/fp32"] == {**s["kinds"]["prior/fp32"], "needed": 0, "unused": 16}
+    assert s["total_bytes"] == sum(k["bytes"] for k in s["kinds"].values())
+
+    r = cli("cache", "status", "--config", path, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout) == s
+    assert status(fp32)["kinds"]["prior/fp32"]["unused"] == 0  # --dtype / train.dtype picks the kind used
+
+    assert prune(cfg, keep_dtypes=True)["entries_removed"] == {}
+    before = contents(cfg.cache.dir)
+    dry = prune(cfg, dry_run=True)
+    assert dry["entries_removed"] == {"prior/fp32": 16} and dry["bytes_freed"] > 0
+    assert contents(cfg.cache.dir).keys() == before.keys()
+    r = cli("cache", "prune", "--config", path)
+    assert r.exit_code == 0 and "prior/fp32        16 entries" in r.stdout
+    assert status(cfg)["dtypes_with_priors"] == ["bf16"]
+    assert status(fp32)["kinds"]["prior/fp32"]["missing"] == 16
+
+
+def test_prune_after_editing_an_image_keeps_everything_used(project):
+    _, cfg = project()
+    run_cache(cfg, progress=False)
+    image = next(s for s in make_plan(cfg).samples if s.prior).path
+    with Image.open(image) as im:
+        im = im.convert("RGB")
+        im.putpixel((0, 0), (0, 255, 0))
+        im.save(image)
+
+    kinds = status(cfg)["kinds"]
+    assert (kinds["latent"]["missing"], kinds["latent"]["unused"]) == (1, 1)
+    assert (kinds["noise"]["missing"], kinds["noise"]["unused"]) == (2, 2)
+    assert (kinds["prior/bf16"]["missing"], kinds["prior/bf16"]["unused"]) == (2, 2)
+
+    assert work(run_cache(cfg, progress=False)) == 5
+    used = contents(cfg.cache.dir)
+    dry = prune(cfg, dry_run=True)
+    assert dry["entries_removed"] == {"latent": 1, "noise": 2, "prior/bf16": 2} and dry["bytes_freed"] > 0
+    assert contents(cfg.cache.dir).keys() == used.keys()
+
+    p = prune(cfg)
+    assert p["entries_removed"] == dry["entries_removed"] and p["bytes_freed"] > 0 and not p["lost"]
+    assert all(k["unused"] == 0 and k["missing"] == 0 for k in status(cfg)["kinds"].values())
+    after = contents(cfg.cache.dir)
+    assert len(after) == len(used) - 5
+    assert all(torch.equal(after[e][n], t) for e in after for n, t in used[e].items())  # kept ones bitwise
+    assert work(run_cache(cfg, progress=False)) == 0
+    check_cache(make_plan(cfg), Store(cfg.cache.dir))
+
+
+def test_verify_finds_a_flipped_prior_and_repair_recomputes_exactly_it(project):
+    path, cfg = project()
+    run_cache(cfg, progress=False)
+    clean = verify(cfg)
+    assert clean["damaged"] == [] and clean["missing"] == 0
+    assert clean["checked"] == sum(map(len, needed_keys(make_plan(cfg)).values())) == 16 + 10 + 32 + 16
+
+    store = Store(cfg.cache.dir)
+    key = sorted(store.keys("prior/bf16"))[3]
+    segment = store.segment_of("prior/bf16", key)
+    original = store.read("prior/bf16", key)[0]["prediction"]
+    store.close()
+    with h5py.File(segment, "r+") as f:  # damage on disk: data changed, sha256 attribute now stale
+        ds = f[key]["prediction"]
+        ds[0, 0, :4] = ds[0, 0, :4] ^ 0x5A5A
+
+    found = verify(cfg)
+    assert [(d["kind"], d["key"], d["segment"]) for d in found["damaged"]] == [("prior/bf16", key, str(segment))]
+    assert "sha256 mismatch" in found["damaged"][0]["reason"]
+    r = cli("cache", "verify", "--config", path)
+    assert r.exit_code == 2 and key in r.stdout
+    assert r.stderr.strip().splitlines()[-1].endswith(f"run python -m pipeline cache verify --config {path} --repair")
+
+    r = cli("cache", "verify", "--config", path, "--repair")
+    assert r.exit_code == 0 and "1 entries recomputed" in r.stdout
+    assert verify(cfg)["damaged"] == []
+    store = Store(cfg.cache.dir)
+    assert torch.equal(store.read("prior/bf16", key)[0]["prediction"].view(torch.int16), original.view(torch.int16))
+
+
+def test_drop_interrupted_before_unlink_loses_nothing(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    store.write("latent", {k: ({"a": torch.full((3,), float(i))}, {"n": i}) for i, k in enumerate("abcd")})
+    real_unlink = Path.unlink
+
+    def crash(self, *a, **k):
+        if self.suffix == ".h5" and not self.name.startswith("."):
+            raise KeyboardInterrupt  # killed after the replacement is in place, before the old one goes
+        return real_unlink(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", crash)
+    try:
+        store.drop("latent", {"b"})
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    again = Store(tmp_path)
+    assert again.keys("latent") == set("abcd") and len(list((tmp_path / "segments").glob("*.h5"))) == 2
+    r = again.drop("latent", {"b"})
+    assert r["removed"] == 1 and not r["lost"]
+    final = Store(tmp_path)
+    assert final.keys("latent") == set("acd") and len(list((tmp_path / "segments").glob("*.h5"))) == 1
+    assert all(final.check("latent", k) is None for k in "acd")
+    tensors, attrs = final.read("latent", "d")
+    assert torch.equal(tensors["a"], torch.full((3,), 3.0)) and attrs["n"] == 3
+
+
+def test_cache_group_keeps_its_old_form_and_documents_the_subcommands(project):
+    r = cli("cache")
+    assert r.exit_code == 2 and "Missing option '--config'" in r.output
+    for sub, opts in {"status": ["--json"], "verify": ["--repair"], "prune": ["--dry-run", "--keep-dtypes"]}.items():
+        r = cli("cache", sub, "--help")
+        assert r.exit_code == 0 and all(o in r.stdout for o in ["--config", "--dtype", *opts])
+    path, _ = project()
+    r = cli("cache", "--config", path, "status", "--json")  # options given to the group are lent to it
+    assert r.exit_code == 0 and json.loads(r.stdout)["kinds"]["latent"]["missing"] == 16
+    r = cli("cache", "status", "--config", path / "nope.toml")
+    assert r.exit_code == 2 and r.stderr.startswith("error:")
