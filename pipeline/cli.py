@@ -118,9 +118,9 @@ def cache_status(ctx, config_path, dtype, as_json):
             click.echo(json.dumps(s))
             return
         click.echo(f"cache {s['cache_dir']} for train dtype {s['dtype']}")
-        click.echo(f"  {'kind':<12}{'needed':>8}{'present':>9}{'missing':>9}{'unused':>8}{'MiB':>9}")
+        click.echo(f"  {'kind':<12}{'needed':>8}{'present':>9}{'missing':>9}{'stale':>8}{'MiB':>9}")
         for kind, k in s["kinds"].items():
-            click.echo(f"  {kind:<12}{k['needed']:>8}{k['present']:>9}{k['missing']:>9}{k['unused']:>8}"
+            click.echo(f"  {kind:<12}{k['needed']:>8}{k['present']:>9}{k['missing']:>9}{k['stale']:>8}"
                        f"{_mib(k['bytes']):>9}")
         click.echo(f"  priors cached for: {', '.join(s['dtypes_with_priors']) or 'no dtype'}")
         click.echo(f"  unreadable segment files: {len(s['unreadable_segments'])}")

@@ -55,9 +55,11 @@ def status(cfg: Config) -> dict:
     kinds = {}
     for kind in (*BASE_KINDS, *others):
         have, need = store.keys(kind), needed.get(kind, set())
+        if kind == BAD_IMAGE and not (have or need):
+            continue  # a row only when some image was found undecodable
         kinds[kind] = {
             "needed": len(need), "present": len(need & have), "missing": len(need - have),
-            "unused": len(have - need), "bytes": sum(_size(p) for p in segs.get(kind, [])),
+            "stale": len(have - need), "bytes": sum(_size(p) for p in segs.get(kind, [])),
         }
     result = {
         "cache_dir": str(store.root), "dtype": plan.dtype, "kinds": kinds,

@@ -44,13 +44,13 @@ def test_status_and_prune_across_dtypes(project):
     assert s["dtypes_with_priors"] == ["bf16", "fp32"] and s["dtype"] == "bf16"
     assert all(k["missing"] == 0 for k in s["kinds"].values())
     for kind in ("latent", "text", "noise", "prior/bf16"):
-        assert s["kinds"][kind]["unused"] == 0 and s["kinds"][kind]["present"] == s["kinds"][kind]["needed"] > 0
-    assert s["kinds"]["prior/fp32"] == {**s["kinds"]["prior/fp32"], "needed": 0, "unused": 16}
+        assert s["kinds"][kind]["stale"] == 0 and s["kinds"][kind]["present"] == s["kinds"][kind]["needed"] > 0
+    assert s["kinds"]["prior/fp32"] == {**s["kinds"]["prior/fp32"], "needed": 0, "stale": 16}
     assert s["total_bytes"] == sum(k["bytes"] for k in s["kinds"].values())
 
     r = cli("cache", "status", "--config", path, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout) == s
-    assert status(fp32)["kinds"]["prior/fp32"]["unused"] == 0  # --dtype / train.dtype picks the kind used
+    assert status(fp32)["kinds"]["prior/fp32"]["stale"] == 0  # --dtype / train.dtype picks the kind used
 
     assert prune(cfg, keep_dtypes=True)["entries_removed"] == {}
     before = contents(cfg.cache.dir)
@@ -73,9 +73,9 @@ def test_prune_after_editing_an_image_keeps_everything_used(project):
         im.save(image)
 
     kinds = status(cfg)["kinds"]
-    assert (kinds["latent"]["missing"], kinds["latent"]["unused"]) == (1, 1)
-    assert (kinds["noise"]["missing"], kinds["noise"]["unused"]) == (2, 2)
-    assert (kinds["prior/bf16"]["missing"], kinds["prior/bf16"]["unused"]) == (2, 2)
+    assert (kinds["latent"]["missing"], kinds["latent"]["stale"]) == (1, 1)
+    assert (kinds["noise"]["missing"], kinds["noise"]["stale"]) == (2, 2)
+    assert (kinds["prior/bf16"]["missing"], kinds["prior/bf16"]["stale"]) == (2, 2)
 
     assert work(run_cache(cfg, progress=False)) == 5
     used = contents(cfg.cache.dir)
@@ -85,7 +85,7 @@ def test_prune_after_editing_an_image_keeps_everything_used(project):
 
     p = prune(cfg)
     assert p["entries_removed"] == dry["entries_removed"] and p["bytes_freed"] > 0 and not p["lost"]
-    assert all(k["unused"] == 0 and k["missing"] == 0 for k in status(cfg)["kinds"].values())
+    assert all(k["stale"] == 0 and k["missing"] == 0 for k in status(cfg)["kinds"].values())
     after = contents(cfg.cache.dir)
     assert len(after) == len(used) - 5
     assert all(torch.equal(after[e][n], t) for e in after for n, t in used[e].items())  # kept ones bitwise
