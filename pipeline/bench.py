@@ -108,10 +108,10 @@ def main(steps, warmup, batch_size, resolution, dtype, device, threads):
     }
     click.echo(f"\nseconds per training step (median of {steps}; {n_params:,}-parameter Flux-architecture denoiser, "
                f"{dtype}, {dev}, batch {batch_size}, {resolution}px)")
-    click.echo(f"  {'batch':<34}{'median s/step':>14}")
+    click.echo(f"  {'batch':<38}{'median s/step':>14}")
     for name, label in [("standard", "standard samples"), ("prior_cached", "prior samples, cached target"),
                         ("prior_online", "prior samples, online target (peers)")]:
-        click.echo(f"  {label:<34}{medians[name]:>14.4f}")
+        click.echo(f"  {label:<38}{medians[name]:>14.4f}")
     click.echo(f"  prior/standard {result['ratio_prior_to_standard']:.3f}   online/cached {result['ratio_online_to_cached']:.3f}")
     click.echo(json.dumps(result))
 
