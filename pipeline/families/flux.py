@@ -6,6 +6,7 @@ scaling, guidance), so a cached prior is exactly what the base model predicts in
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -82,10 +83,13 @@ class FluxFamily:
     def target(self, latents, noise):
         return objective.flow_target(latents, noise)
 
+    @functools.cached_property
+    def _guidance_embeds(self) -> bool:
+        return bool(json.loads((self.root / "transformer" / "config.json").read_text()).get("guidance_embeds"))
+
     def prediction_settings(self):
         # schnell has no guidance embedding: the value changes nothing there, so it is not in the key
-        config = json.loads((self.root / "transformer" / "config.json").read_text())
-        return {"guidance": self.cfg.guidance} if config.get("guidance_embeds") else {}
+        return {"guidance": self.cfg.guidance} if self._guidance_embeds else {}
 
     def predict(self, denoiser, noisy, timesteps, text):
         b, c, h, w = noisy.shape
