@@ -11,7 +11,7 @@ from pipeline.store import Store
 
 
 def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]]):
-    """Latents, noise, noisy latents, timesteps and batched conditioning for (sample, variant) pairs,
+    """Latents, noise, noisy latents, timesteps, batched conditioning and sigmas for (sample, variant) pairs,
     exactly as the train stage builds them."""
     latents, noises, timesteps, sigmas, texts = [], [], [], [], []
     for s, v in items:
@@ -28,4 +28,4 @@ def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]]):
     sigmas = torch.stack(sigmas)
     text = {k: torch.stack([t[k] for t in texts]) for k in texts[0]}
     noisy = plan.family.noisy_input(latents, noises, sigmas)
-    return latents, noises, noisy, torch.stack(timesteps), text
+    return latents, noises, noisy, torch.stack(timesteps), text, sigmas

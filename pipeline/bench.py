@@ -92,7 +92,12 @@ def main(steps, warmup, batch_size, resolution, dtype, device, threads):
         prior = [s for s in plan.samples if s.prior][:batch_size]
 
         def mode(batch, prior_mode):
-            return lambda i: train_step(plan, store, model, optimizer, batch, i % 4, prior_mode)
+            def step(i):
+                train_step(plan, store, model, batch, i % 4, prior_mode)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            return step
 
         medians = _median_step_seconds(
             {"standard": mode(standard, "cached"), "prior_cached": mode(prior, "cached"), "prior_online": mode(prior, "online")},

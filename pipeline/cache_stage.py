@@ -214,7 +214,7 @@ def _prior_entries(plan: Plan, store: Store, model, items: list[tuple[Sample, in
         shape = store.shape("latent", s.latent_key, "latent")
         by_shape.setdefault(shape, []).append((s, v))
     for group in by_shape.values():
-        _, _, noisy, timesteps, text = load_inputs(plan, store, group)
+        _, _, noisy, timesteps, text, _ = load_inputs(plan, store, group)
         pred = plan.family.predict(model, noisy, timesteps, text).cpu()
         for (s, v), p in zip(group, pred):
             out[plan.prior_key(s, v)] = (

@@ -24,6 +24,7 @@ else:  # pragma: no cover
 from pipeline.errors import UserError
 
 DTYPES = ("bf16", "fp16", "fp32")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -72,15 +73,21 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 16.0
     target_modules: list[str] = field(default_factory=list)  # empty: the family's default
+    dropout: float = 0.0
+    use_dora: bool = False  # weight-decomposed LoRA (peft)
+    init: str = "default"  # "default" (B = 0, A Kaiming) | "gaussian" (B = 0, A Gaussian)
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # "adamw" | "adamw8bit" (bitsandbytes, CUDA) | "prodigy" | "adafactor"
     lr: float = 1e-4
     weight_decay: float = 1e-2
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    scheduler: str = "constant"  # any name of diffusers' get_scheduler: constant, linear, cosine, ...
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0: no clipping
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,9 @@ class TrainConfig:
     lora_name: str = "pytorch_lora_weights.safetensors"
     prior_mode: str = "cached"  # "online" recomputes the prior target with a second forward (peers' way)
     device: str = "auto"
+    gradient_accumulation: int = 1  # batches per optimizer step
+    gradient_checkpointing: bool = False
+    loss_weighting: str = "none"  # "none" | "sigma_sqrt" | "cosmap" (diffusers' compute_loss_weighting_for_sd3)
 
 
 @dataclass(frozen=True)
@@ -228,7 +238,10 @@ def validate(cfg: Config) -> None:
     _choice(cfg.train.dtype, DTYPES, "train.dtype")
     _choice(cfg.model.encoder_dtype, DTYPES, "model.encoder_dtype")
     _choice(cfg.train.prior_mode, ("cached", "online"), "train.prior_mode")
-    _choice(cfg.optimizer.name, ("adamw",), "optimizer.name")
+    _choice(cfg.optimizer.name, ("adamw", "adamw8bit", "prodigy", "adafactor"), "optimizer.name")
+    _choice(cfg.optimizer.scheduler, SCHEDULERS, "optimizer.scheduler")
+    _choice(cfg.train.loss_weighting, ("none", "sigma_sqrt", "cosmap"), "train.loss_weighting")
+    _choice(cfg.lora.init, ("default", "gaussian"), "lora.init")
     _choice(cfg.data.on_bad_image, ("skip", "fail"), "data.on_bad_image")
     _choice(cfg.cache.timestep_sampling, ("uniform", "logit_normal", "mode"), "cache.timestep_sampling")
     if not cfg.concepts:
@@ -247,6 +260,10 @@ def validate(cfg: Config) -> None:
         ("lora.rank", cfg.lora.rank, False),
         ("optimizer.lr", cfg.optimizer.lr, False),
         ("model.max_sequence_length", cfg.model.max_sequence_length, False),
+        ("optimizer.warmup_steps", cfg.optimizer.warmup_steps, True),
+        ("optimizer.max_grad_norm", cfg.optimizer.max_grad_norm, True),
+        ("train.gradient_accumulation", cfg.train.gradient_accumulation, False),
+        ("lora.dropout", cfg.lora.dropout, True),
     ]:
         _positive(value, key, zero_ok)
     for key, value in (("cache.device", cfg.cache.device), ("train.device", cfg.train.device)):

@@ -25,7 +25,10 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, default_targets: list[str]
     """Adds an adapter whose B matrices start at zero (so it changes nothing at step 0); returns its
     parameters, kept in float32 whatever the base dtype (as diffusers' scripts do)."""
     targets = cfg.target_modules or default_targets
-    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets, init_lora_weights=True)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.dropout, use_dora=cfg.use_dora,
+        init_lora_weights=True if cfg.init == "default" else cfg.init,
+    )
     try:
         model.add_adapter(peft_cfg)
     except ValueError as e:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import compute_loss_weighting_for_sd3
 from tqdm import tqdm
 
 from pipeline.batches import load_inputs
@@ -18,6 +19,8 @@ from pipeline.keys import derive_seed
 from pipeline.lock import cache_lock
 from pipeline.lora import add_lora, save_lora
 from pipeline.objective import per_sample_mse
+from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.practice import practice_warnings, prior_share
 from pipeline.plan import TORCH_DTYPES, Plan, Sample, make_plan, pick_device
 from pipeline.store import Store
 
@@ -75,11 +78,10 @@ def epoch_batches(plan: Plan, store: Store, epoch: int) -> list[list[Sample]]:
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
-def train_step(plan, store, model, optimizer, batch, variant, prior_mode="cached") -> dict:
-    """One optimisation step on one batch; returns per-group losses (the training step in one screen)."""
-    family, dtype = plan.family, plan.dtype
-    items = [(s, variant) for s in batch]
-    latents, noise, noisy, timesteps, text = load_inputs(plan, store, items)
+def train_step(plan, store, model, batch, variant, prior_mode="cached", loss_scale=1.0) -> dict:
+    """Forward and backward for one batch (the optimizer steps elsewhere); returns per-group losses."""
+    family, cfg = plan.family, plan.cfg
+    latents, noise, noisy, timesteps, text, sigmas = load_inputs(plan, store, [(s, variant) for s in batch])
     is_prior = torch.tensor([s.prior for s in batch])
     target = family.target(latents, noise)
     if is_prior.any():
@@ -93,12 +95,12 @@ def train_step(plan, store, model, optimizer, batch, variant, prior_mode="cached
                 target[is_prior] = family.predict(model, noisy[is_prior], timesteps[is_prior], sub).float().cpu()
                 model.enable_adapters()
     pred = family.predict(model, noisy, timesteps, text)
-    weights = torch.tensor([s.loss_weight for s in batch], device=pred.device)
-    losses = per_sample_mse(pred, target.to(pred.device)) * weights
+    weights = torch.tensor([s.loss_weight for s in batch]) * compute_loss_weighting_for_sd3(
+        cfg.train.loss_weighting, sigmas
+    )
+    losses = per_sample_mse(pred, target.to(pred.device)) * weights.to(pred.device)
     loss = losses.mean()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    (loss * loss_scale).backward()
     losses = losses.detach().cpu()
     group = lambda mask: float(losses[mask].mean()) if mask.any() else None  # noqa: E731
     return {
@@ -109,6 +111,26 @@ def train_step(plan, store, model, optimizer, batch, variant, prior_mode="cached
         "n_prior": int(is_prior.sum()),
         "timestep_mean": float(timesteps.float().mean()),
     }
+
+
+def optimizer_step(params, optimizer, scheduler, max_grad_norm: float) -> float | None:
+    """Clip, step, advance the schedule, clear gradients. Returns the gradient norm before clipping."""
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm > 0 else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def merge(records: list[dict]) -> dict:
+    """One optimizer step's record from its accumulated batches: sample-weighted means of the losses."""
+    out = {"n_standard": sum(r["n_standard"] for r in records), "n_prior": sum(r["n_prior"] for r in records)}
+    n = out["n_standard"] + out["n_prior"]
+    out["loss"] = sum(r["loss"] * (r["n_standard"] + r["n_prior"]) for r in records) / n
+    for key, count in (("loss_standard", "n_standard"), ("loss_prior", "n_prior")):
+        out[key] = sum(r[key] * r[count] for r in records if r[key] is not None) / out[count] if out[count] else None
+    out["timestep_mean"] = sum(r["timestep_mean"] for r in records) / len(records)
+    return out
 
 
 def _mean(records: list[dict], key: str) -> float | None:
@@ -137,14 +159,17 @@ def _train_lora(cfg: Config, progress: bool) -> tuple[torch.nn.Module, dict]:
     t = cfg.train
     device = pick_device(t.device)
     torch.manual_seed(t.seed)
+    practice_warnings(plan)
     model = plan.family.load_denoiser(device, TORCH_DTYPES[t.dtype])
     params = add_lora(model, cfg.lora, plan.family.default_target_modules)
+    if t.gradient_checkpointing:
+        model.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
     model.train()
-    o = cfg.optimizer
-    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
-
-    steps_per_epoch = len(epoch_batches(plan, store, 0))
+    o, accum = cfg.optimizer, t.gradient_accumulation
+    optimizer = build_optimizer(params, o, device)
+    steps_per_epoch = math.ceil(len(epoch_batches(plan, store, 0)) / accum)  # optimizer steps
     total = t.max_steps or t.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, o, total)
     out_dir = Path(t.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
@@ -153,12 +178,15 @@ def _train_lora(cfg: Config, progress: bool) -> tuple[torch.nn.Module, dict]:
         while step < total:
             variant = epoch % cfg.cache.variants
             epoch_records = []
-            for batch in epoch_batches(plan, store, epoch):
+            batches = epoch_batches(plan, store, epoch)
+            for first in range(0, len(batches), accum):
                 if step >= total:
                     break
-                t0 = time.perf_counter()
-                last = train_step(plan, store, model, optimizer, batch, variant, t.prior_mode)
-                record = {"step": step, "epoch": epoch, "variant": variant, **last, "lr": optimizer.param_groups[0]["lr"],
+                t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+                group = batches[first : first + accum]
+                last = merge([train_step(plan, store, model, b, variant, t.prior_mode, 1 / len(group)) for b in group])
+                grad_norm = optimizer_step(params, optimizer, scheduler, o.max_grad_norm)
+                record = {"step": step, "epoch": epoch, "variant": variant, **last, "lr": lr, "grad_norm": grad_norm,
                           "seconds": round(time.perf_counter() - t0, 4)}
                 epoch_records.append(record)
                 metrics.write(json.dumps(record) + "\n")
@@ -181,6 +209,7 @@ def _train_lora(cfg: Config, progress: bool) -> tuple[torch.nn.Module, dict]:
         "final_loss": last.get("loss"),
         "last_epoch_loss_standard": _mean(epoch_records, "loss_standard"),
         "last_epoch_loss_prior": _mean(epoch_records, "loss_prior"),
+        "prior_share": prior_share(plan),
         "skipped_images": plan.skipped,
         "lora": str(lora_path),
         "metrics": str(metrics_path),

@@ -1,0 +1,38 @@
+"""The prior-prediction practice guidance (OneTrainer wiki, "Prior Prediction"), checked at the start of
+training: each a one-line warning, since each is advice, not an error."""
+
+from __future__ import annotations
+
+from pipeline.errors import warn
+from pipeline.optim import ADAPTIVE
+from pipeline.plan import Plan
+
+
+def prior_share(plan: Plan) -> float | None:
+    """The share of prior samples in an epoch, repeats counted."""
+    total = sum(s.repeats for s in plan.samples)
+    return round(sum(s.repeats for s in plan.samples if s.prior) / total, 3) if total else None
+
+
+def practice_warnings(plan: Plan) -> list[str]:
+    """Warn, and return the warnings, for the setups the guidance says work badly."""
+    out = []
+    standard = {s.caption for s in plan.samples if not s.prior}
+    shared = sorted({s.caption for s in plan.samples if s.prior} & standard)
+    if shared:
+        out.append(
+            f"{len(shared)} prior caption(s) repeat standard captions (e.g. {shared[0]!r}): a prior concept should be "
+            "a related concept with its own simple captions, not the training set with the same captions"
+        )
+    share = prior_share(plan)
+    if share and plan.cfg.optimizer.name in ADAPTIVE:
+        out.append(
+            f"optimizer.name = {plan.cfg.optimizer.name!r} adapts its step size to the loss, and the prior loss starts "
+            "near zero: adaptive optimizers tend to struggle with prior prediction; consider adamw"
+        )
+    if share and not 1 / 3 <= share <= 2 / 3:
+        prior = round(share / (1 - share), 2) if share < 1 else float("inf")
+        out.append(f"prior:standard samples per epoch are {prior}:1 (repeats counted); about 1:1 is the tested start")
+    for message in out:
+        warn(message)
+    return out
