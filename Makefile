@@ -1,7 +1,8 @@
 # make train: cache what is missing, then train (default: the embedded tiny Flux config)
 # make test:  the test suite;  make bench: seconds per training step, cached vs online priors
 # make cache-status: what the cache holds, lacks and stores unused for CONFIG (DTYPE)
-# Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32  PYTHON=/path/to/python (an env with the project installed)
+# Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32  RESUME=1 (train: go on from the newest checkpoint)
+#            PYTHON=/path/to/python (an env with the project installed)
 
 CONFIG ?= configs/tiny-flux.toml
 DTYPE ?=
@@ -14,6 +15,7 @@ PY := $(VENV)/bin/python
 SETUP := $(VENV)/.installed
 endif
 DTYPE_ARG := $(if $(DTYPE),--dtype $(DTYPE),)
+RESUME_ARG := $(if $(RESUME),--resume,)
 
 .PHONY: cache cache-status train test bench clean-output
 
@@ -33,7 +35,7 @@ cache-status: $(SETUP)
 
 train: $(SETUP)
 	$(PY) -m pipeline cache --config $(CONFIG) $(DTYPE_ARG)
-	$(PY) -m pipeline train --config $(CONFIG) $(DTYPE_ARG)
+	$(PY) -m pipeline train --config $(CONFIG) $(DTYPE_ARG) $(RESUME_ARG)
 
 test: $(SETUP)
 	$(PY) -m pytest -q

@@ -188,7 +188,8 @@ def cache_prune(ctx, config_path, dtype, dry_run, keep_dtypes):
 @CONFIG
 @DTYPE
 @QUIET
-def train(config_path, dtype, quiet):
+@click.option("--resume", is_flag=True, help="Go on from the newest checkpoint in train.output_dir/checkpoints.")
+def train(config_path, dtype, quiet, resume):
     """Train a LoRA on the cache (one denoiser forward per batch). Refuses when the cache lacks
     anything this run needs, naming the command that fixes it."""
     def go():
@@ -197,11 +198,11 @@ def train(config_path, dtype, quiet):
 
         _quiet_libraries()
 
-        s = run_train(cfg, progress=not quiet)
+        s = run_train(cfg, progress=not quiet, resume=resume)
         _print_summary("train: done", s)
         click.echo(json.dumps({"train_summary": s}))
 
-    _run(go, "no LoRA was written (the cache is untouched); run the same command again to train")
+    _run(go, "no LoRA was written; the cache is untouched and checkpoints, if any, are kept (--resume goes on from the newest)")
 
 
 if __name__ == "__main__":

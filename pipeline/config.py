@@ -101,6 +101,8 @@ class TrainConfig:
     lora_name: str = "pytorch_lora_weights.safetensors"
     prior_mode: str = "cached"  # "online" recomputes the prior target with a second forward (peers' way)
     device: str = "auto"
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (0: none); --resume goes on from the newest
+    keep_checkpoints: int = 3  # the newest this many are kept (0: all)
     gradient_accumulation: int = 1  # batches per optimizer step
     gradient_checkpointing: bool = False
     loss_weighting: str = "none"  # "none" | "sigma_sqrt" | "cosmap" (diffusers' compute_loss_weighting_for_sd3)
@@ -263,6 +265,8 @@ def validate(cfg: Config) -> None:
         ("optimizer.warmup_steps", cfg.optimizer.warmup_steps, True),
         ("optimizer.max_grad_norm", cfg.optimizer.max_grad_norm, True),
         ("train.gradient_accumulation", cfg.train.gradient_accumulation, False),
+        ("train.checkpoint_every", cfg.train.checkpoint_every, True),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints, True),
         ("lora.dropout", cfg.lora.dropout, True),
     ]:
         _positive(value, key, zero_ok)

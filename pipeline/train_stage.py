@@ -12,6 +12,7 @@ import torch
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 from tqdm import tqdm
 
+from pipeline import checkpoint
 from pipeline.batches import load_inputs
 from pipeline.config import Config, check_paths
 from pipeline.errors import UserError
@@ -138,18 +139,19 @@ def _mean(records: list[dict], key: str) -> float | None:
     return round(sum(values) / len(values), 6) if values else None
 
 
-def run_train(cfg: Config, progress: bool = True) -> dict:
-    """Train a LoRA on the cache and save it. Raises UserError when the cache lacks anything needed."""
-    return train_lora(cfg, progress)[1]
+def run_train(cfg: Config, progress: bool = True, resume: bool = False) -> dict:
+    """Train a LoRA on the cache and save it; with resume, go on from the newest checkpoint.
+    Raises UserError when the cache lacks anything needed."""
+    return train_lora(cfg, progress, resume)[1]
 
 
-def train_lora(cfg: Config, progress: bool = True) -> tuple[torch.nn.Module, dict]:
+def train_lora(cfg: Config, progress: bool = True, resume: bool = False) -> tuple[torch.nn.Module, dict]:
     """run_train, returning the trained model too (the tests compare it with the saved LoRA)."""
     with cache_lock(cfg.cache.dir, "read"):
-        return _train_lora(cfg, progress)
+        return _train_lora(cfg, progress, resume)
 
 
-def _train_lora(cfg: Config, progress: bool) -> tuple[torch.nn.Module, dict]:
+def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Module, dict]:
     start = time.perf_counter()
     check_paths(cfg)
     plan = make_plan(cfg)
@@ -173,13 +175,23 @@ def _train_lora(cfg: Config, progress: bool) -> tuple[torch.nn.Module, dict]:
     out_dir = Path(t.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
-    step, epoch, last, epoch_records = 0, 0, {}, []
-    with open(metrics_path, "w") as metrics, tqdm(total=total, desc="train", unit="step", disable=not progress) as bar:
+    step, epoch, next_batch, last, epoch_records, kept = 0, 0, 0, {}, [], []
+    if resume:
+        found = checkpoint.latest(out_dir)
+        if found is None:
+            raise UserError(f"no checkpoint in '{out_dir / 'checkpoints'}' to resume from: train without --resume")
+        step, position = checkpoint.restore(found, model, optimizer, scheduler)
+        epoch, next_batch = position["epoch"], position["next_batch"]
+        if metrics_path.is_file():  # the lines of the steps before the checkpoint; later ones are redone
+            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] < step]
+    with open(metrics_path, "w") as metrics, tqdm(total=total, initial=step, desc="train", unit="step",
+                                                   disable=not progress) as bar:
+        metrics.writelines(line + "\n" for line in kept)
         while step < total:
             variant = epoch % cfg.cache.variants
             epoch_records = []
             batches = epoch_batches(plan, store, epoch)
-            for first in range(0, len(batches), accum):
+            for first in range(next_batch, len(batches), accum):
                 if step >= total:
                     break
                 t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
@@ -194,7 +206,10 @@ def _train_lora(cfg: Config, progress: bool) -> tuple[torch.nn.Module, dict]:
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
-            epoch += 1
+                if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
+                    checkpoint.save(out_dir, step, model, optimizer, scheduler,
+                                    {"epoch": epoch, "next_batch": first + accum}, t.keep_checkpoints)
+            epoch, next_batch = epoch + 1, 0
 
     lora_path = out_dir / t.lora_name
     save_lora(

@@ -74,6 +74,7 @@ def test_ctrl_c_while_training_exits_cleanly_and_quickly(project):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)  # a guard against a hang, not a speed check
     assert proc.returncode == 130 and err.strip() == (
-        "interrupted: no LoRA was written (the cache is untouched); run the same command again to train"
+        "interrupted: no LoRA was written; the cache is untouched and checkpoints, if any, are kept "
+        "(--resume goes on from the newest)"
     )
     assert all(json.loads(line)["step"] >= 0 for line in open(metrics))  # complete lines only

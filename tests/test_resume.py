@@ -1,0 +1,60 @@
+"""Checkpoints and resume: a run interrupted at step k and resumed ends with a LoRA bitwise equal to an
+uninterrupted run's (CPU, same config), with LoRA dropout on, so the RNG state is part of the test."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import train_stage
+from pipeline.cache_stage import run_cache
+from pipeline.config import load_config
+from pipeline.errors import UserError
+from pipeline.train_stage import run_train
+
+
+def _config(project, name, out):
+    path, _ = project(name=name, out=out, epochs=3, dtype="fp32")
+    text = path.read_text()
+    text = text.replace("[train]\n", "[train]\ncheckpoint_every = 5\nkeep_checkpoints = 2\n")
+    text = text.replace("[lora]\n", "[lora]\ndropout = 0.1\n").replace("[optimizer]\n", '[optimizer]\nscheduler = "cosine"\nwarmup_steps = 3\n')
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(project, monkeypatch):
+    full = _config(project, "full.toml", project.root / "full")
+    run_cache(full, progress=False)
+    expected = load_file(run_train(full, progress=False)["lora"])
+    expected_metrics = [json.loads(x) for x in open(project.root / "full" / "metrics.jsonl")]
+    assert len(expected_metrics) == 24
+
+    cut = _config(project, "cut.toml", project.root / "cut")
+    with pytest.raises(UserError, match="no checkpoint in"):
+        run_train(cut, progress=False, resume=True)
+    real, calls = train_stage.train_step, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 18:  # Ctrl-C during step 17: checkpoints at 5, 10 and 15, keep the newest two
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_stage, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cut, progress=False)
+    monkeypatch.undo()
+    checkpoints = sorted(p.name for p in (project.root / "cut" / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000010", "step-00000015"]
+    assert not (project.root / "cut" / "pytorch_lora_weights.safetensors").exists()
+
+    resumed = run_train(cut, progress=False, resume=True)
+    assert resumed["steps"] == 24
+    got = load_file(resumed["lora"])
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    lines = [json.loads(x) for x in open(project.root / "cut" / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == list(range(24))
+    assert [x["loss"] for x in lines] == [x["loss"] for x in expected_metrics]
