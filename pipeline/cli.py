@@ -205,5 +205,19 @@ def train(config_path, dtype, quiet, resume):
     _run(go, "no LoRA was written; the cache is untouched and checkpoints, if any, are kept (--resume goes on from the newest)")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="PNG to write (default RUN_DIR/loss.png).")
+def plot(run_dir, out):
+    """Plot a run's standard and prior loss and its learning rate from RUN_DIR/metrics.jsonl to a PNG."""
+
+    def go():
+        from pipeline.plot import plot_run
+
+        click.echo(f"plot: wrote {plot_run(run_dir, out)}")
+
+    _run(go, "nothing was written")
+
+
 if __name__ == "__main__":
     main()
