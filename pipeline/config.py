@@ -105,6 +105,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the newest this many are kept (0: all)
     gradient_accumulation: int = 1  # batches per optimizer step
     gradient_checkpointing: bool = False
+    tensorboard: bool = False  # also log to <output_dir>/tensorboard (pip install 'prior-lora[tensorboard]')
     loss_weighting: str = "none"  # "none" | "sigma_sqrt" | "cosmap" (diffusers' compute_loss_weighting_for_sd3)
 
 

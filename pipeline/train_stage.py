@@ -111,7 +111,20 @@ def train_step(plan, store, model, batch, variant, prior_mode="cached", loss_sca
         "n_standard": int((~is_prior).sum()),
         "n_prior": int(is_prior.sum()),
         "timestep_mean": float(timesteps.float().mean()),
+        "per_sample": list(zip(timesteps.float().tolist(), losses.tolist())),
     }
+
+
+TIMESTEP_BINS = 4  # loss by quarter of the 0..1000 timestep range: a cheap view of where the model errs
+
+
+def timestep_bins(per_sample: list[tuple[float, float]]) -> dict[str, float]:
+    bins: dict[str, list[float]] = {}
+    width = 1000 // TIMESTEP_BINS
+    for t, loss in per_sample:
+        low = min(int(t) // width, TIMESTEP_BINS - 1) * width
+        bins.setdefault(f"{low}-{low + width}", []).append(loss)
+    return {k: sum(v) / len(v) for k, v in sorted(bins.items())}
 
 
 def optimizer_step(params, optimizer, scheduler, max_grad_norm: float) -> float | None:
@@ -131,7 +144,25 @@ def merge(records: list[dict]) -> dict:
     for key, count in (("loss_standard", "n_standard"), ("loss_prior", "n_prior")):
         out[key] = sum(r[key] * r[count] for r in records if r[key] is not None) / out[count] if out[count] else None
     out["timestep_mean"] = sum(r["timestep_mean"] for r in records) / len(records)
+    out["loss_by_timestep_bin"] = timestep_bins([p for r in records for p in r["per_sample"]])
     return out
+
+
+def open_tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("train.tensorboard = true needs TensorBoard: pip install 'prior-lora[tensorboard]'") from None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def log_scalars(board, record: dict) -> None:
+    step = record["step"]
+    for key in ("loss", "loss_standard", "loss_prior", "lr", "grad_norm"):
+        if record.get(key) is not None:
+            board.add_scalar(key.replace("loss_", "loss/"), record[key], step)
+    for label, value in record["loss_by_timestep_bin"].items():
+        board.add_scalar(f"loss_by_timestep/{label}", value, step)
 
 
 def _mean(records: list[dict], key: str) -> float | None:
@@ -184,6 +215,7 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
         epoch, next_batch = position["epoch"], position["next_batch"]
         if metrics_path.is_file():  # the lines of the steps before the checkpoint; later ones are redone
             kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] < step]
+    board = open_tensorboard(out_dir) if t.tensorboard else None
     with open(metrics_path, "w") as metrics, tqdm(total=total, initial=step, desc="train", unit="step",
                                                    disable=not progress) as bar:
         metrics.writelines(line + "\n" for line in kept)
@@ -202,6 +234,8 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
                           "seconds": round(time.perf_counter() - t0, 4)}
                 epoch_records.append(record)
                 metrics.write(json.dumps(record) + "\n")
+                if board is not None:
+                    log_scalars(board, record)
                 metrics.flush()
                 step += 1
                 bar.update(1)
@@ -211,6 +245,8 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
                                     {"epoch": epoch, "next_batch": first + accum}, t.keep_checkpoints)
             epoch, next_batch = epoch + 1, 0
 
+    if board is not None:
+        board.close()
     lora_path = out_dir / t.lora_name
     save_lora(
         lora_path, model, plan.family.denoiser_component,

@@ -111,3 +111,19 @@ def test_practice_warnings(project, capsys):
     assert "adaptive optimizers tend to struggle with prior prediction" in err
     assert "prior:standard samples per epoch are 3.0:1" in err
     assert summary["prior_share"] == 0.75
+
+
+def test_tensorboard_and_loss_by_timestep_bin(cached):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = configure(cached, train={"tensorboard": True})
+    run_train(cfg, progress=False)
+    lines = metrics(cfg)
+    for r in lines:
+        assert r["loss_by_timestep_bin"] and all(k in ("0-250", "250-500", "500-750", "750-1000")
+                                                 for k in r["loss_by_timestep_bin"])
+    events = EventAccumulator(cfg.train.output_dir + "/tensorboard")
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss", "loss/standard", "lr"} <= set(tags) and any(t.startswith("loss_by_timestep/") for t in tags)
+    assert len(events.Scalars("loss")) == len(lines) == 4
