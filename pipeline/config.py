@@ -53,6 +53,7 @@ class ConceptConfig:
 class DataConfig:
     resolution: int = 512  # square side in pixels; images are resized and centre-cropped to it
     on_bad_image: str = "skip"  # "skip": warn, leave the image out, list it in the summary; "fail": stop
+    prior_ratio: float = 0.0  # share of prior samples per epoch; 0: as the data (with repeats) gives
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,7 @@ def validate(cfg: Config) -> None:
         ("train.checkpoint_every", cfg.train.checkpoint_every, True),
         ("train.keep_checkpoints", cfg.train.keep_checkpoints, True),
         ("lora.dropout", cfg.lora.dropout, True),
+        ("data.prior_ratio", cfg.data.prior_ratio, True),
     ]:
         _positive(value, key, zero_ok)
     for key, value in (("cache.device", cfg.cache.device), ("train.device", cfg.train.device)):
@@ -277,6 +279,8 @@ def validate(cfg: Config) -> None:
     if cfg.embedded is not None:
         _choice(cfg.embedded.family, ("flux",), "embedded.family")
         _choice(cfg.embedded.preset, ("default", "bench"), "embedded.preset")
+    if cfg.data.prior_ratio >= 1:
+        raise UserError(f"config key 'data.prior_ratio' must be below 1 (a share of each epoch), got {cfg.data.prior_ratio}")
     if len(cfg.optimizer.betas) != 2:
         raise UserError("config key 'optimizer.betas' must have two numbers")
 

@@ -8,10 +8,20 @@ from pipeline.optim import ADAPTIVE
 from pipeline.plan import Plan
 
 
+def epoch_counts(plan: Plan) -> tuple[int, int]:
+    """(standard, prior) samples per epoch: repeats counted, then data.prior_ratio applied if set."""
+    standard = sum(s.repeats for s in plan.samples if not s.prior)
+    prior = sum(s.repeats for s in plan.samples if s.prior)
+    ratio = plan.cfg.data.prior_ratio
+    if ratio and standard and prior:
+        prior = max(1, round(standard * ratio / (1 - ratio)))
+    return standard, prior
+
+
 def prior_share(plan: Plan) -> float | None:
-    """The share of prior samples in an epoch, repeats counted."""
-    total = sum(s.repeats for s in plan.samples)
-    return round(sum(s.repeats for s in plan.samples if s.prior) / total, 3) if total else None
+    """The actual share of prior samples in an epoch."""
+    standard, prior = epoch_counts(plan)
+    return round(prior / (standard + prior), 3) if standard + prior else None
 
 
 def practice_warnings(plan: Plan) -> list[str]:

@@ -21,7 +21,7 @@ from pipeline.lock import cache_lock
 from pipeline.lora import add_lora, save_lora
 from pipeline.objective import per_sample_mse
 from pipeline.optim import build_optimizer, build_scheduler
-from pipeline.practice import practice_warnings, prior_share
+from pipeline.practice import epoch_counts, practice_warnings, prior_share
 from pipeline.plan import TORCH_DTYPES, Plan, Sample, make_plan, pick_device
 from pipeline.store import Store
 
@@ -70,6 +70,11 @@ def epoch_batches(plan: Plan, store: Store, epoch: int) -> list[list[Sample]]:
     """Samples (with repeats) shuffled by a seed of (train seed, epoch), batched within one latent shape."""
     items = [s for s in plan.samples for _ in range(s.repeats)]
     g = torch.Generator().manual_seed(derive_seed("order", plan.cfg.train.seed, epoch))
+    _, n_prior = epoch_counts(plan)
+    priors = [s for s in items if s.prior]
+    if priors and n_prior != len(priors):  # data.prior_ratio: cycle through the prior samples, shuffled
+        order = torch.randperm(len(priors), generator=g).tolist()
+        items = [s for s in items if not s.prior] + [priors[order[i % len(priors)]] for i in range(n_prior)]
     items = [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
     by_shape: dict[tuple, list[Sample]] = {}
     for s in items:

@@ -127,3 +127,13 @@ def test_tensorboard_and_loss_by_timestep_bin(cached):
     tags = events.Tags()["scalars"]
     assert {"loss", "loss/standard", "lr"} <= set(tags) and any(t.startswith("loss_by_timestep/") for t in tags)
     assert len(events.Scalars("loss")) == len(lines) == 4
+
+
+def test_prior_ratio_sets_the_share_of_prior_samples(cached):
+    cfg = configure(cached, data={"prior_ratio": 0.2}, train={"max_steps": 0, "epochs": 1})
+    summary = run_train(cfg, progress=False)
+    lines = metrics(cfg)
+    assert sum(r["n_prior"] for r in lines) == 2 and sum(r["n_standard"] for r in lines) == 8  # 8 standard : 2 prior
+    assert summary["prior_share"] == 0.2
+    with pytest.raises(UserError, match="data.prior_ratio' must be below 1"):
+        configure(cached, data={"prior_ratio": 1.0})
