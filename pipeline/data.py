@@ -54,9 +54,13 @@ def check_header(path: Path) -> tuple[int, int]:
     Returns its (width, height) as stored (before any EXIF rotation)."""
     try:
         with Image.open(path) as im:
-            width, height = im.size
+            return _check_size(im)
     except OSError as e:  # PIL's UnidentifiedImageError is an OSError too
         raise BadImage(f"not a readable image ({type(e).__name__})") from None
+
+
+def _check_size(im: Image.Image) -> tuple[int, int]:
+    width, height = im.size  # from the header: nothing is decoded yet
     if width * height > MAX_PIXELS:
         raise BadImage(f"{width}x{height} is over the {MAX_PIXELS // 1_000_000} megapixel limit")
     return width, height
@@ -76,9 +80,13 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     """Decode, apply the EXIF rotation, resize the shorter side to `resolution` and centre-crop:
     a (3, resolution, resolution) float32 tensor in [-1, 1]. Raises BadImage."""
-    check_header(path)
     try:
-        with Image.open(path) as im:
+        im = Image.open(path)
+    except OSError as e:
+        raise BadImage(f"not a readable image ({type(e).__name__})") from None
+    try:
+        with im:
+            _check_size(im)  # before decoding, which is what would take the memory
             im.load()  # decode fully here, so a truncated file fails here and not later
             im = _to_rgb(ImageOps.exif_transpose(im))
     except (OSError, ValueError, SyntaxError) as e:

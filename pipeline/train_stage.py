@@ -66,8 +66,9 @@ def check_cache(plan: Plan, store: Store) -> None:
         )
 
 
-def epoch_batches(plan: Plan, store: Store, epoch: int) -> list[list[Sample]]:
-    """Samples (with repeats) shuffled by a seed of (train seed, epoch), batched within one latent shape."""
+def epoch_batches(plan: Plan, shapes: dict[str, tuple], epoch: int) -> list[list[Sample]]:
+    """Samples (with repeats) shuffled by a seed of (train seed, epoch), batched within one latent shape
+    (`shapes`: latent key -> shape, read from the cache once per run)."""
     items = [s for s in plan.samples for _ in range(s.repeats)]
     g = torch.Generator().manual_seed(derive_seed("order", plan.cfg.train.seed, epoch))
     _, n_prior = epoch_counts(plan)
@@ -78,7 +79,7 @@ def epoch_batches(plan: Plan, store: Store, epoch: int) -> list[list[Sample]]:
     items = [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
     by_shape: dict[tuple, list[Sample]] = {}
     for s in items:
-        by_shape.setdefault(store.shape("latent", s.latent_key, "latent"), []).append(s)
+        by_shape.setdefault(shapes[s.latent_key], []).append(s)
     bs = plan.cfg.train.batch_size
     batches = [group[i : i + bs] for group in by_shape.values() for i in range(0, len(group), bs)]
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
@@ -205,7 +206,8 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
     model.train()
     o, accum = cfg.optimizer, t.gradient_accumulation
     optimizer = build_optimizer(params, o, device)
-    steps_per_epoch = math.ceil(len(epoch_batches(plan, store, 0)) / accum)  # optimizer steps
+    shapes = {s.latent_key: store.shape("latent", s.latent_key, "latent") for s in plan.samples}
+    steps_per_epoch = math.ceil(len(epoch_batches(plan, shapes, 0)) / accum)  # optimizer steps
     total = t.max_steps or t.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, o, total)
     out_dir = Path(t.output_dir)
@@ -227,7 +229,7 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
         while step < total:
             variant = epoch % cfg.cache.variants
             epoch_records = []
-            batches = epoch_batches(plan, store, epoch)
+            batches = epoch_batches(plan, shapes, epoch)
             for first in range(next_batch, len(batches), accum):
                 if step >= total:
                     break
