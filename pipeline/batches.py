@@ -12,10 +12,12 @@ from pipeline.store import Store
 
 def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]]):
     """Latents, noise, noisy latents, timesteps, batched conditioning and sigmas for (sample, variant) pairs,
-    exactly as the train stage builds them."""
+    exactly as the train stage builds them. The conditioning is the text entry's tensors plus the image
+    geometry stored with the latent (original_size, crop_top_left: SDXL's micro-conditioning)."""
     latents, noises, timesteps, sigmas, texts = [], [], [], [], []
     for s, v in items:
-        lat = store.read("latent", s.latent_key)[0]["latent"]
+        entry = store.read("latent", s.latent_keys[v])[0]
+        lat = entry.pop("latent")
         n = store.read("noise", s.noise_keys[v])[0]
         latents.append(lat)
         noises.append(noise_from_seed(int(n["seed"]), lat.shape))
@@ -23,9 +25,9 @@ def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]]):
         sigmas.append(n["sigma"])
         # read per step, not memoised: a Flux caption at 512 tokens is 8 MiB, and reading costs
         # milliseconds against a step of a second, while a memo of all captions could be gigabytes
-        texts.append(store.read("text", s.text_key)[0])
+        texts.append({**store.read("text", s.text_keys[v])[0], **{k: t.float() for k, t in entry.items()}})
     latents, noises = torch.stack(latents), torch.stack(noises)
-    sigmas = torch.stack(sigmas)
-    text = {k: torch.stack([t[k] for t in texts]) for k in texts[0]}
-    noisy = plan.family.noisy_input(latents, noises, sigmas)
-    return latents, noises, noisy, torch.stack(timesteps), text, sigmas
+    sigmas, timesteps = torch.stack(sigmas), torch.stack(timesteps)
+    cond = {k: torch.stack([t[k] for t in texts]) for k in texts[0]}
+    noisy = plan.family.noisy_input(latents, noises, timesteps, sigmas)
+    return latents, noises, noisy, timesteps, cond, sigmas

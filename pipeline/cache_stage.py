@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from pipeline.batches import load_inputs
 from pipeline.config import Config, check_paths
-from pipeline.data import BadImage, load_image
+from pipeline.data import BadImage, prepare_image
 from pipeline.errors import UserError
 from pipeline.lock import cache_lock
 from pipeline.objective import draw_timestep_index
-from pipeline.plan import BAD_IMAGE, TORCH_DTYPES, Plan, Sample, make_plan, pick_device
+from pipeline.plan import BAD_IMAGE, TORCH_DTYPES, Plan, Sample, make_plan, pick_device, timestep_scheme
 from pipeline.store import Store
 
 
@@ -109,26 +109,23 @@ def _run_cache(cfg: Config, progress: bool) -> dict:
     device = pick_device(cfg.cache.device)
     enc_dtype = TORCH_DTYPES[cfg.model.encoder_dtype]
     batch = cfg.cache.batch_size
-    res = cfg.data.resolution
-    if res % family.pixel_multiple:
-        raise UserError(f"config key 'data.resolution' must be a multiple of {family.pixel_multiple} for {family.name}")
 
-    latents = Phase(store, "latent", {s.latent_key: s for s in plan.samples}, batch, progress)
-    latents.run(lambda: family.load_vae(device, enc_dtype), lambda vae, ss: _latent_entries(plan, store, vae, ss), "img")
+    latents = Phase(store, "latent", plan.latent_jobs(), batch, progress)
+    latents.run(lambda: family.load_vae(device, enc_dtype), lambda vae, jobs: _latent_entries(plan, store, vae, jobs), "img")
     plan.drop_bad(store)  # images found undecodable just now
 
-    texts = Phase(store, "text", {s.text_key: s for s in plan.samples}, batch, progress)
+    texts = Phase(store, "text", plan.text_jobs(), batch, progress)
     texts.run(
         lambda: family.load_text_encoders(device, enc_dtype),
-        lambda enc, ss: {
-            s.text_key: (t, {"caption": s.caption}) for s, t in zip(ss, family.encode_captions(enc, [s.caption for s in ss]))
+        lambda enc, captions: {
+            plan.text_key(c): (t, {"caption": c}) for c, t in zip(captions, family.encode_captions(enc, captions))
         },
         "caption",
     )
 
     noise_needed = {s.noise_keys[v]: (s, v) for s in plan.samples for v in range(cfg.cache.variants)}
     noises = Phase(store, "noise", noise_needed, 256, progress)
-    noises.run(lambda: family.timestep_table(), lambda table, items: _noise_entries(cfg, table, items), "draw")
+    noises.run(lambda: family.timestep_table(), lambda table, items: _noise_entries(cfg, family, table, items), "draw")
 
     # with prior_mode = "online" training computes the prior targets itself: none to cache
     cached_priors = cfg.train.prior_mode == "cached"
@@ -143,8 +140,10 @@ def _run_cache(cfg: Config, progress: bool) -> dict:
     )
 
     summary = {
-        "samples": len(plan.samples),
-        "prior_samples": sum(s.prior for s in plan.samples),
+        "samples": len(plan.training),
+        "prior_samples": sum(s.prior for s in plan.training),
+        "validation_samples": len(plan.held_out),
+        "images_per_bucket": plan.bucket_counts(),
         "variants": cfg.cache.variants,
         "dtype": cfg.train.dtype,
         "latents_encoded": latents.computed,
@@ -165,12 +164,13 @@ def _run_cache(cfg: Config, progress: bool) -> dict:
     return summary
 
 
-def _latent_entries(plan: Plan, store: Store, vae, samples: list[Sample]) -> dict:
-    res, pixels, good, bad = plan.cfg.data.resolution, [], [], {}
-    for s in samples:
+def _latent_entries(plan: Plan, store: Store, vae, jobs: list[tuple[Sample, bool]]) -> dict:
+    by_size: dict[tuple, list] = {}  # a VAE batch needs one size; chunks are cut from sorted keys
+    bad = {}
+    for s, flip in jobs:
         try:
-            pixels.append(load_image(s.path, res))
-            good.append(s)
+            pixels, geometry = prepare_image(s.path, s.bucket, flip)
+            by_size.setdefault(s.bucket, []).append((s, flip, pixels, geometry))
         except BadImage as e:
             if plan.cfg.data.on_bad_image == "fail":
                 plan.skip(s.path, str(e))  # raises UserError
@@ -178,22 +178,24 @@ def _latent_entries(plan: Plan, store: Store, vae, samples: list[Sample]) -> dic
             # plan.drop_bad leaves the image out (with its warning) after this phase
             bad[s.content_key] = ({}, {"reason": str(e), "image": str(s.path)})
     store.write(BAD_IMAGE, bad)
-    if not good:
-        return {}
-    latents = plan.family.encode_images(vae, torch.stack(pixels))
-    return {
-        s.latent_key: ({"latent": z}, {"image": str(s.path), "content_key": s.content_key, "resolution": res})
-        for s, z in zip(good, latents)
-    }
+    out = {}
+    for group in by_size.values():
+        latents = plan.family.encode_images(vae, torch.stack([g[2] for g in group]))
+        for (s, flip, _, geometry), z in zip(group, latents):
+            key = s.latent_keys[s.flips.index(flip)]
+            datasets = {"latent": z, **{k: torch.tensor(v, dtype=torch.int64) for k, v in geometry.items()}}
+            out[key] = (datasets, {"image": str(s.path), "content_key": s.content_key, "flipped": flip,
+                                   "bucket": list(s.bucket)})
+    return out
 
 
-def _noise_entries(cfg: Config, table, items: list[tuple[Sample, int]]) -> dict:
+def _noise_entries(cfg: Config, family, table, items: list[tuple[Sample, int]]) -> dict:
     timesteps, sigmas = table
-    c = cfg.cache
+    c, scheme = cfg.cache, timestep_scheme(cfg, family)
     out = {}
     for s, v in items:
         g = torch.Generator("cpu").manual_seed(s.timestep_seeds[v])
-        i = draw_timestep_index(g, len(timesteps), c.timestep_sampling, c.logit_mean, c.logit_std, c.mode_scale)
+        i = draw_timestep_index(g, len(timesteps), scheme, c.logit_mean, c.logit_std, c.mode_scale)
         out[s.noise_keys[v]] = (
             {
                 "seed": torch.tensor(s.seeds[v], dtype=torch.int64),
@@ -211,7 +213,7 @@ def _prior_entries(plan: Plan, store: Store, model, items: list[tuple[Sample, in
     # Chunks are cut from sorted keys; a forward needs one latent shape, so split by shape.
     by_shape: dict[tuple, list] = {}
     for s, v in items:
-        shape = store.shape("latent", s.latent_key, "latent")
+        shape = store.shape("latent", s.latent_keys[v], "latent")
         by_shape.setdefault(shape, []).append((s, v))
     for group in by_shape.values():
         _, _, noisy, timesteps, text, _ = load_inputs(plan, store, group)
@@ -219,7 +221,7 @@ def _prior_entries(plan: Plan, store: Store, model, items: list[tuple[Sample, in
         for (s, v), p in zip(group, pred):
             out[plan.prior_key(s, v)] = (
                 {"prediction": p.clone()},
-                {"latent_key": s.latent_key, "text_key": s.text_key, "noise_key": s.noise_keys[v], "variant": v,
+                {"latent_key": s.latent_keys[v], "text_key": s.text_keys[v], "noise_key": s.noise_keys[v], "variant": v,
                  "dtype": plan.dtype, "denoiser": plan.denoiser_fp},
             )
     return out

@@ -42,7 +42,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ConceptConfig:
     folder: str
-    type: str = "standard"  # "standard" | "prior"
+    type: str = "standard"  # "standard" | "prior" | "validation" (held out: never trained on, scored every N steps)
+    prior: bool = False  # validation concepts only: held-out prior images, scored as prior drift
     caption_ext: str = ".txt"
     default_caption: str = ""  # used for images without a caption file
     repeats: int = 1
@@ -51,7 +52,10 @@ class ConceptConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    resolution: int = 512  # square side in pixels; images are resized and centre-cropped to it
+    resolution: int = 512  # side of the square whose area the buckets keep (and the square without buckets)
+    buckets: bool = True  # aspect-ratio buckets; false: every image is resized and centre-cropped to a square
+    flip_probability: float = 0.0  # per variant, drawn at cache time: the image is mirrored left-right
+    caption_dropout: float = 0.0  # per variant, drawn at cache time: the caption is replaced by ""
     on_bad_image: str = "skip"  # "skip": warn, leave the image out, list it in the summary; "fail": stop
     prior_ratio: float = 0.0  # share of prior samples per epoch; 0: as the data (with repeats) gives
 
@@ -62,7 +66,7 @@ class CacheConfig:
     variants: int = 4  # noise/timestep draws per sample; epoch e uses variant e mod variants
     seed: int = 0
     batch_size: int = 4
-    timestep_sampling: str = "logit_normal"  # "uniform" | "logit_normal" | "mode" (SD3 paper)
+    timestep_sampling: str = "auto"  # "uniform" | "logit_normal" | "mode" (SD3 paper); auto: the family's
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
@@ -107,7 +111,19 @@ class TrainConfig:
     gradient_accumulation: int = 1  # batches per optimizer step
     gradient_checkpointing: bool = False
     tensorboard: bool = False  # also log to <output_dir>/tensorboard (pip install 'prior-lora[tensorboard]')
-    loss_weighting: str = "none"  # "none" | "sigma_sqrt" | "cosmap" (diffusers' compute_loss_weighting_for_sd3)
+    loss_weighting: str = "none"  # "none" | "sigma_sqrt" | "cosmap" (flow models) | "min_snr" (SDXL)
+    min_snr_gamma: float = 5.0
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=list)  # rendered with the current LoRA every `every` steps
+    every: int = 0  # optimizer steps between validations (prompts, validation concepts); 0: only at the end
+    steps: int = 20  # denoising steps per image
+    guidance_scale: float = 3.5  # the pipeline's guidance_scale (Flux-dev: the embedded guidance)
+    seed: int = 0
+    width: int = 0  # 0: data.resolution
+    height: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,7 @@ class Config:
     lora: LoraConfig = LoraConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig = TrainConfig()
+    validation: ValidationConfig = ValidationConfig()
     embedded: EmbeddedConfig | None = None
     source: str = ""  # the config file (not a TOML key)
 
@@ -244,14 +261,16 @@ def validate(cfg: Config) -> None:
     _choice(cfg.train.prior_mode, ("cached", "online"), "train.prior_mode")
     _choice(cfg.optimizer.name, ("adamw", "adamw8bit", "prodigy", "adafactor"), "optimizer.name")
     _choice(cfg.optimizer.scheduler, SCHEDULERS, "optimizer.scheduler")
-    _choice(cfg.train.loss_weighting, ("none", "sigma_sqrt", "cosmap"), "train.loss_weighting")
+    _choice(cfg.train.loss_weighting, ("none", "sigma_sqrt", "cosmap", "min_snr"), "train.loss_weighting")
     _choice(cfg.lora.init, ("default", "gaussian"), "lora.init")
     _choice(cfg.data.on_bad_image, ("skip", "fail"), "data.on_bad_image")
-    _choice(cfg.cache.timestep_sampling, ("uniform", "logit_normal", "mode"), "cache.timestep_sampling")
+    _choice(cfg.cache.timestep_sampling, ("auto", "uniform", "logit_normal", "mode"), "cache.timestep_sampling")
     if not cfg.concepts:
         raise UserError("config needs at least one [[concepts]] table")
     for i, c in enumerate(cfg.concepts):
-        _choice(c.type, ("standard", "prior"), f"concepts[{i}].type")
+        _choice(c.type, ("standard", "prior", "validation"), f"concepts[{i}].type")
+        if c.prior and c.type != "validation":
+            raise UserError(f"config key 'concepts[{i}].prior' is for validation concepts (a prior concept is type = \"prior\")")
         _positive(c.repeats, f"concepts[{i}].repeats")
         _positive(c.loss_weight, f"concepts[{i}].loss_weight", zero_ok=True)
     for key, value, zero_ok in [
@@ -271,6 +290,11 @@ def validate(cfg: Config) -> None:
         ("train.keep_checkpoints", cfg.train.keep_checkpoints, True),
         ("lora.dropout", cfg.lora.dropout, True),
         ("data.prior_ratio", cfg.data.prior_ratio, True),
+        ("validation.every", cfg.validation.every, True),
+        ("validation.steps", cfg.validation.steps, False),
+        ("validation.width", cfg.validation.width, True),
+        ("validation.height", cfg.validation.height, True),
+        ("train.min_snr_gamma", cfg.train.min_snr_gamma, False),
     ]:
         _positive(value, key, zero_ok)
     for key, value in (("cache.device", cfg.cache.device), ("train.device", cfg.train.device)):
@@ -279,6 +303,10 @@ def validate(cfg: Config) -> None:
     if cfg.embedded is not None:
         _choice(cfg.embedded.family, ("flux",), "embedded.family")
         _choice(cfg.embedded.preset, ("default", "bench"), "embedded.preset")
+    for key, value in (("data.flip_probability", cfg.data.flip_probability),
+                       ("data.caption_dropout", cfg.data.caption_dropout)):
+        if not 0 <= value <= 1:
+            raise UserError(f"config key '{key}' must be a probability between 0 and 1, got {value}")
     if cfg.data.prior_ratio >= 1:
         raise UserError(f"config key 'data.prior_ratio' must be below 1 (a share of each epoch), got {cfg.data.prior_ratio}")
     if len(cfg.optimizer.betas) != 2:

@@ -16,7 +16,7 @@ from pipeline.config import IMAGE_EXTS, ConceptConfig
 from pipeline.errors import UserError
 
 # Part of every latent's key: change how images are prepared and every latent is recomputed.
-PREPARE = "exif-transpose,16bit-to-8bit,rgb-on-white,resize-shorter-side-lanczos,center-crop"
+PREPARE = "exif-transpose,16bit-to-8bit,rgb-on-white,resize-to-cover-lanczos,center-crop"
 MAX_PIXELS = 80_000_000  # larger images are refused: decoding one would take gigabytes of memory
 Image.MAX_IMAGE_PIXELS = None  # we enforce MAX_PIXELS ourselves, from the header, before decoding
 
@@ -51,12 +51,33 @@ def scan_concept(concept: ConceptConfig, index: int) -> list[tuple[Path, str | B
 
 def check_header(path: Path) -> tuple[int, int]:
     """Cheap checks from the file header alone (no decoding): it is an image, and not too large.
-    Returns its (width, height) as stored (before any EXIF rotation)."""
+    Returns its (width, height) as shown, i.e. after its EXIF rotation (which the bucket depends on)."""
     try:
         with Image.open(path) as im:
-            return _check_size(im)
+            width, height = _check_size(im)
+            try:
+                rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)  # Orientation: a quarter turn
+            except Exception:  # noqa: BLE001 - a damaged EXIF block: decoding will tell
+                rotated = False
+            return (height, width) if rotated else (width, height)
     except OSError as e:  # PIL's UnidentifiedImageError is an OSError too
         raise BadImage(f"not a readable image ({type(e).__name__})") from None
+
+
+def buckets(resolution: int, multiple: int, enabled: bool) -> list[tuple[int, int]]:
+    """(height, width) sizes an image may be trained at: about resolution² pixels at common aspect ratios
+    (diffusers' generate_aspect_ratio_buckets), or the one square when bucketing is off."""
+    if not enabled:
+        return [(resolution, resolution)]
+    from diffusers.training_utils import generate_aspect_ratio_buckets
+
+    return generate_aspect_ratio_buckets(resolution, divisibility=multiple)
+
+
+def nearest_bucket(width: int, height: int, options: list[tuple[int, int]]) -> tuple[int, int]:
+    from diffusers.training_utils import find_nearest_bucket
+
+    return options[find_nearest_bucket(height, width, options)]
 
 
 def _check_size(im: Image.Image) -> tuple[int, int]:
@@ -77,9 +98,17 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """Decode, apply the EXIF rotation, resize the shorter side to `resolution` and centre-crop:
-    a (3, resolution, resolution) float32 tensor in [-1, 1]. Raises BadImage."""
+def load_image(path: Path, size: int | tuple[int, int], flip: bool = False) -> torch.Tensor:
+    """prepare_image without the geometry: a (3, h, w) float32 tensor in [-1, 1]."""
+    return prepare_image(path, size, flip)[0]
+
+
+def prepare_image(path: Path, size: int | tuple[int, int], flip: bool = False) -> tuple[torch.Tensor, dict]:
+    """Decode, apply the EXIF rotation, resize to cover `size` = (height, width) (an int: a square) and
+    centre-crop to it, then mirror if `flip`. Returns the (3, h, w) float32 tensor in [-1, 1] and the
+    geometry SDXL-style conditioning needs: original (height, width) and the crop's (top, left) in the
+    resized image. Raises BadImage."""
+    height, width = (size, size) if isinstance(size, int) else size
     try:
         im = Image.open(path)
     except OSError as e:
@@ -91,10 +120,15 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
             im = _to_rgb(ImageOps.exif_transpose(im))
     except (OSError, ValueError, SyntaxError) as e:
         raise BadImage(f"cannot be decoded: {e}") from None
-    scale = resolution / min(im.size)
-    size = (max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale)))
-    im = im.resize(size, Image.Resampling.LANCZOS)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    im = im.crop((left, top, left + resolution, top + resolution))
+    original = (im.height, im.width)
+    scale = max(width / im.width, height / im.height)
+    resized = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+    im = im.resize(resized, Image.Resampling.LANCZOS)
+    left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
+    im = im.crop((left, top, left + width, top + height))
+    if flip:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = resized[0] - left - width  # where the crop sits in the mirrored image (as diffusers' SDXL script)
     array = np.asarray(im, dtype=np.float32)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1) / 127.5 - 1.0
+    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1) / 127.5 - 1.0
+    return pixels, {"original_size": original, "crop_top_left": (top, left)}

@@ -24,8 +24,8 @@ def needed_keys(plan: Plan, bad: set[str] = frozenset(), keep_priors: bool = Fal
     cfg = plan.cfg
     variants = range(cfg.cache.variants)
     out = {
-        "latent": {s.latent_key for s in plan.samples},
-        "text": {s.text_key for s in plan.samples},
+        "latent": set(plan.latent_jobs()),
+        "text": set(plan.text_jobs()),
         "noise": {s.noise_keys[v] for s in plan.samples for v in variants},
         BAD_IMAGE: set(bad),
     }

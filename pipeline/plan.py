@@ -2,12 +2,16 @@
 so the train stage finds exactly what the cache stage wrote, and a stale entry is never found.
 
 Key recipes (documented in the README):
-  content  = digest("image", sha256(image bytes), resolution, PREPARE)
-  latent   = digest("latent", content, vae fingerprint, encoder dtype)
-  text     = digest("text", caption, text-encoder fingerprint, max_sequence_length, encoder dtype)
-  noise[v] = digest("noise", content, v, cache seed, timestep sampling settings, scheduler table)
-  prior[v] = digest("prior", latent, text, noise[v], denoiser fingerprint, train dtype, prediction settings)
-  seed[v]  = derive_seed("noise", cache seed, content, v);  timestep draw seed: derive_seed("timestep", ...)
+  content   = digest("image", sha256(image bytes), bucket (height, width), PREPARE)
+  latent[v] = digest("latent", content, vae fingerprint, encoder dtype, flip[v])
+  text[v]   = digest("text", caption[v], text-encoder fingerprint, max_sequence_length, encoder dtype)
+  noise[v]  = digest("noise", content, v, cache seed, timestep sampling settings, scheduler table)
+  prior[v]  = digest("prior", latent[v], text[v], noise[v], denoiser fingerprint, train dtype, prediction settings)
+  seed[v]   = derive_seed("noise", cache seed, content, v);  timestep draw seed: derive_seed("timestep", ...)
+  flip[v]   = derive_seed("flip", cache seed, content, v) / 2^63 < data.flip_probability
+  caption[v] = "" if derive_seed("caption-dropout", cache seed, content, v) / 2^63 < data.caption_dropout
+Flip and caption dropout are decided here, per variant, so a prior's cached prediction is always for
+exactly the input the training step feeds: the key names the flipped latent and the dropped caption.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
-from pipeline.data import PREPARE, BadImage, check_header, scan_concept
+from pipeline.data import PREPARE, BadImage, buckets, check_header, nearest_bucket, scan_concept
 from pipeline.errors import UserError, warn
 from pipeline.families import Family, get_family
 from pipeline.keys import Fingerprints, derive_seed, digest, sha256_bytes
@@ -31,15 +35,20 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 class Sample:
     path: Path
     concept: int
-    prior: bool
+    prior: bool  # its target is the base model's prediction (a prior concept, or held-out prior images)
+    validation: bool  # held out: never trained on, scored every validation.every steps
     loss_weight: float
     repeats: int
     caption: str
+    bucket: tuple[int, int]  # (height, width) in pixels
     content_key: str
-    latent_key: str
-    text_key: str
-    noise_keys: tuple[str, ...]  # one per variant
-    seeds: tuple[int, ...]  # noise seed per variant
+    # one of each per variant v (epoch e uses v = e mod cache.variants):
+    flips: tuple[bool, ...]
+    captions: tuple[str, ...]  # the caption, or "" where caption dropout chose this variant
+    latent_keys: tuple[str, ...]
+    text_keys: tuple[str, ...]
+    noise_keys: tuple[str, ...]
+    seeds: tuple[int, ...]  # noise seed
     timestep_seeds: tuple[int, ...]
 
 
@@ -69,7 +78,7 @@ class Plan:
             else:
                 keep.append(s)
         self.samples = keep
-        if not keep:
+        if not self.training:
             raise UserError("no usable images in any concept (see the warnings above)")
 
     @property
@@ -81,9 +90,37 @@ class Plan:
 
     def prior_key(self, sample: Sample, variant: int, dtype: str | None = None) -> str:
         return digest(
-            "prior", sample.latent_key, sample.text_key, sample.noise_keys[variant],
+            "prior", sample.latent_keys[variant], sample.text_keys[variant], sample.noise_keys[variant],
             self.denoiser_fp, dtype or self.dtype, self.family.prediction_settings(),
         )
+
+    def text_key(self, caption: str) -> str:
+        return digest("text", caption, self.text_fp, self.cfg.model.max_sequence_length, self.cfg.model.encoder_dtype)
+
+    @property
+    def training(self) -> list[Sample]:
+        return [s for s in self.samples if not s.validation]
+
+    @property
+    def held_out(self) -> list[Sample]:
+        return [s for s in self.samples if s.validation]
+
+    def latent_jobs(self) -> dict[str, tuple[Sample, bool]]:
+        """latent key -> (sample, flipped): each distinct latent once."""
+        return {k: (s, f) for s in self.samples for k, f in zip(s.latent_keys, s.flips)}
+
+    def text_jobs(self) -> dict[str, str]:
+        """text key -> caption: each distinct caption once (the empty one too), validation prompts included."""
+        jobs = {k: c for s in self.samples for k, c in zip(s.text_keys, s.captions)}
+        jobs.update({self.text_key(p): p for p in self.cfg.validation.prompts})
+        return jobs
+
+    def bucket_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for s in self.samples:
+            label = f"{s.bucket[1]}x{s.bucket[0]}"  # width x height, as people say sizes
+            counts[label] = counts.get(label, 0) + 1
+        return dict(sorted(counts.items()))
 
 
 def _component_fp(fps: Fingerprints, root: Path, names) -> str:
@@ -97,10 +134,16 @@ def make_plan(cfg: Config) -> Plan:
     text_fp = _component_fp(fps, family.root, family.text_components)
     denoiser_fp = _component_fp(fps, family.root, [family.denoiser_component])
     fps.save()
-    c = cfg.cache
-    timestep_settings = [timestep_sampling_settings(cfg), family.timestep_spec()]
+    c, d = cfg.cache, cfg.data
+    timestep_settings = [timestep_sampling_settings(cfg, family), family.timestep_spec()]
     enc = cfg.model.encoder_dtype
     plan = Plan(cfg, family, [], vae_fp, text_fp, denoiser_fp, [])
+    if d.resolution % family.pixel_multiple:
+        raise UserError(f"config key 'data.resolution' must be a multiple of {family.pixel_multiple} for {family.name}")
+    sizes = buckets(d.resolution, family.pixel_multiple, d.buckets)
+
+    def chance(what: str, content: str, v: int) -> float:
+        return derive_seed(what, c.seed, content, v) / 2**63
     for i, concept in enumerate(cfg.concepts):
         if any(p.is_dir() for p in Path(concept.folder).iterdir()):
             warn(f"concepts[{i}].folder: subfolders of '{concept.folder}' are not read (make each a concept)")
@@ -116,37 +159,49 @@ def make_plan(cfg: Config) -> Plan:
             except BadImage as e:
                 plan.skip(path, str(e))
                 continue
-            if min(width, height) < cfg.data.resolution:
-                warn(f"'{path}' is {width}x{height}, smaller than data.resolution {cfg.data.resolution}: upscaled")
-            content = digest("image", sha256_bytes(image_bytes), cfg.data.resolution, PREPARE)
+            bucket = nearest_bucket(width, height, sizes)
+            if width < bucket[1] or height < bucket[0]:
+                warn(f"'{path}' is {width}x{height}, smaller than its {bucket[1]}x{bucket[0]} bucket: upscaled")
+            content = digest("image", sha256_bytes(image_bytes), bucket, PREPARE)
             variants = range(c.variants)
+            flips = tuple(chance("flip", content, v) < d.flip_probability for v in variants)
+            captions = tuple("" if chance("caption-dropout", content, v) < d.caption_dropout else caption
+                             for v in variants)
             plan.samples.append(
                 Sample(
                     path=path,
                     concept=i,
-                    prior=concept.type == "prior",
+                    prior=concept.type == "prior" or concept.prior,
+                    validation=concept.type == "validation",
                     loss_weight=concept.loss_weight,
                     repeats=concept.repeats,
                     caption=caption,
+                    bucket=bucket,
                     content_key=content,
-                    latent_key=digest("latent", content, vae_fp, enc),
-                    text_key=digest("text", caption, text_fp, cfg.model.max_sequence_length, enc),
+                    flips=flips,
+                    captions=captions,
+                    latent_keys=tuple(digest("latent", content, vae_fp, enc, f) for f in flips),
+                    text_keys=tuple(plan.text_key(t) for t in captions),
                     noise_keys=tuple(digest("noise", content, v, c.seed, timestep_settings) for v in variants),
                     seeds=tuple(derive_seed("noise", c.seed, content, v) for v in variants),
                     timestep_seeds=tuple(derive_seed("timestep", c.seed, content, v) for v in variants),
                 )
             )
-    if not plan.samples:
+    if not plan.training:
         raise UserError("no usable images in any concept (see the warnings above)")
     return plan
 
 
-def timestep_sampling_settings(cfg: Config) -> dict:
+def timestep_scheme(cfg: Config, family: Family) -> str:
+    return family.default_timestep_sampling if cfg.cache.timestep_sampling == "auto" else cfg.cache.timestep_sampling
+
+
+def timestep_sampling_settings(cfg: Config, family: Family) -> dict:
     """Only the settings the chosen scheme uses, so that changing an unused one recomputes nothing."""
-    c = cfg.cache
+    c, scheme = cfg.cache, timestep_scheme(cfg, family)
     used = {"uniform": {}, "logit_normal": {"logit_mean": c.logit_mean, "logit_std": c.logit_std},
-            "mode": {"mode_scale": c.mode_scale}}[c.timestep_sampling]
-    return {"scheme": c.timestep_sampling, **used}
+            "mode": {"mode_scale": c.mode_scale}}[scheme]
+    return {"scheme": scheme, **used}
 
 
 def pick_device(name: str) -> torch.device:

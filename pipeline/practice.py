@@ -10,8 +10,8 @@ from pipeline.plan import Plan
 
 def epoch_counts(plan: Plan) -> tuple[int, int]:
     """(standard, prior) samples per epoch: repeats counted, then data.prior_ratio applied if set."""
-    standard = sum(s.repeats for s in plan.samples if not s.prior)
-    prior = sum(s.repeats for s in plan.samples if s.prior)
+    standard = sum(s.repeats for s in plan.training if not s.prior)
+    prior = sum(s.repeats for s in plan.training if s.prior)
     ratio = plan.cfg.data.prior_ratio
     if ratio and standard and prior:
         prior = max(1, round(standard * ratio / (1 - ratio)))
@@ -27,8 +27,8 @@ def prior_share(plan: Plan) -> float | None:
 def practice_warnings(plan: Plan) -> list[str]:
     """Warn, and return the warnings, for the setups the guidance says work badly."""
     out = []
-    standard = {s.caption for s in plan.samples if not s.prior}
-    shared = sorted({s.caption for s in plan.samples if s.prior} & standard)
+    standard = {s.caption for s in plan.training if not s.prior}
+    shared = sorted({s.caption for s in plan.training if s.prior} & standard)
     if shared:
         out.append(
             f"{len(shared)} prior caption(s) repeat standard captions (e.g. {shared[0]!r}): a prior concept should be "

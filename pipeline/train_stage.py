@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers.training_utils import compute_loss_weighting_for_sd3
 from tqdm import tqdm
 
 from pipeline import checkpoint
@@ -42,8 +41,8 @@ def check_cache(plan: Plan, store: Store) -> None:
     """Refuse, with the command that fixes it, unless every entry this run reads is present."""
     cfg, variants = plan.cfg, range(plan.cfg.cache.variants)
     missing = {
-        "latents": sum(not store.has("latent", s.latent_key) for s in plan.samples),
-        "text embeddings": sum(not store.has("text", s.text_key) for s in plan.samples),
+        "latents": sum(not store.has("latent", k) for k in plan.latent_jobs()),
+        "text embeddings": sum(not store.has("text", k) for k in plan.text_jobs()),
         "noise seeds and timesteps": sum(not store.has("noise", s.noise_keys[v]) for s in plan.samples for v in variants),
     }
     parts = [f"{name} ({n} missing)" for name, n in missing.items() if n]
@@ -69,7 +68,7 @@ def check_cache(plan: Plan, store: Store) -> None:
 def epoch_batches(plan: Plan, shapes: dict[str, tuple], epoch: int) -> list[list[Sample]]:
     """Samples (with repeats) shuffled by a seed of (train seed, epoch), batched within one latent shape
     (`shapes`: latent key -> shape, read from the cache once per run)."""
-    items = [s for s in plan.samples for _ in range(s.repeats)]
+    items = [s for s in plan.training for _ in range(s.repeats)]
     g = torch.Generator().manual_seed(derive_seed("order", plan.cfg.train.seed, epoch))
     _, n_prior = epoch_counts(plan)
     priors = [s for s in items if s.prior]
@@ -79,7 +78,7 @@ def epoch_batches(plan: Plan, shapes: dict[str, tuple], epoch: int) -> list[list
     items = [items[i] for i in torch.randperm(len(items), generator=g).tolist()]
     by_shape: dict[tuple, list[Sample]] = {}
     for s in items:
-        by_shape.setdefault(shapes[s.latent_key], []).append(s)
+        by_shape.setdefault(shapes[s.latent_keys[0]], []).append(s)  # every variant has the same shape
     bs = plan.cfg.train.batch_size
     batches = [group[i : i + bs] for group in by_shape.values() for i in range(0, len(group), bs)]
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
@@ -90,7 +89,7 @@ def train_step(plan, store, model, batch, variant, prior_mode="cached", loss_sca
     family, cfg = plan.family, plan.cfg
     latents, noise, noisy, timesteps, text, sigmas = load_inputs(plan, store, [(s, variant) for s in batch])
     is_prior = torch.tensor([s.prior for s in batch])
-    target = family.target(latents, noise)
+    target = family.target(latents, noise, timesteps)
     if is_prior.any():
         if prior_mode == "cached":
             cached = [store.read(plan.prior_kind(), plan.prior_key(s, variant))[0]["prediction"] for s in batch if s.prior]
@@ -102,9 +101,7 @@ def train_step(plan, store, model, batch, variant, prior_mode="cached", loss_sca
                 target[is_prior] = family.predict(model, noisy[is_prior], timesteps[is_prior], sub).float().cpu()
                 model.enable_adapters()
     pred = family.predict(model, noisy, timesteps, text)
-    weights = torch.tensor([s.loss_weight for s in batch]) * compute_loss_weighting_for_sd3(
-        cfg.train.loss_weighting, sigmas
-    )
+    weights = torch.tensor([s.loss_weight for s in batch]) * family.loss_weights(cfg.train, timesteps, sigmas)
     losses = per_sample_mse(pred, target.to(pred.device)) * weights.to(pred.device)
     loss = losses.mean()
     (loss * loss_scale).backward()
@@ -206,7 +203,7 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
     model.train()
     o, accum = cfg.optimizer, t.gradient_accumulation
     optimizer = build_optimizer(params, o, device)
-    shapes = {s.latent_key: store.shape("latent", s.latent_key, "latent") for s in plan.samples}
+    shapes = {s.latent_keys[0]: store.shape("latent", s.latent_keys[0], "latent") for s in plan.samples}
     steps_per_epoch = math.ceil(len(epoch_batches(plan, shapes, 0)) / accum)  # optimizer steps
     total = t.max_steps or t.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, o, total)

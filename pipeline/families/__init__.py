@@ -19,8 +19,10 @@ class Family(Protocol):
     vae_components: tuple[str, ...]  # subfolders whose weights the latents depend on
     text_components: tuple[str, ...]  # ... the text embeddings
     denoiser_component: str  # ... the priors
-    pixel_multiple: int  # image sides must be multiples of this
+    pixel_multiple: int  # image sides (and bucket sides) must be multiples of this
     default_target_modules: list[str]
+    default_timestep_sampling: str  # what cache.timestep_sampling = "auto" means: "uniform" | "logit_normal" | "mode"
+    loss_weightings: tuple[str, ...]  # the train.loss_weighting values this family supports
 
     def load_vae(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
 
@@ -40,15 +42,24 @@ class Family(Protocol):
 
     def load_denoiser(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
 
-    def noisy_input(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor: ...
+    def noisy_input(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, sigmas: torch.Tensor
+    ) -> torch.Tensor:
+        """x_t from clean latents (B,C,h,w), noise, the drawn timesteps (B,) and their sigmas (B,)."""
 
-    def target(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the denoiser should predict for a standard sample (flow: noise - x0; epsilon; v)."""
+
+    def loss_weights(self, train: Any, timesteps: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights (B,) for train.loss_weighting; UserError for a scheme it does not support."""
 
     def predict(
-        self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]
+        self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """One denoiser forward: noisy latents (B,C,h,w), timesteps (B,) on the scheduler's 0..1000 scale,
-        batched conditioning -> prediction (B,C,h,w) in the denoiser's dtype."""
+        batched conditioning -> prediction (B,C,h,w) in the denoiser's dtype. `cond` holds the text entry's
+        tensors plus the image geometry cached with the latent: original_size (B,2) as (height, width) and
+        crop_top_left (B,2) as (top, left), in pixels, float32."""
 
     def prediction_settings(self) -> dict:
         """Settings outside the weights that change a prediction (guidance...): part of the prior key."""

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.training_utils import compute_loss_weighting_for_sd3
 
 from pipeline import objective
 from pipeline.config import ModelConfig
+from pipeline.errors import UserError
 
 
 class FluxFamily:
@@ -24,6 +26,8 @@ class FluxFamily:
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     denoiser_component = "transformer"
     pixel_multiple = 16  # VAE downsamples by 8, packing by 2 more
+    default_timestep_sampling = "logit_normal"  # as diffusers' Flux LoRA script (SD3 paper)
+    loss_weightings = ("none", "sigma_sqrt", "cosmap")  # diffusers' compute_loss_weighting_for_sd3
     # attention projections of the double- and single-stream blocks
     default_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -77,11 +81,17 @@ class FluxFamily:
         model = FluxTransformer2DModel.from_pretrained(self.root, subfolder="transformer", dtype=dtype)
         return model.to(device).eval().requires_grad_(False)
 
-    def noisy_input(self, latents, noise, sigmas):
+    def noisy_input(self, latents, noise, timesteps, sigmas):
         return objective.flow_noisy(latents, noise, sigmas)
 
-    def target(self, latents, noise):
+    def target(self, latents, noise, timesteps):
         return objective.flow_target(latents, noise)
+
+    def loss_weights(self, train, timesteps, sigmas):
+        if train.loss_weighting not in self.loss_weightings:
+            raise UserError(f"config key 'train.loss_weighting' must be one of {', '.join(self.loss_weightings)} "
+                            f"for {self.name} (min_snr is for epsilon/v-prediction models such as SDXL)")
+        return compute_loss_weighting_for_sd3(train.loss_weighting, sigmas)
 
     @functools.cached_property
     def _guidance_embeds(self) -> bool:
