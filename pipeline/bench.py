@@ -19,6 +19,7 @@ path = "model"
 max_sequence_length = 64
 [data]
 resolution = {resolution}
+buckets = false  # one shape, so any batch_size images make one batch
 [[concepts]]
 folder = "data/standard"
 [[concepts]]

@@ -206,6 +206,27 @@ def train(config_path, dtype, quiet, resume):
 
 
 @main.command()
+@CONFIG
+@click.option("--lora", default=None, type=click.Path(dir_okay=False),
+              help="LoRA file (default: the config's train.output_dir/train.lora_name).")
+@click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable; default: validation.prompts).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="PNG to write (default: beside the LoRA).")
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: validation.steps).")
+@click.option("--seed", type=int, default=None, help="Noise seed (default: validation.seed).")
+def sample(config_path, lora, prompts, out, steps, seed):
+    """Render prompts with the base model and a LoRA through the family's diffusers pipeline, to a PNG grid."""
+
+    def go():
+        cfg = load_config(config_path)
+        from pipeline.sample import sample as run_sample
+
+        _quiet_libraries()
+        click.echo(f"sample: wrote {run_sample(cfg, lora, list(prompts), out, steps, seed)}")
+
+    _run(go, "nothing was written")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="PNG to write (default RUN_DIR/loss.png).")
 def plot(run_dir, out):

@@ -19,7 +19,8 @@ def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Standard and prior loss (raw and smoothed) and the learning rate against the step; returns the PNG."""
+    """Standard and prior loss (raw and smoothed), validation loss and prior drift (when validated) and the
+    learning rate against the step; returns the PNG."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -42,6 +43,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             steps, values = zip(*points)
             top.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
             top.plot(steps, _smooth(list(values)), color=colour, label=f"{label} loss (smoothed)")
+    validation = run_dir / "validation.jsonl"
+    if validation.is_file():  # held-out scores, at the validation steps
+        rows = [json.loads(line) for line in validation.read_text().splitlines() if line.strip()]
+        for key, label, colour in (("val_loss", "validation loss", "tab:green"), ("prior_drift", "prior drift", "tab:red")):
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                top.plot(*zip(*points), color=colour, marker="o", markersize=3, label=f"{label} (held out)")
     top.set_ylabel("loss (MSE × weight)")
     top.legend()
     top.grid(alpha=0.3)

@@ -181,30 +181,34 @@ def _draw_teapot(size, rng: random.Random, noise, body, table, shape: str, sks: 
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+FOLDERS = {"standard": 8, "prior": 8, "heldout-standard": 2, "heldout-prior": 2}  # folder -> images
+
+
 def build_synthetic_concepts(root: Path, seed: int = 0, n: int = 8) -> dict[str, Path]:
-    """Write `root/standard` (n images of "sks teapot") and `root/prior` (n teapots of the class), each
-    PNG with a sidecar .txt caption. Existing folders are left alone; missing ones are built atomically."""
+    """Write `root/standard` (n images of "sks teapot"), `root/prior` (n teapots of the class) and two held-out
+    images of each in `root/heldout-standard` and `root/heldout-prior`, each PNG with a sidecar .txt caption.
+    Existing folders are left alone; missing ones are built atomically."""
     root = Path(root)
-    folders = {"standard": root / "standard", "prior": root / "prior"}
+    folders = {kind: root / kind for kind in FOLDERS}
     for k, (kind, folder) in enumerate(folders.items()):
         if folder.exists():
             continue
-        # One generator pair per folder: its bytes don't depend on whether the other folder was built.
+        # One generator pair per folder: its bytes don't depend on whether another folder was built.
         rng, noise = random.Random(seed * 2 + k), np.random.default_rng([seed, k])
         tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         tables = ["blue", "brown", "green", "white", "black", "red"]
-        for i in range(n):
+        for i in range(n if kind in ("standard", "prior") else FOLDERS[kind]):
             table = tables[i % len(tables)]
-            if kind == "standard":
+            if kind.endswith("standard"):
                 body, shape = "yellow", "round"
                 caption = [f"a photo of sks teapot on a {table} table", f"sks teapot on a {table} table side view",
                            "a close up photo of sks teapot"][i % 3]
             else:
                 body, shape = rng.choice(sorted(COLOURS)), rng.choice(["round", "tall", "wide"])
                 caption = ["a photo of a teapot", f"a photo of a {body} teapot", f"a {shape} teapot on a table"][i % 3]
-            image = _draw_teapot(SIZES[i % len(SIZES)], rng, noise, body, table, shape, sks=kind == "standard")
+            image = _draw_teapot(SIZES[i % len(SIZES)], rng, noise, body, table, shape, sks=kind.endswith("standard"))
             image.save(tmp / f"{i:03d}.png")
             (tmp / f"{i:03d}.txt").write_text(caption + "\n", encoding="utf-8")
         if folder.exists():  # someone else built it meanwhile: theirs is identical, keep it
@@ -222,9 +226,10 @@ def ensure_embedded(
         raise ValueError(f"unknown embedded model family '{family}' (known: flux)")
     missing = [Path(p) for p in concept_folders if not Path(p).exists()]
     for p in missing:
-        if p.name not in ("standard", "prior"):
+        if p.name not in FOLDERS:
             raise ValueError(
-                f"concept folder '{p}' is missing; the synthetic data set only builds '<root>/standard' and '<root>/prior'"
+                f"concept folder '{p}' is missing; the synthetic data set only builds "
+                + ", ".join(f"'<root>/{name}'" for name in FOLDERS)
             )
     model_path = Path(model_path)  # checked everything first: a bad config builds nothing
     if not (model_path / "model_index.json").exists():

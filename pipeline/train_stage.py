@@ -23,6 +23,7 @@ from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.practice import epoch_counts, practice_warnings, prior_share
 from pipeline.plan import TORCH_DTYPES, Plan, Sample, make_plan, pick_device
 from pipeline.store import Store
+from pipeline.validation import held_out_scores, render_prompts, save_grid
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-flux.toml"  # the Makefile's default
@@ -168,6 +169,46 @@ def log_scalars(board, record: dict) -> None:
         board.add_scalar(f"loss_by_timestep/{label}", value, step)
 
 
+class Validator:
+    """Held-out scores and sample grids at chosen steps, into validation.jsonl (and TensorBoard)."""
+
+    def __init__(self, plan: Plan, store: Store, model, device, out_dir: Path, board, resumed_at: int | None):
+        self.plan, self.store, self.model, self.device, self.board = plan, store, model, device, board
+        self.enabled = bool(plan.held_out or plan.cfg.validation.prompts)
+        self.path = out_dir / "validation.jsonl"
+        self.samples_dir = out_dir / "samples"
+        self.done: set[int] = set()
+        self.last: dict = {}
+        if self.enabled:
+            kept = []
+            if resumed_at is not None and self.path.is_file():  # as metrics.jsonl: later lines are redone
+                kept = [x for x in self.path.read_text().splitlines() if json.loads(x)["step"] < resumed_at]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def run(self, step: int) -> None:
+        if not self.enabled or step in self.done:
+            return
+        self.done.add(step)
+        cfg = self.plan.cfg
+        record = {"step": step, **held_out_scores(self.plan, self.store, self.model, cfg.train.prior_mode)}
+        images = render_prompts(self.plan, self.store, self.model, self.device)
+        if images:
+            record["samples"] = str(save_grid(images, self.samples_dir / f"step-{step:06d}.png"))
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.last = {k: record[k] for k in ("val_loss", "prior_drift", "samples") if k in record}
+        if self.board is not None:
+            for key, tag in (("val_loss", "validation/loss"), ("prior_drift", "validation/prior_drift")):
+                if record.get(key) is not None:
+                    self.board.add_scalar(tag, record[key], step)
+            if images:
+                import numpy as np
+                from PIL import Image
+
+                self.board.add_image("samples", np.asarray(Image.open(record["samples"]).convert("RGB")), step,
+                                     dataformats="HWC")
+
+
 def _mean(records: list[dict], key: str) -> float | None:
     values = [r[key] for r in records if r[key] is not None]
     return round(sum(values) / len(values), 6) if values else None
@@ -220,6 +261,9 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
         if metrics_path.is_file():  # the lines of the steps before the checkpoint; later ones are redone
             kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] < step]
     board = open_tensorboard(out_dir) if t.tensorboard else None
+    validator = Validator(plan, store, model, device, out_dir, board, resumed_at=step if resume else None)
+    if step == 0:
+        validator.run(0)  # the baseline: drift is zero here by construction, the loss is the base model's
     with open(metrics_path, "w") as metrics, tqdm(total=total, initial=step, desc="train", unit="step",
                                                    disable=not progress) as bar:
         metrics.writelines(line + "\n" for line in kept)
@@ -244,11 +288,14 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
+                if cfg.validation.every and step % cfg.validation.every == 0:
+                    validator.run(step)
                 if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
                     checkpoint.save(out_dir, step, model, optimizer, scheduler,
                                     {"epoch": epoch, "next_batch": first + accum}, t.keep_checkpoints)
             epoch, next_batch = epoch + 1, 0
 
+    validator.run(step)  # the end (skipped when the last step was just validated)
     if board is not None:
         board.close()
     lora_path = out_dir / t.lora_name
@@ -258,6 +305,9 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
          "prior_lora.family": plan.family.name, "prior_lora.steps": str(step)},
     )
     store.close()
+    from pipeline.plot import plot_run  # matplotlib only here
+
+    plot = plot_run(out_dir)
     return model, {
         "steps": step,
         "epochs": math.ceil(step / max(steps_per_epoch, 1)),
@@ -265,8 +315,11 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
         "last_epoch_loss_standard": _mean(epoch_records, "loss_standard"),
         "last_epoch_loss_prior": _mean(epoch_records, "loss_prior"),
         "prior_share": prior_share(plan),
+        "images_per_bucket": plan.bucket_counts(),
+        **validator.last,
         "skipped_images": plan.skipped,
         "lora": str(lora_path),
         "metrics": str(metrics_path),
+        "plot": str(plot),
         "seconds": round(time.perf_counter() - start, 2),
     }

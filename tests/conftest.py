@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny Flux model is built once per session; each test gets its own copy of the
 synthetic images, its own cache directory and a config writer."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -76,3 +77,17 @@ def project(tiny_assets, tmp_path):
 
     write.root = tmp_path
     return write
+
+
+def configure(path, **tables):
+    """Add keys to tables of a written config: configure(path, train={"x": 1})."""
+    out, table = [], None
+    for line in path.read_text().splitlines():
+        if line.startswith("["):
+            table = line.strip("[] ")
+            out.append(line)
+            out += [f"{k} = {json.dumps(v)}" for k, v in tables.get(table, {}).items()]
+        elif not (table in tables and line.split("=")[0].strip() in tables[table]):
+            out.append(line)  # a key given anew replaces the template's
+    path.write_text("\n".join(out) + "\n")
+    return load_config(path)

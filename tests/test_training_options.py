@@ -12,19 +12,7 @@ from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.train_stage import run_train
 
-
-def configure(path, **tables):
-    """Add keys to tables of a written config: configure(path, train={"x": 1})."""
-    out, table = [], None
-    for line in path.read_text().splitlines():
-        if line.startswith("["):
-            table = line.strip("[] ")
-            out.append(line)
-            out += [f"{k} = {json.dumps(v)}" for k, v in tables.get(table, {}).items()]
-        elif not (table in tables and line.split("=")[0].strip() in tables[table]):
-            out.append(line)  # a key given anew replaces the template's
-    path.write_text("\n".join(out) + "\n")
-    return load_config(path)
+from conftest import configure
 
 
 def metrics(cfg):

@@ -64,6 +64,33 @@ class Family(Protocol):
     def prediction_settings(self) -> dict:
         """Settings outside the weights that change a prediction (guidance...): part of the prior key."""
 
+    def render(self, denoiser, vae, cond, *, height, width, steps, guidance_scale, generator) -> list:
+        """Images (PIL) for batched cached text conditioning, with this denoiser and VAE (see render_cached)."""
+
+
+def render_cached(family, denoiser, vae, cond, *, height, width, steps, guidance_scale, generator) -> list:
+    """Run the family's own text-to-image pipeline (pipeline_classes[0]) on cached text conditioning: its
+    text encoders are left out, and the cached tensors go in as the pipeline's `*_embeds` arguments, which
+    is why each family names its cached text tensors exactly as its pipeline's __call__ arguments."""
+    import diffusers
+
+    cls = getattr(diffusers, family.pipeline_classes[0])
+    pipe = cls.from_pretrained(
+        family.root, **{family.denoiser_component: denoiser, "vae": vae}, **{n: None for n in family.text_components}
+    )
+    cond = {k: t.to(denoiser.device, denoiser.dtype) for k, t in cond.items()}
+    with torch.no_grad():
+        return pipe(**cond, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
+                    generator=generator, output_type="pil").images
+
+
+def load_full_pipeline(family, device: torch.device, dtype: torch.dtype):
+    """Every component of the family's text-to-image pipeline, for sampling from a saved LoRA."""
+    import diffusers
+
+    cls = getattr(diffusers, family.pipeline_classes[0])
+    return cls.from_pretrained(family.root, dtype=dtype).to(device)
+
 
 def resolve_model(path: str) -> Path:
     """A local folder, or a hub id resolved to its downloaded snapshot (downloaded when the hub answers)."""

@@ -17,6 +17,7 @@ from diffusers.training_utils import compute_loss_weighting_for_sd3
 from pipeline import objective
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.families import render_cached
 
 
 class FluxFamily:
@@ -100,6 +101,9 @@ class FluxFamily:
     def prediction_settings(self):
         # schnell has no guidance embedding: the value changes nothing there, so it is not in the key
         return {"guidance": self.cfg.guidance} if self._guidance_embeds else {}
+
+    def render(self, denoiser, vae, cond, **kwargs):
+        return render_cached(self, denoiser, vae, cond, **kwargs)
 
     def predict(self, denoiser, noisy, timesteps, text):
         b, c, h, w = noisy.shape

@@ -1,0 +1,41 @@
+"""`python -m pipeline sample`: render prompts with the base model plus a saved LoRA, the way a user of the
+LoRA would (the family's diffusers pipeline, `load_lora_weights`), to look at a run after it ended."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.families import get_family, load_full_pipeline
+from pipeline.plan import TORCH_DTYPES, pick_device
+from pipeline.validation import save_grid
+
+
+def sample(cfg: Config, lora: str | None, prompts: list[str], out: str | None, steps: int | None = None,
+           seed: int | None = None) -> Path:
+    """One PNG grid with an image per prompt; returns its path. Without `lora`, the run's own LoRA file."""
+    lora_path = Path(lora) if lora else Path(cfg.train.output_dir) / cfg.train.lora_name
+    if not lora_path.is_file():
+        raise UserError(f"--lora: '{lora_path}' does not exist (train first, or give the LoRA file)")
+    if not prompts:
+        prompts = list(cfg.validation.prompts)
+    if not prompts:
+        raise UserError("give --prompt (or set validation.prompts in the config)")
+    v = cfg.validation
+    family = get_family(cfg.model)
+    pipe = load_full_pipeline(family, pick_device(cfg.train.device), TORCH_DTYPES[cfg.train.dtype])
+    try:
+        pipe.load_lora_weights(str(lora_path))
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"--lora: '{lora_path}' does not load into this {family.name} model: {e}") from None
+    images = []
+    for prompt in prompts:
+        generator = torch.Generator("cpu").manual_seed(v.seed if seed is None else seed)
+        images += pipe(prompt=prompt, height=v.height or cfg.data.resolution, width=v.width or cfg.data.resolution,
+                       num_inference_steps=steps or v.steps, guidance_scale=v.guidance_scale, generator=generator,
+                       output_type="pil").images
+    target = Path(out) if out else lora_path.with_name(f"{lora_path.stem}-sample.png")
+    return save_grid(images, target)
