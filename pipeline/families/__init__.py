@@ -78,6 +78,7 @@ def render_cached(family, denoiser, vae, cond, *, height, width, steps, guidance
     pipe = cls.from_pretrained(
         family.root, **{family.denoiser_component: denoiser, "vae": vae}, **{n: None for n in family.text_components}
     )
+    pipe.set_progress_bar_config(disable=True)  # the train stage's own bar is the one to watch
     cond = {k: t.to(denoiser.device, denoiser.dtype) for k, t in cond.items()}
     with torch.no_grad():
         return pipe(**cond, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
