@@ -236,3 +236,6 @@ def ensure_embedded(
         build_tiny_flux(model_path, preset)
     for parent in sorted({p.parent for p in missing}):
         build_synthetic_concepts(parent)
+
+
+TINY_BUILDERS = {"flux": build_tiny_flux}  # [embedded] family -> builder of its tiny model

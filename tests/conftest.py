@@ -91,3 +91,17 @@ def configure(path, **tables):
             out.append(line)  # a key given anew replaces the template's
     path.write_text("\n".join(out) + "\n")
     return load_config(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_model(tiny_assets, tmp_path_factory):
+    """family name -> the folder of its tiny model, built once per session on first use."""
+    built = {"flux": tiny_assets / "model"}
+
+    def get(name):
+        if name not in built:
+            built[name] = tmp_path_factory.mktemp(f"tiny-{name}") / "model"
+            tiny.TINY_BUILDERS[name](built[name])
+        return built[name]
+
+    return get

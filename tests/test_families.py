@@ -1,0 +1,93 @@
+"""The foundation's end-to-end guarantees, for every model family on its tiny model: a cached prior equals
+a fresh forward, the step-0 prior loss is zero, one denoiser forward per batch, a dtype change recomputes
+priors only, the train stage never builds a VAE or text encoder, and the LoRA loads in the family's own
+diffusers pipeline predicting exactly what the trained model predicts. (Checks against the diffusers
+pipelines' own encode_prompt and denoising step are in each family's test file.)"""
+
+import json
+
+import pytest
+import torch
+
+from pipeline.batches import load_inputs
+from pipeline.cache_stage import run_cache
+from pipeline.families import load_full_pipeline
+from pipeline.plan import TORCH_DTYPES, make_plan
+from pipeline.store import Store
+from pipeline.train_stage import train_lora
+
+FAMILIES = ["flux"]
+
+
+@pytest.fixture(params=FAMILIES)
+def family_project(request, project, tiny_family_model):
+    model = tiny_family_model(request.param)
+    return lambda **kw: project(model=model, **kw)
+
+
+def test_cached_prior_equals_a_fresh_forward(family_project):
+    _, cfg = family_project(dtype="fp32", cache_batch=1)
+    run_cache(cfg, progress=False)
+    plan, store = make_plan(cfg), Store(cfg.cache.dir)
+    model = plan.family.load_denoiser(torch.device("cpu"), torch.float32)
+    for sample in [s for s in plan.samples if s.prior][:2]:
+        _, _, noisy, timesteps, cond, _ = load_inputs(plan, store, [(sample, 1)])
+        with torch.no_grad():
+            fresh = plan.family.predict(model, noisy, timesteps, cond)[0]
+        assert torch.equal(store.read("prior/fp32", plan.prior_key(sample, 1))[0]["prediction"], fresh)
+
+
+def test_training_is_one_forward_per_batch_and_starts_at_zero_prior_loss(family_project, monkeypatch):
+    _, cfg = family_project(dtype="fp32", max_steps=2, batch=4)
+    run_cache(cfg, progress=False)
+    built = []
+    import diffusers
+    import transformers
+
+    def refuse(cls):
+        def init(self, *args, **kwargs):
+            built.append(cls.__name__)
+            raise AssertionError(f"the train stage built a {cls.__name__}")
+        return init
+
+    # every text encoder is a transformers PreTrainedModel; every family's VAE an AutoencoderKL
+    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", refuse(transformers.PreTrainedModel))
+    monkeypatch.setattr(diffusers.AutoencoderKL, "__init__", refuse(diffusers.AutoencoderKL))
+    calls = []
+    plan = make_plan(cfg)
+    original = type(plan.family).predict
+    monkeypatch.setattr(type(plan.family), "predict", lambda *a, **k: calls.append(1) or original(*a, **k))
+    trained, summary = train_lora(cfg, progress=False)
+    assert not built and len(calls) == summary["steps"] == 2
+    first = json.loads(open(summary["metrics"]).readline())
+    assert first["n_prior"] > 0 and first["n_standard"] > 0
+    assert first["loss_prior"] <= 1e-10 * first["loss_standard"]
+
+
+def test_a_dtype_change_recomputes_priors_only(family_project):
+    _, cfg = family_project(dtype="fp32")
+    run_cache(cfg, progress=False)
+    _, bf16 = family_project(name="bf16.toml", dtype="bf16")
+    again = run_cache(bf16, progress=False)
+    assert (again["latents_encoded"], again["texts_encoded"], again["noise_computed"]) == (0, 0, 0)
+    assert again["priors_computed"] == again["prior_samples"] * bf16.cache.variants
+
+
+def test_the_lora_loads_in_the_family_pipeline(family_project):
+    _, cfg = family_project(dtype="fp32", max_steps=2, lr=1e-2)
+    run_cache(cfg, progress=False)
+    trained, summary = train_lora(cfg, progress=False)
+    plan, store = make_plan(cfg), Store(cfg.cache.dir)
+    pipe = load_full_pipeline(plan.family, torch.device("cpu"), torch.float32)
+    pipe.load_lora_weights(summary["lora"])
+    denoiser = getattr(pipe, plan.family.denoiser_component)
+    sample = plan.training[0]
+    _, _, noisy, timesteps, cond, _ = load_inputs(plan, store, [(sample, 0)])
+    trained.eval()
+    with torch.no_grad():
+        ours = plan.family.predict(trained, noisy, timesteps, cond)
+        theirs = plan.family.predict(denoiser, noisy, timesteps, cond)
+        base = plan.family.predict(plan.family.load_denoiser(torch.device("cpu"), TORCH_DTYPES["fp32"]), noisy,
+                                   timesteps, cond)
+    assert not torch.equal(ours, base)  # the LoRA changed something
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
