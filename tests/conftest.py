@@ -58,6 +58,14 @@ def tiny_assets(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_schnell(tmp_path_factory):
+    """The tiny model in FLUX.1-schnell's layout (no guidance embedding); pass it as project(model=...)."""
+    path = tmp_path_factory.mktemp("tiny-schnell") / "model"
+    tiny.build_tiny_flux(path, "schnell")
+    return path
+
+
 @pytest.fixture
 def project(tiny_assets, tmp_path):
     """A writable copy of the data, and `write(**overrides) -> (config path, Config)`."""
