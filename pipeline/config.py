@@ -107,7 +107,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "output"
     lora_name: str = "pytorch_lora_weights.safetensors"
-    lora_format: str = "diffusers"  # "diffusers" (peft keys) | "kohya" (sd-scripts' layout: ComfyUI, A1111/Forge)
+    lora_format: str = "diffusers"  # "diffusers" (peft keys) | "kohya" (sd-scripts' layout: ComfyUI, Forge)
     prior_mode: str = "cached"  # "online" recomputes the prior target with a second forward (peers' way)
     device: str = "auto"
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: none); --resume goes on from the newest

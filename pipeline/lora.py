@@ -1,6 +1,6 @@
 """Adding a peft LoRA to the denoiser and saving it, either in the diffusers format that
 `<Family>Pipeline.load_lora_weights` loads with no missing or unexpected keys, or in kohya sd-scripts'
-layout (the family converts) that ComfyUI and A1111/Forge load and diffusers converts on load."""
+layout (the family converts) that ComfyUI and Forge load and diffusers converts on load."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def save_lora(
     meta = {"format": "pt", **metadata, "prior_lora.target_modules": json.dumps(trained)}
     if lora_format == "kohya":
         weights = kohya_weights(model, family, cfg)
-        # what kohya's tools (and A1111's extra-networks page) read; no lora_adapter_metadata, which diffusers
+        # what kohya's tools (and the A1111/Forge LoRA pages) read; no lora_adapter_metadata, which diffusers
         # would apply to the converted keys
         meta.update({"ss_network_dim": str(peft_cfg.r), "ss_network_alpha": str(float(peft_cfg.lora_alpha)),
                      **getattr(family, "kohya_metadata", {})})

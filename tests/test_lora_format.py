@@ -136,14 +136,18 @@ def test_kohya_file_loads_in_flux_pipeline_and_matches_the_trained_model(
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
-def test_kohya_refuses_before_training_what_diffusers_would_not_load(project, shared_cache):
-    with pytest.raises(UserError, match=r"train\.lora_format.*x_embedder.*lora\.targets = \"all_linear\""):
-        train(project, shared_cache, lora={"targets": "all_linear"}, train_table={"lora_format": "kohya"})
+@pytest.mark.parametrize("lora,message", [
+    ({"targets": "all_linear"}, r"train\.lora_format.*x_embedder.*lora\.targets = \"all_linear\""),
+    ({"use_dora": True}, r"train\.lora_format.*DoRA"),
+])
+def test_kohya_refuses_before_training_what_diffusers_would_not_load(project, shared_cache, lora, message):
+    with pytest.raises(UserError, match=message):
+        train(project, shared_cache, lora=lora, train_table={"lora_format": "kohya"})
     assert not list((project.root / "out").glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("targets", ["attention", "attention_mlp"])
-def test_kohya_layout_at_flux1_widths(targets):
+@pytest.mark.parametrize("mlp", [False, True])
+def test_kohya_layout_at_flux1_widths(mlp):
     """Single blocks at FLUX.1's real widths through diffusers' own converter: every module's update
     alpha/r * B @ A comes back (absent parts of a fused linear1 as zero)."""
     g, r, dim = torch.Generator().manual_seed(0), 2, 3072
@@ -151,7 +155,7 @@ def test_kohya_layout_at_flux1_widths(targets):
               "proj_mlp": (4 * dim, dim), "norm.linear": (3 * dim, dim)}
     shapes = {f"single_transformer_blocks.0.{k}": v for k, v in shapes.items()}
     shapes.update({"transformer_blocks.0.attn.to_k": (dim, dim), "transformer_blocks.0.norm1.linear": (6 * dim, dim)})
-    if targets == "attention":
+    if not mlp:
         for k in ("single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_out"):
             del shapes[k]
     sd = {}
