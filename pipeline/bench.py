@@ -85,7 +85,7 @@ def main(steps, warmup, batch_size, resolution, dtype, device, threads):
         plan, store = make_plan(cfg), Store(cfg.cache.dir)
         torch.manual_seed(0)
         model = plan.family.load_denoiser(dev, TORCH_DTYPES[dtype])
-        params = add_lora(model, cfg.lora, plan.family.default_target_modules)
+        params = add_lora(model, cfg.lora, plan.family.target_presets)
         model.train()
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         n_params = sum(p.numel() for p in model.parameters())

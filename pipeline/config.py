@@ -27,6 +27,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TARGET_PRESETS = ("attention", "attention_mlp", "all_linear")  # every family defines these (target_presets)
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -77,7 +78,9 @@ class CacheConfig:
 class LoraConfig:
     rank: int = 16
     alpha: float = 16.0
-    target_modules: list[str] = field(default_factory=list)  # empty: the family's default
+    targets: str = "attention"  # the family's preset: "attention" | "attention_mlp" | "all_linear"
+    target_modules: list[str] = field(default_factory=list)  # module-name suffixes; non-empty: wins over targets
+    target_regex: str = ""  # a regex full-matching module names (as peft does); non-empty: wins over both
     dropout: float = 0.0
     use_dora: bool = False  # weight-decomposed LoRA (peft)
     init: str = "default"  # "default" (B = 0, A Kaiming) | "gaussian" (B = 0, A Gaussian)
@@ -104,6 +107,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "output"
     lora_name: str = "pytorch_lora_weights.safetensors"
+    lora_format: str = "diffusers"  # "diffusers" (peft keys) | "kohya" (sd-scripts' layout: ComfyUI, Forge)
     prior_mode: str = "cached"  # "online" recomputes the prior target with a second forward (peers' way)
     device: str = "auto"
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: none); --resume goes on from the newest
@@ -263,6 +267,13 @@ def validate(cfg: Config) -> None:
     _choice(cfg.optimizer.scheduler, SCHEDULERS, "optimizer.scheduler")
     _choice(cfg.train.loss_weighting, ("none", "sigma_sqrt", "cosmap", "min_snr"), "train.loss_weighting")
     _choice(cfg.lora.init, ("default", "gaussian"), "lora.init")
+    _choice(cfg.lora.targets, TARGET_PRESETS, "lora.targets")
+    _choice(cfg.train.lora_format, ("diffusers", "kohya"), "train.lora_format")
+    if cfg.lora.target_regex:
+        try:
+            re.compile(cfg.lora.target_regex)
+        except re.error as e:
+            raise UserError(f"config key 'lora.target_regex' is not a valid regular expression: {e}") from None
     _choice(cfg.data.on_bad_image, ("skip", "fail"), "data.on_bad_image")
     _choice(cfg.cache.timestep_sampling, ("auto", "uniform", "logit_normal", "mode"), "cache.timestep_sampling")
     if not cfg.concepts:
@@ -302,7 +313,7 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key '{key}' must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
     if cfg.embedded is not None:
         _choice(cfg.embedded.family, ("flux",), "embedded.family")
-        _choice(cfg.embedded.preset, ("default", "bench"), "embedded.preset")
+        _choice(cfg.embedded.preset, ("default", "bench", "schnell"), "embedded.preset")
     for key, value in (("data.flip_probability", cfg.data.flip_probability),
                        ("data.caption_dropout", cfg.data.caption_dropout)):
         if not 0 <= value <= 1:

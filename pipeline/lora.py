@@ -1,10 +1,13 @@
-"""Adding a peft LoRA to the denoiser and saving it in the diffusers format that
-`<Family>Pipeline.load_lora_weights` loads with no missing or unexpected keys."""
+"""Adding a peft LoRA to the denoiser and saving it, either in the diffusers format that
+`<Family>Pipeline.load_lora_weights` loads with no missing or unexpected keys, or in kohya sd-scripts'
+layout (the family converts) that ComfyUI and Forge load and diffusers converts on load."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -19,30 +22,104 @@ from pipeline.errors import UserError
 # diffusers reads the adapter's LoraConfig back from this metadata key (alpha, rank, targets), so a
 # LoRA with alpha != rank loads with the scale it was trained with.
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)  # the layers a peft LoRA can go on here
 
 
-def add_lora(model: torch.nn.Module, cfg: LoraConfig, default_targets: list[str]) -> list[torch.nn.Parameter]:
+def target_key(cfg: LoraConfig) -> str:
+    """The config key that chose the LoRA's modules: the regex wins over the list, the list over the preset."""
+    return "lora.target_regex" if cfg.target_regex else "lora.target_modules" if cfg.target_modules else "lora.targets"
+
+
+def describe_targets(cfg: LoraConfig) -> str:
+    key = target_key(cfg)
+    value = cfg.target_regex if cfg.target_regex else cfg.target_modules or cfg.targets
+    return f"{key} = {json.dumps(value)}"
+
+
+def _matches(name: str, entry: str) -> bool:
+    # peft's rule for a list (the name, or a suffix after a dot), with `*` allowed for a block index
+    return fnmatchcase(name, entry) or fnmatchcase(name, "*." + entry)
+
+
+def resolve_targets(model: torch.nn.Module, cfg: LoraConfig, presets: dict[str, list[str]]) -> list[str]:
+    """Full names of the layers the LoRA goes on. UserError naming the key for a list entry, a regex or a
+    preset that matches no layer."""
+    layers = [name for name, m in model.named_modules() if isinstance(m, LORA_LAYERS)]
+    key, kind = target_key(cfg), type(model).__name__
+    if cfg.target_regex:
+        names = [n for n in layers if re.fullmatch(cfg.target_regex, n)]
+    else:
+        if cfg.target_modules:
+            entries = cfg.target_modules
+            for entry in entries:  # a typo would otherwise silently train fewer modules
+                if not any(_matches(n, entry) for n in layers):
+                    raise UserError(f"config key '{key}': {entry!r} matches no Linear or Conv2d layer of the {kind}")
+        elif cfg.targets in presets:
+            entries = presets[cfg.targets]
+        else:
+            raise UserError(f"config key '{key}': this model family has no preset {cfg.targets!r} ({', '.join(presets)})")
+        names = [n for n in layers if any(_matches(n, e) for e in entries)]
+    if not names:
+        raise UserError(f"config key '{key}': {describe_targets(cfg)} matches no Linear or Conv2d layer of the {kind}")
+    return names
+
+
+def add_lora(model: torch.nn.Module, cfg: LoraConfig, presets: dict[str, list[str]]) -> list[torch.nn.Parameter]:
     """Adds an adapter whose B matrices start at zero (so it changes nothing at step 0); returns its
     parameters, kept in float32 whatever the base dtype (as diffusers' scripts do)."""
-    targets = cfg.target_modules or default_targets
+    names = resolve_targets(model, cfg, presets)
+    # peft full-matches a string: exactly these layers (a list would also take any layer whose name ends
+    # in one of them, e.g. every block's proj_out for the top-level proj_out)
+    exact = "|".join(re.escape(n) for n in names)
     peft_cfg = PeftLoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.dropout, use_dora=cfg.use_dora,
+        r=cfg.rank, lora_alpha=cfg.alpha, target_modules=exact, lora_dropout=cfg.dropout, use_dora=cfg.use_dora,
         init_lora_weights=True if cfg.init == "default" else cfg.init,
     )
     try:
         model.add_adapter(peft_cfg)
     except ValueError as e:
-        raise UserError(f"config key 'lora.target_modules': {e}".splitlines()[0]) from None
+        raise UserError(f"config key '{target_key(cfg)}': {e}".splitlines()[0]) from None
     cast_training_params(model, dtype=torch.float32)
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def save_lora(path: Path, model: torch.nn.Module, prefix: str, metadata: dict[str, str]) -> None:
-    """Write the LoRA atomically (temporary file, then rename) with `metadata` beside diffusers' own."""
-    weights = {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    adapter = model.peft_config["default"].to_dict()
-    adapter = {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in adapter.items()}
-    meta = {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(adapter, sort_keys=True, default=str), **metadata}
+def diffusers_weights(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under the keys of the diffusers file: '<prefix>.<module>.lora_A.weight', ..."""
+    return {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def kohya_weights(model: torch.nn.Module, family, cfg: LoraConfig) -> dict[str, torch.Tensor]:
+    """The adapter in kohya's layout, converted by the family. UserError naming train.lora_format and the
+    key that chose the targets when the layout cannot hold them (the trainer calls this before step 0)."""
+    weights = diffusers_weights(model, family.denoiser_component)
+    if any("lora_magnitude_vector" in k for k in weights):
+        raise UserError("config key 'train.lora_format' = \"kohya\" cannot hold a DoRA (lora.use_dora = true): "
+                        "use train.lora_format = \"diffusers\"")
+    try:
+        return family.to_kohya(weights, float(model.peft_config["default"].lora_alpha))
+    except UserError as e:
+        raise UserError(f"{e} (with {describe_targets(cfg)}): choose other targets or "
+                        f"train.lora_format = \"diffusers\"") from None
+
+
+def save_lora(
+    path: Path, model: torch.nn.Module, family, metadata: dict[str, str], cfg: LoraConfig, lora_format: str = "diffusers"
+) -> None:
+    """Write the LoRA atomically (temporary file, then rename) with `metadata` beside the format's own."""
+    prefix = family.denoiser_component
+    peft_cfg = model.peft_config["default"]
+    trained = sorted({k.split(".lora_")[0] for k in get_peft_model_state_dict(model)})
+    meta = {"format": "pt", **metadata, "prior_lora.target_modules": json.dumps(trained)}
+    if lora_format == "kohya":
+        weights = kohya_weights(model, family, cfg)
+        # what kohya's tools (and the A1111/Forge LoRA pages) read; no lora_adapter_metadata, which diffusers
+        # would apply to the converted keys
+        meta.update({"ss_network_dim": str(peft_cfg.r), "ss_network_alpha": str(float(peft_cfg.lora_alpha)),
+                     **getattr(family, "kohya_metadata", {})})
+    else:
+        weights = diffusers_weights(model, prefix)
+        adapter = {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in peft_cfg.to_dict().items()}
+        meta[ADAPTER_METADATA_KEY] = json.dumps(adapter, sort_keys=True, default=str)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -39,6 +39,10 @@ PRESETS = {
         joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 12, 12),
     ),
 }
+# FLUX.1-schnell's layout at the default's size: timestep-distilled, so no guidance embedding, and its
+# scheduler neither shifts nor shifts dynamically (as schnell's scheduler_config.json)
+PRESETS["schnell"] = dict(PRESETS["default"], guidance_embeds=False)
+SCHEDULERS = {"schnell": dict(shift=1.0, use_dynamic_shifting=False)}
 
 
 def clip_tokenizer():
@@ -95,14 +99,14 @@ def build_tiny_flux(path: Path, preset: str = "default", seed: int = 0) -> None:
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not (path / "model_index.json").exists():
         raise FileExistsError(f"'{path}' exists and is not a diffusers model folder; not overwriting it")
-    tf = PRESETS[preset]
+    tf = {"guidance_embeds": True, **PRESETS[preset]}  # like Flux-dev unless the preset says otherwise
     clip_dim, t5_dim = tf["pooled_projection_dim"], tf["joint_attention_dim"]
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
 
     # Each component gets its own seed, so changing one component's config leaves the others' weights alone.
     torch.manual_seed(seed + 0)
-    # in_channels 16 = 4 latent channels packed 2x2; guidance_embeds like Flux-dev.
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, guidance_embeds=True, **tf)
+    # in_channels 16 = 4 latent channels packed 2x2
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, **tf)
     torch.manual_seed(seed + 1)
     # 4 blocks -> VAE scale factor 8 like Flux; scaling/shift are Flux's, no quant convs like Flux.
     vae = AutoencoderKL(
@@ -125,9 +129,10 @@ def build_tiny_flux(path: Path, preset: str = "default", seed: int = 0) -> None:
         relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
         pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0,
     ))
+    shifting = {"shift": 3.0, "use_dynamic_shifting": True, **SCHEDULERS.get(preset, {})}  # Flux-dev's unless set
     scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
+        num_train_timesteps=1000, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+        **shifting,
     )
     pipe = FluxPipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
@@ -238,4 +243,5 @@ def ensure_embedded(
         build_synthetic_concepts(parent)
 
 
-TINY_BUILDERS = {"flux": build_tiny_flux}  # [embedded] family -> builder of its tiny model
+# tiny model builders by name: the [embedded] families, and presets the tests build as families of their own
+TINY_BUILDERS = {"flux": build_tiny_flux, "flux-schnell": lambda path: build_tiny_flux(path, "schnell")}

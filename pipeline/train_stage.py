@@ -17,7 +17,7 @@ from pipeline.config import Config, check_paths
 from pipeline.errors import UserError
 from pipeline.keys import derive_seed
 from pipeline.lock import cache_lock
-from pipeline.lora import add_lora, save_lora
+from pipeline.lora import add_lora, kohya_weights, save_lora
 from pipeline.objective import per_sample_mse
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.practice import epoch_counts, practice_warnings, prior_share
@@ -238,7 +238,9 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
     torch.manual_seed(t.seed)
     practice_warnings(plan)
     model = plan.family.load_denoiser(device, TORCH_DTYPES[t.dtype])
-    params = add_lora(model, cfg.lora, plan.family.default_target_modules)
+    params = add_lora(model, cfg.lora, plan.family.target_presets)
+    if t.lora_format == "kohya":
+        kohya_weights(model, plan.family, cfg.lora)  # refuse now, not after training, what kohya's layout cannot hold
     if t.gradient_checkpointing:
         model.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
     model.train()
@@ -300,9 +302,10 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
         board.close()
     lora_path = out_dir / t.lora_name
     save_lora(
-        lora_path, model, plan.family.denoiser_component,
+        lora_path, model, plan.family,
         {"prior_lora.config": cfg.portable_json(), "prior_lora.base_model": plan.denoiser_fp,
          "prior_lora.family": plan.family.name, "prior_lora.steps": str(step)},
+        cfg.lora, t.lora_format,
     )
     store.close()
     from pipeline.plot import plot_run  # matplotlib only here

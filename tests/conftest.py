@@ -59,6 +59,12 @@ def tiny_assets(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_schnell(tiny_family_model):
+    """The tiny model in FLUX.1-schnell's layout (no guidance embedding); pass it as project(model=...)."""
+    return tiny_family_model("flux-schnell")
+
+
 @pytest.fixture
 def project(tiny_assets, tmp_path):
     """A writable copy of the data, and `write(**overrides) -> (config path, Config)`."""

@@ -16,7 +16,7 @@ from pipeline.plan import TORCH_DTYPES, make_plan
 from pipeline.store import Store
 from pipeline.train_stage import train_lora
 
-FAMILIES = ["flux"]
+FAMILIES = ["flux", "flux-schnell"]
 
 
 @pytest.fixture(params=FAMILIES)

@@ -20,6 +20,9 @@ class Family(Protocol):
     text_components: tuple[str, ...]  # ... the text embeddings
     denoiser_component: str  # ... the priors
     pixel_multiple: int  # image sides (and bucket sides) must be multiples of this
+    # LoRA targets: peft module-name suffixes (a name, or its tail after a dot; `*` matches a block index)
+    # for "attention" (the default), "attention_mlp" and "all_linear"; default_target_modules is the first
+    target_presets: dict[str, list[str]]
     default_target_modules: list[str]
     default_timestep_sampling: str  # what cache.timestep_sampling = "auto" means: "uniform" | "logit_normal" | "mode"
     loss_weightings: tuple[str, ...]  # the train.loss_weighting values this family supports
@@ -66,6 +69,13 @@ class Family(Protocol):
 
     def render(self, denoiser, vae, cond, *, height, width, steps, guidance_scale, generator) -> list:
         """Images (PIL) for batched cached text conditioning, with this denoiser and VAE (see render_cached)."""
+
+    def to_kohya(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        """The diffusers-format LoRA (keys '<denoiser_component>.<module>.lora_A.weight' / '.lora_B.weight',
+        as in the diffusers file) in kohya sd-scripts' layout: '<kohya module>.lora_down.weight',
+        '.lora_up.weight' and '.alpha' (a scalar; the scale is alpha / rank), such that the family's
+        pipeline's load_lora_weights gives the same denoiser. UserError naming train.lora_format for modules
+        the layout cannot hold. An optional `kohya_metadata` dict (ss_network_module...) goes into the file."""
 
 
 def render_cached(family, denoiser, vae, cond, *, height, width, steps, guidance_scale, generator) -> list:

@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
 from pipeline import objective
+from pipeline.families import flux_kohya as kohya
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.families import render_cached
@@ -29,8 +30,18 @@ class FluxFamily:
     pixel_multiple = 16  # VAE downsamples by 8, packing by 2 more
     default_timestep_sampling = "logit_normal"  # as diffusers' Flux LoRA script (SD3 paper)
     loss_weightings = ("none", "sigma_sqrt", "cosmap")  # diffusers' compute_loss_weighting_for_sd3
-    # attention projections of the double- and single-stream blocks
-    default_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    _attention = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    # the single blocks' proj_out is their fused attention-and-MLP output (BFL's linear2); the top-level
+    # proj_out is the final layer, so it is named with its block
+    _mlp = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
+            "single_transformer_blocks.*.proj_out"]
+    _rest = ["norm1.linear", "norm1_context.linear", "norm.linear", "timestep_embedder.linear_1",
+             "timestep_embedder.linear_2", "text_embedder.linear_1", "text_embedder.linear_2",
+             "guidance_embedder.linear_1", "guidance_embedder.linear_2", "x_embedder", "context_embedder",
+             "proj_out", "norm_out.linear"]
+    target_presets = {"attention": _attention, "attention_mlp": _attention + _mlp, "all_linear": _attention + _mlp + _rest}
+    default_target_modules = target_presets["attention"]  # attention projections of both kinds of block
+    kohya_metadata = {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"}
 
     def __init__(self, root: Path, cfg: ModelConfig):
         self.root = Path(root)
@@ -127,3 +138,7 @@ class FluxFamily:
         )[0]
         # vae_scale_factor=1 because h, w are already latent sizes
         return FluxPipeline._unpack_latents(out, h, w, 1)
+
+    # -- LoRA in kohya's layout -------------------------------------------------------------------
+    def to_kohya(self, state_dict, alpha):
+        return kohya.to_kohya(state_dict, alpha, self.denoiser_component)
