@@ -19,6 +19,7 @@ class Family(Protocol):
     vae_components: tuple[str, ...]  # subfolders whose weights the latents depend on
     text_components: tuple[str, ...]  # ... the text embeddings
     denoiser_component: str  # ... the priors
+    denoiser_file: Path | None  # model.denoiser_file: the denoiser's weights in one file (config from the folder)
     pixel_multiple: int  # image sides (and bucket sides) must be multiples of this
     default_target_modules: list[str]
     default_timestep_sampling: str  # what cache.timestep_sampling = "auto" means: "uniform" | "logit_normal" | "mode"
@@ -108,5 +109,6 @@ def get_family(cfg: ModelConfig) -> Family:
 
 
 from pipeline.families.flux import FluxFamily  # noqa: E402
+from pipeline.families.sdxl import SDXLFamily  # noqa: E402
 
-FAMILIES = {"flux": FluxFamily}
+FAMILIES = {"flux": FluxFamily, "sdxl": SDXLFamily}

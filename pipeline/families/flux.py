@@ -34,6 +34,7 @@ class FluxFamily:
     def __init__(self, root: Path, cfg: ModelConfig):
         self.root = Path(root)
         self.cfg = cfg
+        self.denoiser_file = Path(cfg.denoiser_file) if cfg.denoiser_file else None
         self._scheduler = None
 
     # -- cache stage: encoders -------------------------------------------------------------------
@@ -78,7 +79,11 @@ class FluxFamily:
 
     # -- denoiser ---------------------------------------------------------------------------------
     def load_denoiser(self, device, dtype):
-        model = FluxTransformer2DModel.from_pretrained(self.root, subfolder="transformer", dtype=dtype)
+        if self.denoiser_file is not None:  # model.denoiser_file: weights from one file, config from the folder
+            model = FluxTransformer2DModel.from_single_file(str(self.denoiser_file), config=str(self.root),
+                                                            subfolder="transformer", dtype=dtype)
+        else:
+            model = FluxTransformer2DModel.from_pretrained(self.root, subfolder="transformer", dtype=dtype)
         return model.to(device).eval().requires_grad_(False)
 
     def noisy_input(self, latents, noise, timesteps, sigmas):
