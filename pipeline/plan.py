@@ -128,7 +128,7 @@ def _component_fp(fps: Fingerprints, root: Path, names) -> str:
 
 
 def _denoiser_fp(fps: Fingerprints, family: Family) -> str:
-    if family.denoiser_file is None:
+    if getattr(family, "denoiser_file", None) is None:
         return _component_fp(fps, family.root, [family.denoiser_component])
     # model.denoiser_file: the weights are that file's; the folder gives only the config
     config = family.root / family.denoiser_component / "config.json"

@@ -13,8 +13,9 @@ from diffusers import DDPMScheduler, FluxTransformer2DModel, StableDiffusionXLPi
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from pipeline import tiny
 from pipeline.cache_stage import run_cache
-from pipeline.config import LoraConfig, ModelConfig, TrainConfig, load_config
+from pipeline.config import LoraConfig, ModelConfig, TrainConfig, check_paths, load_config
 from pipeline.data import prepare_image
 from pipeline.errors import UserError
 from pipeline.families import FAMILIES, detect_family
@@ -65,7 +66,13 @@ class WarningsOf:
         self.logger.removeHandler(self.handler)
 
 
-def test_detected_and_configs_load(sdxl_root):
+def test_embedded_build_is_deterministic_and_detected(sdxl_root, tmp_path):
+    tiny.ensure_embedded(tmp_path / "model", [], family="sdxl")  # what [embedded] family = "sdxl" runs
+    files = sorted(p.relative_to(sdxl_root) for p in sdxl_root.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "model") for p in (tmp_path / "model").rglob("*") if p.is_file())
+    assert all((sdxl_root / f).read_bytes() == (tmp_path / "model" / f).read_bytes() for f in files)
+    unet = UNet2DConditionModel.from_pretrained(sdxl_root, subfolder="unet")
+    assert sum(p.numel() for p in unet.parameters()) < 500_000
     assert detect_family(sdxl_root) == "sdxl" and FAMILIES["sdxl"] is SDXLFamily
     fam = family(sdxl_root)
     assert fam.default_target_modules == fam.target_presets["attention"]
@@ -88,6 +95,13 @@ def test_conditioning_equals_encode_prompt(sdxl_root):
     assert ours[1]["prompt_embeds"].abs().sum() > 0  # the empty caption is encoded, not zeroed
 
 
+def test_fp16_vae_encodes_in_fp32(sdxl_root, capsys):
+    fam = family(sdxl_root)
+    assert fam.load_vae(CPU, torch.float16).dtype == F32  # force_upcast, as the pipeline and LoRA script
+    assert "model.encoder_dtype = fp16" in capsys.readouterr().err
+    assert fam.load_vae(CPU, torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_predict_equals_the_unet_call_inside_the_pipeline(sdxl_root):
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_root)
     calls = []
@@ -103,7 +117,8 @@ def test_predict_equals_the_unet_call_inside_the_pipeline(sdxl_root):
     cond = cond_for(fam, [prompt], original, crop)
     with torch.no_grad():
         ours = fam.predict(pipe.unet, sample, t.reshape(1).float(), cond)
-        other_crop = fam.predict(pipe.unet, sample, t.reshape(1).float(), {**cond, "crop_top_left": torch.zeros(1, 2)})
+        moved = {**cond, "crop_top_left": torch.zeros(1, 2)}
+        other_crop = fam.predict(pipe.unet, sample, t.reshape(1).float(), moved)
     assert ours.shape == (1, 4, 8, 16)
     assert torch.equal(ours, expected)
     assert not torch.allclose(other_crop, expected)  # the geometry reaches the UNet
@@ -113,7 +128,8 @@ def test_noise_targets_and_v_prediction(sdxl_root, tmp_path):
     vroot = tmp_path / "v-model"
     (vroot / "scheduler").mkdir(parents=True)
     config = json.loads((sdxl_root / "scheduler" / "scheduler_config.json").read_text())
-    (vroot / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    scheduler_config = vroot / "scheduler" / "scheduler_config.json"
+    scheduler_config.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
     eps, v = family(sdxl_root), family(vroot)
     g = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
@@ -123,12 +139,13 @@ def test_noise_targets_and_v_prediction(sdxl_root, tmp_path):
                           atol=1e-6)
     assert torch.equal(eps.target(latents, noise, t), noise)
     assert torch.allclose(v.target(latents, noise, t), ac.sqrt() * noise - (1 - ac).sqrt() * latents, atol=1e-6)
-    assert eps.timestep_spec()["prediction_type"] == "epsilon" and v.timestep_spec()["prediction_type"] == "v_prediction"
+    assert eps.timestep_spec()["prediction_type"] == "epsilon"
+    assert v.timestep_spec()["prediction_type"] == "v_prediction"
     timesteps, sigmas = eps.timestep_table()
     assert torch.equal(timesteps, torch.arange(1000).float())
     assert torch.allclose(sigmas[t.long()] ** -2, (ac / (1 - ac)).flatten(), rtol=1e-4)  # 1/sigma^2 is the SNR
     assert eps.default_timestep_sampling == "uniform" and eps.prediction_settings() == {}
-    (vroot / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "sample"}))
+    scheduler_config.write_text(json.dumps({**config, "prediction_type": "sample"}))
     with pytest.raises(UserError, match="prediction_type 'sample'"):
         family(vroot).timestep_table()
 
@@ -197,7 +214,8 @@ def test_cache_then_train_end_to_end(project, sdxl_root, tmp_path):
     g = torch.Generator().manual_seed(1)
     noisy = torch.randn(2, 4, 8, 8, generator=g)
     cond = {"prompt_embeds": torch.randn(2, 77, 64, generator=g), "pooled_prompt_embeds": torch.randn(2, 32, generator=g),
-            "original_size": torch.tensor([[64.0, 64.0], [80.0, 120.0]]), "crop_top_left": torch.tensor([[0.0, 0.0], [8.0, 4.0]])}
+            "original_size": torch.tensor([[64.0, 64.0], [80.0, 120.0]]),
+            "crop_top_left": torch.tensor([[0.0, 0.0], [8.0, 4.0]])}
     timesteps = torch.tensor([300.0, 800.0])
     fam = plan.family
     trained.eval()
@@ -259,40 +277,68 @@ def test_kohya_export_of_every_linear_layer(sdxl_root, tmp_path):
 def test_single_file_unet_in_the_original_layout(project, sdxl_root, tmp_path):
     model = tmp_path / "model"  # a copy whose unet folder can be changed
     shutil.copytree(sdxl_root, model)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     # cloned: the loaded tensors map the weights file, which this test overwrites
-    reference = {k: v.clone() for k, v in UNet2DConditionModel.from_pretrained(model, subfolder="unet").state_dict().items()}
-    config = json.loads((model / "unet" / "config.json").read_text())
-    # original SDXL layout (model.diffusion_model.input_blocks...), converted back by diffusers'
-    # convert_ldm_unet_checkpoint inside from_single_file
-    ldm = {"model.diffusion_model." + ldm_unet_name(k, config): v for k, v in reference.items()}
+    reference = {k: v.clone() for k, v in unet.state_dict().items()}
+    # original SDXL layout (model.diffusion_model.input_blocks...), which from_single_file converts back
+    # with diffusers' convert_ldm_unet_checkpoint; and diffusers' own layout, which it takes as it is
+    ldm = {f"model.diffusion_model.{ldm_unet_name(k, dict(unet.config))}": v for k, v in reference.items()}
     assert len(ldm) == len(reference) and not any("down_blocks" in k or "resnets" in k for k in ldm)
     path, _ = project(model=model)
-    save_file(ldm, str(path.parent / "sdxl-single.safetensors"))
+    template = path.read_text()
+    save_file(ldm, str(path.parent / "original-layout.safetensors"))
     save_file(reference, str(path.parent / "diffusers-layout.safetensors"))
-    folder_fp = make_plan(load_config(path)).denoiser_fp
-    fps = {}
-    for name in ("sdxl-single.safetensors", "diffusers-layout.safetensors"):
-        path.write_text(path.read_text().replace("[model]\n", f'[model]\ndenoiser_file = "{name}"\n', 1)
-                        if "denoiser_file" not in path.read_text() else
-                        path.read_text().replace('"sdxl-single.safetensors"', f'"{name}"'))
+    fps = {"folder": make_plan(load_config(path)).denoiser_fp}
+    for name in ("original-layout.safetensors", "diffusers-layout.safetensors"):
+        path.write_text(template.replace("[model]\n", f'[model]\ndenoiser_file = "{name}"\n', 1))
         cfg = load_config(path)  # relative to the config file
         assert cfg.model.denoiser_file == str(path.parent / name)
         assert json.loads(cfg.portable_json())["model"]["denoiser_file"] == name
         loaded = FAMILIES["sdxl"](model, cfg.model).load_denoiser(CPU, F32).state_dict()
         assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
         fps[name] = make_plan(cfg).denoiser_fp
-    assert len({folder_fp, *fps.values()}) == 3
-    # the fingerprint is the file's (and the folder's config), not the folder's weights
-    weights = next((model / "unet").glob("*.safetensors"))
-    weights.write_bytes(b"not the weights any more")
+    assert len(set(fps.values())) == 3
+    # the fingerprint is the file's (and the folder's config's), not the folder's weights'
+    next((model / "unet").glob("*.safetensors")).write_bytes(b"not the weights any more")
     assert make_plan(cfg).denoiser_fp == fps["diffusers-layout.safetensors"]
-    changed = dict(reference)
-    changed["conv_in.bias"] = changed["conv_in.bias"] + 1
-    save_file(changed, cfg.model.denoiser_file)
+    save_file({**reference, "conv_in.bias": reference["conv_in.bias"] + 1}, cfg.model.denoiser_file)
     assert make_plan(cfg).denoiser_fp != fps["diffusers-layout.safetensors"]
-    path.write_text(path.read_text().replace('"diffusers-layout.safetensors"', '"model.ckpt"'))
+    Path(cfg.model.denoiser_file).unlink()
+    with pytest.raises(UserError, match="model.denoiser_file: .* does not exist"):
+        check_paths(cfg)
+    path.write_text(template.replace("[model]\n", '[model]\ndenoiser_file = "model.ckpt"\n', 1))
     with pytest.raises(UserError, match="model.denoiser_file"):
         load_config(path)
+
+
+# SDXL base 1.0's unet/config.json, the keys that shape the model
+SDXL_UNET = {
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048, "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "projection_class_embeddings_input_dim": 2816, "transformer_layers_per_block": [1, 2, 10],
+    "use_linear_projection": True, "sample_size": 128,
+}
+
+
+def test_original_names_at_full_sdxl_size():
+    """The real SDXL layout (2 layers per block, 3 levels, 10-block transformers), without weights:
+    diffusers' own ldm converter maps every original name back to the parameter it came from."""
+    from accelerate import init_empty_weights
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    config = dict(unet.config)
+    names = {k: f"model.diffusion_model.{ldm_unet_name(k, config)}" for k in unet.state_dict()}
+    back = convert_ldm_unet_checkpoint({ldm: torch.tensor([i]) for i, ldm in enumerate(names.values())}, config)
+    assert len(names) == len(back) == 1680
+    assert {k: int(v) for k, v in back.items()} == {k: i for i, k in enumerate(names)}
+    for known in ("input_blocks.3.0.op.weight", "input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight",
+                  "middle_block.1.proj_in.weight", "output_blocks.2.2.conv.weight",
+                  "output_blocks.8.0.skip_connection.weight", "label_emb.0.0.weight", "time_embed.2.bias", "out.2.weight"):
+        assert f"model.diffusion_model.{known}" in names.values()
 
 
 def test_flux_single_file_denoiser(tiny_assets, tmp_path):

@@ -72,8 +72,9 @@ class SDXLFamily:
 
     @torch.no_grad()
     def encode_captions(self, encoders, captions):
-        # no classifier-free guidance: "" (caption dropout) is encoded like any caption, as the training script does
-        embeds, _, pooled, _ = encoders.encode_prompt(captions, device=encoders.device, do_classifier_free_guidance=False)
+        # no classifier-free guidance; "" (caption dropout) is encoded like any caption, as the training script does
+        embeds, _, pooled, _ = encoders.encode_prompt(captions, device=encoders.device,
+                                                      do_classifier_free_guidance=False)
         return [
             {"prompt_embeds": e.float().cpu(), "pooled_prompt_embeds": p.float().cpu()} for e, p in zip(embeds, pooled)
         ]
@@ -150,8 +151,9 @@ class SDXLFamily:
         # time ids as the pipeline's _get_add_time_ids: original size + crop top-left + target size, all
         # (height, width) in pixels. Kept in float32: the UNet embeds them in float32 anyway, and so sizes
         # above 256 (bf16) or 2048 (fp16) stay exact.
-        target = torch.tensor([h, w], dtype=torch.float32).mul(self._vae_scale_factor).expand(b, 2)
-        time_ids = torch.cat([cond["original_size"].float(), cond["crop_top_left"].float(), target], dim=1)
+        original, crop = cond["original_size"].float(), cond["crop_top_left"].float()
+        target = torch.tensor([h, w], dtype=torch.float32, device=original.device).mul(self._vae_scale_factor)
+        time_ids = torch.cat([original, crop, target.expand(b, 2)], dim=1)
         return denoiser(
             noisy.to(device, dtype),
             timesteps.to(device),  # float, as the pipeline passes its scheduler's timesteps
