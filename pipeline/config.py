@@ -38,6 +38,7 @@ class ModelConfig:
     guidance: float = 1.0  # guidance-embedding value for guidance-distilled models (Flux.1-dev)
     max_sequence_length: int = 512  # T5 tokens
     encoder_dtype: str = "fp32"  # dtype the VAE and text encoders run in at cache time
+    denoiser_file: str = ""  # a single-file (.safetensors) denoiser checkpoint used instead of the folder's weights
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ class Config:
         d = self.to_dict()
         d["source"] = Path(self.source).name
         d["model"]["path"] = rel(self.model.path)
+        d["model"]["denoiser_file"] = rel(self.model.denoiser_file) if self.model.denoiser_file else ""
         d["cache"]["dir"] = rel(self.cache.dir)
         d["train"]["output_dir"] = rel(self.train.output_dir)
         for c in d["concepts"]:
@@ -244,7 +246,8 @@ def load_config(path: str | Path, dtype: str | None = None) -> Config:
     cfg = dataclasses.replace(
         cfg,
         source=str(path.resolve()),
-        model=dataclasses.replace(cfg.model, path=model_path),
+        model=dataclasses.replace(cfg.model, path=model_path, denoiser_file=cfg.model.denoiser_file
+                                  and _resolve(base, cfg.model.denoiser_file)),
         concepts=[dataclasses.replace(c, folder=_resolve(base, c.folder)) for c in cfg.concepts],
         cache=dataclasses.replace(cfg.cache, dir=_resolve(base, cfg.cache.dir)),
         train=dataclasses.replace(cfg.train, output_dir=_resolve(base, cfg.train.output_dir)),
@@ -311,8 +314,10 @@ def validate(cfg: Config) -> None:
     for key, value in (("cache.device", cfg.cache.device), ("train.device", cfg.train.device)):
         if not DEVICE.match(value):
             raise UserError(f"config key '{key}' must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
+    if cfg.model.denoiser_file and not cfg.model.denoiser_file.endswith(".safetensors"):
+        raise UserError("config key 'model.denoiser_file' must name a .safetensors file (pickle checkpoints are not loaded)")
     if cfg.embedded is not None:
-        _choice(cfg.embedded.family, ("flux",), "embedded.family")
+        _choice(cfg.embedded.family, ("flux", "sdxl"), "embedded.family")
         _choice(cfg.embedded.preset, ("default", "bench", "schnell"), "embedded.preset")
     for key, value in (("data.flip_probability", cfg.data.flip_probability),
                        ("data.caption_dropout", cfg.data.caption_dropout)):
@@ -329,6 +334,9 @@ def check_paths(cfg: Config) -> None:
     model = Path(cfg.model.path)
     if not HUB_ID.match(cfg.model.path) and not model.exists():
         raise UserError(f"model.path: '{cfg.model.path}' does not exist")
+    single = cfg.model.denoiser_file
+    if single and not Path(single).is_file():
+        raise UserError(f"model.denoiser_file: '{single}' does not exist")
     for i, c in enumerate(cfg.concepts):
         folder = Path(c.folder)
         if not folder.is_dir():

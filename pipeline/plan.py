@@ -127,12 +127,20 @@ def _component_fp(fps: Fingerprints, root: Path, names) -> str:
     return digest([[n, fps.folder(root / n)] for n in names if (root / n).exists()])
 
 
+def _denoiser_fp(fps: Fingerprints, family: Family) -> str:
+    if getattr(family, "denoiser_file", None) is None:
+        return _component_fp(fps, family.root, [family.denoiser_component])
+    # model.denoiser_file: the weights are that file's; the folder gives only the config
+    config = family.root / family.denoiser_component / "config.json"
+    return digest([["file", fps.file(family.denoiser_file)], ["config", fps.file(config)]])
+
+
 def make_plan(cfg: Config) -> Plan:
     family = get_family(cfg.model)
     fps = Fingerprints(Path(cfg.cache.dir) / "fingerprints.json")
     vae_fp = _component_fp(fps, family.root, family.vae_components)
     text_fp = _component_fp(fps, family.root, family.text_components)
-    denoiser_fp = _component_fp(fps, family.root, [family.denoiser_component])
+    denoiser_fp = _denoiser_fp(fps, family)
     fps.save()
     c, d = cfg.cache, cfg.data
     timestep_settings = [timestep_sampling_settings(cfg, family), family.timestep_spec()]

@@ -227,8 +227,9 @@ def ensure_embedded(
     model_path: Path, concept_folders: list[Path], family: str = "flux", preset: str = "default"
 ) -> None:
     """Build the tiny model at `model_path` and the synthetic data set where they are missing."""
-    if family != "flux":
-        raise ValueError(f"unknown embedded model family '{family}' (known: flux)")
+    builders = tiny_builders()
+    if family not in builders:
+        raise ValueError(f"unknown embedded model family '{family}' (known: {', '.join(builders)})")
     missing = [Path(p) for p in concept_folders if not Path(p).exists()]
     for p in missing:
         if p.name not in FOLDERS:
@@ -238,10 +239,13 @@ def ensure_embedded(
             )
     model_path = Path(model_path)  # checked everything first: a bad config builds nothing
     if not (model_path / "model_index.json").exists():
-        build_tiny_flux(model_path, preset)
+        builders[family](model_path, preset)
     for parent in sorted({p.parent for p in missing}):
         build_synthetic_concepts(parent)
 
 
-# tiny model builders by name: the [embedded] families, and presets the tests build as families of their own
-TINY_BUILDERS = {"flux": build_tiny_flux, "flux-schnell": lambda path: build_tiny_flux(path, "schnell")}
+def tiny_builders() -> dict:
+    """[embedded] family -> its tiny model's builder(path, preset)."""
+    from pipeline.tiny_sdxl import build_tiny_sdxl  # these import this module, so not at the top
+
+    return {"flux": build_tiny_flux, "sdxl": build_tiny_sdxl}

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from pipeline.batches import load_inputs
+from pipeline.families import render_cached
 from pipeline.objective import per_sample_mse
 from pipeline.plan import Plan
 from pipeline.store import Store
@@ -79,8 +80,8 @@ def render_prompts(plan: Plan, store: Store, model, device: torch.device) -> lis
         for prompt in v.prompts:  # one at a time: peak memory of one image, and each image its own seed
             cond = store.read("text", plan.text_key(prompt))[0]
             generator = torch.Generator("cpu").manual_seed(v.seed)
-            images += plan.family.render(
-                model, vae, {k: t[None] for k, t in cond.items()}, height=v.height or plan.cfg.data.resolution,
+            images += render_cached(
+                plan.family, model, vae, {k: t[None] for k, t in cond.items()}, height=v.height or plan.cfg.data.resolution,
                 width=v.width or plan.cfg.data.resolution, steps=v.steps, guidance_scale=v.guidance_scale,
                 generator=generator,
             )

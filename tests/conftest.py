@@ -101,13 +101,14 @@ def configure(path, **tables):
 
 @pytest.fixture(scope="session")
 def tiny_family_model(tiny_assets, tmp_path_factory):
-    """family name -> the folder of its tiny model, built once per session on first use."""
+    """"family" or "family-preset" -> the folder of its tiny model, built once per session on first use."""
     built = {"flux": tiny_assets / "model"}
 
     def get(name):
         if name not in built:
             built[name] = tmp_path_factory.mktemp(f"tiny-{name}") / "model"
-            tiny.TINY_BUILDERS[name](built[name])
+            family, _, preset = name.partition("-")
+            tiny.tiny_builders()[family](built[name], preset or "default")
         return built[name]
 
     return get

@@ -8,15 +8,17 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.batches import load_inputs
 from pipeline.cache_stage import run_cache
+from pipeline.config import load_config
 from pipeline.families import load_full_pipeline
 from pipeline.plan import TORCH_DTYPES, make_plan
 from pipeline.store import Store
 from pipeline.train_stage import train_lora
 
-FAMILIES = ["flux", "flux-schnell"]
+FAMILIES = ["flux", "flux-schnell", "sdxl"]
 
 
 @pytest.fixture(params=FAMILIES)
@@ -91,3 +93,12 @@ def test_the_lora_loads_in_the_family_pipeline(family_project):
                                    timesteps, cond)
     assert not torch.equal(ours, base)  # the LoRA changed something
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+
+
+def test_validation_prompts_render_from_cached_embeddings(family_project):
+    path, _ = family_project(max_steps=1, dtype="fp32")
+    path.write_text(path.read_text() + '\n[validation]\nprompts = ["a photo of sks teapot"]\nsteps = 2\n')
+    cfg = load_config(path)
+    run_cache(cfg, progress=False)
+    summary = train_lora(cfg, progress=False)[1]
+    assert Image.open(summary["samples"]).size == (64, 64)

@@ -82,7 +82,7 @@ def test_bench_preset_and_unknown_names(tmp_path):
     with pytest.raises(ValueError):
         tiny.build_tiny_flux(tmp_path / "m", preset="huge")
     with pytest.raises(ValueError):
-        tiny.ensure_embedded(tmp_path / "m", [], family="sdxl")
+        tiny.ensure_embedded(tmp_path / "m", [], family="sd15")
 
 
 def test_synthetic_concepts(tmp_path):

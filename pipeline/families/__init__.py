@@ -19,6 +19,7 @@ class Family(Protocol):
     vae_components: tuple[str, ...]  # subfolders whose weights the latents depend on
     text_components: tuple[str, ...]  # ... the text embeddings
     denoiser_component: str  # ... the priors
+    denoiser_file: Path | None  # model.denoiser_file: the denoiser's weights in one file (config from the folder)
     pixel_multiple: int  # image sides (and bucket sides) must be multiples of this
     # LoRA targets: peft module-name suffixes (a name, or its tail after a dot; `*` matches a block index)
     # for "attention" (the default), "attention_mlp" and "all_linear"; default_target_modules is the first
@@ -66,9 +67,6 @@ class Family(Protocol):
 
     def prediction_settings(self) -> dict:
         """Settings outside the weights that change a prediction (guidance...): part of the prior key."""
-
-    def render(self, denoiser, vae, cond, *, height, width, steps, guidance_scale, generator) -> list:
-        """Images (PIL) for batched cached text conditioning, with this denoiser and VAE (see render_cached)."""
 
     def to_kohya(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         """The diffusers-format LoRA (keys '<denoiser_component>.<module>.lora_A.weight' / '.lora_B.weight',
@@ -146,5 +144,6 @@ def get_family(cfg: ModelConfig) -> Family:
 
 
 from pipeline.families.flux import FluxFamily  # noqa: E402
+from pipeline.families.sdxl import SDXLFamily  # noqa: E402
 
-FAMILIES = {"flux": FluxFamily}
+FAMILIES = {"flux": FluxFamily, "sdxl": SDXLFamily}

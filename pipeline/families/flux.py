@@ -18,7 +18,6 @@ from pipeline import objective
 from pipeline.families import flux_kohya as kohya
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
-from pipeline.families import render_cached
 
 
 class FluxFamily:
@@ -46,6 +45,7 @@ class FluxFamily:
     def __init__(self, root: Path, cfg: ModelConfig):
         self.root = Path(root)
         self.cfg = cfg
+        self.denoiser_file = Path(cfg.denoiser_file) if cfg.denoiser_file else None
         self._scheduler = None
 
     # -- cache stage: encoders -------------------------------------------------------------------
@@ -90,7 +90,11 @@ class FluxFamily:
 
     # -- denoiser ---------------------------------------------------------------------------------
     def load_denoiser(self, device, dtype):
-        model = FluxTransformer2DModel.from_pretrained(self.root, subfolder="transformer", dtype=dtype)
+        if self.denoiser_file is not None:  # model.denoiser_file: weights from one file, config from the folder
+            model = FluxTransformer2DModel.from_single_file(str(self.denoiser_file), config=str(self.root),
+                                                            subfolder="transformer", dtype=dtype)
+        else:
+            model = FluxTransformer2DModel.from_pretrained(self.root, subfolder="transformer", dtype=dtype)
         return model.to(device).eval().requires_grad_(False)
 
     def noisy_input(self, latents, noise, timesteps, sigmas):
@@ -112,9 +116,6 @@ class FluxFamily:
     def prediction_settings(self):
         # schnell has no guidance embedding: the value changes nothing there, so it is not in the key
         return {"guidance": self.cfg.guidance} if self._guidance_embeds else {}
-
-    def render(self, denoiser, vae, cond, **kwargs):
-        return render_cached(self, denoiser, vae, cond, **kwargs)
 
     def predict(self, denoiser, noisy, timesteps, text):
         b, c, h, w = noisy.shape

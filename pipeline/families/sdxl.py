@@ -1,0 +1,219 @@
+"""Stable Diffusion XL: two CLIP encoders, a UNet with size/crop micro-conditioning, DDPM noise
+(epsilon or v-prediction, from the model's scheduler config).
+
+Each call mirrors diffusers: the text is `StableDiffusionXLPipeline.encode_prompt`'s, the UNet call is the
+pipeline's (time ids = original size + crop top-left + target size), and the noise, targets and min-SNR
+weights are those of diffusers' SDXL training scripts (DDPMScheduler built from the model's scheduler config).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+from diffusers.training_utils import compute_snr
+
+from pipeline.config import ModelConfig
+from pipeline.errors import UserError, warn
+
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' SDXL LoRA script's targets
+MLP = ["ff.net.0.proj", "ff.net.2"]
+# every other Linear of the UNet: transformer in/out projections, the resnets' time projections, and the
+# time and added-conditioning embeddings (time_embedding.linear_1/2, add_embedding.linear_1/2)
+OTHER_LINEAR = ["proj_in", "proj_out", "time_emb_proj", "linear_1", "linear_2"]
+
+
+class SDXLFamily:
+    name = "sdxl"
+    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                        "StableDiffusionXLInpaintPipeline")
+    vae_components = ("vae",)
+    text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    denoiser_component = "unet"
+    # the UNet itself needs multiples of 32 px (two 2x downsamplings of 8x latents); 64 gives SDXL's own
+    # bucket sizes (1024x1024, 1152x896, 896x1152, ...)
+    pixel_multiple = 64
+    default_timestep_sampling = "uniform"  # as diffusers' SDXL scripts: randint(0, num_train_timesteps)
+    loss_weightings = ("none", "min_snr")
+    target_presets = {"attention": ATTENTION, "attention_mlp": ATTENTION + MLP,
+                      "all_linear": ATTENTION + MLP + OTHER_LINEAR}
+    default_target_modules = ATTENTION
+
+    def __init__(self, root: Path, cfg: ModelConfig):
+        self.root = Path(root)
+        self.cfg = cfg
+        self.denoiser_file = Path(cfg.denoiser_file) if cfg.denoiser_file else None
+        self._scheduler = None
+
+    # -- cache stage: encoders -------------------------------------------------------------------
+    def load_vae(self, device, dtype):
+        # SDXL's VAE overflows in fp16 (its config sets force_upcast): the pipeline upcasts it and diffusers'
+        # SDXL LoRA script keeps it in fp32, so fp16 encodes in fp32 here too (bf16 has fp32's range).
+        if dtype == torch.float16 and AutoencoderKL.load_config(self.root, subfolder="vae").get("force_upcast"):
+            warn("model.encoder_dtype = fp16: this VAE overflows in fp16 (force_upcast), so it encodes in fp32")
+            dtype = torch.float32
+        return AutoencoderKL.from_pretrained(self.root, subfolder="vae", dtype=dtype).to(device).eval()
+
+    @torch.no_grad()
+    def encode_images(self, vae, pixels):
+        # The distribution's mode, not a sample: the latent of an image is then a pure function of its bytes.
+        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float()
+        if vae.config.shift_factor is not None:  # SDXL's VAE has none
+            z = z - vae.config.shift_factor
+        return (z * vae.config.scaling_factor).cpu()
+
+    def load_text_encoders(self, device, dtype):
+        # The pipeline itself, without UNet and VAE: its encode_prompt is the reference conditioning.
+        return StableDiffusionXLPipeline.from_pretrained(self.root, unet=None, vae=None, dtype=dtype).to(device)
+
+    @torch.no_grad()
+    def encode_captions(self, encoders, captions):
+        # no classifier-free guidance; "" (caption dropout) is encoded like any caption, as the training script does
+        embeds, _, pooled, _ = encoders.encode_prompt(captions, device=encoders.device,
+                                                      do_classifier_free_guidance=False)
+        return [
+            {"prompt_embeds": e.float().cpu(), "pooled_prompt_embeds": p.float().cpu()} for e, p in zip(embeds, pooled)
+        ]
+
+    # -- timesteps and noise ----------------------------------------------------------------------
+    def scheduler(self) -> DDPMScheduler:
+        # As diffusers' SDXL training scripts: a DDPMScheduler from the model's scheduler config (Euler's for SDXL).
+        if self._scheduler is None:
+            self._scheduler = DDPMScheduler.from_pretrained(self.root, subfolder="scheduler")
+            kind = self._scheduler.config.prediction_type
+            if kind not in ("epsilon", "v_prediction"):
+                raise UserError(f"model.path: '{self.root / 'scheduler'}' has prediction_type {kind!r}; "
+                                "SDXL training here supports epsilon and v_prediction")
+        return self._scheduler
+
+    def timestep_table(self):
+        s = self.scheduler()
+        ac = s.alphas_cumprod.float()
+        # sigma of the equivalent x0 + sigma * noise parametrisation, so 1 / sigma^2 is the SNR
+        return torch.arange(s.config.num_train_timesteps).float(), ((1 - ac) / ac).sqrt()
+
+    def timestep_spec(self):
+        c = self.scheduler().config
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                "rescale_betas_zero_snr", "prediction_type")
+        return {k: c.get(k) for k in keys}
+
+    def noisy_input(self, latents, noise, timesteps, sigmas):
+        return self.scheduler().add_noise(latents, noise, timesteps.long())
+
+    def target(self, latents, noise, timesteps):
+        s = self.scheduler()
+        if s.config.prediction_type == "v_prediction":
+            return s.get_velocity(latents, noise, timesteps.long())
+        return noise.clone()  # epsilon; a copy, since the caller writes the prior targets into it
+
+    def loss_weights(self, train, timesteps, sigmas):
+        if train.loss_weighting not in self.loss_weightings:
+            raise UserError(f"config key 'train.loss_weighting' must be one of {', '.join(self.loss_weightings)} "
+                            f"for {self.name} (sigma_sqrt and cosmap are for flow-matching models such as Flux)")
+        if train.loss_weighting == "none":
+            return torch.ones(len(timesteps))
+        # Min-SNR (arXiv 2303.09556) exactly as diffusers' SDXL scripts
+        s = self.scheduler()
+        snr = compute_snr(s, timesteps.long())
+        weights = torch.stack([snr, train.min_snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+        return weights / snr if s.config.prediction_type == "epsilon" else weights / (snr + 1)
+
+    # -- denoiser ---------------------------------------------------------------------------------
+    def load_denoiser(self, device, dtype):
+        if self.denoiser_file is not None:  # model.denoiser_file: weights from one file, config from the folder
+            model = UNet2DConditionModel.from_single_file(str(self.denoiser_file), config=str(self.root),
+                                                          subfolder="unet", dtype=dtype)
+        else:
+            model = UNet2DConditionModel.from_pretrained(self.root, subfolder="unet", dtype=dtype)
+        return model.to(device).eval().requires_grad_(False)
+
+    @functools.cached_property
+    def _vae_scale_factor(self) -> int:
+        # as the pipeline computes it
+        config = json.loads((self.root / "vae" / "config.json").read_text())
+        return 2 ** (len(config["block_out_channels"]) - 1)
+
+    @functools.cached_property
+    def unet_config(self) -> dict:
+        return json.loads((self.root / "unet" / "config.json").read_text())
+
+    def prediction_settings(self):
+        return {}  # no guidance embedding; the prediction type is part of the noise key
+
+    def predict(self, denoiser, noisy, timesteps, cond):
+        b, _, h, w = noisy.shape
+        device, dtype = denoiser.device, denoiser.dtype
+        # time ids as the pipeline's _get_add_time_ids: original size + crop top-left + target size, all
+        # (height, width) in pixels. Kept in float32: the UNet embeds them in float32 anyway, and so sizes
+        # above 256 (bf16) or 2048 (fp16) stay exact.
+        original, crop = cond["original_size"].float(), cond["crop_top_left"].float()
+        target = torch.tensor([h, w], dtype=torch.float32, device=original.device).mul(self._vae_scale_factor)
+        time_ids = torch.cat([original, crop, target.expand(b, 2)], dim=1)
+        return denoiser(
+            noisy.to(device, dtype),
+            timesteps.to(device),  # float, as the pipeline passes its scheduler's timesteps
+            encoder_hidden_states=cond["prompt_embeds"].to(device, dtype),
+            added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"].to(device, dtype),
+                               "time_ids": time_ids.to(device)},
+            return_dict=False,
+        )[0]
+
+    # -- export -----------------------------------------------------------------------------------
+    def to_kohya(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        """The diffusers-format LoRA save_lora writes (`unet.<module>.lora_A.weight`, ...) in kohya's layout
+        (`lora_unet_<original SDXL module path, '.' -> '_'>.lora_down.weight`, `.lora_up.weight`, `.alpha`),
+        which A1111, ComfyUI and diffusers' own kohya converter load."""
+        out = {}
+        for key, tensor in state_dict.items():
+            module, _, kind = key.removeprefix(f"{self.denoiser_component}.").rpartition(".lora_")
+            if kind not in ("A.weight", "B.weight"):
+                raise UserError(f"LoRA key '{key}' has no kohya equivalent (DoRA and LoRA biases are not exported)")
+            name = "lora_unet_" + ldm_unet_name(module, self.unet_config).replace(".", "_")
+            out[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = tensor
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+        return out
+
+
+# diffusers ResnetBlock2D names -> the original (ldm/sgm) ResBlock names
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+# top-level modules, from diffusers' own single-file table (parameter names -> module names)
+_TOP = {d.rsplit(".", 1)[0]: o.rsplit(".", 1)[0] for table in ("layers", "addition_embed_type")
+        for d, o in DIFFUSERS_TO_LDM_MAPPING["unet"][table].items()}
+
+
+def ldm_unet_name(name: str, config: dict) -> str:
+    """A diffusers UNet2DConditionModel module or parameter name -> its name in the original SDXL UNet
+    (input_blocks / middle_block / output_blocks), the inverse of diffusers' convert_ldm_unet_checkpoint.
+    Transformer blocks are named alike in both, so only the prefix and resnet parts change."""
+    for new, old in _TOP.items():
+        if name == new or name.startswith(new + "."):
+            return old + name[len(new):]
+    parts = name.split(".")
+    n = config["layers_per_block"] + 1  # original blocks per level: the layers, then the down/upsampler
+    if parts[0] == "down_blocks":
+        level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "downsamplers":  # conv -> op
+            prefix, rest = f"input_blocks.{(level + 1) * n}.0", ["op", *rest[1:]]
+        else:
+            prefix = f"input_blocks.{1 + level * n + j}.{0 if kind == 'resnets' else 1}"
+    elif parts[0] == "mid_block":
+        kind, j, rest = parts[1], int(parts[2]), parts[3:]
+        prefix = f"middle_block.{ {('resnets', 0): 0, ('attentions', 0): 1, ('resnets', 1): 2}[kind, j] }"
+    elif parts[0] == "up_blocks":
+        level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "upsamplers":  # after the resnet, and the attention where the level has one
+            has_attention = config["up_block_types"][level].startswith("CrossAttn")
+            prefix = f"output_blocks.{level * n + n - 1}.{2 if has_attention else 1}"
+        else:
+            prefix = f"output_blocks.{level * n + j}.{0 if kind == 'resnets' else 1}"
+    else:
+        raise ValueError(f"no original SDXL name for UNet module '{name}'")
+    if kind == "resnets" and rest and rest[0] in _RESNET:
+        rest = [_RESNET[rest[0]], *rest[1:]]
+    return ".".join([prefix, *rest])
