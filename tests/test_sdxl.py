@@ -250,14 +250,15 @@ def test_kohya_export_of_every_linear_layer(sdxl_root, tmp_path):
     fam = family(sdxl_root)
     unet = fam.load_denoiser(CPU, F32)
     linear = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
-    add_lora(unet, LoraConfig(rank=4, alpha=2.0, target_modules=fam.target_presets["all_linear"]), [])
+    lora_cfg = LoraConfig(rank=4, alpha=2.0, targets="all_linear")
+    add_lora(unet, lora_cfg, fam.target_presets)
     assert {n for n, m in unet.named_modules() if hasattr(m, "lora_A")} == linear  # all_linear is every Linear
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:  # B starts at zero; give every layer an effect
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    save_lora(tmp_path / "lora.safetensors", unet, "unet", {})
+    save_lora(tmp_path / "lora.safetensors", unet, fam, {}, lora_cfg)
     kohya = fam.to_kohya(load_file(tmp_path / "lora.safetensors"), alpha=2.0)
     assert "lora_unet_time_embed_0.alpha" in kohya and "lora_unet_label_emb_0_2.lora_up.weight" in kohya
     assert "lora_unet_input_blocks_1_0_emb_layers_1.lora_down.weight" in kohya  # first level's resnet

@@ -88,13 +88,14 @@ def test_bench_preset_and_unknown_names(tmp_path):
 def test_synthetic_concepts(tmp_path):
     first = tiny.build_synthetic_concepts(tmp_path / "one", n=6)
     second = tiny.build_synthetic_concepts(tmp_path / "two", n=6)
-    assert set(first) == {"standard", "prior"}
+    assert set(first) == {"standard", "prior", "heldout-standard", "heldout-prior"}
     for kind, folder in first.items():
         pngs = sorted(folder.glob("*.png"))
-        assert len(pngs) == 6 and len(list(folder.iterdir())) == 12
+        n = 6 if kind in ("standard", "prior") else 2  # two held-out images of each
+        assert len(pngs) == n and len(list(folder.iterdir())) == 2 * n
         for png in pngs:
             caption = png.with_suffix(".txt").read_text(encoding="utf-8").strip()
-            assert ("sks teapot" in caption) == (kind == "standard") and "teapot" in caption
+            assert ("sks teapot" in caption) == kind.endswith("standard") and "teapot" in caption
         sizes = {_image_size(p) for p in pngs}
         assert len(sizes) > 1 and all(min(s) > 64 for s in sizes)
         assert _files(folder) == _files(second[kind])
