@@ -15,6 +15,7 @@ def test_bench_reports_medians_and_ratios():
     assert set(result["median_seconds"]) == {"standard", "prior_cached", "prior_online"}
     assert all(v > 0 for v in result["median_seconds"].values())
     ms = result["median_seconds"]
-    assert result["ratio_prior_to_standard"] == round(ms["prior_cached"] / ms["standard"], 3)
-    assert result["ratio_online_to_cached"] == round(ms["prior_online"] / ms["prior_cached"], 3)
+    # the medians are printed rounded, the ratios computed before rounding
+    assert abs(result["ratio_prior_to_standard"] - ms["prior_cached"] / ms["standard"]) < 2e-3
+    assert abs(result["ratio_online_to_cached"] - ms["prior_online"] / ms["prior_cached"]) < 2e-3
     assert "prior samples, cached target" in r.stdout

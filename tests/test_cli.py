@@ -23,7 +23,8 @@ def test_default_config_end_to_end(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "cache" / "tiny-flux" / "model" / "model_index.json").is_file()
     summary = json.loads(first.stdout.strip().splitlines()[-1])["cache_summary"]
-    assert summary["samples"] == 16 and summary["priors_computed"] == 32
+    # 8 prior images and 2 held-out prior images, 4 variants each
+    assert summary["samples"] == 16 and summary["priors_computed"] == 40
 
     again = _cli("cache", "--config", str(config), "--quiet")
     assert again.returncode == 0 and "nothing to compute" in again.stdout
@@ -42,6 +43,6 @@ def test_missing_cache_refuses_with_the_fix(tmp_path):
     r = _cli("train", "--config", str(config), "--quiet")  # bf16 priors were never cached
     assert r.returncode == 2
     assert r.stderr.strip() == (
-        "error: priors for bf16 are not cached (32 of 32 missing for this model and data): "
+        "error: priors for bf16 are not cached (40 of 40 missing for this model and data): "
         f"run make cache CONFIG={config} DTYPE=bf16 (or: python -m pipeline cache --config {config} --dtype bf16)"
     )

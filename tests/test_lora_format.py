@@ -12,10 +12,11 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
+
 from conftest import configure
 
 from pipeline.cache_stage import run_cache
-from pipeline.config import LoraConfig
+from pipeline.config import LoraConfig, ModelConfig
 from pipeline.errors import UserError
 from pipeline.families.flux import FluxFamily
 from pipeline.lora import resolve_targets
@@ -162,7 +163,7 @@ def test_kohya_layout_at_flux1_widths(mlp):
     for module, (out, fan_in) in shapes.items():
         sd[f"transformer.{module}.lora_A.weight"] = torch.randn(r, fan_in, generator=g)
         sd[f"transformer.{module}.lora_B.weight"] = torch.randn(out, r, generator=g)
-    kohya = FluxFamily(".", None).to_kohya(dict(sd), alpha=1.0)
+    kohya = FluxFamily(".", ModelConfig(path=".")).to_kohya(dict(sd), alpha=1.0)
     back = _convert_kohya_flux_lora_to_diffusers(dict(kohya))  # diffusers then loads each with scale 1
     modules = {k.removeprefix("transformer.").split(".lora_")[0] for k in back}
     assert set(shapes) <= modules
