@@ -301,7 +301,7 @@ def validate(cfg: Config) -> None:
         if not DEVICE.match(value):
             raise UserError(f"config key '{key}' must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
     if cfg.embedded is not None:
-        _choice(cfg.embedded.family, ("flux",), "embedded.family")
+        _choice(cfg.embedded.family, ("flux", "hidream"), "embedded.family")
         _choice(cfg.embedded.preset, ("default", "bench"), "embedded.preset")
     for key, value in (("data.flip_probability", cfg.data.flip_probability),
                        ("data.caption_dropout", cfg.data.caption_dropout)):

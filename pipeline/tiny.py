@@ -218,8 +218,11 @@ def ensure_embedded(
     model_path: Path, concept_folders: list[Path], family: str = "flux", preset: str = "default"
 ) -> None:
     """Build the tiny model at `model_path` and the synthetic data set where they are missing."""
-    if family != "flux":
-        raise ValueError(f"unknown embedded model family '{family}' (known: flux)")
+    from pipeline.tiny_hidream import build_tiny_hidream  # it imports this module: import here, not above
+
+    builders = {"flux": build_tiny_flux, "hidream": build_tiny_hidream}
+    if family not in builders:
+        raise ValueError(f"unknown embedded model family '{family}' (known: {', '.join(builders)})")
     missing = [Path(p) for p in concept_folders if not Path(p).exists()]
     for p in missing:
         if p.name not in ("standard", "prior"):
@@ -228,6 +231,6 @@ def ensure_embedded(
             )
     model_path = Path(model_path)  # checked everything first: a bad config builds nothing
     if not (model_path / "model_index.json").exists():
-        build_tiny_flux(model_path, preset)
+        builders[family](model_path, preset)
     for parent in sorted({p.parent for p in missing}):
         build_synthetic_concepts(parent)

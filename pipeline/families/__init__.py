@@ -108,5 +108,6 @@ def get_family(cfg: ModelConfig) -> Family:
 
 
 from pipeline.families.flux import FluxFamily  # noqa: E402
+from pipeline.families.hidream import HiDreamFamily  # noqa: E402
 
-FAMILIES = {"flux": FluxFamily}
+FAMILIES = {"flux": FluxFamily, "hidream": HiDreamFamily}
