@@ -13,10 +13,11 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from pipeline.cache_stage import run_cache
-from pipeline.config import ModelConfig
+from pipeline.config import LoraConfig, ModelConfig
 from pipeline.data import load_image
 from pipeline.errors import UserError
 from pipeline.families import get_family
+from pipeline.lora import add_lora
 from pipeline.plan import make_plan
 from pipeline.store import Store
 from pipeline.tiny_hidream import build_tiny_hidream
@@ -78,6 +79,33 @@ def test_llama_beside_the_hub_layout(family, model, tmp_path):
     shutil.rmtree(root / "text_encoder_4")
     with pytest.raises(UserError, match="no text_encoder_4.*Llama-3.1-8B-Instruct"):
         hub.load_text_encoders(cpu, torch.float32)
+
+
+def _lora_gradients(family, targets):
+    """Adapter name -> whether its lora_B got a gradient from one training-mode forward and backward."""
+    m = family.load_denoiser(torch.device("cpu"), torch.float32)
+    add_lora(m, LoraConfig(rank=2, alpha=2.0, target_modules=targets), [])
+    m.train()
+    g = torch.Generator().manual_seed(0)
+    cond = {"prompt_embeds_t5": torch.randn(2, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(2, 32, generator=g),
+            "prompt_embeds_llama3": torch.randn(2, 2, 8, 32, generator=g)}
+    loss = family.predict(m, torch.randn(2, 4, 6, 10, generator=g), torch.tensor([300.0, 700.0]), cond).square().mean()
+    if loss.requires_grad:  # not so when no adapter is on the gradient's path at all
+        loss.backward()
+    unwrapped = {n for n, x in m.named_modules() if type(x) is torch.nn.Linear and ".lora_" not in n
+                 and not n.endswith(".base_layer")}
+    return {n: p.grad is not None and bool(p.grad.abs().sum() > 0)
+            for n, p in m.named_parameters() if "lora_B" in n}, unwrapped
+
+
+def test_target_presets_wrap_what_trains(family):
+    for name, targets in family.target_presets.items():
+        grads, unwrapped = _lora_gradients(family, targets)
+        assert grads and all(grads.values()), name  # every adapter of every preset learns
+    # all_linear leaves out exactly the routed experts: the inference MoE path runs them without gradient
+    assert unwrapped and all(".ff_i.experts." in n for n in unwrapped)
+    grads, _ = _lora_gradients(family, ["experts.0.w1"])
+    assert grads and not any(grads.values())
 
 
 def test_conditioning_is_the_pipelines_encode_prompt(family, model):
