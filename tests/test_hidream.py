@@ -12,6 +12,7 @@ from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_hidre
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
+from pipeline import tiny
 from pipeline.cache_stage import run_cache
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.data import load_image
@@ -53,7 +54,7 @@ def test_registered_and_detected(family, model):
 
 
 def test_build_is_deterministic(model, tmp_path):
-    build_tiny_hidream(tmp_path / "again")
+    tiny.ensure_embedded(tmp_path / "again", [], family="hidream")  # [embedded] family = "hidream" builds it
     files = sorted(p.relative_to(model) for p in model.rglob("*") if p.is_file())
     assert len([f for f in files if f.suffix == ".safetensors"]) == 6  # transformer, VAE, four text encoders
     assert files == sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())

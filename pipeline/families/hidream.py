@@ -67,24 +67,28 @@ class HiDreamFamily:
 
     def load_text_encoders(self, device, dtype):
         """The pipeline without transformer and VAE: its encode_prompt is the reference conditioning.
-        HiDream's repositories ship no Llama (model_index.json lists text_encoder_4 as null), so a Llama
-        placed in the folder as text_encoder_4/ (and tokenizer_4/, else its tokenizer files in
-        text_encoder_4/) is loaded here and handed to the pipeline."""
-        extra = {}
+        HiDream's repositories ship no Llama (model_index.json lists no text_encoder_4), so a Llama placed
+        in the folder as text_encoder_4/ (its tokenizer in tokenizer_4/ or beside it, as the Llama
+        repository has it) is loaded here and handed to the pipeline, as its constructor arguments."""
+        llama = self.root / "text_encoder_4"
+        if not (llama / "config.json").is_file():
+            raise UserError(
+                f"model.path: '{self.root}' has no text_encoder_4 (HiDream's Llama-3.1-8B-Instruct): download it "
+                f"into that folder (hf download meta-llama/Meta-Llama-3.1-8B-Instruct --local-dir {llama} "
+                f"--exclude 'original/*'), see the README's HiDream section"
+            )
         index = json.loads((self.root / "model_index.json").read_text())
-        if not (index.get("text_encoder_4") or [None])[0]:
-            llama = self.root / "text_encoder_4"
-            if not (llama / "config.json").is_file():
-                raise UserError(
-                    f"model.path: '{self.root}' has no text_encoder_4 (HiDream's Llama-3.1-8B-Instruct): download "
-                    f"it into that folder (hf download meta-llama/Meta-Llama-3.1-8B-Instruct --local-dir "
-                    f"{llama} --exclude 'original/*'), see the README's HiDream section"
-                )
-            from transformers import AutoTokenizer, LlamaForCausalLM
+        listed = lambda name: bool((index.get(name) or [None])[0])  # noqa: E731
+        extra = {}
+        if not listed("text_encoder_4"):
+            from transformers import LlamaForCausalLM
 
-            tok_dir = self.root / "tokenizer_4" if (self.root / "tokenizer_4").is_dir() else llama
-            extra = {"text_encoder_4": LlamaForCausalLM.from_pretrained(llama, dtype=dtype),
-                     "tokenizer_4": AutoTokenizer.from_pretrained(tok_dir)}
+            extra["text_encoder_4"] = LlamaForCausalLM.from_pretrained(llama, dtype=dtype)
+        if not listed("tokenizer_4") or not (self.root / "tokenizer_4").is_dir():
+            from transformers import AutoTokenizer
+
+            tokenizer = self.root / "tokenizer_4" if (self.root / "tokenizer_4").is_dir() else llama
+            extra["tokenizer_4"] = AutoTokenizer.from_pretrained(tokenizer)
         pipe = HiDreamImagePipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype, **extra)
         return pipe.to(device)
 
