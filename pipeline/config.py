@@ -317,7 +317,7 @@ def validate(cfg: Config) -> None:
     if cfg.model.denoiser_file and not cfg.model.denoiser_file.endswith(".safetensors"):
         raise UserError("config key 'model.denoiser_file' must name a .safetensors file (pickle checkpoints are not loaded)")
     if cfg.embedded is not None:
-        _choice(cfg.embedded.family, ("flux", "sdxl"), "embedded.family")
+        _choice(cfg.embedded.family, ("flux", "sdxl", "hidream"), "embedded.family")
         _choice(cfg.embedded.preset, ("default", "bench", "schnell"), "embedded.preset")
     for key, value in (("data.flip_probability", cfg.data.flip_probability),
                        ("data.caption_dropout", cfg.data.caption_dropout)):

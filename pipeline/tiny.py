@@ -246,6 +246,7 @@ def ensure_embedded(
 
 def tiny_builders() -> dict:
     """[embedded] family -> its tiny model's builder(path, preset)."""
-    from pipeline.tiny_sdxl import build_tiny_sdxl  # these import this module, so not at the top
+    from pipeline.tiny_hidream import build_tiny_hidream  # these import this module, so not at the top
+    from pipeline.tiny_sdxl import build_tiny_sdxl
 
-    return {"flux": build_tiny_flux, "sdxl": build_tiny_sdxl}
+    return {"flux": build_tiny_flux, "sdxl": build_tiny_sdxl, "hidream": build_tiny_hidream}

@@ -18,7 +18,7 @@ from pipeline.plan import TORCH_DTYPES, make_plan
 from pipeline.store import Store
 from pipeline.train_stage import train_lora
 
-FAMILIES = ["flux", "flux-schnell", "sdxl"]
+FAMILIES = ["flux", "flux-schnell", "sdxl", "hidream"]
 
 
 @pytest.fixture(params=FAMILIES)

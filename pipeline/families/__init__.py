@@ -144,6 +144,7 @@ def get_family(cfg: ModelConfig) -> Family:
 
 
 from pipeline.families.flux import FluxFamily  # noqa: E402
+from pipeline.families.hidream import HiDreamFamily  # noqa: E402
 from pipeline.families.sdxl import SDXLFamily  # noqa: E402
 
-FAMILIES = {"flux": FluxFamily, "sdxl": SDXLFamily}
+FAMILIES = {"flux": FluxFamily, "sdxl": SDXLFamily, "hidream": HiDreamFamily}

@@ -1,0 +1,199 @@
+"""HiDream-I1 (Full, Dev, Fast): two CLIP pooled embeddings, T5 and every Llama-3.1 hidden layer as
+conditioning, an MoE transformer that patchifies unpacked latents itself, flow matching.
+
+Every call mirrors what diffusers' HiDreamImagePipeline does inside one denoising step (unpacked latents,
+timesteps on the scheduler's 0..1000 scale, the sign flip of the transformer's output), so a cached prior
+is exactly what the base model predicts in that pipeline.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
+from diffusers import HiDreamImageTransformer2DModel
+from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+from pipeline import objective
+from pipeline.config import ModelConfig
+from pipeline.errors import UserError
+
+ATTENTION = ["to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t"]
+# Feed-forwards that get a gradient: the text stream's, the shared experts' (and ff_i's where a model has
+# no MoE). The routed experts do not: diffusers runs them under no_grad in the inference MoE path that
+# training must use (see load_denoiser), so an adapter there would never move. The MoE gate is a bare
+# Parameter, not an nn.Linear, so peft cannot wrap it anyway.
+MLP = ["ff_i.w1", "ff_i.w2", "ff_i.w3", "shared_experts.w1", "shared_experts.w2", "shared_experts.w3",
+       "ff_t.w1", "ff_t.w2", "ff_t.w3"]
+# The remaining Linears: adaLN modulations, caption projections and final linear ("linear"), the patch
+# embedding ("proj") and the timestep/pooled embedders.
+OTHER_LINEAR = ["adaLN_modulation.1", "linear", "proj", "linear_1", "linear_2"]
+
+
+class HiDreamFamily:
+    name = "hidream"
+    pipeline_classes = ("HiDreamImagePipeline",)
+    vae_components = ("vae",)
+    text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3",
+                       "text_encoder_4", "tokenizer_4")
+    denoiser_component = "transformer"
+    pixel_multiple = 16  # VAE downsamples by 8, 2x2 patches by 2 more
+    default_timestep_sampling = "logit_normal"  # as diffusers' HiDream LoRA script (SD3 paper)
+    loss_weightings = ("none", "sigma_sqrt", "cosmap")  # diffusers' compute_loss_weighting_for_sd3
+    target_presets = {
+        "attention": ATTENTION,  # image- and text-stream projections of every block
+        "attention_mlp": ATTENTION + MLP,
+        "all_linear": ATTENTION + MLP + OTHER_LINEAR,
+    }
+    default_target_modules = target_presets["attention"]
+
+    def __init__(self, root: Path, cfg: ModelConfig):
+        self.root = Path(root)
+        self.cfg = cfg
+        self._scheduler = None
+
+    # -- cache stage: encoders -------------------------------------------------------------------
+    def load_vae(self, device, dtype):
+        return AutoencoderKL.from_pretrained(self.root, subfolder="vae", dtype=dtype).to(device).eval()
+
+    @torch.no_grad()
+    def encode_images(self, vae, pixels):
+        # the mode, not a sample (deterministic); then the pipeline's inverse of its decode step
+        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return ((z.float() - vae.config.shift_factor) * vae.config.scaling_factor).cpu()
+
+    def load_text_encoders(self, device, dtype):
+        """The pipeline without transformer and VAE: its encode_prompt is the reference conditioning.
+        HiDream's repositories ship no Llama (model_index.json lists no text_encoder_4), so a Llama placed
+        in the folder as text_encoder_4/ (its tokenizer in tokenizer_4/ or beside it, as the Llama
+        repository has it) is loaded here and handed to the pipeline, as its constructor arguments."""
+        llama = self.root / "text_encoder_4"
+        if not (llama / "config.json").is_file():
+            raise UserError(
+                f"model.path: '{self.root}' has no text_encoder_4 (HiDream's Llama-3.1-8B-Instruct): download it "
+                f"into that folder (hf download meta-llama/Meta-Llama-3.1-8B-Instruct --local-dir {llama} "
+                f"--exclude 'original/*'), see the README's HiDream section"
+            )
+        index = json.loads((self.root / "model_index.json").read_text())
+        listed = lambda name: bool((index.get(name) or [None])[0])  # noqa: E731
+        extra = {}
+        if not listed("text_encoder_4"):
+            from transformers import LlamaForCausalLM
+
+            extra["text_encoder_4"] = LlamaForCausalLM.from_pretrained(llama, dtype=dtype)
+        if not listed("tokenizer_4") or not (self.root / "tokenizer_4").is_dir():
+            from transformers import AutoTokenizer
+
+            tokenizer = self.root / "tokenizer_4" if (self.root / "tokenizer_4").is_dir() else llama
+            extra["tokenizer_4"] = AutoTokenizer.from_pretrained(tokenizer)
+        pipe = HiDreamImagePipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype, **extra)
+        return pipe.to(device)
+
+    @torch.no_grad()
+    def encode_captions(self, encoders, captions):
+        t5, _, llama, _, pooled, _ = encoders.encode_prompt(
+            captions, device=encoders.device, do_classifier_free_guidance=False,
+            max_sequence_length=self.cfg.max_sequence_length,
+        )
+        # llama: (layers, B, tokens, D), every hidden layer as the pipeline returns it. The transformer picks
+        # its config's llama_layers from it; I1 uses all 32, so a subset would save nothing there, while it
+        # would tie these entries to a transformer config that the text key does not cover.
+        return [
+            {"prompt_embeds_t5": t.float().cpu(), "prompt_embeds_llama3": l.float().cpu(),
+             "pooled_prompt_embeds": p.float().cpu()}
+            for t, l, p in zip(t5, llama.transpose(0, 1), pooled)
+        ]
+
+    # -- timesteps --------------------------------------------------------------------------------
+    def scheduler(self) -> FlowMatchEulerDiscreteScheduler:
+        """The flow-matching training table with the model's own fixed shift: I1-Dev and -Fast ship a
+        FlowMatchEuler config (shift 6.0 and 3.0); I1-Full ships UniPC with flow_shift 3.0, rebuilt here as
+        FlowMatchEuler with that shift (diffusers' HiDream LoRA script uses shift 3.0 for every variant)."""
+        if self._scheduler is None:
+            config = json.loads((self.root / "scheduler" / "scheduler_config.json").read_text())
+            if config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+                self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.root, subfolder="scheduler")
+            else:
+                shift = config.get("flow_shift") or config.get("shift") or 3.0
+                self._scheduler = FlowMatchEulerDiscreteScheduler(
+                    num_train_timesteps=config.get("num_train_timesteps", 1000), shift=shift
+                )
+        return self._scheduler
+
+    def timestep_table(self):
+        s = self.scheduler()
+        return s.timesteps.float(), s.sigmas[: len(s.timesteps)].float()
+
+    def timestep_spec(self):
+        c = self.scheduler().config
+        return {k: c.get(k) for k in ("num_train_timesteps", "shift", "use_dynamic_shifting")}
+
+    # -- denoiser ---------------------------------------------------------------------------------
+    def load_denoiser(self, device, dtype):
+        # force_inference_output, as diffusers' HiDream LoRA script: in train() mode the transformer would
+        # otherwise route the MoE differently and return patch-major output; with it, train() and eval()
+        # give the same prediction bit for bit, so a cached prior is the training forward's step-0 output.
+        model = HiDreamImageTransformer2DModel.from_pretrained(
+            self.root, subfolder="transformer", dtype=dtype, force_inference_output=True
+        )
+        return model.to(device).eval().requires_grad_(False)
+
+    def noisy_input(self, latents, noise, timesteps, sigmas):
+        return objective.flow_noisy(latents, noise, sigmas)
+
+    def target(self, latents, noise, timesteps):
+        return objective.flow_target(latents, noise)
+
+    def loss_weights(self, train, timesteps, sigmas):
+        if train.loss_weighting not in self.loss_weightings:
+            raise UserError(f"config key 'train.loss_weighting' must be one of {', '.join(self.loss_weightings)} "
+                            f"for {self.name} (min_snr is for epsilon/v-prediction models such as SDXL)")
+        return compute_loss_weighting_for_sd3(train.loss_weighting, sigmas)
+
+    def prediction_settings(self):
+        return {}  # no guidance embedding; classifier-free guidance happens outside the transformer
+
+    @functools.cached_property
+    def _llama_layers(self) -> list[int]:
+        return json.loads((self.root / "transformer" / "config.json").read_text())["llama_layers"]
+
+    def predict(self, denoiser, noisy, timesteps, cond):
+        device, dtype = denoiser.device, denoiser.dtype
+        llama = cond["prompt_embeds_llama3"]  # (B, layers, tokens, D) as cached
+        if max(self._llama_layers) >= llama.shape[1]:
+            raise UserError(f"the cached Llama embeddings hold {llama.shape[1]} layers but the transformer in "
+                            f"'{self.root}' reads layer {max(self._llama_layers)}: is text_encoder_4 the right Llama?")
+        out = denoiser(
+            hidden_states=noisy.to(device, dtype),  # unpacked: the transformer patchifies itself
+            timesteps=timesteps.to(device),  # float32 on the 0..1000 scale, as the pipeline passes them
+            encoder_hidden_states_t5=cond["prompt_embeds_t5"].to(device, dtype),
+            encoder_hidden_states_llama3=llama.to(device, dtype).transpose(0, 1).contiguous(),  # layers first
+            pooled_embeds=cond["pooled_prompt_embeds"].to(device, dtype),
+            return_dict=False,
+        )[0]
+        # The pipeline steps its flow-matching scheduler with -output: the transformer predicts x0 - noise.
+        # Negated, the prediction is the velocity noise - x0, the same quantity as target(); a sign flip is
+        # exact, so priors stay bitwise what the pipeline computes.
+        return -out
+
+    # -- export -----------------------------------------------------------------------------------
+    def to_kohya(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        """The diffusers-format LoRA that pipeline/lora.py writes (transformer.<module>.lora_A/B.weight) in
+        ComfyUI's layout, the non-diffusers one diffusers' HiDream loader converts back:
+        diffusion_model.<module>.lora_A/B.weight, same module names. That converter only strips the prefix
+        and the loader refuses keys without "lora", so no .alpha keys: the scale alpha/rank is folded into
+        lora_B instead, and both loaders (which then take alpha = rank, scale 1) apply the trained scale."""
+        out = {}
+        for key, value in state_dict.items():
+            if not key.startswith("transformer.") or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+                raise UserError(f"LoRA key '{key}' cannot be exported to the kohya/ComfyUI format "
+                                "(only plain LoRA on the transformer: no DoRA, no text encoder)")
+            module = key[len("transformer."):-len(".lora_A.weight")]
+            if key.endswith(".lora_B.weight"):
+                rank = state_dict[f"transformer.{module}.lora_A.weight"].shape[0]
+                value = (value.float() * (alpha / rank)).to(value.dtype)
+            out[f"diffusion_model.{key[len('transformer.'):]}"] = value
+        return out
