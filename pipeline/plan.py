@@ -112,7 +112,8 @@ class Plan:
     def text_jobs(self) -> dict[str, str]:
         """text key -> caption: each distinct caption once (the empty one too), validation prompts included."""
         jobs = {k: c for s in self.samples for k, c in zip(s.text_keys, s.captions)}
-        jobs.update({self.text_key(p): p for p in self.cfg.validation.prompts})
+        prompts = self.cfg.validation.prompts
+        jobs.update({self.text_key(p): p for p in [*prompts, ""] if prompts})  # "": the negative, for guidance
         return jobs
 
     def bucket_counts(self) -> dict[str, int]:

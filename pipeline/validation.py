@@ -77,13 +77,14 @@ def render_prompts(plan: Plan, store: Store, model, device: torch.device) -> lis
     model.eval()
     try:
         images = []
+        empty = {k: t[None] for k, t in store.read("text", plan.text_key(""))[0].items()}
         for prompt in v.prompts:  # one at a time: peak memory of one image, and each image its own seed
             cond = store.read("text", plan.text_key(prompt))[0]
             generator = torch.Generator("cpu").manual_seed(v.seed)
             images += render_cached(
                 plan.family, model, vae, {k: t[None] for k, t in cond.items()}, height=v.height or plan.cfg.data.resolution,
                 width=v.width or plan.cfg.data.resolution, steps=v.steps, guidance_scale=v.guidance_scale,
-                generator=generator,
+                generator=generator, negative=empty,
             )
     finally:
         model.train()

@@ -76,10 +76,13 @@ class Family(Protocol):
         the layout cannot hold. An optional `kohya_metadata` dict (ss_network_module...) goes into the file."""
 
 
-def render_cached(family, denoiser, vae, cond, *, height, width, steps, guidance_scale, generator) -> list:
+def render_cached(family, denoiser, vae, cond, *, height, width, steps, guidance_scale, generator, negative=None) -> list:
     """Run the family's own text-to-image pipeline (pipeline_classes[0]) on cached text conditioning: its
     text encoders are left out, and the cached tensors go in as the pipeline's `*_embeds` arguments, which
-    is why each family names its cached text tensors exactly as its pipeline's __call__ arguments."""
+    is why each family names its cached text tensors exactly as its pipeline's __call__ arguments.
+    `negative`: the cached conditioning of "", for pipelines whose guidance encodes it as the negative
+    prompt (a family sets `negative_is_empty_caption`; SDXL's default is zeros, Flux-dev's guidance is
+    embedded)."""
     import diffusers
 
     cls = getattr(diffusers, family.pipeline_classes[0])
@@ -87,7 +90,12 @@ def render_cached(family, denoiser, vae, cond, *, height, width, steps, guidance
         family.root, **{family.denoiser_component: denoiser, "vae": vae}, **{n: None for n in family.text_components}
     )
     pipe.set_progress_bar_config(disable=True)  # the train stage's own bar is the one to watch
-    cond = {k: t.to(denoiser.device, denoiser.dtype) for k, t in cond.items()}
+    if negative is not None and getattr(family, "negative_is_empty_caption", False):
+        # this pipeline's classifier-free guidance encodes "" as the negative prompt: pass that, cached
+        cond = {**cond, **{f"negative_{k}": t for k, t in negative.items()}}
+    # the cache stacks every tensor batch-first; a family whose pipeline wants another layout converts it
+    layout = getattr(family, "pipeline_layout", lambda c: c)
+    cond = {k: t.to(denoiser.device, denoiser.dtype) for k, t in layout(cond).items()}
     with torch.no_grad():
         return pipe(**cond, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
                     generator=generator, output_type="pil").images

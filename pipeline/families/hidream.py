@@ -42,6 +42,7 @@ class HiDreamFamily:
     denoiser_component = "transformer"
     pixel_multiple = 16  # VAE downsamples by 8, 2x2 patches by 2 more
     default_timestep_sampling = "logit_normal"  # as diffusers' HiDream LoRA script (SD3 paper)
+    negative_is_empty_caption = True  # its pipeline encodes "" as the negative prompt for guidance
     loss_weightings = ("none", "sigma_sqrt", "cosmap")  # diffusers' compute_loss_weighting_for_sd3
     target_presets = {
         "attention": ATTENTION,  # image- and text-stream projections of every block
@@ -155,6 +156,10 @@ class HiDreamFamily:
 
     def prediction_settings(self):
         return {}  # no guidance embedding; classifier-free guidance happens outside the transformer
+
+    def pipeline_layout(self, cond: dict) -> dict:
+        """Batched cached conditioning in HiDreamImagePipeline's argument layout: Llama layers first."""
+        return {k: t.transpose(0, 1).contiguous() if k.endswith("prompt_embeds_llama3") else t for k, t in cond.items()}
 
     @functools.cached_property
     def _llama_layers(self) -> list[int]:
