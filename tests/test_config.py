@@ -112,3 +112,17 @@ def test_portable_config_has_no_absolute_paths(project):
     cfg = load_config(_write(project, GOOD))
     text = cfg.portable_json()
     assert str(project) not in text and '"folder": "a"' in text
+
+
+def test_a_hub_id_without_network_says_to_download_it(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    from pipeline.families import resolve_model
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on a machine with no network
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # and nothing downloaded
+    with pytest.raises(UserError) as e:
+        resolve_model("black-forest-labs/FLUX.1-dev")
+    message = str(e.value)
+    assert "\n" not in message and "model.path" in message
+    assert "hf download black-forest-labs/FLUX.1-dev --local-dir DIR" in message and 'model.path = "DIR"' in message
