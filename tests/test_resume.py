@@ -18,6 +18,11 @@ def _config(project, name, out):
     path, _ = project(name=name, out=out, epochs=3, dtype="fp32")
     text = path.read_text()
     text = text.replace("[train]\n", "[train]\ncheckpoint_every = 5\nkeep_checkpoints = 2\n")
+    # validation in between steps must not change the run: held-out images and a prompt, every 4 steps
+    held_out = f'[[concepts]]\nfolder = "{project.root}/data/heldout-prior"\ntype = "validation"\nprior = true\n\n'
+    text = text.replace("[cache]\n", held_out + "[cache]\n")
+    text += '\n[validation]\nprompts = ["a photo of sks teapot"]\nevery = 4\nsteps = 1\n'
+
     text = text.replace("[lora]\n", "[lora]\ndropout = 0.1\n").replace("[optimizer]\n", '[optimizer]\nscheduler = "cosine"\nwarmup_steps = 3\n')
     path.write_text(text)
     return load_config(path)
@@ -58,3 +63,5 @@ def test_interrupted_and_resumed_equals_uninterrupted(project, monkeypatch):
     lines = [json.loads(x) for x in open(project.root / "cut" / "metrics.jsonl")]
     assert [x["step"] for x in lines] == list(range(24))
     assert [x["loss"] for x in lines] == [x["loss"] for x in expected_metrics]
+    scores = lambda run: [(x["step"], x["prior_drift"]) for x in map(json.loads, open(project.root / run / "validation.jsonl"))]  # noqa: E731
+    assert scores("cut") == scores("full") and [s for s, _ in scores("full")] == [0, 4, 8, 12, 16, 20, 24]
