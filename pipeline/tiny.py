@@ -91,14 +91,10 @@ def t5_tokenizer():
 def build_tiny_flux(path: Path, preset: str = "default", seed: int = 0) -> None:
     """Build a tiny random-weight FluxPipeline at `path` (replacing a previous build there)."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown tiny model preset '{preset}' (known: {', '.join(PRESETS)})")
-    path = Path(path)
-    if path.exists() and any(path.iterdir()) and not (path / "model_index.json").exists():
-        raise FileExistsError(f"'{path}' exists and is not a diffusers model folder; not overwriting it")
+    path = check_target(path, preset, PRESETS)
     tf = {"guidance_embeds": True, **PRESETS[preset]}  # like Flux-dev unless the preset says otherwise
     clip_dim, t5_dim = tf["pooled_projection_dim"], tf["joint_attention_dim"]
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
@@ -108,13 +104,7 @@ def build_tiny_flux(path: Path, preset: str = "default", seed: int = 0) -> None:
     # in_channels 16 = 4 latent channels packed 2x2
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, **tf)
     torch.manual_seed(seed + 1)
-    # 4 blocks -> VAE scale factor 8 like Flux; scaling/shift are Flux's, no quant convs like Flux.
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False,
-    )
+    vae = tiny_vae(**FLUX_VAE)
     torch.manual_seed(seed + 2)
     # FluxPipeline uses CLIP's pooler_output (hidden_size wide) as the pooled projection.
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -138,6 +128,36 @@ def build_tiny_flux(path: Path, preset: str = "default", seed: int = 0) -> None:
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
     )
+    save_pipeline(pipe, path)
+
+
+def check_target(path: Path, preset: str, presets: dict) -> Path:
+    """Refuse an unknown preset, and a folder that holds something other than a diffusers model."""
+    if preset not in presets:
+        raise ValueError(f"unknown tiny model preset '{preset}' (known: {', '.join(presets)})")
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not (path / "model_index.json").exists():
+        raise FileExistsError(f"'{path}' exists and is not a diffusers model folder; not overwriting it")
+    return path
+
+
+# Flux's latent scaling and shift, and no quant convs like Flux (HiDream uses Flux's VAE)
+FLUX_VAE = dict(scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def tiny_vae(**family_settings):
+    """A 4-block AutoencoderKL (scale factor 8, like the real ones) with 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=8, sample_size=64, **family_settings,
+    )
+
+
+def save_pipeline(pipe, path: Path) -> None:
+    """save_pretrained into a temporary sibling, then into place: an interrupted build leaves no half folder."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)

@@ -9,8 +9,6 @@ with no extra arguments.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from pipeline import tiny
@@ -54,17 +52,13 @@ def llama_tokenizer():
 def build_tiny_hidream(path: Path, preset: str = "default", seed: int = 0) -> None:
     """Build a tiny random-weight HiDreamImagePipeline at `path` (replacing a previous build there)."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
     from diffusers import HiDreamImageTransformer2DModel
     from transformers import (
         CLIPTextConfig, CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM, T5Config, T5EncoderModel,
     )
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown tiny model preset '{preset}' (known: {', '.join(PRESETS)})")
-    path = Path(path)
-    if path.exists() and any(path.iterdir()) and not (path / "model_index.json").exists():
-        raise FileExistsError(f"'{path}' exists and is not a diffusers model folder; not overwriting it")
+    path = tiny.check_target(path, preset, PRESETS)
     p = PRESETS[preset]
     d = p["hidden"]  # T5 and Llama width; each CLIP projects to d/2, so the pooled embedding is d wide
     clip_tok, t5_tok, llama_tok = tiny.clip_tokenizer(), tiny.t5_tokenizer(), llama_tokenizer()
@@ -80,12 +74,7 @@ def build_tiny_hidream(path: Path, preset: str = "default", seed: int = 0) -> No
         llama_layers=[min(i, p["llama_layers"] - 1) for i in range(blocks)],
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(  # as tiny.build_tiny_flux: HiDream uses Flux's VAE
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False,
-    )
+    vae = tiny.tiny_vae(**tiny.FLUX_VAE)  # HiDream uses Flux's VAE
 
     def clip(seed_offset: int):
         torch.manual_seed(seed + seed_offset)
@@ -117,7 +106,4 @@ def build_tiny_hidream(path: Path, preset: str = "default", seed: int = 0) -> No
         text_encoder_2=text_encoder_2, tokenizer_2=clip_tok, text_encoder_3=text_encoder_3, tokenizer_3=t5_tok,
         text_encoder_4=text_encoder_4, tokenizer_4=llama_tok, transformer=transformer,
     )
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    tiny._move_into_place(tmp, path)
+    tiny.save_pipeline(pipe, path)

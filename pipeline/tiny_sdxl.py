@@ -7,11 +7,9 @@ linear attention projections; a VAE with 4 latent channels and scale factor 8; S
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-from pipeline.tiny import _move_into_place, clip_tokenizer
+from pipeline.tiny import check_target, clip_tokenizer, save_pipeline, tiny_vae
 
 PRESETS = {
     # a UNet of well under 1M parameters: a forward at 64 px takes milliseconds on a CPU
@@ -26,14 +24,10 @@ PRESETS = {
 def build_tiny_sdxl(path: Path, preset: str = "default", seed: int = 0) -> None:
     """Build a tiny random-weight StableDiffusionXLPipeline at `path` (replacing a previous build there)."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown tiny model preset '{preset}' (known: {', '.join(PRESETS)})")
-    path = Path(path)
-    if path.exists() and any(path.iterdir()) and not (path / "model_index.json").exists():
-        raise FileExistsError(f"'{path}' exists and is not a diffusers model folder; not overwriting it")
+    path = check_target(path, preset, PRESETS)
     p = PRESETS[preset]
     clip_dim, time_dim = p["clip_dim"], p["time_dim"]
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer()
@@ -59,11 +53,7 @@ def build_tiny_sdxl(path: Path, preset: str = "default", seed: int = 0) -> None:
     )
     torch.manual_seed(seed + 1)
     # 4 blocks -> scale factor 8 like SDXL's VAE; its scaling factor; force_upcast as SDXL's (fp16 overflows)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=0.13025, force_upcast=True,
-    )
+    vae = tiny_vae(scaling_factor=0.13025, force_upcast=True)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(clip_config(tokenizer))
     torch.manual_seed(seed + 3)
@@ -78,7 +68,4 @@ def build_tiny_sdxl(path: Path, preset: str = "default", seed: int = 0) -> None:
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
     )
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    _move_into_place(tmp, path)
+    save_pipeline(pipe, path)

@@ -13,7 +13,7 @@ from pipeline.cache_stage import run_cache
 from pipeline.errors import UserError
 from pipeline.plan import make_plan
 from pipeline.store import Store
-from pipeline.train_stage import run_train, train_lora
+from pipeline.train_stage import run_train
 
 COMPUTED = ("latents_encoded", "texts_encoded", "noise_computed", "priors_computed")
 

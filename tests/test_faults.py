@@ -14,7 +14,6 @@ import pytest
 from pipeline.cache_stage import run_cache
 from pipeline.errors import UserError
 from pipeline.store import Store
-from pipeline.train_stage import run_train
 
 
 def test_disk_full_keeps_finished_segments_and_the_rerun_completes(project, monkeypatch):

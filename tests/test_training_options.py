@@ -8,7 +8,6 @@ import torch
 from safetensors import safe_open
 
 from pipeline.cache_stage import run_cache
-from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.train_stage import run_train
 

@@ -76,6 +76,43 @@ class Family(Protocol):
         the layout cannot hold. An optional `kohya_metadata` dict (ss_network_module...) goes into the file."""
 
 
+class FolderFamily:
+    """What every family here shares: a diffusers model folder, latents from its VAE's mode, and the
+    denoiser from the folder or from one file (model.denoiser_file). A family sets `denoiser_class`."""
+
+    denoiser_class: Any
+    denoiser_component: str
+
+    def __init__(self, root: Path, cfg: ModelConfig):
+        self.root = Path(root)
+        self.cfg = cfg
+        self.denoiser_file = Path(cfg.denoiser_file) if cfg.denoiser_file else None
+        self._scheduler = None
+
+    def load_vae(self, device, dtype):
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(self.root, subfolder="vae", dtype=dtype).to(device).eval()
+
+    @torch.no_grad()
+    def encode_images(self, vae, pixels):
+        # The distribution's mode, not a sample: the latent of an image is then a pure function of its bytes.
+        # Then the pipelines' inverse of their decode step (SDXL's VAE has no shift).
+        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float()
+        if vae.config.shift_factor is not None:
+            z = z - vae.config.shift_factor
+        return (z * vae.config.scaling_factor).cpu()
+
+    def load_denoiser(self, device, dtype, **kwargs):
+        cls, sub = self.denoiser_class, self.denoiser_component
+        if self.denoiser_file is not None:  # weights from one file, the config from the folder
+            model = cls.from_single_file(str(self.denoiser_file), config=str(self.root), subfolder=sub, dtype=dtype,
+                                         **kwargs)
+        else:
+            model = cls.from_pretrained(self.root, subfolder=sub, dtype=dtype, **kwargs)
+        return model.to(device).eval().requires_grad_(False)
+
+
 def render_cached(family, denoiser, vae, cond, *, height, width, steps, guidance_scale, generator, negative=None) -> list:
     """Run the family's own text-to-image pipeline (pipeline_classes[0]) on cached text conditioning: its
     text encoders are left out, and the cached tensors go in as the pipeline's `*_embeds` arguments, which

@@ -8,24 +8,24 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
 from pipeline import objective
 from pipeline.families import flux_kohya as kohya
-from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.families import FolderFamily
 
 
-class FluxFamily:
+class FluxFamily(FolderFamily):
     name = "flux"
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
     vae_components = ("vae",)
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     denoiser_component = "transformer"
+    denoiser_class = FluxTransformer2DModel
     pixel_multiple = 16  # VAE downsamples by 8, packing by 2 more
     default_timestep_sampling = "logit_normal"  # as diffusers' Flux LoRA script (SD3 paper)
     loss_weightings = ("none", "sigma_sqrt", "cosmap")  # diffusers' compute_loss_weighting_for_sd3
@@ -42,22 +42,7 @@ class FluxFamily:
     default_target_modules = target_presets["attention"]  # attention projections of both kinds of block
     kohya_metadata = {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"}
 
-    def __init__(self, root: Path, cfg: ModelConfig):
-        self.root = Path(root)
-        self.cfg = cfg
-        self.denoiser_file = Path(cfg.denoiser_file) if cfg.denoiser_file else None
-        self._scheduler = None
-
-    # -- cache stage: encoders -------------------------------------------------------------------
-    def load_vae(self, device, dtype):
-        return AutoencoderKL.from_pretrained(self.root, subfolder="vae", dtype=dtype).to(device).eval()
-
-    @torch.no_grad()
-    def encode_images(self, vae, pixels):
-        # The distribution's mode, not a sample: the latent of an image is then a pure function of its bytes.
-        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        return ((z.float() - vae.config.shift_factor) * vae.config.scaling_factor).cpu()
-
+    # -- cache stage: encoders (the VAE's are FolderFamily's) --------------------------------------
     def load_text_encoders(self, device, dtype):
         # The pipeline itself, without transformer and VAE: its encode_prompt is the reference conditioning.
         pipe = FluxPipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype)
@@ -89,14 +74,6 @@ class FluxFamily:
         return {k: c.get(k) for k in ("num_train_timesteps", "shift", "use_dynamic_shifting")}
 
     # -- denoiser ---------------------------------------------------------------------------------
-    def load_denoiser(self, device, dtype):
-        if self.denoiser_file is not None:  # model.denoiser_file: weights from one file, config from the folder
-            model = FluxTransformer2DModel.from_single_file(str(self.denoiser_file), config=str(self.root),
-                                                            subfolder="transformer", dtype=dtype)
-        else:
-            model = FluxTransformer2DModel.from_pretrained(self.root, subfolder="transformer", dtype=dtype)
-        return model.to(device).eval().requires_grad_(False)
-
     def noisy_input(self, latents, noise, timesteps, sigmas):
         return objective.flow_noisy(latents, noise, sigmas)
 

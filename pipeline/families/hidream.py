@@ -13,13 +13,14 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
 from diffusers import HiDreamImageTransformer2DModel
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
 from pipeline import objective
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.families import FolderFamily
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t"]
 # Feed-forwards that get a gradient: the text stream's, the shared experts' (and ff_i's where a model has
@@ -33,13 +34,14 @@ MLP = ["ff_i.w1", "ff_i.w2", "ff_i.w3", "shared_experts.w1", "shared_experts.w2"
 OTHER_LINEAR = ["adaLN_modulation.1", "linear", "proj", "linear_1", "linear_2"]
 
 
-class HiDreamFamily:
+class HiDreamFamily(FolderFamily):
     name = "hidream"
     pipeline_classes = ("HiDreamImagePipeline",)
     vae_components = ("vae",)
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3",
                        "text_encoder_4", "tokenizer_4")
     denoiser_component = "transformer"
+    denoiser_class = HiDreamImageTransformer2DModel
     pixel_multiple = 16  # VAE downsamples by 8, 2x2 patches by 2 more
     default_timestep_sampling = "logit_normal"  # as diffusers' HiDream LoRA script (SD3 paper)
     negative_is_empty_caption = True  # its pipeline encodes "" as the negative prompt for guidance
@@ -52,20 +54,12 @@ class HiDreamFamily:
     default_target_modules = target_presets["attention"]
 
     def __init__(self, root: Path, cfg: ModelConfig):
-        self.root = Path(root)
-        self.cfg = cfg
-        self._scheduler = None
+        super().__init__(root, cfg)
+        if self.denoiser_file is not None:  # otherwise the file would be fingerprinted but not loaded
+            raise UserError("config key 'model.denoiser_file' is for Flux and SDXL single-file checkpoints; "
+                            "give HiDream as a diffusers folder")
 
-    # -- cache stage: encoders -------------------------------------------------------------------
-    def load_vae(self, device, dtype):
-        return AutoencoderKL.from_pretrained(self.root, subfolder="vae", dtype=dtype).to(device).eval()
-
-    @torch.no_grad()
-    def encode_images(self, vae, pixels):
-        # the mode, not a sample (deterministic); then the pipeline's inverse of its decode step
-        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        return ((z.float() - vae.config.shift_factor) * vae.config.scaling_factor).cpu()
-
+    # -- cache stage: encoders (the VAE's are FolderFamily's) --------------------------------------
     def load_text_encoders(self, device, dtype):
         """The pipeline without transformer and VAE: its encode_prompt is the reference conditioning.
         HiDream's repositories ship no Llama (model_index.json lists no text_encoder_4), so a Llama placed
@@ -137,10 +131,7 @@ class HiDreamFamily:
         # force_inference_output, as diffusers' HiDream LoRA script: in train() mode the transformer would
         # otherwise route the MoE differently and return patch-major output; with it, train() and eval()
         # give the same prediction bit for bit, so a cached prior is the training forward's step-0 output.
-        model = HiDreamImageTransformer2DModel.from_pretrained(
-            self.root, subfolder="transformer", dtype=dtype, force_inference_output=True
-        )
-        return model.to(device).eval().requires_grad_(False)
+        return super().load_denoiser(device, dtype, force_inference_output=True)
 
     def noisy_input(self, latents, noise, timesteps, sigmas):
         return objective.flow_noisy(latents, noise, sigmas)

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from diffusers.training_utils import compute_snr
 
-from pipeline.config import ModelConfig
 from pipeline.errors import UserError, warn
+from pipeline.families import FolderFamily
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' SDXL LoRA script's targets
 MLP = ["ff.net.0.proj", "ff.net.2"]
@@ -27,13 +26,14 @@ MLP = ["ff.net.0.proj", "ff.net.2"]
 OTHER_LINEAR = ["proj_in", "proj_out", "time_emb_proj", "linear_1", "linear_2"]
 
 
-class SDXLFamily:
+class SDXLFamily(FolderFamily):
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                         "StableDiffusionXLInpaintPipeline")
     vae_components = ("vae",)
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     denoiser_component = "unet"
+    denoiser_class = UNet2DConditionModel
     # the UNet itself needs multiples of 32 px (two 2x downsamplings of 8x latents); 64 gives SDXL's own
     # bucket sizes (1024x1024, 1152x896, 896x1152, ...)
     pixel_multiple = 64
@@ -43,12 +43,6 @@ class SDXLFamily:
                       "all_linear": ATTENTION + MLP + OTHER_LINEAR}
     default_target_modules = ATTENTION
 
-    def __init__(self, root: Path, cfg: ModelConfig):
-        self.root = Path(root)
-        self.cfg = cfg
-        self.denoiser_file = Path(cfg.denoiser_file) if cfg.denoiser_file else None
-        self._scheduler = None
-
     # -- cache stage: encoders -------------------------------------------------------------------
     def load_vae(self, device, dtype):
         # SDXL's VAE overflows in fp16 (its config sets force_upcast): the pipeline upcasts it and diffusers'
@@ -56,15 +50,7 @@ class SDXLFamily:
         if dtype == torch.float16 and AutoencoderKL.load_config(self.root, subfolder="vae").get("force_upcast"):
             warn("model.encoder_dtype = fp16: this VAE overflows in fp16 (force_upcast), so it encodes in fp32")
             dtype = torch.float32
-        return AutoencoderKL.from_pretrained(self.root, subfolder="vae", dtype=dtype).to(device).eval()
-
-    @torch.no_grad()
-    def encode_images(self, vae, pixels):
-        # The distribution's mode, not a sample: the latent of an image is then a pure function of its bytes.
-        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float()
-        if vae.config.shift_factor is not None:  # SDXL's VAE has none
-            z = z - vae.config.shift_factor
-        return (z * vae.config.scaling_factor).cpu()
+        return super().load_vae(device, dtype)
 
     def load_text_encoders(self, device, dtype):
         # The pipeline itself, without UNet and VAE: its encode_prompt is the reference conditioning.
@@ -124,14 +110,6 @@ class SDXLFamily:
         return weights / snr if s.config.prediction_type == "epsilon" else weights / (snr + 1)
 
     # -- denoiser ---------------------------------------------------------------------------------
-    def load_denoiser(self, device, dtype):
-        if self.denoiser_file is not None:  # model.denoiser_file: weights from one file, config from the folder
-            model = UNet2DConditionModel.from_single_file(str(self.denoiser_file), config=str(self.root),
-                                                          subfolder="unet", dtype=dtype)
-        else:
-            model = UNet2DConditionModel.from_pretrained(self.root, subfolder="unet", dtype=dtype)
-        return model.to(device).eval().requires_grad_(False)
-
     @functools.cached_property
     def _vae_scale_factor(self) -> int:
         # as the pipeline computes it
