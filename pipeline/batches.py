@@ -3,17 +3,51 @@ prior forward at cache time and the training forward see the same tensors."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from pipeline.cache.store import Store
 from pipeline.objective import noise_from_seed
 from pipeline.plan import Plan, Sample
-from pipeline.store import Store
 
 
-def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]]):
-    """Latents, noise, noisy latents, timesteps, batched conditioning and sigmas for (sample, variant) pairs,
-    exactly as the train stage builds them. The conditioning is the text entry's tensors plus the image
+@dataclass
+class Inputs:
+    """One batch, as the denoiser and the loss see it. `cond` holds the text entry's tensors plus the image
     geometry stored with the latent (original_size, crop_top_left: SDXL's micro-conditioning)."""
+
+    latents: torch.Tensor  # clean latents x0 (B,C,h,w), float32
+    noise: torch.Tensor  # (B,C,h,w), float32, from each draw's seed
+    noisy: torch.Tensor  # x_t, as the family forms it
+    timesteps: torch.Tensor  # (B,) on the scheduler's 0..1000 scale
+    sigmas: torch.Tensor  # (B,)
+    cond: dict[str, torch.Tensor]  # batched conditioning
+
+    def subset(self, mask: torch.Tensor) -> Inputs:
+        """The samples where `mask` is true."""
+        return Inputs(self.latents[mask], self.noise[mask], self.noisy[mask], self.timesteps[mask], self.sigmas[mask],
+                      {k: t[mask] for k, t in self.cond.items()})
+
+
+@dataclass
+class Denoiser:
+    """The denoiser as a stage holds it (possibly wrapped by peft, DDP or FSDP), with where it runs: the
+    family's forward is given these rather than reading them off a module a wrapper may hide."""
+
+    module: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+
+
+def forward(family, denoiser: Denoiser, inputs: Inputs) -> torch.Tensor:
+    """One denoiser forward on a batch: the prior computed at cache time and the training step both call this."""
+    return family.predict(denoiser.module, inputs.noisy, inputs.timesteps, inputs.cond, device=denoiser.device,
+                          dtype=denoiser.dtype)
+
+
+def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]]) -> Inputs:
+    """The inputs for (sample, variant) pairs, exactly as the train stage builds them."""
     latents, noises, timesteps, sigmas, texts = [], [], [], [], []
     for s, v in items:
         entry = store.read("latent", s.latent_keys[v])[0]
@@ -26,8 +60,7 @@ def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]]):
         # read per step, not memoised: a Flux caption at 512 tokens is 8 MiB, and reading costs
         # milliseconds against a step of a second, while a memo of all captions could be gigabytes
         texts.append({**store.read("text", s.text_keys[v])[0], **{k: t.float() for k, t in entry.items()}})
-    latents, noises = torch.stack(latents), torch.stack(noises)
+    x0, noise = torch.stack(latents), torch.stack(noises)
     sigmas, timesteps = torch.stack(sigmas), torch.stack(timesteps)
-    cond = {k: torch.stack([t[k] for t in texts]) for k in texts[0]}
-    noisy = plan.family.noisy_input(latents, noises, timesteps, sigmas)
-    return latents, noises, noisy, timesteps, cond, sigmas
+    noisy = plan.family.noisy_input(x0, noise, timesteps, sigmas)
+    return Inputs(x0, noise, noisy, timesteps, sigmas, plan.family.collate(texts))

@@ -64,12 +64,13 @@ def _median_step_seconds(modes: dict, steps: int, warmup: int) -> dict[str, floa
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 def main(steps, warmup, batch_size, resolution, dtype, device, threads):
     from pipeline import tiny
-    from pipeline.cache_stage import run_cache
+    from pipeline.cache.stage import run_cache
+    from pipeline.cache.store import Store
     from pipeline.config import load_config
-    from pipeline.lora import add_lora
-    from pipeline.plan import TORCH_DTYPES, make_plan, pick_device
-    from pipeline.store import Store
-    from pipeline.train_stage import train_step
+    from pipeline.families.flux import tiny as flux_tiny
+    from pipeline.plan import make_plan, pick_device
+    from pipeline.train.setup import setup
+    from pipeline.train.step import optimizer_step
 
     if threads:
         torch.set_num_threads(threads)
@@ -77,28 +78,20 @@ def main(steps, warmup, batch_size, resolution, dtype, device, threads):
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        tiny.build_tiny_flux(root / "model", preset="bench")
+        flux_tiny.build(root / "model", preset="bench")
         tiny.build_synthetic_concepts(root / "data", n=max(8, batch_size))
         (root / "bench.toml").write_text(CONFIG.format(resolution=resolution, batch=batch_size, dtype=dtype, device=dev.type))
         cfg = load_config(root / "bench.toml")
         run_cache(cfg, progress=False)
         plan, store = make_plan(cfg), Store(cfg.cache.dir)
         torch.manual_seed(0)
-        model = plan.family.load_denoiser(dev, TORCH_DTYPES[dtype])
-        params = add_lora(model, cfg.lora, plan.family.target_presets)
-        model.train()
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        n_params = sum(p.numel() for p in model.parameters())
+        run = setup(plan, store, dev)  # what the train stage builds, and below the step it runs
+        n_params = sum(p.numel() for p in run.denoiser.module.parameters())
         standard = [s for s in plan.samples if not s.prior][:batch_size]
         prior = [s for s in plan.samples if s.prior][:batch_size]
 
         def mode(batch, prior_mode):
-            def step(i):
-                train_step(plan, store, model, batch, i % 4, prior_mode)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            return step
+            return lambda i: optimizer_step(run, plan, store, [batch], i % cfg.cache.variants, prior_mode)
 
         medians = _median_step_seconds(
             {"standard": mode(standard, "cached"), "prior_cached": mode(prior, "cached"), "prior_online": mode(prior, "online")},

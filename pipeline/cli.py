@@ -74,13 +74,13 @@ def cache(ctx, config_path, dtype, quiet):
 
     def go():
         cfg = load_config(config_path, dtype)
-        from pipeline.cache_stage import run_cache
+        from pipeline.cache.kinds import computed
+        from pipeline.cache.stage import run_cache
 
         _quiet_libraries()
 
         s = run_cache(cfg, progress=not quiet)
-        work = s["latents_encoded"] + s["texts_encoded"] + s["noise_computed"] + s["priors_computed"]
-        _print_summary("cache: nothing to compute, everything is cached" if not work else "cache: done", s)
+        _print_summary("cache: done" if computed(s) else "cache: nothing to compute, everything is cached", s)
         click.echo(json.dumps({"cache_summary": s}))
 
     _run(go, "every finished cache segment is kept; run the same command again to compute the rest")
@@ -111,7 +111,7 @@ def _mib(n: int) -> str:
 def cache_status(ctx, config_path, dtype, as_json):
     """Per kind of entry: how many this config needs, has, lacks, and stores without using."""
     def go():
-        from pipeline.maintenance import status
+        from pipeline.cache.maintenance import status
 
         s = status(_config(ctx, config_path, dtype)[2])
         if as_json:
@@ -137,7 +137,7 @@ def cache_status(ctx, config_path, dtype, as_json):
 def cache_verify(ctx, config_path, dtype, repair):
     """Re-hash every entry this config uses against its stored sha256; exit 2 if any is damaged."""
     def go():
-        from pipeline.maintenance import verify
+        from pipeline.cache.maintenance import verify
 
         path, dt, cfg = _config(ctx, config_path, dtype)
         if repair:
@@ -168,7 +168,7 @@ def cache_verify(ctx, config_path, dtype, repair):
 def cache_prune(ctx, config_path, dtype, dry_run, keep_dtypes):
     """Remove every cache entry this config does not use (and unreadable segment files)."""
     def go():
-        from pipeline.maintenance import prune
+        from pipeline.cache.maintenance import prune
 
         p = prune(_config(ctx, config_path, dtype)[2], dry_run=dry_run, keep_dtypes=keep_dtypes)
         click.echo("prune: would remove (dry run, nothing changed)" if dry_run else "prune: removed")
@@ -194,7 +194,7 @@ def train(config_path, dtype, quiet, resume):
     anything this run needs, naming the command that fixes it."""
     def go():
         cfg = load_config(config_path, dtype)
-        from pipeline.train_stage import run_train
+        from pipeline.train.stage import run_train
 
         _quiet_libraries()
 

@@ -317,8 +317,10 @@ def validate(cfg: Config) -> None:
     if cfg.model.denoiser_file and not cfg.model.denoiser_file.endswith(".safetensors"):
         raise UserError("config key 'model.denoiser_file' must name a .safetensors file (pickle checkpoints are not loaded)")
     if cfg.embedded is not None:
-        _choice(cfg.embedded.family, ("flux", "sdxl", "hidream"), "embedded.family")
-        _choice(cfg.embedded.preset, ("default", "bench", "schnell"), "embedded.preset")
+        from pipeline.families import FAMILIES, tiny_module  # the one list of families (imports no model library)
+
+        _choice(cfg.embedded.family, FAMILIES, "embedded.family")
+        _choice(cfg.embedded.preset, tuple(tiny_module(cfg.embedded.family).PRESETS), "embedded.preset")
     for key, value in (("data.flip_probability", cfg.data.flip_probability),
                        ("data.caption_dropout", cfg.data.caption_dropout)):
         if not 0 <= value <= 1:

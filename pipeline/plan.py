@@ -16,7 +16,7 @@ exactly the input the training step feeds: the key names the flipped latent and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,8 +24,9 @@ import torch
 from pipeline.config import Config
 from pipeline.data import PREPARE, BadImage, buckets, check_header, nearest_bucket, scan_concept
 from pipeline.errors import UserError, warn
-from pipeline.families import Family, get_family
-from pipeline.keys import Fingerprints, derive_seed, digest, sha256_bytes
+from pipeline.families import get_family
+from pipeline.families.base import Family
+from pipeline.cache.keys import Fingerprints, derive_seed, digest, sha256_bytes
 
 BAD_IMAGE = "bad-image"  # store kind: content key -> why that image cannot be decoded
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -61,6 +62,7 @@ class Plan:
     text_fp: str
     denoiser_fp: str
     skipped: list[str]  # "path: reason" for every image left out
+    bad: set[str] = field(default_factory=set)  # content keys the cache holds an undecodable verdict for
 
     def skip(self, path: Path, reason: str) -> None:
         """Leave one image out (data.on_bad_image = "skip") or stop with a one-line error ("fail")."""
@@ -75,6 +77,7 @@ class Plan:
         for s in self.samples:
             if store.has(BAD_IMAGE, s.content_key):
                 self.skip(s.path, store.read(BAD_IMAGE, s.content_key)[1]["reason"])
+                self.bad.add(s.content_key)
             else:
                 keep.append(s)
         self.samples = keep
@@ -105,6 +108,13 @@ class Plan:
     def held_out(self) -> list[Sample]:
         return [s for s in self.samples if s.validation]
 
+    def draws(self) -> list[tuple[Sample, int]]:
+        """Every (sample, variant): each is one noise draw, and for a prior sample one cached prediction."""
+        return [(s, v) for s in self.samples for v in range(self.cfg.cache.variants)]
+
+    def noise_jobs(self) -> dict[str, tuple[Sample, int]]:
+        return {s.noise_keys[v]: (s, v) for s, v in self.draws()}
+
     def latent_jobs(self) -> dict[str, tuple[Sample, bool]]:
         """latent key -> (sample, flipped): each distinct latent once."""
         return {k: (s, f) for s in self.samples for k, f in zip(s.latent_keys, s.flips)}
@@ -129,7 +139,7 @@ def _component_fp(fps: Fingerprints, root: Path, names) -> str:
 
 
 def _denoiser_fp(fps: Fingerprints, family: Family) -> str:
-    if getattr(family, "denoiser_file", None) is None:
+    if family.denoiser_file is None:
         return _component_fp(fps, family.root, [family.denoiser_component])
     # model.denoiser_file: the weights are that file's; the folder gives only the config
     config = family.root / family.denoiser_component / "config.json"

@@ -9,9 +9,10 @@ import torch
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.families import get_family, load_full_pipeline
+from pipeline.families import get_family
+from pipeline.families.base import load_full_pipeline
 from pipeline.plan import TORCH_DTYPES, pick_device
-from pipeline.validation import save_grid
+from pipeline.train.validation import save_grid
 
 
 def sample(cfg: Config, lora: str | None, prompts: list[str], out: str | None, steps: int | None = None,

@@ -1,9 +1,10 @@
-"""A tiny random-weight Flux.1-architecture model and a small synthetic data set, both built locally.
+"""What the tiny random-weight models share (tokenizers, a small VAE, atomic saving) and the small
+synthetic data set; each family's own builder is `pipeline/families/<name>/tiny.py`.
 
 Nothing is downloaded: every component is constructed from a config, seeded, and saved as a normal
 diffusers folder, so the whole trainer can run end to end on any machine (tests, CPU demos, benchmarks).
-Both builders write into a temporary sibling folder and rename it into place, so an interrupted build
-never leaves a half folder behind, and both are deterministic (same seed -> same bytes).
+Builders write into a temporary sibling folder and rename it into place, so an interrupted build
+never leaves a half folder behind, and all are deterministic (same seed -> same bytes).
 """
 
 from __future__ import annotations
@@ -26,24 +27,6 @@ picture image painting drawing render style cat dog person man woman car house t
 sky water cup mug kettle pot bowl plate vase flower kitchen shelf background
 left right top bottom front back big old new shiny matte ceramic metal glass
 one two three four five six seven eight nine ten""".split()
-
-PRESETS = {
-    # ~94k-parameter transformer: a test runs the whole pipeline in a few seconds on a CPU.
-    "default": dict(
-        num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
-    ),
-    # a few million parameters: big enough that timings mean something, still seconds to build.
-    "bench": dict(
-        num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=8,
-        joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 12, 12),
-    ),
-}
-# FLUX.1-schnell's layout at the default's size: timestep-distilled, so no guidance embedding, and its
-# scheduler neither shifts nor shifts dynamically (as schnell's scheduler_config.json)
-PRESETS["schnell"] = dict(PRESETS["default"], guidance_embeds=False)
-SCHEDULERS = {"schnell": dict(shift=1.0, use_dynamic_shifting=False)}
-
 
 def clip_tokenizer():
     """A byte-level BPE CLIP tokenizer whose merges turn every word in WORDS into one token."""
@@ -88,49 +71,6 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=list(pieces.items()), extra_ids=0, model_max_length=512)
 
 
-def build_tiny_flux(path: Path, preset: str = "default", seed: int = 0) -> None:
-    """Build a tiny random-weight FluxPipeline at `path` (replacing a previous build there)."""
-    import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    path = check_target(path, preset, PRESETS)
-    tf = {"guidance_embeds": True, **PRESETS[preset]}  # like Flux-dev unless the preset says otherwise
-    clip_dim, t5_dim = tf["pooled_projection_dim"], tf["joint_attention_dim"]
-    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
-
-    # Each component gets its own seed, so changing one component's config leaves the others' weights alone.
-    torch.manual_seed(seed + 0)
-    # in_channels 16 = 4 latent channels packed 2x2
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, **tf)
-    torch.manual_seed(seed + 1)
-    vae = tiny_vae(**FLUX_VAE)
-    torch.manual_seed(seed + 2)
-    # FluxPipeline uses CLIP's pooler_output (hidden_size wide) as the pooled projection.
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=clip_dim, projection_dim=clip_dim, intermediate_size=2 * clip_dim,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    torch.manual_seed(seed + 3)
-    # T5 v1.1-style (gated-gelu) encoder like Flux's T5-XXL; its hidden states are the joint attention input.
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=t5_dim, d_kv=t5_dim // 4, d_ff=2 * t5_dim, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-        pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0,
-    ))
-    shifting = {"shift": 3.0, "use_dynamic_shifting": True, **SCHEDULERS.get(preset, {})}  # Flux-dev's unless set
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
-        **shifting,
-    )
-    pipe = FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
-    )
-    save_pipeline(pipe, path)
-
-
 def check_target(path: Path, preset: str, presets: dict) -> Path:
     """Refuse an unknown preset, and a folder that holds something other than a diffusers model."""
     if preset not in presets:
@@ -139,10 +79,6 @@ def check_target(path: Path, preset: str, presets: dict) -> Path:
     if path.exists() and any(path.iterdir()) and not (path / "model_index.json").exists():
         raise FileExistsError(f"'{path}' exists and is not a diffusers model folder; not overwriting it")
     return path
-
-
-# Flux's latent scaling and shift, and no quant convs like Flux (HiDream uses Flux's VAE)
-FLUX_VAE = dict(scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def tiny_vae(**family_settings):
@@ -247,9 +183,10 @@ def ensure_embedded(
     model_path: Path, concept_folders: list[Path], family: str = "flux", preset: str = "default"
 ) -> None:
     """Build the tiny model at `model_path` and the synthetic data set where they are missing."""
-    builders = tiny_builders()
-    if family not in builders:
-        raise ValueError(f"unknown embedded model family '{family}' (known: {', '.join(builders)})")
+    from pipeline.families import FAMILIES, tiny_module
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown embedded model family '{family}' (known: {', '.join(FAMILIES)})")
     missing = [Path(p) for p in concept_folders if not Path(p).exists()]
     for p in missing:
         if p.name not in FOLDERS:
@@ -259,14 +196,6 @@ def ensure_embedded(
             )
     model_path = Path(model_path)  # checked everything first: a bad config builds nothing
     if not (model_path / "model_index.json").exists():
-        builders[family](model_path, preset)
+        tiny_module(family).build(model_path, preset)
     for parent in sorted({p.parent for p in missing}):
         build_synthetic_concepts(parent)
-
-
-def tiny_builders() -> dict:
-    """[embedded] family -> its tiny model's builder(path, preset)."""
-    from pipeline.tiny_hidream import build_tiny_hidream  # these import this module, so not at the top
-    from pipeline.tiny_sdxl import build_tiny_sdxl
-
-    return {"flux": build_tiny_flux, "sdxl": build_tiny_sdxl, "hidream": build_tiny_hidream}

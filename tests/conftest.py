@@ -6,9 +6,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import tiny
+from pipeline.families.flux import tiny as flux_tiny
 from pipeline.config import load_config
+from pipeline.families import FAMILIES, tiny_module
+
+CPU32 = {"device": torch.device("cpu"), "dtype": torch.float32}  # where the tests run a family's forward
 
 TEMPLATE = """
 [model]
@@ -54,7 +59,7 @@ prior_mode = "{prior_mode}"
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    tiny.build_tiny_flux(root / "model")
+    flux_tiny.build(root / "model")
     tiny.build_synthetic_concepts(root / "data")
     return root
 
@@ -99,6 +104,12 @@ def configure(path, **tables):
     return load_config(path)
 
 
+# every family's tiny model, and each further layout its builder offers ("bench" is for timings only):
+# the models the conformance suite (test_families.py) runs on
+TINY_MODELS = [name if preset == "default" else f"{name}-{preset}"
+               for name in FAMILIES for preset in tiny_module(name).PRESETS if preset != "bench"]
+
+
 @pytest.fixture(scope="session")
 def tiny_family_model(tiny_assets, tmp_path_factory):
     """"family" or "family-preset" -> the folder of its tiny model, built once per session on first use."""
@@ -108,7 +119,7 @@ def tiny_family_model(tiny_assets, tmp_path_factory):
         if name not in built:
             built[name] = tmp_path_factory.mktemp(f"tiny-{name}") / "model"
             family, _, preset = name.partition("-")
-            tiny.tiny_builders()[family](built[name], preset or "default")
+            tiny_module(family).build(built[name], preset or "default")
         return built[name]
 
     return get

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from pipeline import data
-from pipeline.cache_stage import run_cache
+from pipeline.cache.stage import run_cache
 from pipeline.data import load_image
 from pipeline.errors import UserError
-from pipeline.store import Store
-from pipeline.train_stage import run_train
+from pipeline.cache.store import Store
+from pipeline.train.stage import run_train
 
 
 def _png(im):

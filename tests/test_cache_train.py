@@ -9,11 +9,11 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from pipeline.cache_stage import run_cache
+from pipeline.cache.stage import run_cache
 from pipeline.errors import UserError
 from pipeline.plan import make_plan
-from pipeline.store import Store
-from pipeline.train_stage import run_train
+from pipeline.cache.store import Store
+from pipeline.train.stage import run_train
 
 COMPUTED = ("latents_encoded", "texts_encoded", "noise_computed", "priors_computed")
 

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from pipeline.cache_stage import run_cache
-from pipeline.store import Store
+from pipeline.cache.stage import run_cache
+from pipeline.cache.store import Store
 
 
 def _segments(folder):

@@ -11,19 +11,16 @@ import torch
 from PIL import Image
 
 from pipeline.batches import load_inputs
-from pipeline.cache_stage import run_cache
+from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
-from pipeline.families import load_full_pipeline
+from pipeline.families.base import load_full_pipeline
 from pipeline.plan import TORCH_DTYPES, make_plan
-from pipeline.store import Store
-from pipeline.train_stage import train_lora
+from pipeline.cache.store import Store
+from pipeline.train.stage import train_lora
 
-from conftest import configure
+from conftest import CPU32, TINY_MODELS, configure
 
-FAMILIES = ["flux", "flux-schnell", "sdxl", "hidream"]
-
-
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(params=TINY_MODELS)
 def family_project(request, project, tiny_family_model):
     model = tiny_family_model(request.param)
     return lambda **kw: project(model=model, **kw)
@@ -35,9 +32,10 @@ def test_cached_prior_equals_a_fresh_forward(family_project):
     plan, store = make_plan(cfg), Store(cfg.cache.dir)
     model = plan.family.load_denoiser(torch.device("cpu"), torch.float32)
     for sample in [s for s in plan.samples if s.prior][:2]:
-        _, _, noisy, timesteps, cond, _ = load_inputs(plan, store, [(sample, 1)])
+        inputs = load_inputs(plan, store, [(sample, 1)])
+        noisy, timesteps, cond = inputs.noisy, inputs.timesteps, inputs.cond
         with torch.no_grad():
-            fresh = plan.family.predict(model, noisy, timesteps, cond)[0]
+            fresh = plan.family.predict(model, noisy, timesteps, cond, **CPU32)[0]
         assert torch.equal(store.read("prior/fp32", plan.prior_key(sample, 1))[0]["prediction"], fresh)
 
 
@@ -97,13 +95,14 @@ def check_lora_loads(family_project, lora_format):
     pipe.load_lora_weights(summary["lora"])
     denoiser = getattr(pipe, plan.family.denoiser_component)
     sample = plan.training[0]
-    _, _, noisy, timesteps, cond, _ = load_inputs(plan, store, [(sample, 0)])
+    inputs = load_inputs(plan, store, [(sample, 0)])
+    noisy, timesteps, cond = inputs.noisy, inputs.timesteps, inputs.cond
     trained.eval()
     with torch.no_grad():
-        ours = plan.family.predict(trained, noisy, timesteps, cond)
-        theirs = plan.family.predict(denoiser, noisy, timesteps, cond)
+        ours = plan.family.predict(trained, noisy, timesteps, cond, **CPU32)
+        theirs = plan.family.predict(denoiser, noisy, timesteps, cond, **CPU32)
         base = plan.family.predict(plan.family.load_denoiser(torch.device("cpu"), TORCH_DTYPES["fp32"]), noisy,
-                                   timesteps, cond)
+                                   timesteps, cond, **CPU32)
     assert not torch.equal(ours, base)  # the LoRA changed something
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
 

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from pipeline.cache_stage import run_cache
+from pipeline.cache.stage import run_cache
 from pipeline.errors import UserError
-from pipeline.store import Store
+from pipeline.cache.store import Store
 
 
 def test_disk_full_keeps_finished_segments_and_the_rerun_completes(project, monkeypatch):

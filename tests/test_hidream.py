@@ -13,16 +13,18 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from pipeline import tiny
-from pipeline.cache_stage import run_cache
+from pipeline.cache.stage import run_cache
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.data import load_image
 from pipeline.errors import UserError
 from pipeline.families import get_family
 from pipeline.lora import add_lora
 from pipeline.plan import make_plan
-from pipeline.store import Store
-from pipeline.tiny_hidream import build_tiny_hidream
-from pipeline.train_stage import run_train, train_lora
+from pipeline.cache.store import Store
+from pipeline.families.hidream.tiny import build as build_tiny_hidream
+from pipeline.train.stage import run_train, train_lora
+
+from conftest import CPU32
 
 CAPTIONS = ["a photo of sks teapot on a blue table", "zebra xylophone!", ""]  # known words, unknown words, empty
 
@@ -90,7 +92,7 @@ def _lora_gradients(family, **targets):
     g = torch.Generator().manual_seed(0)
     cond = {"prompt_embeds_t5": torch.randn(2, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(2, 32, generator=g),
             "prompt_embeds_llama3": torch.randn(2, 2, 8, 32, generator=g)}
-    loss = family.predict(m, torch.randn(2, 4, 6, 10, generator=g), torch.tensor([300.0, 700.0]), cond).square().mean()
+    loss = family.predict(m, torch.randn(2, 4, 6, 10, generator=g), torch.tensor([300.0, 700.0]), cond, **CPU32).square().mean()
     if loss.requires_grad:  # not so when no adapter is on the gradient's path at all
         loss.backward()
     unwrapped = {n for n, x in m.named_modules() if type(x) is torch.nn.Linear and ".lora_" not in n
@@ -137,9 +139,9 @@ def test_predict_is_the_pipelines_transformer_call(family, model, size):
         latents, timesteps = kw["hidden_states"], kw["timesteps"]
         assert latents.shape == (2, 4, size[0] // 8, size[1] // 8) and timesteps.dtype == torch.float32
         with torch.no_grad():
-            pred = family.predict(pipe.transformer, latents, timesteps, cond)
+            pred = family.predict(pipe.transformer, latents, timesteps, cond, **CPU32)
             assert torch.equal(pred, -out)  # the pipeline steps its scheduler with -output
-            assert torch.equal(family.predict(trained, latents, timesteps, cond), pred)  # train() == eval()
+            assert torch.equal(family.predict(trained, latents, timesteps, cond, **CPU32), pred)  # train() == eval()
 
 
 def test_cache_train_and_both_lora_formats(project, model):
@@ -192,7 +194,7 @@ def test_cache_train_and_both_lora_formats(project, model):
 
     def predict(m):
         with torch.no_grad():
-            return fam.predict(m, noisy, timesteps, text)
+            return fam.predict(m, noisy, timesteps, text, **CPU32)
 
     ours = predict(trained.eval())
     weights = load_file(summary["lora"])

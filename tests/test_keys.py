@@ -6,9 +6,9 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from pipeline.cache_stage import run_cache
-from pipeline.store import Store
-from pipeline.train_stage import run_train
+from pipeline.cache.stage import run_cache
+from pipeline.cache.store import Store
+from pipeline.train.stage import run_train
 
 N, N_PRIOR, CAPTIONS, K = 16, 8, 10, 2  # the synthetic data set; variants in the test config
 

@@ -4,7 +4,7 @@ still writing, and a prune/repair never deletes what a training run reads. Confl
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.lock import cache_lock
+from pipeline.cache.lock import cache_lock
 
 
 def test_two_writers_refuse_with_a_clear_message(tmp_path):
@@ -33,8 +33,8 @@ def test_cache_run_may_add_while_training_reads_but_prune_may_not_delete(tmp_pat
 
 
 def test_stages_take_the_locks(project):
-    from pipeline.cache_stage import run_cache
-    from pipeline.train_stage import run_train
+    from pipeline.cache.stage import run_cache
+    from pipeline.train.stage import run_train
 
     _, cfg = project(max_steps=1)
     with cache_lock(cfg.cache.dir, "write"):
@@ -48,8 +48,8 @@ def test_stages_take_the_locks(project):
 
 
 def test_prune_and_repair_refuse_while_training_reads(project):
-    from pipeline.cache_stage import run_cache
-    from pipeline.maintenance import prune, verify
+    from pipeline.cache.stage import run_cache
+    from pipeline.cache.maintenance import prune, verify
 
     _, cfg = project()
     run_cache(cfg, progress=False)

@@ -13,15 +13,15 @@ from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from conftest import configure
+from conftest import CPU32, configure
 
-from pipeline.cache_stage import run_cache
+from pipeline.cache.stage import run_cache
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.errors import UserError
-from pipeline.families.flux import FluxFamily
+from pipeline.families.flux.adapter import FluxFamily
 from pipeline.lora import resolve_targets
 from pipeline.plan import make_plan
-from pipeline.train_stage import train_lora
+from pipeline.train.stage import train_lora
 
 PRESETS = FluxFamily.target_presets
 
@@ -62,7 +62,7 @@ def predictions(family, *models):
     text = {"prompt_embeds": torch.randn(2, 32, 32, generator=g), "pooled_prompt_embeds": torch.randn(2, 32, generator=g)}
     timesteps = torch.tensor([300.0, 800.0])
     with torch.no_grad():
-        return [family.predict(m.eval(), noisy, timesteps, text) for m in models]
+        return [family.predict(m.eval(), noisy, timesteps, text, **CPU32) for m in models]
 
 
 def _image(pipe):

@@ -9,12 +9,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cache_stage import run_cache
+from pipeline.cache.stage import run_cache
 from pipeline.cli import main
-from pipeline.maintenance import needed_keys, prune, status, verify
+from pipeline.cache.maintenance import needed_keys, prune, status, verify
 from pipeline.plan import make_plan
-from pipeline.store import Store
-from pipeline.train_stage import check_cache
+from pipeline.cache.store import Store
+from pipeline.cache.kinds import check_complete
 
 COMPUTED = ("latents_encoded", "texts_encoded", "noise_computed", "priors_computed")
 
@@ -90,7 +90,7 @@ def test_prune_after_editing_an_image_keeps_everything_used(project):
     assert len(after) == len(used) - 5
     assert all(torch.equal(after[e][n], t) for e in after for n, t in used[e].items())  # kept ones bitwise
     assert work(run_cache(cfg, progress=False)) == 0
-    check_cache(make_plan(cfg), Store(cfg.cache.dir))
+    check_complete(make_plan(cfg), Store(cfg.cache.dir))
 
 
 def test_verify_finds_a_flipped_prior_and_repair_recomputes_exactly_it(project):

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from pipeline.keys import derive_seed, digest
+from pipeline.cache.keys import derive_seed, digest
 from pipeline.objective import draw_timestep_index, flow_noisy, flow_target, noise_from_seed, per_sample_mse
 
 

@@ -5,8 +5,8 @@ import sys
 
 from PIL import Image
 
-from pipeline.cache_stage import run_cache
-from pipeline.train_stage import run_train
+from pipeline.cache.stage import run_cache
+from pipeline.train.stage import run_train
 
 
 def test_plot_writes_a_png(project):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import train_stage
-from pipeline.cache_stage import run_cache
+from pipeline.train import step as train_step_module
+from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.train_stage import run_train
+from pipeline.train.stage import run_train
 
 
 def _config(project, name, out):
@@ -38,7 +38,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(project, monkeypatch):
     cut = _config(project, "cut.toml", project.root / "cut")
     with pytest.raises(UserError, match="no checkpoint in"):
         run_train(cut, progress=False, resume=True)
-    real, calls = train_stage.train_step, {"n": 0}
+    real, calls = train_step_module.train_step, {"n": 0}
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -46,7 +46,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(project, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_stage, "train_step", interrupted)
+    monkeypatch.setattr(train_step_module, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_train(cut, progress=False)
     monkeypatch.undo()

@@ -8,10 +8,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from test_lora_format import predictions
 
-from pipeline.cache_stage import run_cache
+from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
 from pipeline.plan import make_plan
-from pipeline.train_stage import train_lora
+from pipeline.train.stage import train_lora
 
 COMPUTED = ("latents_encoded", "texts_encoded", "noise_computed", "priors_computed")
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-flux-schnell.toml"

@@ -14,17 +14,20 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from pipeline import tiny
-from pipeline.cache_stage import run_cache
+from pipeline.cache.stage import run_cache
 from pipeline.config import LoraConfig, ModelConfig, TrainConfig, check_paths, load_config
 from pipeline.data import prepare_image
 from pipeline.errors import UserError
-from pipeline.families import FAMILIES, detect_family
-from pipeline.families.sdxl import SDXLFamily, ldm_unet_name
+from pipeline.families import detect_family, family_class
+from pipeline.families.sdxl.adapter import SDXLFamily
+from pipeline.families.sdxl.kohya import ldm_unet_name
 from pipeline.lora import add_lora, save_lora
 from pipeline.plan import make_plan
-from pipeline.store import Store
-from pipeline.tiny_sdxl import build_tiny_sdxl
-from pipeline.train_stage import train_lora
+from pipeline.cache.store import Store
+from pipeline.families.sdxl.tiny import build as build_tiny_sdxl
+from pipeline.train.stage import train_lora
+
+from conftest import CPU32
 
 REPO = Path(__file__).resolve().parents[1]
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -73,7 +76,7 @@ def test_embedded_build_is_deterministic_and_detected(sdxl_root, tmp_path):
     assert all((sdxl_root / f).read_bytes() == (tmp_path / "model" / f).read_bytes() for f in files)
     unet = UNet2DConditionModel.from_pretrained(sdxl_root, subfolder="unet")
     assert sum(p.numel() for p in unet.parameters()) < 500_000
-    assert detect_family(sdxl_root) == "sdxl" and FAMILIES["sdxl"] is SDXLFamily
+    assert detect_family(sdxl_root) == "sdxl" and family_class("sdxl") is SDXLFamily
     fam = family(sdxl_root)
     assert fam.default_target_modules == fam.target_presets["attention"]
     for name in ("tiny-sdxl.toml", "sdxl.example.toml"):
@@ -116,9 +119,9 @@ def test_predict_equals_the_unet_call_inside_the_pipeline(sdxl_root):
     fam = family(sdxl_root)
     cond = cond_for(fam, [prompt], original, crop)
     with torch.no_grad():
-        ours = fam.predict(pipe.unet, sample, t.reshape(1).float(), cond)
+        ours = fam.predict(pipe.unet, sample, t.reshape(1).float(), cond, **CPU32)
         moved = {**cond, "crop_top_left": torch.zeros(1, 2)}
-        other_crop = fam.predict(pipe.unet, sample, t.reshape(1).float(), moved)
+        other_crop = fam.predict(pipe.unet, sample, t.reshape(1).float(), moved, **CPU32)
     assert ours.shape == (1, 4, 8, 16)
     assert torch.equal(ours, expected)
     assert not torch.allclose(other_crop, expected)  # the geometry reaches the UNet
@@ -220,9 +223,9 @@ def test_cache_then_train_end_to_end(project, sdxl_root, tmp_path):
     fam = plan.family
     trained.eval()
     with torch.no_grad():
-        ours = fam.predict(trained, noisy, timesteps, cond)
+        ours = fam.predict(trained, noisy, timesteps, cond, **CPU32)
         trained.disable_adapters()
-        base = fam.predict(trained, noisy, timesteps, cond)
+        base = fam.predict(trained, noisy, timesteps, cond, **CPU32)
         trained.enable_adapters()
     assert not torch.allclose(ours, base, atol=1e-4)  # training moved the model
 
@@ -234,7 +237,7 @@ def test_cache_then_train_end_to_end(project, sdxl_root, tmp_path):
     loaded = get_peft_model_state_dict(pipe.unet, adapter_name="trained")
     assert {f"unet.{k}" for k in loaded} == set(file_weights)
     with torch.no_grad():
-        assert torch.equal(fam.predict(pipe.unet, noisy, timesteps, cond), ours)
+        assert torch.equal(fam.predict(pipe.unet, noisy, timesteps, cond, **CPU32), ours)
 
     # kohya's layout, with original SDXL module names: diffusers' kohya converter loads it
     kohya = fam.to_kohya(file_weights, alpha=8.0)
@@ -242,7 +245,7 @@ def test_cache_then_train_end_to_end(project, sdxl_root, tmp_path):
     assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
                for k in kohya)
     with torch.no_grad():
-        from_kohya = fam.predict(load_kohya(sdxl_root, kohya, tmp_path).unet, noisy, timesteps, cond)
+        from_kohya = fam.predict(load_kohya(sdxl_root, kohya, tmp_path).unet, noisy, timesteps, cond, **CPU32)
     assert torch.allclose(from_kohya, ours, atol=1e-5)
 
 
@@ -267,10 +270,10 @@ def test_kohya_export_of_every_linear_layer(sdxl_root, tmp_path):
     noisy, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([400.0])
     unet.eval()
     with torch.no_grad():
-        expected = fam.predict(unet, noisy, t, cond)
-        assert torch.allclose(fam.predict(pipe.unet, noisy, t, cond), expected, atol=1e-5)
+        expected = fam.predict(unet, noisy, t, cond, **CPU32)
+        assert torch.allclose(fam.predict(pipe.unet, noisy, t, cond, **CPU32), expected, atol=1e-5)
         unet.disable_adapters()
-        assert not torch.allclose(fam.predict(unet, noisy, t, cond), expected, atol=1e-3)
+        assert not torch.allclose(fam.predict(unet, noisy, t, cond, **CPU32), expected, atol=1e-3)
     with pytest.raises(UserError, match="no kohya equivalent"):
         fam.to_kohya({"unet.conv_in.lora_magnitude_vector": torch.ones(3)}, alpha=1.0)
 
@@ -295,7 +298,7 @@ def test_single_file_unet_in_the_original_layout(project, sdxl_root, tmp_path):
         cfg = load_config(path)  # relative to the config file
         assert cfg.model.denoiser_file == str(path.parent / name)
         assert json.loads(cfg.portable_json())["model"]["denoiser_file"] == name
-        loaded = FAMILIES["sdxl"](model, cfg.model).load_denoiser(CPU, F32).state_dict()
+        loaded = family_class("sdxl")(model, cfg.model).load_denoiser(CPU, F32).state_dict()
         assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
         fps[name] = make_plan(cfg).denoiser_fp
     assert len(set(fps.values())) == 3
@@ -347,6 +350,6 @@ def test_flux_single_file_denoiser(tiny_assets, tmp_path):
     reference = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer").state_dict()
     single = tmp_path / "flux-transformer.safetensors"  # diffusers layout: from_single_file takes it as it is
     save_file(reference, str(single))
-    fam = FAMILIES["flux"](root, ModelConfig(path=str(root), denoiser_file=str(single)))
+    fam = family_class("flux")(root, ModelConfig(path=str(root), denoiser_file=str(single)))
     loaded = fam.load_denoiser(CPU, F32).state_dict()
     assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)

@@ -5,7 +5,7 @@ import os
 import h5py
 import torch
 
-from pipeline.store import Store
+from pipeline.cache.store import Store
 
 
 def _entry(x):

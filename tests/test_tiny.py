@@ -9,6 +9,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from PIL import Image
 
 from pipeline import tiny
+from pipeline.families.flux import tiny as flux_tiny
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -23,8 +24,8 @@ def _files(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_model")
-    tiny.build_tiny_flux(root / "a", seed=0)
-    tiny.build_tiny_flux(root / "b", seed=0)
+    flux_tiny.build(root / "a", seed=0)
+    flux_tiny.build(root / "b", seed=0)
     return root
 
 
@@ -38,7 +39,7 @@ def test_build_is_deterministic_and_atomic(built):
 
 
 def test_other_seed_gives_other_weights(built, tmp_path):
-    tiny.build_tiny_flux(tmp_path / "c", seed=1)
+    flux_tiny.build(tmp_path / "c", seed=1)
     name = "transformer/diffusion_pytorch_model.safetensors"
     assert (tmp_path / "c" / name).read_bytes() != (built / "a" / name).read_bytes()
 
@@ -76,11 +77,11 @@ def test_tokenizers_reload_and_handle_unknown_words(built):
 
 
 def test_bench_preset_and_unknown_names(tmp_path):
-    tiny.build_tiny_flux(tmp_path / "bench", preset="bench")
+    flux_tiny.build(tmp_path / "bench", preset="bench")
     transformer = FluxTransformer2DModel.from_pretrained(tmp_path / "bench", subfolder="transformer")
     assert 1e6 < sum(p.numel() for p in transformer.parameters()) < 2e7
     with pytest.raises(ValueError):
-        tiny.build_tiny_flux(tmp_path / "m", preset="huge")
+        flux_tiny.build(tmp_path / "m", preset="huge")
     with pytest.raises(ValueError):
         tiny.ensure_embedded(tmp_path / "m", [], family="sd15")
 

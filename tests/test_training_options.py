@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.cache_stage import run_cache
+from pipeline.cache.stage import run_cache
 from pipeline.errors import UserError
-from pipeline.train_stage import run_train
+from pipeline.train.stage import run_train
 
 from conftest import configure
 

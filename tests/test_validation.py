@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.cache_stage import run_cache
+from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.sample import sample
-from pipeline.train_stage import run_train
+from pipeline.train.stage import run_train
 
 HELD_OUT = """
 [[concepts]]

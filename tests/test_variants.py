@@ -4,13 +4,14 @@ prior is the base model's prediction for exactly the input the training step fee
 import torch
 
 from pipeline.batches import load_inputs
-from pipeline.cache_stage import run_cache
+from pipeline.cache.stage import run_cache
 from pipeline.data import load_image
 from pipeline.plan import TORCH_DTYPES, make_plan
-from pipeline.store import Store
-from pipeline.train_stage import epoch_batches, run_train
+from pipeline.cache.store import Store
+from pipeline.train.epochs import epoch_batches
+from pipeline.train.stage import run_train
 
-from conftest import configure
+from conftest import CPU32, configure
 
 # the synthetic images are 80x80, 96x72 and 72x96 (width x height): three buckets at 64 px
 BUCKETS = {"48x80": 4, "64x64": 6, "80x48": 6}
@@ -62,9 +63,10 @@ def test_flip_and_caption_dropout_are_cached_per_variant_and_priors_match(projec
     # the cached prior of every variant equals a fresh forward on that variant's (flipped, dropped) input
     model = plan.family.load_denoiser(torch.device("cpu"), TORCH_DTYPES["fp32"])
     for v in range(4):
-        _, _, noisy, timesteps, cond, _ = load_inputs(plan, store, [(sample, v)])
+        inputs = load_inputs(plan, store, [(sample, v)])
+        noisy, timesteps, cond = inputs.noisy, inputs.timesteps, inputs.cond
         with torch.no_grad():
-            fresh = plan.family.predict(model, noisy, timesteps, cond)[0]
+            fresh = plan.family.predict(model, noisy, timesteps, cond, **CPU32)[0]
         assert torch.equal(store.read("prior/fp32", plan.prior_key(sample, v))[0]["prediction"], fresh)
     first = run_train(cfg, progress=False)
     assert first["steps"] == 2

@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
 from diffusers import HiDreamImageTransformer2DModel
-from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-from pipeline import objective
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
-from pipeline.families import FolderFamily
+from pipeline.families.base import FlowMatchingFamily
+from pipeline.families.hidream import kohya
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t"]
 # Feed-forwards that get a gradient: the text stream's, the shared experts' (and ff_i's where a model has
@@ -34,7 +33,7 @@ MLP = ["ff_i.w1", "ff_i.w2", "ff_i.w3", "shared_experts.w1", "shared_experts.w2"
 OTHER_LINEAR = ["adaLN_modulation.1", "linear", "proj", "linear_1", "linear_2"]
 
 
-class HiDreamFamily(FolderFamily):
+class HiDreamFamily(FlowMatchingFamily):
     name = "hidream"
     pipeline_classes = ("HiDreamImagePipeline",)
     vae_components = ("vae",)
@@ -43,9 +42,7 @@ class HiDreamFamily(FolderFamily):
     denoiser_component = "transformer"
     denoiser_class = HiDreamImageTransformer2DModel
     pixel_multiple = 16  # VAE downsamples by 8, 2x2 patches by 2 more
-    default_timestep_sampling = "logit_normal"  # as diffusers' HiDream LoRA script (SD3 paper)
     negative_is_empty_caption = True  # its pipeline encodes "" as the negative prompt for guidance
-    loss_weightings = ("none", "sigma_sqrt", "cosmap")  # diffusers' compute_loss_weighting_for_sd3
     target_presets = {
         "attention": ATTENTION,  # image- and text-stream projections of every block
         "attention_mlp": ATTENTION + MLP,
@@ -118,32 +115,12 @@ class HiDreamFamily(FolderFamily):
                 )
         return self._scheduler
 
-    def timestep_table(self):
-        s = self.scheduler()
-        return s.timesteps.float(), s.sigmas[: len(s.timesteps)].float()
-
-    def timestep_spec(self):
-        c = self.scheduler().config
-        return {k: c.get(k) for k in ("num_train_timesteps", "shift", "use_dynamic_shifting")}
-
     # -- denoiser ---------------------------------------------------------------------------------
     def load_denoiser(self, device, dtype):
         # force_inference_output, as diffusers' HiDream LoRA script: in train() mode the transformer would
         # otherwise route the MoE differently and return patch-major output; with it, train() and eval()
         # give the same prediction bit for bit, so a cached prior is the training forward's step-0 output.
         return super().load_denoiser(device, dtype, force_inference_output=True)
-
-    def noisy_input(self, latents, noise, timesteps, sigmas):
-        return objective.flow_noisy(latents, noise, sigmas)
-
-    def target(self, latents, noise, timesteps):
-        return objective.flow_target(latents, noise)
-
-    def loss_weights(self, train, timesteps, sigmas):
-        if train.loss_weighting not in self.loss_weightings:
-            raise UserError(f"config key 'train.loss_weighting' must be one of {', '.join(self.loss_weightings)} "
-                            f"for {self.name} (min_snr is for epsilon/v-prediction models such as SDXL)")
-        return compute_loss_weighting_for_sd3(train.loss_weighting, sigmas)
 
     def prediction_settings(self):
         return {}  # no guidance embedding; classifier-free guidance happens outside the transformer
@@ -156,8 +133,7 @@ class HiDreamFamily(FolderFamily):
     def _llama_layers(self) -> list[int]:
         return json.loads((self.root / "transformer" / "config.json").read_text())["llama_layers"]
 
-    def predict(self, denoiser, noisy, timesteps, cond):
-        device, dtype = denoiser.device, denoiser.dtype
+    def predict(self, denoiser, noisy, timesteps, cond, *, device, dtype):
         llama = cond["prompt_embeds_llama3"]  # (B, layers, tokens, D) as cached
         if max(self._llama_layers) >= llama.shape[1]:
             raise UserError(f"the cached Llama embeddings hold {llama.shape[1]} layers but the transformer in "
@@ -177,19 +153,7 @@ class HiDreamFamily(FolderFamily):
 
     # -- export -----------------------------------------------------------------------------------
     def to_kohya(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        """The diffusers-format LoRA that pipeline/lora.py writes (transformer.<module>.lora_A/B.weight) in
-        ComfyUI's layout, the non-diffusers one diffusers' HiDream loader converts back:
-        diffusion_model.<module>.lora_A/B.weight, same module names. That converter only strips the prefix
-        and the loader refuses keys without "lora", so no .alpha keys: the scale alpha/rank is folded into
-        lora_B instead, and both loaders (which then take alpha = rank, scale 1) apply the trained scale."""
-        out = {}
-        for key, value in state_dict.items():
-            if not key.startswith("transformer.") or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-                raise UserError(f"LoRA key '{key}' cannot be exported to the kohya/ComfyUI format "
-                                "(only plain LoRA on the transformer: no DoRA, no text encoder)")
-            module = key[len("transformer."):-len(".lora_A.weight")]
-            if key.endswith(".lora_B.weight"):
-                rank = state_dict[f"transformer.{module}.lora_A.weight"].shape[0]
-                value = (value.float() * (alpha / rank)).to(value.dtype)
-            out[f"diffusion_model.{key[len('transformer.'):]}"] = value
-        return out
+        return kohya.to_kohya(state_dict, alpha)
+
+
+FAMILY = HiDreamFamily

@@ -1,4 +1,4 @@
-"""A tiny random-weight Stable Diffusion XL pipeline, built locally like the tiny Flux model (tiny.py).
+"""A tiny random-weight Stable Diffusion XL pipeline, built locally like the tiny Flux model.
 
 Same architecture as SDXL base, shrunk: a UNet with SDXL's "text_time" added conditioning (pooled text
 embedding + six size/crop ids), cross-attention over the two CLIP encoders' concatenated hidden states,
@@ -21,7 +21,7 @@ PRESETS = {
 }
 
 
-def build_tiny_sdxl(path: Path, preset: str = "default", seed: int = 0) -> None:
+def build(path: Path, preset: str = "default", seed: int = 0) -> None:
     """Build a tiny random-weight StableDiffusionXLPipeline at `path` (replacing a previous build there)."""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel

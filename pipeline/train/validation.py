@@ -16,37 +16,61 @@ import os
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import free_memory
 
-from pipeline.batches import load_inputs
-from pipeline.families import render_cached
+from pipeline.batches import Denoiser, forward, load_inputs
+from pipeline.cache.store import Store
+from pipeline.families.base import render_cached
 from pipeline.objective import per_sample_mse
 from pipeline.plan import Plan
-from pipeline.store import Store
+from pipeline.train.step import targets
+
+
+class Validator:
+    """Held-out scores and sample grids at chosen steps, each validation's record to the run's sinks."""
+
+    def __init__(self, plan: Plan, store: Store, denoiser: Denoiser, out_dir: Path, sinks):
+        self.plan, self.store, self.denoiser, self.sinks = plan, store, denoiser, sinks
+        self.samples_dir = out_dir / "samples"
+        self.done: set[int] = set()
+        self.last: dict = {}
+
+    @staticmethod
+    def enabled(plan: Plan) -> bool:
+        return bool(plan.held_out or plan.cfg.validation.prompts)
+
+    def run(self, step: int) -> None:
+        if not self.enabled(self.plan) or step in self.done:
+            return
+        self.done.add(step)
+        record = {"step": step, **held_out_scores(self.plan, self.store, self.denoiser, self.plan.cfg.train.prior_mode)}
+        images = render_prompts(self.plan, self.store, self.denoiser)
+        if images:
+            record["samples"] = str(save_grid(images, self.samples_dir / f"step-{step:06d}.png"))
+        self.sinks.validation(record)
+        self.last = {k: record[k] for k in ("val_loss", "prior_drift", "samples") if k in record}
 
 
 @torch.no_grad()
-def held_out_scores(plan: Plan, store: Store, model, prior_mode: str = "cached") -> dict:
+def held_out_scores(plan: Plan, store: Store, denoiser: Denoiser, prior_mode: str = "cached") -> dict:
     """Validation loss (held-out standard images) and prior drift (held-out prior images), each averaged over
     every cached variant; None where the config has no such images. Leaves the model in train mode."""
     held = plan.held_out
     if not held:
         return {}
+    model = denoiser.module
     model.eval()  # LoRA dropout off: the score must be deterministic
     losses: dict[bool, list[float]] = {False: [], True: []}
+    size = plan.cfg.train.batch_size
     for v in range(plan.cfg.cache.variants):
         by_shape: dict[tuple, list] = {}
         for s in held:
             by_shape.setdefault(store.shape("latent", s.latent_keys[v], "latent"), []).append(s)
         for group in by_shape.values():
-            for i in range(0, len(group), plan.cfg.train.batch_size):
-                batch = group[i : i + plan.cfg.train.batch_size]
-                latents, noise, noisy, timesteps, cond, _ = load_inputs(plan, store, [(s, v) for s in batch])
-                target = plan.family.target(latents, noise, timesteps)
-                is_prior = torch.tensor([s.prior for s in batch])
-                if is_prior.any():
-                    target[is_prior] = _base_predictions(plan, store, model, batch, v, noisy, timesteps, cond,
-                                                         is_prior, prior_mode)
-                pred = plan.family.predict(model, noisy, timesteps, cond)
+            for batch in (group[i : i + size] for i in range(0, len(group), size)):
+                inputs = load_inputs(plan, store, [(s, v) for s in batch])
+                target = targets(plan, store, denoiser, batch, v, inputs, prior_mode)
+                pred = forward(plan.family, denoiser, inputs)
                 for s, loss in zip(batch, per_sample_mse(pred, target.to(pred.device)).cpu().tolist()):
                     losses[s.prior].append(loss)
     model.train()
@@ -54,26 +78,15 @@ def held_out_scores(plan: Plan, store: Store, model, prior_mode: str = "cached")
     return {"val_loss": mean(losses[False]), "prior_drift": mean(losses[True])}
 
 
-def _base_predictions(plan, store, model, batch, v, noisy, timesteps, cond, is_prior, prior_mode):
-    if prior_mode == "cached":
-        cached = [store.read(plan.prior_kind(), plan.prior_key(s, v))[0]["prediction"] for s in batch if s.prior]
-        return torch.stack(cached).float()
-    model.disable_adapters()
-    try:
-        sub = {k: t[is_prior] for k, t in cond.items()}
-        return plan.family.predict(model, noisy[is_prior], timesteps[is_prior], sub).float().cpu()
-    finally:
-        model.enable_adapters()
-
-
-def render_prompts(plan: Plan, store: Store, model, device: torch.device) -> list:
+def render_prompts(plan: Plan, store: Store, denoiser: Denoiser) -> list:
     """The validation prompts rendered with the model as it is now (one PIL image each)."""
     v = plan.cfg.validation
     if not v.prompts:
         return []
-    vae = plan.family.load_vae(device, model.dtype)
+    vae = plan.family.load_vae(denoiser.device, denoiser.dtype)
     vae.encoder = None  # decoding only: the encoder's memory goes at once
     gc.collect()
+    model = denoiser.module
     model.eval()
     try:
         images = []
@@ -82,16 +95,15 @@ def render_prompts(plan: Plan, store: Store, model, device: torch.device) -> lis
             cond = store.read("text", plan.text_key(prompt))[0]
             generator = torch.Generator("cpu").manual_seed(v.seed)
             images += render_cached(
-                plan.family, model, vae, {k: t[None] for k, t in cond.items()}, height=v.height or plan.cfg.data.resolution,
+                plan.family, model, vae, {k: t[None] for k, t in cond.items()}, device=denoiser.device,
+                dtype=denoiser.dtype, height=v.height or plan.cfg.data.resolution,
                 width=v.width or plan.cfg.data.resolution, steps=v.steps, guidance_scale=v.guidance_scale,
                 generator=generator, negative=empty,
             )
     finally:
         model.train()
         del vae
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
     return images
 
 

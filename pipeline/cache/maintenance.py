@@ -8,55 +8,37 @@ the pruning config's entries: prune is for a dir that one config (in several dty
 
 from __future__ import annotations
 
+from pipeline.cache.kinds import COMPUTED, KINDS, computed, needed_keys
+from pipeline.cache.lock import cache_lock
+from pipeline.cache.store import Store
 from pipeline.config import Config, check_paths
 from pipeline.errors import UserError
-from pipeline.lock import cache_lock
-from pipeline.plan import BAD_IMAGE, Plan, make_plan
-from pipeline.store import Store
-
-BASE_KINDS = ("latent", "text", "noise")
+from pipeline.plan import Plan, make_plan
 
 
-def needed_keys(plan: Plan, bad: set[str] = frozenset(), keep_priors: bool = False) -> dict[str, set[str]]:
-    """kind -> the keys this config reads, plus the cached verdicts on its undecodable images (`bad`).
-    The train dtype's priors are empty with prior_mode = "online" (training computes the targets),
-    unless keep_priors: prune keeps them, since switching back to "cached" must not cost a recompute."""
-    cfg = plan.cfg
-    variants = range(cfg.cache.variants)
-    out = {
-        "latent": set(plan.latent_jobs()),
-        "text": set(plan.text_jobs()),
-        "noise": {s.noise_keys[v] for s in plan.samples for v in variants},
-        BAD_IMAGE: set(bad),
-    }
-    want = cfg.train.prior_mode == "cached" or keep_priors
-    out[plan.prior_kind()] = {plan.prior_key(s, v) for s in plan.samples if s.prior and want for v in variants}
-    return out
-
-
-def _open(cfg: Config) -> tuple[Plan, Store, set[str]]:
-    from pipeline.cache_stage import ensure_embedded  # the embedded demo's files, as the stages build them
+def _open(cfg: Config) -> tuple[Plan, Store]:
+    from pipeline.cache.stage import ensure_embedded  # the embedded demo's files, as the stages build them
 
     ensure_embedded(cfg)
     # check_paths first: with a missing model or image folder the plan would have different keys, and
     # prune would then take every entry for unused.
     check_paths(cfg)
     plan, store = make_plan(cfg), Store(cfg.cache.dir)
-    bad = {s.content_key for s in plan.samples if store.has(BAD_IMAGE, s.content_key)}
-    plan.drop_bad(store)
-    return plan, store, bad
+    plan.drop_bad(store)  # and plan.bad: the verdicts on its undecodable images, which it keeps
+    return plan, store
 
 
 def status(cfg: Config) -> dict:
-    plan, store, bad = _open(cfg)
-    needed = needed_keys(plan, bad)
+    plan, store = _open(cfg)
+    needed = needed_keys(plan)
     segs = store.segments_by_kind()
-    others = sorted((set(segs) | store.kinds() | set(needed)) - set(BASE_KINDS))
+    first = [k.store_kind(plan) for k in COMPUTED if not k.per_dtype]  # then the rest, sorted
+    always = {k.store_kind(plan) for k in COMPUTED}
     kinds = {}
-    for kind in (*BASE_KINDS, *others):
+    for kind in (*first, *sorted((set(segs) | store.kinds() | set(needed)) - set(first))):
         have, need = store.keys(kind), needed.get(kind, set())
-        if kind == BAD_IMAGE and not (have or need):
-            continue  # a row only when some image was found undecodable
+        if kind not in always and not (have or need):
+            continue  # a verdicts row only when some image was found undecodable
         kinds[kind] = {
             "needed": len(need), "present": len(need & have), "missing": len(need - have),
             "stale": len(have - need), "bytes": sum(_size(p) for p in segs.get(kind, [])),
@@ -77,10 +59,10 @@ def verify(cfg: Config, repair: bool = False) -> dict:
     with cache_lock(cfg.cache.dir, "delete" if repair else "read"):
         result = _verify(cfg, repair)
     if result.pop("needs_recompute"):
-        from pipeline.cache_stage import run_cache  # takes the write lock itself, so after ours is released
+        from pipeline.cache.stage import run_cache  # takes the write lock itself, so after ours is released
 
         s = run_cache(cfg, progress=False)
-        result["repaired"] = s["latents_encoded"] + s["texts_encoded"] + s["noise_computed"] + s["priors_computed"]
+        result["repaired"] = computed(s)
         again = Store(cfg.cache.dir)
         still = [d for d in result["damaged"] if again.check(d["kind"], d["key"])]
         again.close()
@@ -90,9 +72,9 @@ def verify(cfg: Config, repair: bool = False) -> dict:
 
 
 def _verify(cfg: Config, repair: bool) -> dict:
-    plan, store, bad = _open(cfg)
+    plan, store = _open(cfg)
     damaged, checked, missing = [], 0, 0
-    for kind, keys in needed_keys(plan, bad).items():
+    for kind, keys in needed_keys(plan).items():
         for key in sorted(keys):
             if not store.has(kind, key):
                 missing += 1
@@ -122,12 +104,12 @@ def prune(cfg: Config, dry_run: bool = False, keep_dtypes: bool = False) -> dict
 
 
 def _prune(cfg: Config, dry_run: bool, keep_dtypes: bool) -> dict:
-    plan, store, bad = _open(cfg)
-    needed = needed_keys(plan, bad, keep_priors=True)
+    plan, store = _open(cfg)
+    needed = needed_keys(plan, keep_unused=True)
     before = store.bytes_on_disk()
     removed, lost, estimate = {}, [], 0
     for kind in sorted(store.kinds()):
-        if keep_dtypes and kind.startswith("prior/") and kind not in needed:
+        if keep_dtypes and kind not in needed and any(kind.startswith(f"{k.name}/") for k in KINDS if k.per_dtype):
             continue
         unused = store.keys(kind) - needed.get(kind, set())
         if unused:

@@ -17,6 +17,8 @@ import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from pipeline.train.state import TrainState
+
 PREFIX = "step-"
 
 
@@ -47,26 +49,27 @@ def _join(value, tensors: dict):
     return value
 
 
-def save(out_dir: Path, step: int, model, optimizer, scheduler, position: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically; keep only the newest `keep` (0: all)."""
+def save(out_dir: Path, state: TrainState, run, keep: int) -> Path:
+    """Write the checkpoint of `state` (run: what train.setup built) atomically; keep only the newest
+    `keep` (0: all)."""
     root = Path(out_dir) / "checkpoints"
-    final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    final = root / f"{PREFIX}{state.step:08d}"
+    tmp = root / f".tmp-{PREFIX}{state.step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    model = run.denoiser.module
     save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
               str(tmp / "lora.safetensors"))
     tensors: dict = {}
-    state = {
-        "step": step,
-        "position": position,
-        "optimizer": _split(optimizer.state_dict(), "optimizer", tensors),
-        "scheduler": _split(scheduler.state_dict(), "scheduler", tensors),
-        "rng": _split({"cpu": torch.get_rng_state(),
-                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, "rng", tensors),
+    saved = {
+        "step": state.step,
+        "position": state.position(),
+        "optimizer": _split(run.optimizer.state_dict(), "optimizer", tensors),
+        "scheduler": _split(run.scheduler.state_dict(), "scheduler", tensors),
+        "rng": _split(state.rng(), "rng", tensors),
     }
     save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state))
+    (tmp / "state.json").write_text(json.dumps(saved))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if keep:
@@ -81,17 +84,14 @@ def latest(out_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def restore(path: Path, model, optimizer, scheduler) -> tuple[int, dict]:
-    """Load a checkpoint into the (freshly built) model, optimizer and schedule; returns (step, position)."""
+def restore(path: Path, run) -> TrainState:
+    """Load a checkpoint into the freshly built run (model, optimizer, schedule) and the global RNG."""
     tensors = load_file(str(path / "state.safetensors"))
-    state = json.loads((path / "state.json").read_text())
-    result = set_peft_model_state_dict(model, load_file(str(path / "lora.safetensors")))
+    saved = json.loads((path / "state.json").read_text())
+    result = set_peft_model_state_dict(run.denoiser.module, load_file(str(path / "lora.safetensors")))
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"checkpoint {path} does not fit this LoRA: {result.unexpected_keys[:3]}")
-    optimizer.load_state_dict(_join(state["optimizer"], tensors))
-    scheduler.load_state_dict(_join(state["scheduler"], tensors))
-    rng = _join(state["rng"], tensors)
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["step"], state["position"]
+    run.optimizer.load_state_dict(_join(saved["optimizer"], tensors))
+    run.scheduler.load_state_dict(_join(saved["scheduler"], tensors))
+    TrainState.restore_rng(_join(saved["rng"], tensors))
+    return TrainState(saved["step"], **saved["position"])

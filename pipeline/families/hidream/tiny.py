@@ -1,4 +1,4 @@
-"""A tiny random-weight HiDream-I1-architecture model, built locally like tiny.build_tiny_flux.
+"""A tiny random-weight HiDream-I1-architecture model, built locally like the tiny Flux model.
 
 Every component of HiDreamImagePipeline is there, in miniature: the MoE transformer, two CLIP text
 encoders with projection (pooled), a T5 encoder, a Llama causal LM (all its hidden states feed the
@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import tiny
+from pipeline.families.flux.tiny import FLUX_VAE
 
 PRESETS = {
     # ~0.3M-parameter transformer (most of it the MoE feed-forwards): seconds per test on a CPU.
@@ -49,7 +50,7 @@ def llama_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos, model_max_length=512)
 
 
-def build_tiny_hidream(path: Path, preset: str = "default", seed: int = 0) -> None:
+def build(path: Path, preset: str = "default", seed: int = 0) -> None:
     """Build a tiny random-weight HiDreamImagePipeline at `path` (replacing a previous build there)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
@@ -74,7 +75,7 @@ def build_tiny_hidream(path: Path, preset: str = "default", seed: int = 0) -> No
         llama_layers=[min(i, p["llama_layers"] - 1) for i in range(blocks)],
     )
     torch.manual_seed(seed + 1)
-    vae = tiny.tiny_vae(**tiny.FLUX_VAE)  # HiDream uses Flux's VAE
+    vae = tiny.tiny_vae(**FLUX_VAE)  # HiDream uses Flux's VAE
 
     def clip(seed_offset: int):
         torch.manual_seed(seed + seed_offset)

@@ -13,11 +13,11 @@ import json
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from diffusers.training_utils import compute_snr
 
 from pipeline.errors import UserError, warn
-from pipeline.families import FolderFamily
+from pipeline.families.base import FolderFamily
+from pipeline.families.sdxl import kohya
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' SDXL LoRA script's targets
 MLP = ["ff.net.0.proj", "ff.net.2"]
@@ -123,9 +123,8 @@ class SDXLFamily(FolderFamily):
     def prediction_settings(self):
         return {}  # no guidance embedding; the prediction type is part of the noise key
 
-    def predict(self, denoiser, noisy, timesteps, cond):
+    def predict(self, denoiser, noisy, timesteps, cond, *, device, dtype):
         b, _, h, w = noisy.shape
-        device, dtype = denoiser.device, denoiser.dtype
         # time ids as the pipeline's _get_add_time_ids: original size + crop top-left + target size, all
         # (height, width) in pixels. Kept in float32: the UNet embeds them in float32 anyway, and so sizes
         # above 256 (bf16) or 2048 (fp16) stay exact.
@@ -143,55 +142,7 @@ class SDXLFamily(FolderFamily):
 
     # -- export -----------------------------------------------------------------------------------
     def to_kohya(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        """The diffusers-format LoRA save_lora writes (`unet.<module>.lora_A.weight`, ...) in kohya's layout
-        (`lora_unet_<original SDXL module path, '.' -> '_'>.lora_down.weight`, `.lora_up.weight`, `.alpha`),
-        which A1111, ComfyUI and diffusers' own kohya converter load."""
-        out = {}
-        for key, tensor in state_dict.items():
-            module, _, kind = key.removeprefix(f"{self.denoiser_component}.").rpartition(".lora_")
-            if kind not in ("A.weight", "B.weight"):
-                raise UserError(f"LoRA key '{key}' has no kohya equivalent (DoRA and LoRA biases are not exported)")
-            name = "lora_unet_" + ldm_unet_name(module, self.unet_config).replace(".", "_")
-            out[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = tensor
-            out[f"{name}.alpha"] = torch.tensor(float(alpha))
-        return out
+        return kohya.to_kohya(state_dict, alpha, self.denoiser_component, self.unet_config)
 
 
-# diffusers ResnetBlock2D names -> the original (ldm/sgm) ResBlock names
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-# top-level modules, from diffusers' own single-file table (parameter names -> module names)
-_TOP = {d.rsplit(".", 1)[0]: o.rsplit(".", 1)[0] for table in ("layers", "addition_embed_type")
-        for d, o in DIFFUSERS_TO_LDM_MAPPING["unet"][table].items()}
-
-
-def ldm_unet_name(name: str, config: dict) -> str:
-    """A diffusers UNet2DConditionModel module or parameter name -> its name in the original SDXL UNet
-    (input_blocks / middle_block / output_blocks), the inverse of diffusers' convert_ldm_unet_checkpoint.
-    Transformer blocks are named alike in both, so only the prefix and resnet parts change."""
-    for new, old in _TOP.items():
-        if name == new or name.startswith(new + "."):
-            return old + name[len(new):]
-    parts = name.split(".")
-    n = config["layers_per_block"] + 1  # original blocks per level: the layers, then the down/upsampler
-    if parts[0] == "down_blocks":
-        level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
-        if kind == "downsamplers":  # conv -> op
-            prefix, rest = f"input_blocks.{(level + 1) * n}.0", ["op", *rest[1:]]
-        else:
-            prefix = f"input_blocks.{1 + level * n + j}.{0 if kind == 'resnets' else 1}"
-    elif parts[0] == "mid_block":
-        kind, j, rest = parts[1], int(parts[2]), parts[3:]
-        prefix = f"middle_block.{ {('resnets', 0): 0, ('attentions', 0): 1, ('resnets', 1): 2}[kind, j] }"
-    elif parts[0] == "up_blocks":
-        level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
-        if kind == "upsamplers":  # after the resnet, and the attention where the level has one
-            has_attention = config["up_block_types"][level].startswith("CrossAttn")
-            prefix = f"output_blocks.{level * n + n - 1}.{2 if has_attention else 1}"
-        else:
-            prefix = f"output_blocks.{level * n + j}.{0 if kind == 'resnets' else 1}"
-    else:
-        raise ValueError(f"no original SDXL name for UNet module '{name}'")
-    if kind == "resnets" and rest and rest[0] in _RESNET:
-        rest = [_RESNET[rest[0]], *rest[1:]]
-    return ".".join([prefix, *rest])
+FAMILY = SDXLFamily

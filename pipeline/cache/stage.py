@@ -1,0 +1,124 @@
+"""Stage 1: run the frozen base model once and store latents, text embeddings, noise seeds and
+timesteps, and for every prior sample the base model's own prediction, keyed by the train dtype.
+
+Each phase computes only what is missing. Work is done in chunks of fixed composition (all needed
+keys sorted, cut every cache.batch_size), and each chunk is written as one atomic segment: a crash
+loses at most the chunk in flight, and a rerun recomputes exactly the same chunks with the same
+batch composition, so the finished cache equals an uninterrupted run's bit for bit.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from diffusers.training_utils import free_memory
+from tqdm import tqdm
+
+from pipeline.cache.kinds import COMPUTED, Kind
+from pipeline.cache.lock import cache_lock
+from pipeline.cache.store import Store
+from pipeline.config import Config, check_paths
+from pipeline.errors import UserError
+from pipeline.plan import Plan, make_plan, pick_device
+
+
+def ensure_embedded(cfg: Config) -> None:
+    """For configs with an [embedded] table: build the tiny model and synthetic data where missing."""
+    if cfg.embedded is None:
+        return
+    from pipeline import tiny  # only the embedded configs need it
+
+    try:
+        tiny.ensure_embedded(Path(cfg.model.path), [Path(c.folder) for c in cfg.concepts], cfg.embedded.family,
+                             cfg.embedded.preset)
+    except (ValueError, FileExistsError) as e:
+        raise UserError(f"[embedded]: {e}") from None
+
+
+def _chunks(keys: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(keys), size):
+        yield keys[i : i + size]
+
+
+class Phase:
+    """One kind of entry for one run: which keys are needed, which are missing, and computing the chunks
+    that hold missing ones."""
+
+    def __init__(self, kind: Kind, plan: Plan, store: Store, progress: bool):
+        self.kind, self.plan, self.store, self.progress = kind, plan, store, progress
+        self.name = kind.store_kind(plan)
+        self.needed = kind.jobs(plan, False)
+        self.order = sorted(self.needed)
+        self.missing = [k for k in self.order if not store.has(self.name, k)]
+        self.computed = 0
+
+    def run(self, device) -> None:
+        if not self.missing:
+            return
+        store, name = self.store, self.name
+        model = self.kind.load(self.plan, device)
+        chunks = [c for c in _chunks(self.order, self.kind.chunk(self.plan.cfg)) if any(not store.has(name, k) for k in c)]
+        with tqdm(total=len(self.missing), desc=name, unit=self.kind.unit, disable=not self.progress) as bar:
+            for chunk in chunks:
+                entries = self.kind.compute(self.plan, store, model, [self.needed[k] for k in chunk])
+                # entries may lack keys whose input turned out unusable (a bad image)
+                fresh = {k: e for k, e in entries.items() if not store.has(name, k)}
+                try:
+                    store.write(name, fresh)
+                except OSError as e:
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT) and "No space left" not in str(e):
+                        raise
+                    raise UserError(
+                        f"disk full writing the cache in '{store.root}': every finished segment is kept "
+                        f"({self.computed} new {name} entries this run); free space and run the same command again"
+                    ) from None
+                self.computed += len(fresh)
+                bar.update(len(fresh))
+        del model  # before the next phase loads its model: only one is ever resident
+        free_memory()
+
+    @property
+    def reused(self) -> int:
+        return len(self.order) - len(self.missing)  # present before this run
+
+
+def run_cache(cfg: Config, progress: bool = True) -> dict:
+    """Compute every missing cache entry the config needs. Returns the summary it prints.
+    Refuses (UserError) while another cache run, prune or repair writes the same directory."""
+    with cache_lock(cfg.cache.dir, "write"):
+        return _run_cache(cfg, progress)
+
+
+def _run_cache(cfg: Config, progress: bool) -> dict:
+    start = time.perf_counter()
+    ensure_embedded(cfg)
+    check_paths(cfg)
+    plan = make_plan(cfg)
+    store = Store(cfg.cache.dir)
+    plan.drop_bad(store)
+    device = pick_device(cfg.cache.device)
+    counts = {}
+    for kind in COMPUTED:  # in order: the prior phase reads the latents, texts and noise computed before it
+        phase = Phase(kind, plan, store, progress)
+        phase.run(device)
+        plan.drop_bad(store)  # images the latent phase found undecodable are left out of what follows
+        counts.update({kind.counts[0]: phase.computed, kind.counts[1]: phase.reused})
+    summary = {
+        "samples": len(plan.training),
+        "prior_samples": sum(s.prior for s in plan.training),
+        "validation_samples": len(plan.held_out),
+        "images_per_bucket": plan.bucket_counts(),
+        "variants": cfg.cache.variants,
+        "dtype": cfg.train.dtype,
+        **counts,
+        "bytes_on_disk": store.bytes_on_disk(),
+        # files that could not be read (damaged or foreign); their entries, if needed, were recomputed
+        "unreadable_segments": [str(p) for p in store.unreadable],
+        "skipped_images": plan.skipped,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    store.close()
+    return summary

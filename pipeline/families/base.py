@@ -1,0 +1,204 @@
+"""The interface every family implements (`Family`), and what families share: `FolderFamily` (a diffusers
+model folder, latents from the VAE's mode, the denoiser from the folder or one file) and
+`FlowMatchingFamily` (rectified-flow noise, targets, timestep table and SD3 loss weightings).
+
+Methods never read `.device`, `.dtype` or `.config` off the denoiser they are handed: under DDP or FSDP
+that object is a wrapper without them. The caller passes the device and dtype; what a family needs of
+the denoiser's config it reads from the model folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+from pipeline import objective
+from pipeline.config import ModelConfig
+from pipeline.errors import UserError
+
+
+class Family(Protocol):
+    name: str
+    pipeline_classes: tuple[str, ...]  # diffusers pipelines of this family; the first renders samples
+    root: Path  # the local diffusers folder
+    vae_components: tuple[str, ...]  # subfolders whose weights the latents depend on
+    text_components: tuple[str, ...]  # ... the text embeddings
+    denoiser_component: str  # ... the priors
+    denoiser_file: Path | None  # model.denoiser_file: the denoiser's weights in one file (config from the folder)
+    pixel_multiple: int  # image sides (and bucket sides) must be multiples of this
+    # LoRA targets: peft module-name suffixes (a name, or its tail after a dot; `*` matches a block index)
+    # for "attention" (the default), "attention_mlp" and "all_linear"; default_target_modules is the first
+    target_presets: dict[str, list[str]]
+    default_target_modules: list[str]
+    default_timestep_sampling: str  # what cache.timestep_sampling = "auto" means: "uniform" | "logit_normal" | "mode"
+    loss_weightings: tuple[str, ...]  # the train.loss_weighting values this family supports
+    # Optional members, with their defaults:
+    negative_is_empty_caption: bool = False  # the pipeline's guidance encodes "" as the negative prompt
+    kohya_metadata: Mapping[str, str] = MappingProxyType({})  # written into kohya-format files (ss_network_module...)
+
+    def load_vae(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
+
+    def encode_images(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B,3,H,W) in [-1,1] -> latents (B,C,h,w) float32 as the denoiser sees them (deterministic)."""
+
+    def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> Any: ...
+
+    def encode_captions(self, encoders: Any, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        """One dict of conditioning tensors (float32, no batch dim) per caption."""
+
+    def timestep_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scheduler's training timesteps and their sigmas (the distribution's support)."""
+
+    def timestep_spec(self) -> dict:
+        """Everything about the timestep table that the noise entries depend on."""
+
+    def load_denoiser(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
+
+    def noisy_input(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, sigmas: torch.Tensor
+    ) -> torch.Tensor:
+        """x_t from clean latents (B,C,h,w), noise, the drawn timesteps (B,) and their sigmas (B,)."""
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the denoiser should predict for a standard sample (flow: noise - x0; epsilon; v). A new
+        tensor: the caller writes the prior targets into it."""
+
+    def loss_weights(self, train: Any, timesteps: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weights (B,) for train.loss_weighting; UserError for a scheme it does not support."""
+
+    def predict(
+        self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
+        *, device: torch.device, dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """One denoiser forward: noisy latents (B,C,h,w), timesteps (B,) on the scheduler's 0..1000 scale,
+        batched conditioning -> prediction (B,C,h,w) in `dtype`, on `device` (where the denoiser's weights
+        are, in the dtype it was loaded in). `cond` holds the text entry's tensors plus the image geometry
+        cached with the latent: original_size (B,2) as (height, width) and crop_top_left (B,2) as (top, left),
+        in pixels, float32."""
+
+    def prediction_settings(self) -> dict:
+        """Settings outside the weights that change a prediction (guidance...): part of the prior key."""
+
+    def to_kohya(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        """The diffusers-format LoRA (keys '<denoiser_component>.<module>.lora_A.weight' / '.lora_B.weight',
+        as in the diffusers file) in the family's kohya/ComfyUI layout, such that the family's pipeline's
+        load_lora_weights gives the same denoiser. UserError naming train.lora_format for modules the
+        layout cannot hold."""
+
+    def collate(self, conds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One batch of conditioning from per-sample entries. Stacking needs equal shapes; a family whose
+        text embeddings vary in length pads here and adds its attention mask."""
+        return {k: torch.stack([c[k] for c in conds]) for k in conds[0]}
+
+    def pipeline_layout(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Batched cached conditioning in the layout the family's pipeline takes as `*_embeds` arguments."""
+        return cond
+
+
+class FolderFamily(Family):
+    """A diffusers model folder, latents from its VAE's mode, and the denoiser from the folder or from one
+    file (model.denoiser_file). A family sets `denoiser_class`."""
+
+    denoiser_class: Any
+
+    def __init__(self, root: Path, cfg: ModelConfig):
+        self.root = Path(root)
+        self.cfg = cfg
+        self.denoiser_file = Path(cfg.denoiser_file) if cfg.denoiser_file else None
+        self._scheduler = None
+
+    def load_vae(self, device, dtype):
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(self.root, subfolder="vae", dtype=dtype).to(device).eval()
+
+    @torch.no_grad()
+    def encode_images(self, vae, pixels):
+        # The distribution's mode, not a sample: the latent of an image is then a pure function of its bytes.
+        # Then the pipelines' inverse of their decode step (SDXL's VAE has no shift).
+        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float()
+        if vae.config.shift_factor is not None:
+            z = z - vae.config.shift_factor
+        return (z * vae.config.scaling_factor).cpu()
+
+    def load_denoiser(self, device, dtype, **kwargs):
+        cls, sub = self.denoiser_class, self.denoiser_component
+        if self.denoiser_file is not None:  # weights from one file, the config from the folder
+            model = cls.from_single_file(str(self.denoiser_file), config=str(self.root), subfolder=sub, dtype=dtype,
+                                         **kwargs)
+        else:
+            model = cls.from_pretrained(self.root, subfolder=sub, dtype=dtype, **kwargs)
+        return model.to(device).eval().requires_grad_(False)
+
+
+class FlowMatchingFamily(FolderFamily):
+    """Rectified flow as in the SD3 paper and diffusers' Flux/SD3 training scripts: x_t = (1 - sigma) x0 +
+    sigma noise, target noise - x0, timesteps from the flow-matching scheduler's training table."""
+
+    default_timestep_sampling = "logit_normal"  # as diffusers' Flux LoRA script (SD3 paper)
+    loss_weightings = ("none", "sigma_sqrt", "cosmap")  # diffusers' compute_loss_weighting_for_sd3
+
+    def scheduler(self) -> FlowMatchEulerDiscreteScheduler:
+        if self._scheduler is None:
+            self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.root, subfolder="scheduler")
+        return self._scheduler
+
+    def timestep_table(self):
+        # the scheduler's training table: sigma = shift(t / num_train_timesteps), no shift when the model
+        # shifts dynamically at inference (Flux)
+        s = self.scheduler()
+        return s.timesteps.float(), s.sigmas[: len(s.timesteps)].float()
+
+    def timestep_spec(self):
+        c = self.scheduler().config
+        return {k: c.get(k) for k in ("num_train_timesteps", "shift", "use_dynamic_shifting")}
+
+    def noisy_input(self, latents, noise, timesteps, sigmas):
+        return objective.flow_noisy(latents, noise, sigmas)
+
+    def target(self, latents, noise, timesteps):
+        return objective.flow_target(latents, noise)
+
+    def loss_weights(self, train, timesteps, sigmas):
+        if train.loss_weighting not in self.loss_weightings:
+            raise UserError(f"config key 'train.loss_weighting' must be one of {', '.join(self.loss_weightings)} "
+                            f"for {self.name} (min_snr is for epsilon/v-prediction models such as SDXL)")
+        return compute_loss_weighting_for_sd3(train.loss_weighting, sigmas)
+
+
+def render_cached(family: Family, denoiser, vae, cond, *, device, dtype, height, width, steps, guidance_scale,
+                  generator, negative=None) -> list:
+    """Run the family's own text-to-image pipeline (pipeline_classes[0]) on cached text conditioning: its
+    text encoders are left out, and the cached tensors go in as the pipeline's `*_embeds` arguments, which
+    is why each family names its cached text tensors exactly as its pipeline's __call__ arguments.
+    `negative`: the cached conditioning of "", used where the family's `negative_is_empty_caption` (SDXL's
+    default negative is zeros, Flux-dev's guidance is embedded)."""
+    import diffusers
+
+    cls = getattr(diffusers, family.pipeline_classes[0])
+    pipe = cls.from_pretrained(
+        family.root, **{family.denoiser_component: denoiser, "vae": vae}, **{n: None for n in family.text_components}
+    )
+    pipe.set_progress_bar_config(disable=True)  # the train stage's own bar is the one to watch
+    if negative is not None and family.negative_is_empty_caption:
+        # this pipeline's classifier-free guidance encodes "" as the negative prompt: pass that, cached
+        cond = {**cond, **{f"negative_{k}": t for k, t in negative.items()}}
+    # the cache stacks every tensor batch-first; a family whose pipeline wants another layout converts it
+    cond = {k: t.to(device, dtype) for k, t in family.pipeline_layout(cond).items()}
+    with torch.no_grad():
+        return pipe(**cond, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
+                    generator=generator, output_type="pil").images
+
+
+def load_full_pipeline(family: Family, device: torch.device, dtype: torch.dtype):
+    """Every component of the family's text-to-image pipeline, for sampling from a saved LoRA."""
+    import diffusers
+
+    cls = getattr(diffusers, family.pipeline_classes[0])
+    return cls.from_pretrained(family.root, dtype=dtype).to(device)

@@ -1,0 +1,1 @@
+"""HiDream-I1: adapter.py (the family), kohya.py (ComfyUI layout), tiny.py (tiny model)."""

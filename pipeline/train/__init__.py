@@ -1,0 +1,1 @@
+"""Stage 2: training a LoRA on the cache."""

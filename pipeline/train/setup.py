@@ -1,0 +1,45 @@
+"""Everything a training run builds before its first step, in dependency order: the denoiser, its LoRA,
+the optimizer over the LoRA's parameters, and the learning-rate schedule over the run's length."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.batches import Denoiser
+from pipeline.cache.store import Store
+from pipeline.lora import add_lora, kohya_weights
+from pipeline.plan import TORCH_DTYPES, Plan
+from pipeline.train.epochs import epoch_batches
+from pipeline.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class Run:
+    denoiser: Denoiser  # the frozen base with the LoRA, in train mode
+    params: list[torch.nn.Parameter]  # what trains (the LoRA's, float32)
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # the lr schedule (a torch LRScheduler)
+    shapes: dict[str, tuple]  # latent key -> shape, read from the cache once per run
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+
+
+def setup(plan: Plan, store: Store, device: torch.device) -> Run:
+    cfg, t = plan.cfg, plan.cfg.train
+    dtype = TORCH_DTYPES[t.dtype]
+    model = plan.family.load_denoiser(device, dtype)
+    params = add_lora(model, cfg.lora, plan.family.target_presets)
+    if t.lora_format == "kohya":
+        kohya_weights(model, plan.family, cfg.lora)  # refuse now, not after training, what kohya's layout cannot hold
+    if t.gradient_checkpointing:
+        model.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
+    model.train()
+    optimizer = build_optimizer(params, cfg.optimizer, device)
+    shapes = {s.latent_keys[0]: store.shape("latent", s.latent_keys[0], "latent") for s in plan.samples}
+    steps_per_epoch = math.ceil(len(epoch_batches(plan, shapes, 0)) / t.gradient_accumulation)
+    total = t.max_steps or t.epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, cfg.optimizer, total)
+    return Run(Denoiser(model, device, dtype), params, optimizer, scheduler, shapes, steps_per_epoch, total)

@@ -1,0 +1,101 @@
+"""The training step. `targets` is the one definition of what each sample should predict, which the
+step and held-out validation both use; `optimizer_step` is one update from a group of batches (gradient
+accumulation), the unit the training loop and `make bench` both run."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pipeline.batches import Denoiser, Inputs, forward, load_inputs
+from pipeline.cache.store import Store
+from pipeline.objective import per_sample_mse
+from pipeline.plan import Plan, Sample
+
+TIMESTEP_BINS = 4  # loss by quarter of the 0..1000 timestep range: a cheap view of where the model errs
+
+
+def targets(plan: Plan, store: Store, denoiser: Denoiser, batch: list[Sample], variant: int, inputs: Inputs,
+            prior_mode: str) -> torch.Tensor:
+    """What the denoiser should predict for each sample (float32, on the CPU): the family's target (flow:
+    noise - x0; epsilon; v) for a standard sample, the base model's own prediction for a prior sample.
+    That prediction is read from the cache ("cached"), or computed by a second, adapter-disabled forward
+    ("online": what every peer does, kept for comparison and the benchmark)."""
+    target = plan.family.target(inputs.latents, inputs.noise, inputs.timesteps)
+    is_prior = torch.tensor([s.prior for s in batch])
+    if not is_prior.any():
+        return target
+    if prior_mode == "cached":
+        cached = [store.read(plan.prior_kind(), plan.prior_key(s, variant))[0]["prediction"] for s in batch if s.prior]
+        target[is_prior] = torch.stack(cached).float()
+        return target
+    with torch.no_grad():
+        denoiser.module.disable_adapters()
+        try:
+            target[is_prior] = forward(plan.family, denoiser, inputs.subset(is_prior)).float().cpu()
+        finally:
+            denoiser.module.enable_adapters()
+    return target
+
+
+def train_step(plan: Plan, store: Store, denoiser: Denoiser, batch: list[Sample], variant: int, prior_mode: str,
+               loss_scale: float = 1.0) -> dict:
+    """Forward and backward for one batch (the optimizer steps in optimizer_step); returns its losses."""
+    inputs = load_inputs(plan, store, [(s, variant) for s in batch])
+    target = targets(plan, store, denoiser, batch, variant, inputs, prior_mode)
+    pred = forward(plan.family, denoiser, inputs)
+    is_prior = torch.tensor([s.prior for s in batch])
+    weights = torch.tensor([s.loss_weight for s in batch]) * plan.family.loss_weights(plan.cfg.train, inputs.timesteps,
+                                                                                      inputs.sigmas)
+    losses = per_sample_mse(pred, target.to(pred.device)) * weights.to(pred.device)
+    loss = losses.mean()
+    (loss * loss_scale).backward()
+    losses = losses.detach().cpu()
+    group = lambda mask: float(losses[mask].mean()) if mask.any() else None  # noqa: E731
+    return {
+        "loss": float(loss.detach()),
+        "loss_standard": group(~is_prior),
+        "loss_prior": group(is_prior),
+        "n_standard": int((~is_prior).sum()),
+        "n_prior": int(is_prior.sum()),
+        "timestep_mean": float(inputs.timesteps.float().mean()),
+        "per_sample": list(zip(inputs.timesteps.float().tolist(), losses.tolist())),
+    }
+
+
+def optimizer_step(run, plan: Plan, store: Store, group: list[list[Sample]], variant: int,
+                   prior_mode: str | None = None) -> dict:
+    """One optimizer step on a group of batches (gradient accumulation): forward and backward for each,
+    then clip, step, advance the schedule and clear the gradients. `run` is what train.setup built.
+    Returns the step's record for the metrics (without step/epoch/variant)."""
+    t0, lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
+    mode = prior_mode or plan.cfg.train.prior_mode
+    record = merge([train_step(plan, store, run.denoiser, b, variant, mode, 1 / len(group)) for b in group])
+    max_norm = plan.cfg.optimizer.max_grad_norm
+    norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm)) if max_norm > 0 else None
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {**record, "lr": lr, "grad_norm": norm, "seconds": round(time.perf_counter() - t0, 4)}
+
+
+def timestep_bins(per_sample: list[tuple[float, float]]) -> dict[str, float]:
+    bins: dict[str, list[float]] = {}
+    width = 1000 // TIMESTEP_BINS
+    for t, loss in per_sample:
+        low = min(int(t) // width, TIMESTEP_BINS - 1) * width
+        bins.setdefault(f"{low}-{low + width}", []).append(loss)
+    return {k: sum(v) / len(v) for k, v in sorted(bins.items())}
+
+
+def merge(records: list[dict]) -> dict:
+    """One optimizer step's record from its accumulated batches: sample-weighted means of the losses."""
+    out = {"n_standard": sum(r["n_standard"] for r in records), "n_prior": sum(r["n_prior"] for r in records)}
+    n = out["n_standard"] + out["n_prior"]
+    out["loss"] = sum(r["loss"] * (r["n_standard"] + r["n_prior"]) for r in records) / n
+    for key, count in (("loss_standard", "n_standard"), ("loss_prior", "n_prior")):
+        out[key] = sum(r[key] * r[count] for r in records if r[key] is not None) / out[count] if out[count] else None
+    out["timestep_mean"] = sum(r["timestep_mean"] for r in records) / len(records)
+    out["loss_by_timestep_bin"] = timestep_bins([p for r in records for p in r["per_sample"]])
+    return out
