@@ -1,5 +1,6 @@
 # make train: cache what is missing, then train (default: the embedded tiny Flux config)
-# make test:  the test suite;  make bench: seconds per training step, cached vs online priors
+# make test:  the test suite (unit, then end-to-end, then subprocess tiers); make test-fast: the unit tier
+# make bench: seconds per training step, cached vs online priors
 # make cache-status: what the cache holds, lacks and stores unused for CONFIG (DTYPE)
 # Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32  RESUME=1 (train: go on from the newest checkpoint)
 #            PYTHON=/path/to/python (an env with the project installed)
@@ -17,7 +18,7 @@ endif
 DTYPE_ARG := $(if $(DTYPE),--dtype $(DTYPE),)
 RESUME_ARG := $(if $(RESUME),--resume,)
 
-.PHONY: cache cache-status train test bench clean-output
+.PHONY: cache cache-status train test test-fast bench
 
 # torch==2.13.0 first: the CPU build; a plain `torch` requirement could pull a multi-GB CUDA build.
 # On a GPU machine, install your CUDA torch into the venv (or use PYTHON=) before `make`.
@@ -39,6 +40,9 @@ train: $(SETUP)
 
 test: $(SETUP)
 	$(PY) -m pytest -q
+
+test-fast: $(SETUP)
+	$(PY) -m pytest -q -m "not e2e and not slow"
 
 bench: $(SETUP)
 	$(PY) -m pipeline.bench

@@ -115,7 +115,7 @@ def save_lora(
         # what kohya's tools (and the A1111/Forge LoRA pages) read; no lora_adapter_metadata, which diffusers
         # would apply to the converted keys
         meta.update({"ss_network_dim": str(peft_cfg.r), "ss_network_alpha": str(float(peft_cfg.lora_alpha)),
-                     **getattr(family, "kohya_metadata", {})})
+                     **family.kohya_metadata})
     else:
         weights = diffusers_weights(model, prefix)
         adapter = {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in peft_cfg.to_dict().items()}

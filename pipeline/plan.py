@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline.cache.keys import Fingerprints, derive_seed, digest, sha256_bytes
 from pipeline.config import Config
 from pipeline.data import PREPARE, BadImage, buckets, check_header, nearest_bucket, scan_concept
 from pipeline.errors import UserError, warn
 from pipeline.families import get_family
 from pipeline.families.base import Family
-from pipeline.cache.keys import Fingerprints, derive_seed, digest, sha256_bytes
 
 BAD_IMAGE = "bad-image"  # store kind: content key -> why that image cannot be decoded
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -1,5 +1,9 @@
 """Shared fixtures: the tiny Flux model is built once per session; each test gets its own copy of the
-synthetic images, its own cache directory and a config writer."""
+synthetic images, its own cache directory and a config writer.
+
+Tests come in three tiers, run in this order: unit tests (unmarked: no stage runs end to end; `make
+test-fast` runs only these), `e2e` (a stage runs in this process) and `slow` (a subprocess runs the CLI,
+is interrupted or killed). `make test` runs all three."""
 
 import json
 import shutil
@@ -9,9 +13,9 @@ import pytest
 import torch
 
 from pipeline import tiny
-from pipeline.families.flux import tiny as flux_tiny
 from pipeline.config import load_config
 from pipeline.families import FAMILIES, tiny_module
+from pipeline.families.flux import tiny as flux_tiny
 
 CPU32 = {"device": torch.device("cpu"), "dtype": torch.float32}  # where the tests run a family's forward
 
@@ -54,6 +58,12 @@ max_steps = {max_steps}
 output_dir = "{out}"
 prior_mode = "{prior_mode}"
 """
+
+
+def pytest_collection_modifyitems(items):
+    # unit tests first, so a broken basic fails fast; the sort is stable, so files keep their order
+    tier = lambda item: 2 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("e2e") else 0  # noqa: E731
+    items.sort(key=tier)
 
 
 @pytest.fixture(scope="session")

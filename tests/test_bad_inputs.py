@@ -13,9 +13,9 @@ from PIL import Image
 
 from pipeline import data
 from pipeline.cache.stage import run_cache
+from pipeline.cache.store import Store
 from pipeline.data import load_image
 from pipeline.errors import UserError
-from pipeline.cache.store import Store
 from pipeline.train.stage import run_train
 
 
@@ -84,6 +84,7 @@ def bad_project(project, monkeypatch):
     return project, expected
 
 
+@pytest.mark.e2e
 def test_bad_inputs_are_skipped_with_reasons_and_the_rest_trains(bad_project, capsys):
     project, expected = bad_project
     _, cfg = project(max_steps=2)
@@ -107,6 +108,7 @@ def test_bad_inputs_are_skipped_with_reasons_and_the_rest_trains(bad_project, ca
     assert len(Store(cfg.cache.dir).keys("latent")) == 16 + sum(1 for r in expected.values() if r is None)
 
 
+@pytest.mark.e2e
 def test_fail_policy_stops_with_one_line_naming_the_file(bad_project):
     project, _ = bad_project
     path, cfg = project()

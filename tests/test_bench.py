@@ -4,6 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+
+pytestmark = pytest.mark.slow
+
 
 def test_bench_reports_medians_and_ratios():
     r = subprocess.run(

@@ -10,9 +10,9 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from pipeline.cache.stage import run_cache
+from pipeline.cache.store import Store
 from pipeline.errors import UserError
 from pipeline.plan import make_plan
-from pipeline.cache.store import Store
 from pipeline.train.stage import run_train
 
 COMPUTED = ("latents_encoded", "texts_encoded", "noise_computed", "priors_computed")
@@ -22,6 +22,7 @@ def computed(summary):
     return {k: summary[k] for k in COMPUTED}
 
 
+@pytest.mark.e2e
 def test_cache_computes_once_then_reuses_everything(project):
     _, cfg = project()
     first = run_cache(cfg, progress=False)
@@ -36,6 +37,7 @@ def test_cache_computes_once_then_reuses_everything(project):
     assert again["priors_reused"] == 2 * n_prior and again["bytes_on_disk"] == first["bytes_on_disk"]
 
 
+@pytest.mark.e2e
 def test_train_writes_lora_and_metrics(project):
     _, cfg = project(epochs=2)
     run_cache(cfg, progress=False)
@@ -48,6 +50,7 @@ def test_train_writes_lora_and_metrics(project):
     assert sum(x["n_prior"] for x in lines) == 16 and sum(x["n_standard"] for x in lines) == 16
 
 
+@pytest.mark.e2e
 def test_cached_prior_equals_a_fresh_forward(project):
     """Recompute one prior by hand with diffusers alone (no cache code) from the stored seed and timestep."""
     from diffusers import AutoencoderKL, FluxPipeline
@@ -91,6 +94,7 @@ def test_cached_prior_equals_a_fresh_forward(project):
     assert torch.equal(prior, fresh)
 
 
+@pytest.mark.e2e
 def test_step0_prior_loss_is_zero_and_standard_loss_is_not(project):
     for dtype, tol in (("fp32", 1e-10), ("bf16", 1e-4)):
         _, cfg = project(dtype=dtype, max_steps=1, batch=4)
@@ -118,6 +122,7 @@ class ForwardCounter:
         self.handle.remove()
 
 
+@pytest.mark.e2e
 def test_one_denoiser_forward_per_batch(project):
     _, cfg = project(epochs=1)
     run_cache(cfg, progress=False)
@@ -132,6 +137,7 @@ def test_one_denoiser_forward_per_batch(project):
     assert peers.calls == steps + sum(x["n_prior"] > 0 for x in lines) > steps
 
 
+@pytest.mark.slow
 def test_dtype_change_recomputes_priors_only_and_training_refuses_a_missing_dtype(project):
     path, cfg = project()
     run_cache(cfg, progress=False)
@@ -148,6 +154,7 @@ def test_dtype_change_recomputes_priors_only_and_training_refuses_a_missing_dtyp
     assert r.returncode == 2 and "priors for fp16 are not cached" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.e2e
 def test_training_refuses_priors_of_another_model(project, tiny_assets, tmp_path):
     import shutil
 
@@ -169,6 +176,7 @@ def test_training_refuses_priors_of_another_model(project, tiny_assets, tmp_path
     assert computed(s) == {"latents_encoded": 0, "texts_encoded": 0, "noise_computed": 0, "priors_computed": 16}
 
 
+@pytest.mark.e2e
 def test_editing_one_image_or_caption_recomputes_that_sample_only(project):
     _, cfg = project()
     run_cache(cfg, progress=False)
@@ -198,6 +206,7 @@ def cache_contents(cache_dir):
     return out
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_kill_9_mid_cache_then_rerun_equals_an_uninterrupted_run(project):
     import os
     import signal
@@ -235,6 +244,7 @@ def test_ctrl_c_and_kill_9_mid_cache_then_rerun_equals_an_uninterrupted_run(proj
             assert torch.equal(after[k][name], t), (k, name)
 
 
+@pytest.mark.e2e
 def test_online_prior_mode_caches_no_priors_and_trains(project):
     _, cfg = project(prior_mode="online")
     s = run_cache(cfg, progress=False)

@@ -82,6 +82,7 @@ def test_bad_paths(project, edit, message):
     assert message.format(root=project) in str(e.value)
 
 
+@pytest.mark.slow
 def test_cli_exit_code_2_and_one_line(project):
     path = _write(project, GOOD + "\n[train]\nlearning_rate = 1e-4\n")
     for stage in ("cache", "train"):
@@ -93,6 +94,7 @@ def test_cli_exit_code_2_and_one_line(project):
     assert r.returncode == 2 and "missing.toml' does not exist" in r.stderr
 
 
+@pytest.mark.slow
 def test_help_documents_every_option():
     for stage in ("cache", "train"):
         r = subprocess.run([sys.executable, "-m", "pipeline", stage, "--help"], capture_output=True, text=True)

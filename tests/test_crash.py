@@ -9,10 +9,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from pipeline.cache.stage import run_cache
 from pipeline.cache.store import Store
+
+pytestmark = pytest.mark.slow
 
 
 def _segments(folder):

@@ -12,10 +12,11 @@ import time
 import pytest
 
 from pipeline.cache.stage import run_cache
-from pipeline.errors import UserError
 from pipeline.cache.store import Store
+from pipeline.errors import UserError
 
 
+@pytest.mark.e2e
 def test_disk_full_keeps_finished_segments_and_the_rerun_completes(project, monkeypatch):
     _, cfg = project()
     real_fsync, calls = os.fsync, {"n": 0}
@@ -39,6 +40,7 @@ def test_disk_full_keeps_finished_segments_and_the_rerun_completes(project, monk
     assert run_cache(cfg, progress=False)["priors_computed"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "foreign"])
 def test_training_never_shows_an_hdf5_traceback(project, damage):
     path, cfg = project()
@@ -61,6 +63,7 @@ def test_training_never_shows_an_hdf5_traceback(project, damage):
         assert f"cache file '{os.path.join(seg, victim)}' cannot be read" in r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_training_exits_cleanly_and_quickly(project):
     path, cfg = project(epochs=50)
     run_cache(cfg, progress=False)

@@ -14,14 +14,14 @@ from safetensors.torch import load_file
 
 from pipeline import tiny
 from pipeline.cache.stage import run_cache
+from pipeline.cache.store import Store
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.data import load_image
 from pipeline.errors import UserError
 from pipeline.families import get_family
+from pipeline.families.hidream.tiny import build as build_tiny_hidream
 from pipeline.lora import add_lora
 from pipeline.plan import make_plan
-from pipeline.cache.store import Store
-from pipeline.families.hidream.tiny import build as build_tiny_hidream
 from pipeline.train.stage import run_train, train_lora
 
 from conftest import CPU32
@@ -144,6 +144,7 @@ def test_predict_is_the_pipelines_transformer_call(family, model, size):
             assert torch.equal(family.predict(trained, latents, timesteps, cond, **CPU32), pred)  # train() == eval()
 
 
+@pytest.mark.e2e
 def test_cache_train_and_both_lora_formats(project, model):
     # fp32: the pipeline casts a LoRA to its own dtype, so only there can equality be bitwise;
     # cache_batch 1: every forward by hand below is a batch of one; alpha != rank: the scale must survive

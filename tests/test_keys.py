@@ -10,6 +10,8 @@ from pipeline.cache.stage import run_cache
 from pipeline.cache.store import Store
 from pipeline.train.stage import run_train
 
+pytestmark = pytest.mark.e2e
+
 N, N_PRIOR, CAPTIONS, K = 16, 8, 10, 2  # the synthetic data set; variants in the test config
 
 

@@ -3,8 +3,8 @@ still writing, and a prune/repair never deletes what a training run reads. Confl
 
 import pytest
 
-from pipeline.errors import UserError
 from pipeline.cache.lock import cache_lock
+from pipeline.errors import UserError
 
 
 def test_two_writers_refuse_with_a_clear_message(tmp_path):
@@ -32,6 +32,7 @@ def test_cache_run_may_add_while_training_reads_but_prune_may_not_delete(tmp_pat
                 pass
 
 
+@pytest.mark.e2e
 def test_stages_take_the_locks(project):
     from pipeline.cache.stage import run_cache
     from pipeline.train.stage import run_train
@@ -47,6 +48,7 @@ def test_stages_take_the_locks(project):
     assert run_train(cfg, progress=False)["steps"] == 1
 
 
+@pytest.mark.e2e
 def test_prune_and_repair_refuse_while_training_reads(project):
     from pipeline.cache.stage import run_cache
     from pipeline.cache.maintenance import prune, verify

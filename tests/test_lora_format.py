@@ -72,6 +72,7 @@ def _image(pipe):
     ).images
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("targets,steps", [("attention", {"epochs": 2}), ("attention_mlp", {"max_steps": 3, "lr": 1e-2}),
                                            ("all_linear", {"max_steps": 3, "lr": 1e-2})])
 def test_lora_loads_in_flux_pipeline_and_matches_the_trained_model(project, shared_cache, targets, steps):
@@ -105,6 +106,7 @@ def test_lora_loads_in_flux_pipeline_and_matches_the_trained_model(project, shar
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("targets", ["attention", "attention_mlp"])
 def test_kohya_file_loads_in_flux_pipeline_and_matches_the_trained_model(
     project, shared_cache, double_only_model, targets
@@ -137,6 +139,7 @@ def test_kohya_file_loads_in_flux_pipeline_and_matches_the_trained_model(
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("lora,message", [
     ({"targets": "all_linear"}, r"train\.lora_format.*x_embedder.*lora\.targets = \"all_linear\""),
     ({"use_dora": True}, r"train\.lora_format.*DoRA"),

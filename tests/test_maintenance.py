@@ -5,16 +5,17 @@ import json
 from pathlib import Path
 
 import h5py
+import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cache.stage import run_cache
-from pipeline.cli import main
-from pipeline.cache.maintenance import needed_keys, prune, status, verify
-from pipeline.plan import make_plan
-from pipeline.cache.store import Store
 from pipeline.cache.kinds import check_complete
+from pipeline.cache.maintenance import needed_keys, prune, status, verify
+from pipeline.cache.stage import run_cache
+from pipeline.cache.store import Store
+from pipeline.cli import main
+from pipeline.plan import make_plan
 
 COMPUTED = ("latents_encoded", "texts_encoded", "noise_computed", "priors_computed")
 
@@ -34,6 +35,7 @@ def cli(*args):
     return CliRunner().invoke(main, list(map(str, args)))
 
 
+@pytest.mark.e2e
 def test_status_and_prune_across_dtypes(project):
     path, cfg = project()
     run_cache(cfg, progress=False)
@@ -63,6 +65,7 @@ def test_status_and_prune_across_dtypes(project):
     assert status(fp32)["kinds"]["prior/fp32"]["missing"] == 16
 
 
+@pytest.mark.e2e
 def test_prune_after_editing_an_image_keeps_everything_used(project):
     _, cfg = project()
     run_cache(cfg, progress=False)
@@ -93,6 +96,7 @@ def test_prune_after_editing_an_image_keeps_everything_used(project):
     check_complete(make_plan(cfg), Store(cfg.cache.dir))
 
 
+@pytest.mark.e2e
 def test_verify_finds_a_flipped_prior_and_repair_recomputes_exactly_it(project):
     path, cfg = project()
     run_cache(cfg, progress=False)
@@ -150,6 +154,7 @@ def test_drop_interrupted_before_unlink_loses_nothing(tmp_path, monkeypatch):
     assert torch.equal(tensors["a"], torch.full((3,), 3.0)) and attrs["n"] == 3
 
 
+@pytest.mark.e2e
 def test_cache_group_keeps_its_old_form_and_documents_the_subcommands(project):
     r = cli("cache")
     assert r.exit_code == 2 and "Missing option '--config'" in r.output

@@ -4,9 +4,12 @@ import subprocess
 import sys
 
 from PIL import Image
+import pytest
 
 from pipeline.cache.stage import run_cache
 from pipeline.train.stage import run_train
+
+pytestmark = pytest.mark.slow
 
 
 def test_plot_writes_a_png(project):

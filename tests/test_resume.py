@@ -7,11 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.train import step as train_step_module
 from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
 from pipeline.errors import UserError
+from pipeline.train import step as train_step_module
 from pipeline.train.stage import run_train
+
+pytestmark = pytest.mark.e2e
 
 
 def _config(project, name, out):

@@ -4,6 +4,7 @@ the guidance value is not in the prior key, and a trained LoRA loads in its Flux
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from test_lora_format import predictions
@@ -27,6 +28,7 @@ def test_embedded_schnell_config_and_model(tiny_schnell):
     assert not scheduler.config.use_dynamic_shifting and scheduler.config.shift == 1.0
 
 
+@pytest.mark.e2e
 def test_schnell_ignores_guidance_and_its_lora_loads(project, tiny_schnell):
     _, cfg = project(model=tiny_schnell, dtype="fp32", max_steps=3, lr=1e-2)
     first = run_cache(cfg, progress=False)

@@ -15,16 +15,16 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import tiny
 from pipeline.cache.stage import run_cache
+from pipeline.cache.store import Store
 from pipeline.config import LoraConfig, ModelConfig, TrainConfig, check_paths, load_config
 from pipeline.data import prepare_image
 from pipeline.errors import UserError
 from pipeline.families import detect_family, family_class
 from pipeline.families.sdxl.adapter import SDXLFamily
 from pipeline.families.sdxl.kohya import ldm_unet_name
+from pipeline.families.sdxl.tiny import build as build_tiny_sdxl
 from pipeline.lora import add_lora, save_lora
 from pipeline.plan import make_plan
-from pipeline.cache.store import Store
-from pipeline.families.sdxl.tiny import build as build_tiny_sdxl
 from pipeline.train.stage import train_lora
 
 from conftest import CPU32
@@ -182,6 +182,7 @@ def load_kohya(root, state_dict, tmp_path):
     return pipe
 
 
+@pytest.mark.e2e
 def test_cache_then_train_end_to_end(project, sdxl_root, tmp_path):
     _, cfg = project(model=sdxl_root, timestep_sampling="uniform", dtype="fp32", cache_batch=1, batch=8, max_steps=3,
                      lr=1e-2, alpha=8.0)

@@ -13,6 +13,8 @@ from pipeline.train.stage import run_train
 
 from conftest import configure
 
+pytestmark = pytest.mark.e2e
+
 
 def metrics(cfg):
     return [json.loads(x) for x in open(cfg.train.output_dir + "/metrics.jsonl")]

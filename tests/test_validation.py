@@ -4,14 +4,16 @@ embeddings during training, and `python -m pipeline sample` afterwards."""
 import json
 from pathlib import Path
 
-import pytest
 from PIL import Image
+import pytest
 
 from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.sample import sample
 from pipeline.train.stage import run_train
+
+pytestmark = pytest.mark.e2e
 
 HELD_OUT = """
 [[concepts]]

@@ -1,17 +1,20 @@
 """Aspect-ratio buckets, and flip and caption dropout as per-variant choices made at cache time: each
 prior is the base model's prediction for exactly the input the training step feeds."""
 
+import pytest
 import torch
 
 from pipeline.batches import load_inputs
 from pipeline.cache.stage import run_cache
+from pipeline.cache.store import Store
 from pipeline.data import load_image
 from pipeline.plan import TORCH_DTYPES, make_plan
-from pipeline.cache.store import Store
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.stage import run_train
 
 from conftest import CPU32, configure
+
+pytestmark = pytest.mark.e2e
 
 # the synthetic images are 80x80, 96x72 and 72x96 (width x height): three buckets at 64 px
 BUCKETS = {"48x80": 4, "64x64": 6, "80x48": 6}

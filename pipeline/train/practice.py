@@ -4,8 +4,8 @@ training: each a one-line warning, since each is advice, not an error."""
 from __future__ import annotations
 
 from pipeline.errors import warn
-from pipeline.train.optim import ADAPTIVE
 from pipeline.plan import Plan
+from pipeline.train.optim import ADAPTIVE
 
 
 def epoch_counts(plan: Plan) -> tuple[int, int]:
