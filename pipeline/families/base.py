@@ -91,6 +91,12 @@ class Family(Protocol):
         load_lora_weights gives the same denoiser. UserError naming train.lora_format for modules the
         layout cannot hold."""
 
+    def diffusers_layout(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The diffusers-format LoRA (peft's key names) under the names the family's diffusers file uses: names
+        that both the family's load_lora_weights and ComfyUI map onto the denoiser. peft's own, unless a
+        family says otherwise."""
+        return state_dict
+
     def collate(self, conds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One batch of conditioning from per-sample entries. Stacking needs equal shapes; a family whose
         text embeddings vary in length pads here and adds its attention mask."""
