@@ -94,8 +94,8 @@ def diffusers_weights(model: torch.nn.Module, prefix: str) -> dict[str, torch.Te
 
 
 def folded_weights(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    """diffusers_weights with each module's scale (alpha/rank) multiplied into its lora_B: the same update
-    B @ A at scale 1, which is what a loader without alpha applies."""
+    """diffusers_weights with each module's scale (alpha/rank) multiplied into its lora_B, so that B @ A at
+    scale 1, what a loader that finds no alpha applies, is the trained update."""
     scales = {name: m.scaling["default"] for name, m in model.named_modules() if isinstance(m, LoraLayer)}
     out = diffusers_weights(model, prefix)
     for key, tensor in out.items():
