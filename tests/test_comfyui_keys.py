@@ -57,8 +57,8 @@ HIDREAM_I1 = dict(attention_head_dim=128, axes_dims_rope=[64, 32, 32], caption_c
 FULL_SIZE = {"flux": (FluxTransformer2DModel, FLUX1_DEV), "sdxl": (UNet2DConditionModel, SDXL_BASE),
              "hidream": (HiDreamImageTransformer2DModel, HIDREAM_I1)}
 # every family, preset and format; Flux's kohya layout refuses all_linear (test_lora_format.py)
-CASES = [(f, p, fmt) for f in FULL_SIZE for p in ("attention", "attention_mlp", "all_linear") for fmt in ("diffusers", "kohya")
-         if (f, p, fmt) != ("flux", "all_linear", "kohya")]
+PRESETS, FORMATS = ("attention", "attention_mlp", "all_linear"), ("diffusers", "kohya")
+CASES = [(f, p, fmt) for f in FULL_SIZE for p in PRESETS for fmt in FORMATS if (f, p, fmt) != ("flux", "all_linear", "kohya")]
 RANK, ALPHA = 4, 8.0  # alpha != rank: the strength must survive
 
 
@@ -225,7 +225,7 @@ def flux_without_single_blocks(tiny_assets, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name,fmt", [(f, fmt) for f in FULL_SIZE for fmt in ("diffusers", "kohya")])
+@pytest.mark.parametrize("name,fmt", [(f, fmt) for f in FULL_SIZE for fmt in FORMATS])
 def test_comfyui_rules_on_a_written_file_give_the_weights_diffusers_loads(
     name, fmt, tiny_family_model, flux_without_single_blocks, tmp_path
 ):
