@@ -1,6 +1,11 @@
 """Adding a peft LoRA to the denoiser and saving it, either in the diffusers format that
 `<Family>Pipeline.load_lora_weights` loads with no missing or unexpected keys, or in kohya sd-scripts'
-layout (the family converts) that ComfyUI and Forge load and diffusers converts on load."""
+layout (the family converts) that diffusers converts on load. ComfyUI loads both to the same weights.
+
+The diffusers file carries each module's scale alpha/rank folded into its lora_B (and metadata alpha =
+rank): ComfyUI reads a scale only from `.alpha` tensors, which diffusers' Flux loader refuses beside
+`lora_adapter_metadata`, so a folded scale is the one that every loader applies alike. kohya's layout has
+`.alpha` tensors, which both read."""
 
 from __future__ import annotations
 
@@ -13,14 +18,14 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig as PeftLoraConfig
+from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from pipeline.config import LoraConfig
 from pipeline.errors import UserError
 
-# diffusers reads the adapter's LoraConfig back from this metadata key (alpha, rank, targets), so a
-# LoRA with alpha != rank loads with the scale it was trained with.
+# diffusers reads the adapter's LoraConfig back from this metadata key (rank, alpha, targets, DoRA)
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)  # the layers a peft LoRA can go on here
 
@@ -84,8 +89,19 @@ def add_lora(model: torch.nn.Module, cfg: LoraConfig, presets: dict[str, list[st
 
 
 def diffusers_weights(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under the keys of the diffusers file: '<prefix>.<module>.lora_A.weight', ..."""
+    """The adapter's tensors as peft holds them, under '<prefix>.<module>.lora_A.weight', ... (scale not applied)"""
     return {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def folded_weights(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """diffusers_weights with each module's scale (alpha/rank) multiplied into its lora_B, so that B @ A at
+    scale 1, what a loader that finds no alpha applies, is the trained update."""
+    scales = {name: m.scaling["default"] for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    out = diffusers_weights(model, prefix)
+    for key, tensor in out.items():
+        if key.endswith(".lora_B.weight"):
+            out[key] = tensor * scales[key[len(prefix) + 1 : -len(".lora_B.weight")]]
+    return out
 
 
 def kohya_weights(model: torch.nn.Module, family, cfg: LoraConfig) -> dict[str, torch.Tensor]:
@@ -102,24 +118,30 @@ def kohya_weights(model: torch.nn.Module, family, cfg: LoraConfig) -> dict[str, 
                         f"train.lora_format = \"diffusers\"") from None
 
 
+def lora_file(model: torch.nn.Module, family, cfg: LoraConfig, lora_format: str) -> tuple[dict, dict[str, str]]:
+    """The tensors and the format's own metadata of the file save_lora writes."""
+    prefix = family.denoiser_component
+    peft_cfg = model.peft_config["default"]
+    if lora_format == "kohya":
+        # what kohya's tools (and the A1111/Forge LoRA pages) read; no lora_adapter_metadata, which diffusers
+        # would apply to the converted keys
+        meta = {"ss_network_dim": str(peft_cfg.r), "ss_network_alpha": str(float(peft_cfg.lora_alpha)),
+                **family.kohya_metadata}
+        return kohya_weights(model, family, cfg), meta
+    weights = family.diffusers_layout(folded_weights(model, prefix))
+    # alpha = rank: the scale is in lora_B already (the trained alpha stays in prior_lora.config)
+    adapter = {**peft_cfg.to_dict(), "lora_alpha": peft_cfg.r, "alpha_pattern": dict(peft_cfg.rank_pattern)}
+    adapter = {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in adapter.items()}
+    return weights, {ADAPTER_METADATA_KEY: json.dumps(adapter, sort_keys=True, default=str)}
+
+
 def save_lora(
     path: Path, model: torch.nn.Module, family, metadata: dict[str, str], cfg: LoraConfig, lora_format: str = "diffusers"
 ) -> None:
     """Write the LoRA atomically (temporary file, then rename) with `metadata` beside the format's own."""
-    prefix = family.denoiser_component
-    peft_cfg = model.peft_config["default"]
     trained = sorted({k.split(".lora_")[0] for k in get_peft_model_state_dict(model)})
-    meta = {"format": "pt", **metadata, "prior_lora.target_modules": json.dumps(trained)}
-    if lora_format == "kohya":
-        weights = kohya_weights(model, family, cfg)
-        # what kohya's tools (and the A1111/Forge LoRA pages) read; no lora_adapter_metadata, which diffusers
-        # would apply to the converted keys
-        meta.update({"ss_network_dim": str(peft_cfg.r), "ss_network_alpha": str(float(peft_cfg.lora_alpha)),
-                     **family.kohya_metadata})
-    else:
-        weights = diffusers_weights(model, prefix)
-        adapter = {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in peft_cfg.to_dict().items()}
-        meta[ADAPTER_METADATA_KEY] = json.dumps(adapter, sort_keys=True, default=str)
+    weights, format_meta = lora_file(model, family, cfg, lora_format)
+    meta = {"format": "pt", **metadata, "prior_lora.target_modules": json.dumps(trained), **format_meta}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -20,7 +20,7 @@ from pipeline.data import load_image
 from pipeline.errors import UserError
 from pipeline.families import get_family
 from pipeline.families.hidream.tiny import build as build_tiny_hidream
-from pipeline.lora import add_lora
+from pipeline.lora import add_lora, diffusers_weights
 from pipeline.plan import make_plan
 from pipeline.train.stage import run_train, train_lora
 
@@ -208,11 +208,11 @@ def test_cache_train_and_both_lora_formats(project, model):
     pipe.load_lora_weights(summary["lora"], adapter_name="trained")
     loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="trained")
     assert {f"transformer.{k}" for k in loaded} == set(weights)  # nothing missing, nothing unexpected
-    assert pipe.transformer.peft_config["trained"].lora_alpha == 8.0
+    assert pipe.transformer.peft_config["trained"].lora_alpha == 4  # alpha/rank is folded into lora_B
     assert torch.equal(predict(pipe.transformer), ours)
 
     # kohya/ComfyUI: diffusion_model.<module>, alpha/rank folded into lora_B; diffusers' loader converts it back
-    kohya = fam.to_kohya(weights, alpha=cfg.lora.alpha)
+    kohya = fam.to_kohya(diffusers_weights(trained, "transformer"), alpha=cfg.lora.alpha)
     assert len(kohya) == len(weights) and all(k.startswith("diffusion_model.") for k in kohya)
     assert set(_convert_non_diffusers_hidream_lora_to_diffusers(kohya)) == set(weights)
     pipe.delete_adapters("trained")

@@ -19,7 +19,7 @@ from pipeline.cache.stage import run_cache
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.errors import UserError
 from pipeline.families.flux.adapter import FluxFamily
-from pipeline.lora import resolve_targets
+from pipeline.lora import diffusers_weights, resolve_targets
 from pipeline.plan import make_plan
 from pipeline.train.stage import train_lora
 
@@ -84,7 +84,9 @@ def test_lora_loads_in_flux_pipeline_and_matches_the_trained_model(project, shar
     assert json.loads(meta["prior_lora.config"])["lora"]["targets"] == targets
     assert meta["prior_lora.base_model"] == plan.denoiser_fp
     adapter = json.loads(meta["lora_adapter_metadata"])
-    assert adapter["transformer.r"] == 4 and adapter["transformer.lora_alpha"] == 8.0
+    # alpha/rank = 2 is folded into lora_B, so the file says alpha = rank (ComfyUI reads no alpha here)
+    assert adapter["transformer.r"] == 4 and adapter["transformer.lora_alpha"] == 4
+    assert json.loads(meta["prior_lora.config"])["lora"]["alpha"] == 8.0
     modules = json.loads(meta["prior_lora.target_modules"])  # the resolved list, as trained
     assert modules == sorted({k.removeprefix("transformer.").split(".lora_")[0] for k in file_keys})
     linears = {n for n, m in trained.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n}
@@ -98,7 +100,10 @@ def test_lora_loads_in_flux_pipeline_and_matches_the_trained_model(project, shar
     assert {f"transformer.{k}" for k in loaded} == file_keys  # nothing missing, nothing unexpected
     for k, v in loaded.items():
         assert torch.equal(v, file_weights[f"transformer.{k}"]), k
-    assert pipe.transformer.peft_config["trained"].lora_alpha == 8.0
+    peft_file = diffusers_weights(trained, "transformer")
+    for k, v in peft_file.items():  # the trained B times alpha/rank, exactly (a power of two)
+        assert torch.equal(file_weights[k], v * 2 if ".lora_B." in k else v), k
+    assert pipe.transformer.peft_config["trained"].lora_alpha == 4
     after = _image(pipe)
     assert not torch.allclose(torch.from_numpy(before), torch.from_numpy(after), atol=1e-3)
 

@@ -21,9 +21,9 @@ from pipeline.data import prepare_image
 from pipeline.errors import UserError
 from pipeline.families import detect_family, family_class
 from pipeline.families.sdxl.adapter import SDXLFamily
-from pipeline.families.sdxl.kohya import ldm_unet_name
+from pipeline.families.sdxl.kohya import ldm_unet_name, peft_names
 from pipeline.families.sdxl.tiny import build as build_tiny_sdxl
-from pipeline.lora import add_lora, save_lora
+from pipeline.lora import add_lora, diffusers_weights, save_lora
 from pipeline.plan import make_plan
 from pipeline.train.stage import train_lora
 
@@ -236,12 +236,14 @@ def test_cache_then_train_end_to_end(project, sdxl_root, tmp_path):
     assert not warnings, [w.getMessage() for w in warnings]
     file_weights = load_file(result["lora"])
     loaded = get_peft_model_state_dict(pipe.unet, adapter_name="trained")
-    assert {f"unet.{k}" for k in loaded} == set(file_weights)
+    # under the attention-processor names that ComfyUI maps too; alpha/rank = 2 folded into lora_B
+    assert {f"unet.{k}" for k in loaded} == set(peft_names(file_weights, "unet"))
+    assert not any(".lora_A." in k or ".lora_B." in k for k in file_weights)
     with torch.no_grad():
         assert torch.equal(fam.predict(pipe.unet, noisy, timesteps, cond, **CPU32), ours)
 
     # kohya's layout, with original SDXL module names: diffusers' kohya converter loads it
-    kohya = fam.to_kohya(file_weights, alpha=8.0)
+    kohya = fam.to_kohya(diffusers_weights(trained, "unet"), alpha=8.0)
     assert len(kohya) == 3 * len(file_weights) // 2
     assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
                for k in kohya)
@@ -263,7 +265,7 @@ def test_kohya_export_of_every_linear_layer(sdxl_root, tmp_path):
             if "lora_B" in name:  # B starts at zero; give every layer an effect
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     save_lora(tmp_path / "lora.safetensors", unet, fam, {}, lora_cfg)
-    kohya = fam.to_kohya(load_file(tmp_path / "lora.safetensors"), alpha=2.0)
+    kohya = fam.to_kohya(diffusers_weights(unet, "unet"), alpha=2.0)
     assert "lora_unet_time_embed_0.alpha" in kohya and "lora_unet_label_emb_0_2.lora_up.weight" in kohya
     assert "lora_unet_input_blocks_1_0_emb_layers_1.lora_down.weight" in kohya  # first level's resnet
     pipe = load_kohya(sdxl_root, kohya, tmp_path)

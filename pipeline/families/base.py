@@ -86,10 +86,16 @@ class Family(Protocol):
         """Settings outside the weights that change a prediction (guidance...): part of the prior key."""
 
     def to_kohya(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        """The diffusers-format LoRA (keys '<denoiser_component>.<module>.lora_A.weight' / '.lora_B.weight',
-        as in the diffusers file) in the family's kohya/ComfyUI layout, such that the family's pipeline's
-        load_lora_weights gives the same denoiser. UserError naming train.lora_format for modules the
-        layout cannot hold."""
+        """The LoRA as peft holds it (keys '<denoiser_component>.<module>.lora_A.weight' / '.lora_B.weight',
+        the scale alpha/rank not applied) in the family's kohya/ComfyUI layout, such that the family's
+        pipeline's load_lora_weights and ComfyUI give the same denoiser. UserError naming train.lora_format
+        for modules the layout cannot hold."""
+
+    def diffusers_layout(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The diffusers-format LoRA (peft's key names) under the names the family's diffusers file uses: names
+        that both the family's load_lora_weights and ComfyUI map onto the denoiser. peft's own, unless a
+        family says otherwise."""
+        return state_dict
 
     def collate(self, conds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One batch of conditioning from per-sample entries. Stacking needs equal shapes; a family whose

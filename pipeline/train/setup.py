@@ -10,6 +10,7 @@ import torch
 
 from pipeline.batches import Denoiser
 from pipeline.cache.store import Store
+from pipeline.errors import warn
 from pipeline.lora import add_lora, kohya_weights
 from pipeline.plan import TORCH_DTYPES, Plan
 from pipeline.train.epochs import epoch_batches
@@ -34,6 +35,10 @@ def setup(plan: Plan, store: Store, device: torch.device) -> Run:
     params = add_lora(model, cfg.lora, plan.family.target_presets)
     if t.lora_format == "kohya":
         kohya_weights(model, plan.family, cfg.lora)  # refuse now, not after training, what kohya's layout cannot hold
+    elif cfg.lora.use_dora:
+        # ComfyUI has no reader for peft's magnitude vectors (its DoRA normalises the other axis of the weight)
+        warn("lora.use_dora = true: the LoRA file loads in diffusers, but ComfyUI would load it without DoRA's "
+             "magnitudes, so its images would differ")
     if t.gradient_checkpointing:
         model.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
     model.train()

@@ -9,7 +9,7 @@ from pipeline.errors import UserError
 
 
 def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """The diffusers-format LoRA that pipeline/lora.py writes (transformer.<module>.lora_A/B.weight) in
+    """The LoRA as peft holds it (transformer.<module>.lora_A/B.weight, scale not applied) in
     ComfyUI's layout, the non-diffusers one diffusers' HiDream loader converts back:
     diffusion_model.<module>.lora_A/B.weight, same module names. That converter only strips the prefix
     and the loader refuses keys without "lora", so no .alpha keys: the scale alpha/rank is folded into

@@ -141,6 +141,9 @@ class SDXLFamily(FolderFamily):
         )[0]
 
     # -- export -----------------------------------------------------------------------------------
+    def diffusers_layout(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return kohya.processor_names(state_dict, self.denoiser_component)  # ComfyUI maps no peft attention name
+
     def to_kohya(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         return kohya.to_kohya(state_dict, alpha, self.denoiser_component, self.unet_config)
 

@@ -1,7 +1,17 @@
-"""SDXL LoRAs in kohya sd-scripts' layout: `lora_unet_<original SDXL module path>` names, mapped from
-diffusers' UNet names with diffusers' own single-file table (the inverse of its convert_ldm_unet_checkpoint)."""
+"""SDXL LoRA key names for ComfyUI: kohya sd-scripts' layout (`lora_unet_<original SDXL module path>`,
+mapped from diffusers' UNet names with diffusers' own single-file table, the inverse of its
+convert_ldm_unet_checkpoint), and the names of the diffusers-format file.
+
+ComfyUI maps a diffusers SDXL LoRA's attention projections only under the names of diffusers' older
+attention processors (`<block>.attn1.processor.to_q_lora.down.weight`, `….processor.to_out_lora.up.weight`),
+never under peft's (`<block>.attn1.to_q.lora_A.weight`). diffusers' loader turns those names back into
+peft's (convert_unet_state_dict_to_peft), but only for a file whose keys have no `lora_A`: so the other
+modules take that naming's `<module>.lora.down.weight` / `.lora.up.weight`, which ComfyUI maps too.
+"""
 
 from __future__ import annotations
+
+import re
 
 import torch
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
@@ -62,3 +72,43 @@ def ldm_unet_name(name: str, config: dict) -> str:
     if kind == "resnets" and rest and rest[0] in _RESNET:
         rest = [_RESNET[rest[0]], *rest[1:]]
     return ".".join([prefix, *rest])
+
+
+
+_ATTENTION = re.compile(r"(.+)\.(to_q|to_k|to_v|to_out\.0)")  # the projections of attn1 and attn2
+_UP_DOWN = {"lora_A.weight": "down", "lora_B.weight": "up"}
+_PEFT_KIND = {"down": "lora_A.weight", "up": "lora_B.weight"}
+
+
+def processor_names(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """peft's names (`unet.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector`) -> the
+    diffusers file's (see the module docstring)."""
+    out = {}
+    for key, tensor in state_dict.items():
+        module, _, kind = key.removeprefix(f"{prefix}.").rpartition(".")
+        if kind == "weight":  # lora_A.weight / lora_B.weight
+            module, _, kind = module.rpartition(".")
+            kind += ".weight"
+        m = _ATTENTION.fullmatch(module)
+        if m:
+            stem = f"{m[1]}.processor.{m[2].removesuffix('.0')}"
+            name = f"{stem}_lora.{_UP_DOWN[kind]}.weight" if kind in _UP_DOWN else f"{stem}.{kind}"  # DoRA: kept
+        else:
+            name = f"{module}.lora.{_UP_DOWN[kind]}.weight" if kind in _UP_DOWN else f"{module}.{kind}"
+        out[f"{prefix}.{name}"] = tensor
+    return out
+
+
+def peft_names(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The inverse of processor_names."""
+    out = {}
+    for key, tensor in state_dict.items():
+        name = key.removeprefix(f"{prefix}.")
+        m = re.fullmatch(r"(.+)\.processor\.(to_q|to_k|to_v|to_out)(?:_lora\.(down|up)\.weight|\.(.+))", name)
+        if m:
+            module, kind = f"{m[1]}.{m[2]}{'.0' if m[2] == 'to_out' else ''}", m[4] or _PEFT_KIND[m[3]]
+        else:
+            m = re.fullmatch(r"(.+?)(?:\.lora\.(down|up)\.weight|\.(lora_magnitude_vector))", name)
+            module, kind = m[1], m[3] or _PEFT_KIND[m[2]]
+        out[f"{prefix}.{module}.{kind}"] = tensor
+    return out
