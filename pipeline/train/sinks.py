@@ -27,9 +27,9 @@ def summary_window(steps_per_epoch: int) -> int:
     return max(1, min(steps_per_epoch, 100))
 
 
-def recent_mean(records, key: str, window: int) -> float | None:
-    """The mean of `key` over the last `window` records that have it (None: none has)."""
-    values = [r[key] for r in records if r.get(key) is not None][-window:]
+def recent_mean(records: list[dict], key: str, window: int) -> float | None:
+    """The mean of `key` over those of the last `window` records (steps) that have it (None: none has)."""
+    values = [r[key] for r in records[-window:] if r.get(key) is not None]
     return round(sum(values) / len(values), 6) if values else None
 
 
