@@ -114,6 +114,7 @@ def _run_cache(cfg: Config, progress: bool) -> dict:
         phase.run(device)
         plan.drop_bad(store)  # images the latent phase found undecodable are left out of what follows
         counts.update({kind.counts[0]: phase.computed, kind.counts[1]: phase.reused})
+    owners.record(plan)  # again: with the verdicts on undecodable images found on the way
     summary = {
         "samples": len(plan.training),
         "prior_samples": sum(s.prior for s in plan.training),
