@@ -54,7 +54,7 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
     out_dir = Path(t.output_dir)
     found = _resume_point(cfg, out_dir) if resume else None  # refusals before the model is loaded
     if not resume:
-        _say_if_replacing(out_dir, t.lora_name)
+        _say_if_replacing(out_dir, cfg)
     torch.manual_seed(t.seed)
     practice_warnings(plan)
     run = setup(plan, store, pick_device(t.device))
@@ -122,11 +122,13 @@ def _resume_point(cfg: Config, out_dir: Path) -> Path:
     return found
 
 
-def _say_if_replacing(out_dir: Path, lora_name: str) -> None:
+def _say_if_replacing(out_dir: Path, cfg: Config) -> None:
     """A run without --resume starts over in output_dir; say so when an earlier run's results are there."""
-    if not ((out_dir / lora_name).is_file() or (out_dir / "metrics.jsonl").is_file()):
+    t = cfg.train
+    if not ((out_dir / t.lora_name).is_file() or (out_dir / "metrics.jsonl").is_file()):
         return
-    has_checkpoints = checkpoint.latest(out_dir) is not None
-    note(f"train: replacing the run in '{out_dir}' (its LoRA, metrics.jsonl, validation.jsonl and sample grids are "
-         "rewritten" + ("; its checkpoints go once this run writes its first, and --resume would go on from them instead"
-                        if has_checkpoints else "") + ")")
+    what = "its LoRA, metrics.jsonl and validation.jsonl are rewritten, and the sample grids of the steps this run validates"
+    if checkpoint.latest(out_dir) is not None:
+        what += ("; its checkpoints go once this run writes its first" if t.checkpoint_every
+                 else "; its checkpoints stay (this run writes none)") + ", and --resume would go on from them instead"
+    note(f"train: replacing the run in '{out_dir}' ({what})")
