@@ -254,7 +254,8 @@ def train(config_path, dtype, quiet, resume):
               help="Image width in pixels (default: validation.width, else data.resolution).")
 @click.option("--height", type=click.IntRange(min=1), default=None,
               help="Image height in pixels (default: validation.height, else data.resolution).")
-@click.option("--guidance", type=float, default=None, help="The pipeline's guidance_scale (default: validation.guidance_scale).")
+@click.option("--guidance", type=float, default=None,
+              help="The pipeline's guidance_scale (default: validation.guidance_scale).")
 def sample(config_path, lora, prompts, out, steps, seed, width, height, guidance):
     """Render prompts with the base model and a LoRA through the family's diffusers pipeline, to a PNG grid
     whose images are labelled with their prompt."""

@@ -342,7 +342,8 @@ def _check_device_exists(key: str, value: str) -> None:
     if value.startswith("cuda"):
         import torch
 
-        build = f"torch {torch.__version__}" + (" is a CPU-only build" if torch.version.cuda is None else " finds no CUDA GPU")
+        build = f"torch {torch.__version__}" + (" is a CPU-only build" if torch.version.cuda is None
+                                                else " finds no CUDA GPU")
         if not torch.cuda.is_available():
             raise UserError(f"config key '{key}' is {value!r}, but {build}: use \"auto\" or \"cpu\" "
                             "(or install a CUDA build of torch on a machine with a GPU)")

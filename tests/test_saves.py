@@ -77,7 +77,8 @@ def test_sample_grids_are_labelled_with_prompt_and_step(project):
     for line in lines:
         grid = Image.open(line["samples"])
         step = line["step"]
-        assert json.loads(grid.text["prior_lora.labels"]) == [f"step {step}: a photo of sks teapot", f"step {step}: a teapot"]
+        labels = [f"step {step}: a photo of sks teapot", f"step {step}: a teapot"]
+        assert json.loads(grid.text["prior_lora.labels"]) == labels
         assert grid.size == (2 * 64, 64)  # drawn on the images: the grid keeps its size
         band = np.asarray(grid.convert("L"))[54:, :]
         assert np.median(band) < 80  # the label's dark band along the bottom edge

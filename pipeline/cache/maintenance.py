@@ -123,8 +123,9 @@ def _prune(cfg: Config, dry_run: bool, keep_dtypes: bool, all_configs: bool) -> 
     if theirs and not (all_configs or dry_run):
         store.close()
         listed = "; ".join(f"{s} ({', '.join(f'{k} {n}' for k, n in c.items())})" for s, c in theirs.items())
-        raise UserError(f"cache.dir '{cfg.cache.dir}' is shared: prune would remove entries other configs use: {listed}; "
-                        "run with --all-configs to remove them anyway (--dry-run lists everything it would remove)")
+        raise UserError(f"cache.dir '{cfg.cache.dir}' is shared: prune would remove entries other configs use: "
+                        f"{listed}; run with --all-configs to remove them anyway (--dry-run lists everything it "
+                        "would remove)")
     before = store.bytes_on_disk()
     removed, lost, estimate = {}, [], 0
     for kind, keys in unused.items():

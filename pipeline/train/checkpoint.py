@@ -138,7 +138,8 @@ def check_same_run(saved: dict | None, cfg, path: Path) -> None:
 
     def flat(value, key=""):
         if isinstance(value, dict):
-            return {k: v for name, item in value.items() for k, v in flat(item, f"{key}.{name}" if key else name).items()}
+            return {k: v for name, item in value.items()
+                    for k, v in flat(item, f"{key}.{name}" if key else name).items()}
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):  # [[concepts]]
             return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{key}[{i}]").items()}
         return {key: value}

@@ -127,7 +127,8 @@ def _say_if_replacing(out_dir: Path, cfg: Config) -> None:
     t = cfg.train
     if not ((out_dir / t.lora_name).is_file() or (out_dir / "metrics.jsonl").is_file()):
         return
-    what = "its LoRA, metrics.jsonl and validation.jsonl are rewritten, and the sample grids of the steps this run validates"
+    what = ("its LoRA, metrics.jsonl and validation.jsonl are rewritten, and the sample grids of the steps this "
+            "run validates")
     if checkpoint.latest(out_dir) is not None:
         what += ("; its checkpoints go once this run writes its first" if t.checkpoint_every
                  else "; its checkpoints stay (this run writes none)") + ", and --resume would go on from them instead"
