@@ -46,11 +46,41 @@ def _run(fn, interrupted: str):
         sys.exit(130)
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _human(key: str, value) -> str:
+    """A summary value as a person reads it; the JSON line after the table keeps the exact values."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int) and "bytes" in key:
+        return _size(value)
+    if key == "seconds":
+        return f"{value} s"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_human(k, v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_human(key, v) for v in value) or "-"
+    return str(value)
+
+
 def _print_summary(title: str, summary: dict) -> None:
     click.echo(f"\n{title}")
     width = max(len(k) for k in summary)
     for k, v in summary.items():
-        click.echo(f"  {k:<{width}}  {v}")
+        # a list of paths or reasons (skipped images, unreadable files): one per line, each in full
+        lines = [_human(k, x) for x in v] if isinstance(v, list) and len(v) > 1 else [_human(k, v)]
+        click.echo(f"  {k:<{width}}  {lines[0]}")
+        for line in lines[1:]:
+            click.echo(f"  {'':<{width}}  {line}")
 
 
 @click.group()
@@ -74,13 +104,13 @@ def cache(ctx, config_path, dtype, quiet):
 
     def go():
         cfg = load_config(config_path, dtype)
-        from pipeline.cache.kinds import computed
+        from pipeline.cache.kinds import in_words
         from pipeline.cache.stage import run_cache
 
         _quiet_libraries()
 
         s = run_cache(cfg, progress=not quiet)
-        _print_summary("cache: done" if computed(s) else "cache: nothing to compute, everything is cached", s)
+        _print_summary(f"cache: {in_words(s)}", s)
         click.echo(json.dumps({"cache_summary": s}))
 
     _run(go, "every finished cache segment is kept; run the same command again to compute the rest")
@@ -164,16 +194,23 @@ def cache_verify(ctx, config_path, dtype, repair):
 @DTYPE
 @click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
 @click.option("--keep-dtypes", is_flag=True, help="Keep the priors of other train dtypes.")
+@click.option("--all-configs", is_flag=True,
+              help="Also remove entries that other configs caching into this cache dir use (else refused).")
 @click.pass_context
-def cache_prune(ctx, config_path, dtype, dry_run, keep_dtypes):
-    """Remove every cache entry this config does not use (and unreadable segment files)."""
+def cache_prune(ctx, config_path, dtype, dry_run, keep_dtypes, all_configs):
+    """Remove every cache entry this config does not use (and unreadable segment files). Entries that other
+    configs sharing the cache dir use are removed only with --all-configs."""
     def go():
         from pipeline.cache.maintenance import prune
 
-        p = prune(_config(ctx, config_path, dtype)[2], dry_run=dry_run, keep_dtypes=keep_dtypes)
+        p = prune(_config(ctx, config_path, dtype)[2], dry_run=dry_run, keep_dtypes=keep_dtypes,
+                  all_configs=all_configs)
         click.echo("prune: would remove (dry run, nothing changed)" if dry_run else "prune: removed")
         for kind, n in p["entries_removed"].items():
             click.echo(f"  {kind:<12}{n:>8} entries")
+        for source, counts in p["other_configs"].items():
+            use = "use" if dry_run else "used"
+            click.echo(f"  of which {source} {use}: {', '.join(f'{k} {n}' for k, n in counts.items())}")
         if p["unreadable_removed"]:
             click.echo(f"  {len(p['unreadable_removed'])} unreadable segment files")
         freed = "would free about" if dry_run else "freed"
@@ -213,15 +250,23 @@ def train(config_path, dtype, quiet, resume):
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="PNG to write (default: beside the LoRA).")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: validation.steps).")
 @click.option("--seed", type=int, default=None, help="Noise seed (default: validation.seed).")
-def sample(config_path, lora, prompts, out, steps, seed):
-    """Render prompts with the base model and a LoRA through the family's diffusers pipeline, to a PNG grid."""
+@click.option("--width", type=click.IntRange(min=1), default=None,
+              help="Image width in pixels (default: validation.width, else data.resolution).")
+@click.option("--height", type=click.IntRange(min=1), default=None,
+              help="Image height in pixels (default: validation.height, else data.resolution).")
+@click.option("--guidance", type=float, default=None,
+              help="The pipeline's guidance_scale (default: validation.guidance_scale).")
+def sample(config_path, lora, prompts, out, steps, seed, width, height, guidance):
+    """Render prompts with the base model and a LoRA through the family's diffusers pipeline, to a PNG grid
+    whose images are labelled with their prompt."""
 
     def go():
         cfg = load_config(config_path)
         from pipeline.sample import sample as run_sample
 
         _quiet_libraries()
-        click.echo(f"sample: wrote {run_sample(cfg, lora, list(prompts), out, steps, seed)}")
+        path = run_sample(cfg, lora, list(prompts), out, steps, seed, width=width, height=height, guidance=guidance)
+        click.echo(f"sample: wrote {path}")
 
     _run(go, "nothing was written")
 

@@ -287,6 +287,10 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key 'concepts[{i}].prior' is for validation concepts (a prior concept is type = \"prior\")")
         _positive(c.repeats, f"concepts[{i}].repeats")
         _positive(c.loss_weight, f"concepts[{i}].loss_weight", zero_ok=True)
+    if not any(c.type == "standard" for c in cfg.concepts):
+        # prior concepts hold the model where it is and validation ones only score it: alone, nothing is learnt
+        raise UserError("config has no standard concept, so there is nothing to learn: add a [[concepts]] table with "
+                        "your subject's images (type = \"standard\", the default) beside the prior and validation ones")
     for key, value, zero_ok in [
         ("data.resolution", cfg.data.resolution, False),
         ("cache.variants", cfg.cache.variants, False),
@@ -314,6 +318,7 @@ def validate(cfg: Config) -> None:
     for key, value in (("cache.device", cfg.cache.device), ("train.device", cfg.train.device)):
         if not DEVICE.match(value):
             raise UserError(f"config key '{key}' must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
+        _check_device_exists(key, value)
     if cfg.model.denoiser_file and not cfg.model.denoiser_file.endswith(".safetensors"):
         raise UserError("config key 'model.denoiser_file' must name a .safetensors file (pickle checkpoints are not loaded)")
     if cfg.embedded is not None:
@@ -329,6 +334,40 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config key 'data.prior_ratio' must be below 1 (a share of each epoch), got {cfg.data.prior_ratio}")
     if len(cfg.optimizer.betas) != 2:
         raise UserError("config key 'optimizer.betas' must have two numbers")
+
+
+def _check_device_exists(key: str, value: str) -> None:
+    """A device this torch cannot use is refused here, at config time, not as a traceback from the first
+    `.to(device)` minutes later. torch is imported only for such a value ("auto" and "cpu" need none)."""
+    if value.startswith("cuda"):
+        import torch
+
+        build = f"torch {torch.__version__}" + (" is a CPU-only build" if torch.version.cuda is None
+                                                else " finds no CUDA GPU")
+        if not torch.cuda.is_available():
+            raise UserError(f"config key '{key}' is {value!r}, but {build}: use \"auto\" or \"cpu\" "
+                            "(or install a CUDA build of torch on a machine with a GPU)")
+        count, index = torch.cuda.device_count(), int(value.partition(":")[2] or 0)
+        if index >= count:
+            raise UserError(f"config key '{key}' is {value!r}, but torch sees {count} CUDA device(s): "
+                            f"use cuda:0 to cuda:{count - 1}, or \"auto\"")
+    elif value == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise UserError(f"config key '{key}' is \"mps\", but this torch has no MPS device: use \"auto\" or \"cpu\"")
+
+
+def check_output_dir(cfg: Config) -> None:
+    """train.output_dir, or a folder above it, must not be a file: found here rather than by mkdir."""
+    out = Path(cfg.train.output_dir)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == out else f" (above '{out}')"
+                raise UserError(f"train.output_dir: '{p}' is a file, not a folder{where}: set train.output_dir "
+                                "to a folder, or move the file")
+            return
 
 
 def check_paths(cfg: Config) -> None:

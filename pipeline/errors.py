@@ -11,5 +11,12 @@ def warn(message: str) -> None:
     tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
+def note(message: str) -> None:
+    """A one-line notice on stderr (not a warning: something the user should know was done)."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
 class UserError(Exception):
     """A problem with the user's config, files or cache; the message is one line and says what to do."""

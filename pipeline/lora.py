@@ -150,3 +150,17 @@ def save_lora(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# In every checkpoint folder, beside the state that --resume reads: the name diffusers' load_lora_weights
+# looks for when given a folder, so `load_lora_weights("…/checkpoints/step-N")` works too.
+CHECKPOINT_LORA = "pytorch_lora_weights.safetensors"
+
+
+def save_run_lora(path: Path, model: torch.nn.Module, plan, steps: int) -> None:
+    """The run's LoRA file after `steps` steps, in its format with its metadata: the final save and every
+    checkpoint write this same file, so a checkpoint's LoRA loads wherever the final one does."""
+    cfg = plan.cfg
+    metadata = {"prior_lora.config": cfg.portable_json(), "prior_lora.base_model": plan.denoiser_fp,
+                "prior_lora.family": plan.family.name, "prior_lora.steps": str(steps)}
+    save_lora(path, model, plan.family, metadata, cfg.lora, cfg.train.lora_format)

@@ -81,8 +81,7 @@ class Plan:
             else:
                 keep.append(s)
         self.samples = keep
-        if not self.training:
-            raise UserError("no usable images in any concept (see the warnings above)")
+        check_usable(self)
 
     @property
     def dtype(self) -> str:
@@ -206,9 +205,16 @@ def make_plan(cfg: Config) -> Plan:
                     timestep_seeds=tuple(derive_seed("timestep", c.seed, content, v) for v in variants),
                 )
             )
+    check_usable(plan)
+    return plan
+
+
+def check_usable(plan: Plan) -> None:
     if not plan.training:
         raise UserError("no usable images in any concept (see the warnings above)")
-    return plan
+    if all(s.prior for s in plan.training):
+        raise UserError("no usable images in any standard concept (see the warnings above): training would learn "
+                        "nothing; fix or replace the standard concept's images")
 
 
 def timestep_scheme(cfg: Config, family: Family) -> str:

@@ -16,8 +16,10 @@ from pipeline.train.validation import save_grid
 
 
 def sample(cfg: Config, lora: str | None, prompts: list[str], out: str | None, steps: int | None = None,
-           seed: int | None = None) -> Path:
-    """One PNG grid with an image per prompt; returns its path. Without `lora`, the run's own LoRA file."""
+           seed: int | None = None, width: int | None = None, height: int | None = None,
+           guidance: float | None = None) -> Path:
+    """One PNG grid with an image per prompt, each labelled with its prompt (and the LoRA's step count);
+    returns its path. Without `lora`, the run's own LoRA file. Unset options come from [validation]."""
     lora_path = Path(lora) if lora else Path(cfg.train.output_dir) / cfg.train.lora_name
     if not lora_path.is_file():
         raise UserError(f"--lora: '{lora_path}' does not exist (train first, or give the LoRA file)")
@@ -32,11 +34,22 @@ def sample(cfg: Config, lora: str | None, prompts: list[str], out: str | None, s
         pipe.load_lora_weights(str(lora_path))
     except (ValueError, KeyError, OSError) as e:
         raise UserError(f"--lora: '{lora_path}' does not load into this {family.name} model: {e}") from None
+    size = {"height": height or v.height or cfg.data.resolution, "width": width or v.width or cfg.data.resolution}
     images = []
     for prompt in prompts:
         generator = torch.Generator("cpu").manual_seed(v.seed if seed is None else seed)
-        images += pipe(prompt=prompt, height=v.height or cfg.data.resolution, width=v.width or cfg.data.resolution,
-                       num_inference_steps=steps or v.steps, guidance_scale=v.guidance_scale, generator=generator,
+        images += pipe(prompt=prompt, **size, num_inference_steps=steps or v.steps,
+                       guidance_scale=v.guidance_scale if guidance is None else guidance, generator=generator,
                        output_type="pil").images
+    trained = _steps_of(lora_path)
+    labels = [f"step {trained}: {p}" if trained else p for p in prompts]
     target = Path(out) if out else lora_path.with_name(f"{lora_path.stem}-sample.png")
-    return save_grid(images, target)
+    return save_grid(images, target, labels=labels)
+
+
+def _steps_of(lora_path: Path) -> str | None:
+    """The step count prior-lora recorded in the LoRA file (None for a LoRA from elsewhere)."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora_path), "pt") as f:
+        return (f.metadata() or {}).get("prior_lora.steps")

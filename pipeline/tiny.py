@@ -179,10 +179,27 @@ def build_synthetic_concepts(root: Path, seed: int = 0, n: int = 8) -> dict[str,
     return folders
 
 
+# Written into the synthetic data set's folder and each concept folder it builds there. [embedded] builds
+# only into folders that do not exist or carry this file, never into a folder of the user's (a config
+# copied from a demo that kept its [embedded] table would otherwise get synthetic teapots beside its images).
+MARKER = ".prior-lora-embedded"
+MARKER_TEXT = "Built by prior-lora's [embedded] table (synthetic demo data). It may build here again.\n"
+
+
+def _not_ours(folder: Path) -> bool:
+    return folder.exists() and not (folder / MARKER).is_file()
+
+
+def _mark(folder: Path) -> None:
+    (folder / MARKER).write_text(MARKER_TEXT)
+
+
 def ensure_embedded(
     model_path: Path, concept_folders: list[Path], family: str = "flux", preset: str = "default"
-) -> None:
-    """Build the tiny model at `model_path` and the synthetic data set where they are missing."""
+) -> list[str]:
+    """Build the tiny model at `model_path` and the synthetic data set where they are missing. Returns one
+    line per thing built (nothing: everything was there). FileExistsError, before anything is built, when
+    that would mean building into a folder the builder did not make."""
     from pipeline.families import FAMILIES, tiny_module
 
     if family not in FAMILIES:
@@ -195,7 +212,26 @@ def ensure_embedded(
                 + ", ".join(f"'<root>/{name}'" for name in FOLDERS)
             )
     model_path = Path(model_path)  # checked everything first: a bad config builds nothing
-    if not (model_path / "model_index.json").exists():
+    build_model = not (model_path / "model_index.json").exists()
+    roots = sorted({p.parent for p in missing})
+    # The model needs no marker: a build is renamed into place whole, so a model folder of ours always has
+    # its model_index.json, and one without it is someone else's.
+    for folder in ([model_path] if build_model and model_path.exists() else []) + [r for r in roots if _not_ours(r)]:
+        raise FileExistsError(
+            f"'{folder}' exists and was not built by [embedded] (it has no {MARKER}), so nothing is built into it: "
+            "to train on your own model and images remove the [embedded] table, or point the config at new folders"
+        )
+    built = []
+    if build_model:
         tiny_module(family).build(model_path, preset)
-    for parent in sorted({p.parent for p in missing}):
-        build_synthetic_concepts(parent)
+        built.append(f"embedded: built a tiny random-weight {family} model (preset {preset}) in '{model_path}'")
+    for root in roots:
+        root.mkdir(parents=True, exist_ok=True)
+        _mark(root)
+        new = [kind for kind in FOLDERS if not (root / kind).exists()]
+        folders = build_synthetic_concepts(root)
+        for kind in new:
+            _mark(folders[kind])
+        built.append(f"embedded: built synthetic teapot images in '{root}': "
+                     + ", ".join(f"{kind}/ ({FOLDERS[kind]})" for kind in new))
+    return built

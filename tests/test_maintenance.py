@@ -166,3 +166,28 @@ def test_cache_group_keeps_its_old_form_and_documents_the_subcommands(project):
     assert r.exit_code == 0 and json.loads(r.stdout)["kinds"]["latent"]["missing"] == 16
     r = cli("cache", "status", "--config", path / "nope.toml")
     assert r.exit_code == 2 and r.stderr.startswith("error:")
+
+
+def test_prune_in_a_cache_shared_with_another_config_needs_all_configs(project):
+    path, cfg = project()
+    run_cache(cfg, progress=False)
+    other, other_cfg = project(name="other.toml", cache_seed=1)  # other noise draws, so other priors
+    run_cache(other_cfg, progress=False)
+    before = contents(cfg.cache.dir)
+
+    r = cli("cache", "prune", "--config", path)  # would take the other config's noise draws and priors
+    assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0, r.output
+    assert f"is shared: prune would remove entries other configs use: {other} (noise 32, prior/bf16 16)" in r.stderr
+    assert "--all-configs" in r.stderr and contents(cfg.cache.dir).keys() == before.keys()
+
+    r = cli("cache", "prune", "--config", path, "--dry-run")
+    assert r.exit_code == 0 and f"  of which {other} use: noise 32, prior/bf16 16" in r.stdout
+    assert contents(cfg.cache.dir).keys() == before.keys()
+
+    r = cli("cache", "prune", "--config", path, "--all-configs")
+    assert r.exit_code == 0 and "noise             32 entries" in r.stdout
+    assert status(other_cfg)["kinds"]["noise"]["missing"] == 32 and status(cfg)["kinds"]["noise"]["missing"] == 0
+
+    run_cache(other_cfg, progress=False)
+    other.unlink()  # a config that no longer exists uses nothing
+    assert prune(cfg)["entries_removed"] == {"noise": 32, "prior/bf16": 16}

@@ -149,6 +149,26 @@ def computed(summary: dict) -> int:
     return sum(summary[k.counts[0]] for k in COMPUTED)
 
 
+def in_words(summary: dict) -> str:
+    """What a cache run computed and what it reused, from its summary, as a sentence for people (the title
+    of the printed table; the JSON line keeps the counts)."""
+    counts = []  # (what it is called, computed, total)
+    for k in COMPUTED:
+        n, total = summary[k.counts[0]], summary[k.counts[0]] + summary[k.counts[1]]
+        if total:
+            counts.append((f"{k.label} for {summary['dtype']}" if k.per_dtype else k.label, n, total))
+    done = [(name, n, total) for name, n, total in counts if n]
+    if not done:
+        return "nothing to compute, everything is cached"
+    part = lambda name, n, total: f"{n} {name}" if n == total else f"{n} of {total} {name}"  # noqa: E731
+    if len(done) == len(counts) and all(n == total for _, n, total in done):
+        return f"done: everything was computed ({', '.join(part(*c) for c in done)})"
+    if len(done) == 1:
+        name, n, total = done[0]
+        return f"done: only {name} were computed ({n if n == total else f'{n} of {total}'}); everything else was reused"
+    return f"done: computed {', '.join(part(*c) for c in done)}; everything else was reused"
+
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-flux.toml"  # the Makefile's default
 
 

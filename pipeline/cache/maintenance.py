@@ -2,14 +2,16 @@
 intact (`verify`, optionally recomputing what is not), and removing what it does not use (`prune`).
 
 "Uses" always means the keys `make_plan` gives for this config, the same keys the cache and train stages
-compute, so these commands cannot disagree with them. A cache dir shared by several configs keeps only
-the pruning config's entries: prune is for a dir that one config (in several dtypes) owns.
+compute, so these commands cannot disagree with them. In a cache dir shared by several configs, prune
+refuses to remove entries another config uses (cache/owners.py records who uses what) unless told
+`all_configs`; a dry run lists them per config.
 """
 
 from __future__ import annotations
 
 from pipeline.cache.kinds import COMPUTED, KINDS, computed, needed_keys
 from pipeline.cache.lock import cache_lock
+from pipeline.cache.owners import other_configs
 from pipeline.cache.store import Store
 from pipeline.config import Config, check_paths
 from pipeline.errors import UserError
@@ -95,34 +97,48 @@ def _verify(cfg: Config, repair: bool) -> dict:
     return result
 
 
-def prune(cfg: Config, dry_run: bool = False, keep_dtypes: bool = False) -> dict:
+def prune(cfg: Config, dry_run: bool = False, keep_dtypes: bool = False, all_configs: bool = False) -> dict:
     """Remove every entry this config does not use, and unreadable segment files. With keep_dtypes the
-    priors of other train dtypes stay. Each segment is replaced before it is unlinked (see Store.drop),
-    so a crash at any point leaves every used entry in place."""
+    priors of other train dtypes stay. Refuses (UserError, counts per config and kind) to remove entries
+    other configs recorded using, unless all_configs or dry_run. Each segment is replaced before it is
+    unlinked (see Store.drop), so a crash at any point leaves every used entry in place."""
     with cache_lock(cfg.cache.dir, "delete"):
-        return _prune(cfg, dry_run, keep_dtypes)
+        return _prune(cfg, dry_run, keep_dtypes, all_configs)
 
 
-def _prune(cfg: Config, dry_run: bool, keep_dtypes: bool) -> dict:
+def _prune(cfg: Config, dry_run: bool, keep_dtypes: bool, all_configs: bool) -> dict:
     plan, store = _open(cfg)
     needed = needed_keys(plan, keep_unused=True)
-    before = store.bytes_on_disk()
-    removed, lost, estimate = {}, [], 0
+    unused = {}
     for kind in sorted(store.kinds()):
         if keep_dtypes and kind not in needed and any(kind.startswith(f"{k.name}/") for k in KINDS if k.per_dtype):
             continue
-        unused = store.keys(kind) - needed.get(kind, set())
-        if unused:
-            r = store.drop(kind, unused, dry_run=dry_run)
-            removed[kind] = r["removed"]
-            estimate += r["estimate"]
-            lost += [f"{kind}/{k}" for k in r["lost"]]
+        if keys := store.keys(kind) - needed.get(kind, set()):
+            unused[kind] = keys
+    theirs = {}  # other config -> kind -> how many of its entries would go
+    for source, kinds in other_configs(plan).items():
+        counts = {kind: n for kind, keys in unused.items() if (n := len(keys & kinds.get(kind, set())))}
+        if counts:
+            theirs[source] = counts
+    if theirs and not (all_configs or dry_run):
+        store.close()
+        listed = "; ".join(f"{s} ({', '.join(f'{k} {n}' for k, n in c.items())})" for s, c in theirs.items())
+        raise UserError(f"cache.dir '{cfg.cache.dir}' is shared: prune would remove entries other configs use: "
+                        f"{listed}; run with --all-configs to remove them anyway (--dry-run lists everything it "
+                        "would remove)")
+    before = store.bytes_on_disk()
+    removed, lost, estimate = {}, [], 0
+    for kind, keys in unused.items():
+        r = store.drop(kind, keys, dry_run=dry_run)
+        removed[kind] = r["removed"]
+        estimate += r["estimate"]
+        lost += [f"{kind}/{k}" for k in r["lost"]]
     unreadable = [str(p) for p in store.unreadable]
     estimate += store.remove_unreadable(dry_run=dry_run)
     freed = estimate if dry_run else before - store.bytes_on_disk()
     store.close()
     return {"dry_run": dry_run, "entries_removed": removed, "unreadable_removed": unreadable,
-            "bytes_freed": freed, "lost": lost}
+            "bytes_freed": freed, "lost": lost, "other_configs": theirs}
 
 
 def _size(path) -> int:

@@ -17,25 +17,32 @@ from pathlib import Path
 from diffusers.training_utils import free_memory
 from tqdm import tqdm
 
+from pipeline.cache import owners
 from pipeline.cache.kinds import COMPUTED, Kind
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.store import Store
 from pipeline.config import Config, check_paths
-from pipeline.errors import UserError
+from pipeline.errors import UserError, note
 from pipeline.plan import Plan, make_plan, pick_device
 
 
 def ensure_embedded(cfg: Config) -> None:
-    """For configs with an [embedded] table: build the tiny model and synthetic data where missing."""
+    """For configs with an [embedded] table: build the tiny model and synthetic data where missing, and say
+    (one line each, on stderr) what was built."""
     if cfg.embedded is None:
         return
     from pipeline import tiny  # only the embedded configs need it
 
+    if not Path(cfg.model.path).is_absolute():  # load_config resolves every local path: this is a hub id
+        raise UserError(f"[embedded]: model.path '{cfg.model.path}' is a hub id, and [embedded] builds a local tiny "
+                        "model: remove the [embedded] table to use that model, or set model.path to a new folder")
     try:
-        tiny.ensure_embedded(Path(cfg.model.path), [Path(c.folder) for c in cfg.concepts], cfg.embedded.family,
-                             cfg.embedded.preset)
+        built = tiny.ensure_embedded(Path(cfg.model.path), [Path(c.folder) for c in cfg.concepts],
+                                     cfg.embedded.family, cfg.embedded.preset)
     except (ValueError, FileExistsError) as e:
         raise UserError(f"[embedded]: {e}") from None
+    for line in built:
+        note(line)
 
 
 def _chunks(keys: list[str], size: int) -> Iterator[list[str]]:
@@ -99,6 +106,7 @@ def _run_cache(cfg: Config, progress: bool) -> dict:
     plan = make_plan(cfg)
     store = Store(cfg.cache.dir)
     plan.drop_bad(store)
+    owners.record(plan)  # before computing: what a run that is cut short wrote is claimed too
     device = pick_device(cfg.cache.device)
     counts = {}
     for kind in COMPUTED:  # in order: the prior phase reads the latents, texts and noise computed before it
@@ -106,6 +114,7 @@ def _run_cache(cfg: Config, progress: bool) -> dict:
         phase.run(device)
         plan.drop_bad(store)  # images the latent phase found undecodable are left out of what follows
         counts.update({kind.counts[0]: phase.computed, kind.counts[1]: phase.reused})
+    owners.record(plan)  # again: with the verdicts on undecodable images found on the way
     summary = {
         "samples": len(plan.training),
         "prior_samples": sum(s.prior for s in plan.training),

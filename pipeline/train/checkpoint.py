@@ -3,7 +3,9 @@ a folder written under a temporary name and renamed into place (so a crash never
 
 A checkpoint holds what a bitwise-identical continuation needs: the LoRA weights (float32, as trained),
 the optimizer's state, the schedule's state, the global RNG states (LoRA dropout draws from them) and
-the data position (epoch and index of the next batch; batch order is a pure function of the epoch).
+the data position (epoch and index of the next batch; batch order is a pure function of the epoch),
+and the run's config, so that --resume can refuse a config that would give another run. Beside that
+state, each checkpoint holds the run's LoRA file as the final save writes it (lora.CHECKPOINT_LORA).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from pipeline.errors import UserError
+from pipeline.lora import CHECKPOINT_LORA, save_run_lora
 from pipeline.train.state import TrainState
 
 PREFIX = "step-"
@@ -49,9 +53,9 @@ def _join(value, tensors: dict):
     return value
 
 
-def save(out_dir: Path, state: TrainState, run, keep: int) -> Path:
+def save(out_dir: Path, state: TrainState, run, plan) -> Path:
     """Write the checkpoint of `state` (run: what train.setup built) atomically; keep only the newest
-    `keep` (0: all)."""
+    train.keep_checkpoints (0: all)."""
     root = Path(out_dir) / "checkpoints"
     final = root / f"{PREFIX}{state.step:08d}"
     tmp = root / f".tmp-{PREFIX}{state.step:08d}-{os.getpid()}"
@@ -60,6 +64,7 @@ def save(out_dir: Path, state: TrainState, run, keep: int) -> Path:
     model = run.denoiser.module
     save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
               str(tmp / "lora.safetensors"))
+    save_run_lora(tmp / CHECKPOINT_LORA, model, plan, state.step)
     tensors: dict = {}
     saved = {
         "step": state.step,
@@ -67,14 +72,19 @@ def save(out_dir: Path, state: TrainState, run, keep: int) -> Path:
         "optimizer": _split(run.optimizer.state_dict(), "optimizer", tensors),
         "scheduler": _split(run.scheduler.state_dict(), "scheduler", tensors),
         "rng": _split(state.rng(), "rng", tensors),
+        "config": json.loads(plan.cfg.portable_json()),
     }
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(saved))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    if keep:
-        for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    # A run writes its checkpoints in step order, so a later step here is a replaced run's: it goes now that
+    # this run has one of its own to resume from (before, --resume could still go on with the old run)
+    done = sorted(root.glob(f"{PREFIX}*"))
+    later, ours = [p for p in done if p.name > final.name], [p for p in done if p.name <= final.name]
+    keep = plan.cfg.train.keep_checkpoints
+    for old in later + (ours[:-keep] if keep else []):
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -84,14 +94,60 @@ def latest(out_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def saved_config(path: Path) -> dict | None:
+    """The config the checkpoint's run had (None for a checkpoint written before configs were recorded)."""
+    return json.loads((path / "state.json").read_text()).get("config")
+
+
 def restore(path: Path, run) -> TrainState:
-    """Load a checkpoint into the freshly built run (model, optimizer, schedule) and the global RNG."""
-    tensors = load_file(str(path / "state.safetensors"))
+    """Load a checkpoint into the freshly built run (model, optimizer, schedule) and the global RNG. The
+    train stage has compared the configs first (check_same_run), before it built the run."""
     saved = json.loads((path / "state.json").read_text())
-    result = set_peft_model_state_dict(run.denoiser.module, load_file(str(path / "lora.safetensors")))
+    tensors = load_file(str(path / "state.safetensors"))
+    try:
+        result = set_peft_model_state_dict(run.denoiser.module, load_file(str(path / "lora.safetensors")))
+    except RuntimeError as e:  # a checkpoint from before configs were recorded: peft's size mismatch
+        raise UserError(f"checkpoint '{path}' does not fit this LoRA ({str(e).splitlines()[-1].strip()}): "
+                        "set lora.* back as it was, or train without --resume to start over") from None
     if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"checkpoint {path} does not fit this LoRA: {result.unexpected_keys[:3]}")
+        raise UserError(f"checkpoint '{path}' does not fit this LoRA (e.g. {result.unexpected_keys[0]}): "
+                        "set lora.* back as it was, or train without --resume to start over")
     run.optimizer.load_state_dict(_join(saved["optimizer"], tensors))
     run.scheduler.load_state_dict(_join(saved["scheduler"], tensors))
     TrainState.restore_rng(_join(saved["rng"], tensors))
     return TrainState(saved["step"], **saved["position"])
+
+
+# Config keys (dotted, a prefix covers a table) that change what a run computes. Resuming with any of them
+# changed would make a run that neither config describes, so it is refused. Left out on purpose: the run's
+# length (train.epochs, max_steps: resuming to train longer is allowed), where things go, logging,
+# validation, checkpointing, devices and gradient checkpointing (same results, other memory).
+RESULT_KEYS = (
+    "model.", "concepts", "data.", "lora.", "optimizer.",
+    "cache.variants", "cache.seed", "cache.timestep_sampling", "cache.logit_mean", "cache.logit_std", "cache.mode_scale",
+    "train.dtype", "train.batch_size", "train.seed", "train.gradient_accumulation", "train.prior_mode",
+    "train.loss_weighting", "train.min_snr_gamma",
+)
+
+
+def check_same_run(saved: dict | None, cfg, path: Path) -> None:
+    """Refuse, in one line naming every changed key with its old and new value, to resume the checkpoint
+    at `path` (whose state.json recorded the config `saved`) with a config that changes its results."""
+    if saved is None:  # written before checkpoints recorded their config: nothing to compare
+        return
+
+    def flat(value, key=""):
+        if isinstance(value, dict):
+            return {k: v for name, item in value.items()
+                    for k, v in flat(item, f"{key}.{name}" if key else name).items()}
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):  # [[concepts]]
+            return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{key}[{i}]").items()}
+        return {key: value}
+
+    old, new = flat(saved), flat(json.loads(cfg.portable_json()))
+    shown = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"  # noqa: E731
+    changed = [f"{k} {shown(old, k)} -> {shown(new, k)}" for k in sorted(old.keys() | new.keys())
+               if k.startswith(RESULT_KEYS) and old.get(k, ...) != new.get(k, ...)]
+    if changed:
+        raise UserError(f"cannot resume from '{path}': the config changed since it was written ({'; '.join(changed)}): "
+                        "set these back to go on, or train without --resume to start over")

@@ -46,3 +46,17 @@ def practice_warnings(plan: Plan) -> list[str]:
     for message in out:
         warn(message)
     return out
+
+
+def batch_size_warning(batches: list[list], batch_size: int) -> str | None:
+    """Warn, and return the warning, when train.batch_size is more than any bucket holds: a batch is drawn
+    from one bucket, so every batch is smaller than asked (the step count and learning rate then differ
+    from what the setting suggests)."""
+    sizes = sorted({len(b) for b in batches}, reverse=True)
+    if not sizes or sizes[0] >= batch_size:
+        return None
+    shown = ", ".join(map(str, sizes[:-1])) + (" and " if len(sizes) > 1 else "") + str(sizes[-1])
+    message = (f"train.batch_size = {batch_size} is larger than every bucket (a batch holds one bucket's samples): "
+               f"the real batch sizes are {shown}")
+    warn(message)
+    return message

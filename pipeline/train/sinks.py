@@ -21,6 +21,30 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def summary_window(steps_per_epoch: int) -> int:
+    """How many recent steps the progress bar and final_loss average: an epoch's worth (every sample seen
+    once), at most 100, so that neither swings with one batch's mix of standard and prior samples."""
+    return max(1, min(steps_per_epoch, 100))
+
+
+def recent_mean(records: list[dict], key: str, window: int) -> float | None:
+    """The mean of `key` over those of the last `window` records (steps) that have it (None: none has)."""
+    values = [r[key] for r in records[-window:] if r.get(key) is not None]
+    return round(sum(values) / len(values), 6) if values else None
+
+
+def loss_summary(records: list[dict], window: int) -> dict:
+    """The summary's losses for a whole run (records: every line of metrics.jsonl): final_loss is the standard
+    loss over the last `window` steps and final_loss_prior the prior loss beside it; the last epoch's means."""
+    last_epoch = [r for r in records if r["epoch"] == records[-1]["epoch"]] if records else []
+    return {
+        "final_loss": recent_mean(records, "loss_standard", window),
+        "final_loss_prior": recent_mean(records, "loss_prior", window),
+        "last_epoch_loss_standard": recent_mean(last_epoch, "loss_standard", len(last_epoch)),
+        "last_epoch_loss_prior": recent_mean(last_epoch, "loss_prior", len(last_epoch)),
+    }
+
+
 def _kept_lines(path: Path, resumed_at: int | None) -> list[str]:
     """On resume, the lines of the steps before the checkpoint; the later ones are redone."""
     if resumed_at is None or not path.is_file():
@@ -35,6 +59,7 @@ class JsonlSink:
     def __init__(self, out_dir: Path, resumed_at: int | None, validates: bool):
         self.metrics_path = out_dir / "metrics.jsonl"
         kept = _kept_lines(self.metrics_path, resumed_at)
+        self.kept = [json.loads(line) for line in kept]  # the steps before a resume's checkpoint
         self.metrics = open(self.metrics_path, "w")
         self.metrics.writelines(line + "\n" for line in kept)
         self.validation_path = out_dir / "validation.jsonl" if validates else None
@@ -52,6 +77,10 @@ class JsonlSink:
 
     def close(self) -> None:
         self.metrics.close()
+
+    def read_all(self) -> list[dict]:
+        """Every step's record of the run, the ones before a resume included."""
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
 
 
 class TensorBoardSink:
@@ -87,12 +116,24 @@ class TensorBoardSink:
 
 
 class ProgressSink:
-    def __init__(self, total: int, initial: int, enabled: bool):
+    """The bar shows the standard loss and the prior loss beside it, each over the last `window` steps (the
+    summary's final_loss at the end), not the last batch's loss: that one swings with how many prior samples,
+    whose loss starts near zero, the batch happened to hold."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, window: int, history: list[dict] = ()):
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled)
+        self.window = window
+        self.records = list(history)[-window:]  # after a resume, the steps before it count too
 
     def step(self, record: dict) -> None:
+        self.records = [*self.records, record][-self.window:]
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+        self.bar.set_postfix(self.postfix())
+
+    def postfix(self) -> dict[str, str]:
+        means = {name: recent_mean(self.records, key, self.window)
+                 for name, key in (("standard", "loss_standard"), ("prior", "loss_prior"))}
+        return {name: f"{m:.4f}" for name, m in means.items() if m is not None}
 
     def validation(self, record: dict) -> None:
         pass

@@ -16,15 +16,15 @@ import torch
 from pipeline.cache.kinds import check_complete
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.store import Store
-from pipeline.config import Config, check_paths
-from pipeline.errors import UserError
-from pipeline.lora import save_lora
+from pipeline.config import Config, check_output_dir, check_paths
+from pipeline.errors import UserError, note
+from pipeline.lora import save_run_lora
 from pipeline.plan import make_plan, pick_device
 from pipeline.train import checkpoint
 from pipeline.train.epochs import epoch_batches
-from pipeline.train.practice import practice_warnings, prior_share
+from pipeline.train.practice import batch_size_warning, practice_warnings, prior_share
 from pipeline.train.setup import setup
-from pipeline.train.sinks import JsonlSink, ProgressSink, Sinks, TensorBoardSink
+from pipeline.train.sinks import JsonlSink, ProgressSink, Sinks, TensorBoardSink, loss_summary, summary_window
 from pipeline.train.state import TrainState
 from pipeline.train.step import optimizer_step
 from pipeline.train.validation import Validator
@@ -42,68 +42,56 @@ def train_lora(cfg: Config, progress: bool = True, resume: bool = False) -> tupl
         return _train_lora(cfg, progress, resume)
 
 
-def _mean(records: list[dict], key: str) -> float | None:
-    values = [r[key] for r in records if r[key] is not None]
-    return round(sum(values) / len(values), 6) if values else None
-
-
 def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Module, dict]:
     start = time.perf_counter()
     check_paths(cfg)
+    check_output_dir(cfg)
     plan = make_plan(cfg)
     store = Store(cfg.cache.dir)
     plan.drop_bad(store)
     check_complete(plan, store)
     t = cfg.train
+    out_dir = Path(t.output_dir)
+    found = _resume_point(cfg, out_dir) if resume else None  # refusals before the model is loaded
+    if not resume:
+        _say_if_replacing(out_dir, cfg)
     torch.manual_seed(t.seed)
     practice_warnings(plan)
     run = setup(plan, store, pick_device(t.device))
-    out_dir = Path(t.output_dir)
+    batch_size_warning(epoch_batches(plan, run.shapes, 0), t.batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = TrainState()
-    if resume:
-        found = checkpoint.latest(out_dir)
-        if found is None:
-            raise UserError(f"no checkpoint in '{out_dir / 'checkpoints'}' to resume from: train without --resume")
-        state = checkpoint.restore(found, run)
+    state = checkpoint.restore(found, run) if found else TrainState()
     resumed_at = state.step if resume else None
     jsonl = JsonlSink(out_dir, resumed_at, Validator.enabled(plan))
-    sinks = Sinks([jsonl, ProgressSink(run.total_steps, state.step, progress)]
+    window = summary_window(run.steps_per_epoch)
+    sinks = Sinks([jsonl, ProgressSink(run.total_steps, state.step, progress, window, jsonl.kept)]
                   + ([TensorBoardSink(out_dir)] if t.tensorboard else []))
     validator = Validator(plan, store, run.denoiser, out_dir, sinks)
-    last, epoch_records = {}, []
     try:
         if state.step == 0:
             validator.run(0)  # the baseline: drift is zero here by construction, the loss is the base model's
         accum = t.gradient_accumulation
         while state.step < run.total_steps:
             variant = state.epoch % cfg.cache.variants
-            epoch_records = []
             batches = epoch_batches(plan, run.shapes, state.epoch)
             for first in range(state.next_batch, len(batches), accum):
                 if state.step >= run.total_steps:
                     break
-                last = optimizer_step(run, plan, store, batches[first : first + accum], variant)
-                record = {"step": state.step, "epoch": state.epoch, "variant": variant, **last}
-                epoch_records.append(record)
+                record = {"step": state.step, "epoch": state.epoch, "variant": variant,
+                          **optimizer_step(run, plan, store, batches[first : first + accum], variant)}
                 sinks.step(record)
                 state.step, state.next_batch = state.step + 1, first + accum
                 if cfg.validation.every and state.step % cfg.validation.every == 0:
                     validator.run(state.step)
                 if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < run.total_steps:
-                    checkpoint.save(out_dir, state, run, t.keep_checkpoints)
+                    checkpoint.save(out_dir, state, run, plan)
             state.epoch, state.next_batch = state.epoch + 1, 0
         validator.run(state.step)  # the end (skipped when the last step was just validated)
     finally:
         sinks.close()
     model = run.denoiser.module
     lora_path = out_dir / t.lora_name
-    save_lora(
-        lora_path, model, plan.family,
-        {"prior_lora.config": cfg.portable_json(), "prior_lora.base_model": plan.denoiser_fp,
-         "prior_lora.family": plan.family.name, "prior_lora.steps": str(state.step)},
-        cfg.lora, t.lora_format,
-    )
+    save_run_lora(lora_path, model, plan, state.step)
     store.close()
     from pipeline.plot import plot_run  # matplotlib only here
 
@@ -111,9 +99,9 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
     return model, {
         "steps": state.step,
         "epochs": math.ceil(state.step / max(run.steps_per_epoch, 1)),
-        "final_loss": last.get("loss"),
-        "last_epoch_loss_standard": _mean(epoch_records, "loss_standard"),
-        "last_epoch_loss_prior": _mean(epoch_records, "loss_prior"),
+        "resumed_from_step": resumed_at,
+        # the whole run's numbers, from metrics.jsonl: after --resume it holds the steps before it too
+        **loss_summary(jsonl.read_all(), window),
         "prior_share": prior_share(plan),
         "images_per_bucket": plan.bucket_counts(),
         **validator.last,
@@ -123,3 +111,25 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
         "plot": str(plot),
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def _resume_point(cfg: Config, out_dir: Path) -> Path:
+    """The newest checkpoint, if this config continues its run (else a one-line refusal naming the keys)."""
+    found = checkpoint.latest(out_dir)
+    if found is None:
+        raise UserError(f"no checkpoint in '{out_dir / 'checkpoints'}' to resume from: train without --resume")
+    checkpoint.check_same_run(checkpoint.saved_config(found), cfg, found)
+    return found
+
+
+def _say_if_replacing(out_dir: Path, cfg: Config) -> None:
+    """A run without --resume starts over in output_dir; say so when an earlier run's results are there."""
+    t = cfg.train
+    if not ((out_dir / t.lora_name).is_file() or (out_dir / "metrics.jsonl").is_file()):
+        return
+    what = ("its LoRA, metrics.jsonl and validation.jsonl are rewritten, and the sample grids of the steps this "
+            "run validates")
+    if checkpoint.latest(out_dir) is not None:
+        what += ("; its checkpoints go once this run writes its first" if t.checkpoint_every
+                 else "; its checkpoints stay (this run writes none)") + ", and --resume would go on from them instead"
+    note(f"train: replacing the run in '{out_dir}' ({what})")

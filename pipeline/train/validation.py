@@ -46,7 +46,8 @@ class Validator:
         record = {"step": step, **held_out_scores(self.plan, self.store, self.denoiser, self.plan.cfg.train.prior_mode)}
         images = render_prompts(self.plan, self.store, self.denoiser)
         if images:
-            record["samples"] = str(save_grid(images, self.samples_dir / f"step-{step:06d}.png"))
+            labels = [f"step {step}: {p}" for p in self.plan.cfg.validation.prompts]
+            record["samples"] = str(save_grid(images, self.samples_dir / f"step-{step:06d}.png", labels=labels))
         self.sinks.validation(record)
         self.last = {k: record[k] for k in ("val_loss", "prior_drift", "samples") if k in record}
 
@@ -107,17 +108,48 @@ def render_prompts(plan: Plan, store: Store, denoiser: Denoiser) -> list:
     return images
 
 
-def save_grid(images: list, path: Path, columns: int = 4) -> Path:
-    """One PNG with the images in rows of `columns`, written atomically."""
-    from diffusers.utils import make_image_grid
+def label(image, text: str):
+    """A copy of the image with `text` on a dark band along its bottom edge (cut with "…" to fit): the size
+    stays the image's, so a grid is the images side by side, as without labels."""
+    from PIL import ImageDraw, ImageFont
 
+    image = image.convert("RGB")
+    w, h = image.size
+    size = max(9, h // 28)  # legible on a 64 px tile and on a 1024 px one
+    try:
+        font = ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(image, "RGBA")
+    fitted = text
+    while fitted and draw.textlength(fitted, font=font) > w - 4:
+        fitted = fitted[:-2] + "…" if len(fitted) > 1 else ""
+    band = round(size * 1.4)
+    draw.rectangle([0, h - band, w, h], fill=(0, 0, 0, 170))
+    draw.text((2, h - band + (band - size) // 2 - 1), fitted, font=font, fill=(255, 255, 255, 255))
+    return image
+
+
+def save_grid(images: list, path: Path, columns: int = 4, labels: list[str] | None = None) -> Path:
+    """One PNG with the images in rows of `columns`, each with its label (prompt and step) drawn on it; the
+    labels are also in the PNG's text chunk "prior_lora.labels" (JSON). Written atomically."""
+    import json
+
+    from diffusers.utils import make_image_grid
+    from PIL.PngImagePlugin import PngInfo
+
+    if labels:
+        images = [label(im, text) for im, text in zip(images, labels)]
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)
     blank = images[0].copy()
     blank.paste((0, 0, 0), (0, 0, *blank.size))
     grid = make_image_grid(images + [blank] * (rows * columns - len(images)), rows=rows, cols=columns)
+    info = PngInfo()
+    if labels:
+        info.add_text("prior_lora.labels", json.dumps(labels))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.png")
-    grid.save(tmp)
+    grid.save(tmp, pnginfo=info)
     os.replace(tmp, path)
     return path
