@@ -41,6 +41,7 @@ def write(root, model, data):
     return path
 
 
+@pytest.mark.e2e
 def test_a_users_concept_folder_is_never_built_into(tiny_assets, tmp_path):
     mine = tmp_path / "data" / "standard"  # the user's images; their prior folder is not there yet
     mine.mkdir(parents=True)

@@ -168,6 +168,7 @@ def test_cache_group_keeps_its_old_form_and_documents_the_subcommands(project):
     assert r.exit_code == 2 and r.stderr.startswith("error:")
 
 
+@pytest.mark.e2e
 def test_prune_in_a_cache_shared_with_another_config_needs_all_configs(project):
     path, cfg = project()
     run_cache(cfg, progress=False)

@@ -28,6 +28,7 @@ def one_line_error(r, *words):
     assert "Traceback" not in r.output and all(w in r.stderr for w in words), r.stderr
 
 
+@pytest.mark.e2e
 def test_an_output_dir_that_is_a_file_is_one_line(project):
     (project.root / "taken").write_text("not a folder")
     path, _ = project(out=project.root / "taken")
@@ -36,6 +37,7 @@ def test_an_output_dir_that_is_a_file_is_one_line(project):
     one_line_error(cli("train", "--config", path), "train.output_dir", "taken' is a file", "(above '")
 
 
+@pytest.mark.e2e
 def test_a_cuda_device_without_cuda_is_refused_at_config_time(project, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only torch, whatever this one is
     path, _ = project()
@@ -51,6 +53,7 @@ def test_a_cuda_device_without_cuda_is_refused_at_config_time(project, monkeypat
     assert load_config(path).train.device == "auto"  # auto stays allowed: it picks the CPU here
 
 
+@pytest.mark.e2e
 def test_resume_with_a_changed_rank_names_the_changed_keys(project):
     path, _ = project(dtype="fp32", max_steps=4)
     cfg = configure(path, train={"checkpoint_every": 2})
@@ -80,6 +83,7 @@ def test_resume_with_a_changed_rank_names_the_changed_keys(project):
     assert run_train(longer, progress=False, resume=True)["steps"] == 6
 
 
+@pytest.mark.e2e
 def test_a_config_without_a_standard_concept_is_refused(project):
     path, _ = project()
     text = path.read_text()
@@ -95,6 +99,7 @@ def test_a_config_without_a_standard_concept_is_refused(project):
         run_cache(load_config(path), progress=False)
 
 
+@pytest.mark.e2e
 def test_a_batch_size_no_bucket_fills_is_one_warning_with_the_real_sizes(project, capsys):
     _, cfg = project(dtype="fp32", batch=32)
     run_cache(cfg, progress=False)
@@ -107,6 +112,7 @@ def test_a_batch_size_no_bucket_fills_is_one_warning_with_the_real_sizes(project
     assert shown == sizes and max(sizes) < 32
 
 
+@pytest.mark.e2e
 def test_training_over_an_earlier_run_says_it_replaces_it(project, capsys):
     path, _ = project(dtype="fp32", max_steps=6)
     cfg = configure(path, train={"checkpoint_every": 2})

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
@@ -27,6 +28,7 @@ from conftest import CPU32, configure
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.e2e
 def test_each_checkpoint_holds_a_lora_file_that_loads(project):
     path, _ = project(dtype="fp32", max_steps=4, lr=1e-2)
     cfg = configure(path, train={"checkpoint_every": 2})
@@ -67,6 +69,7 @@ def test_example_configs_checkpoint_and_sample(tmp_path):
         assert cfg.validation.prompts and cfg.validation.every > 0, path.name
 
 
+@pytest.mark.e2e
 def test_sample_grids_are_labelled_with_prompt_and_step(project):
     path, _ = project(dtype="fp32", max_steps=2)
     path.write_text(path.read_text() + '\n[validation]\nprompts = ["a photo of sks teapot", "a teapot"]\nsteps = 1\n')
@@ -84,6 +87,7 @@ def test_sample_grids_are_labelled_with_prompt_and_step(project):
         assert np.median(band) < 80  # the label's dark band along the bottom edge
 
 
+@pytest.mark.e2e
 def test_sample_takes_width_height_and_guidance(project, tmp_path):
     path, _ = project(dtype="fp32", max_steps=1)
     cfg = load_config(path)

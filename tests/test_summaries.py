@@ -5,6 +5,7 @@ it computed."""
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from pipeline.cache.kinds import in_words
@@ -35,6 +36,7 @@ def test_the_bar_shows_recent_standard_and_prior_loss_not_the_last_batch():
     assert resumed.postfix() == {"standard": "0.5000", "prior": "0.5000"}  # the steps before a resume count
 
 
+@pytest.mark.e2e
 def test_final_loss_is_the_standard_loss_over_the_last_epochs_steps(project):
     _, cfg = project(dtype="fp32", epochs=2)
     run_cache(cfg, progress=False)
@@ -48,6 +50,7 @@ def test_final_loss_is_the_standard_loss_over_the_last_epochs_steps(project):
     assert summary["last_epoch_loss_standard"] == mean("loss_standard")  # here the last epoch is that window
 
 
+@pytest.mark.e2e
 def test_the_summary_after_resume_covers_the_whole_run(project):
     path, _ = project(dtype="fp32", max_steps=6)
     cfg = configure(path, train={"checkpoint_every": 4})
@@ -68,6 +71,7 @@ def test_printed_values_are_for_people():
     assert _human("final_loss", 0.12345678901) == "0.123457"
 
 
+@pytest.mark.e2e
 def test_the_tables_have_no_python_reprs_and_the_json_keeps_the_values(project):
     path, _ = project(dtype="fp32", max_steps=2)
     runner = CliRunner()
@@ -85,6 +89,7 @@ def test_the_tables_have_no_python_reprs_and_the_json_keeps_the_values(project):
             assert summary["skipped_images"] == [] and summary["resumed_from_step"] is None
 
 
+@pytest.mark.e2e
 def test_the_cache_says_in_words_what_it_computed(project):
     path, _ = project()
     runner = CliRunner()
