@@ -77,14 +77,14 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
             validator.run(0)  # the baseline: drift is zero here by construction, the loss is the base model's
         accum = t.gradient_accumulation
         while state.step < run.total_steps:
-            variant = state.epoch % cfg.cache.variants
             epoch_records = []
             batches = epoch_batches(plan, run.shapes, state.epoch)
             for first in range(state.next_batch, len(batches), accum):
                 if state.step >= run.total_steps:
                     break
-                last = optimizer_step(run, plan, store, batches[first : first + accum], variant)
-                record = {"step": state.step, "epoch": state.epoch, "variant": variant, **last}
+                last = optimizer_step(run, plan, store, batches[first : first + accum], state.step)
+                # variant: that of the samples seen once this epoch (see epoch_batches)
+                record = {"step": state.step, "epoch": state.epoch, "variant": state.epoch % cfg.cache.variants, **last}
                 epoch_records.append(record)
                 sinks.step(record)
                 state.step, state.next_batch = state.step + 1, first + accum
