@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.cache.store import Store
-from pipeline.objective import noise_from_seed
 from pipeline.plan import Plan, Sample
 
 
@@ -46,21 +45,30 @@ def forward(family, denoiser: Denoiser, inputs: Inputs) -> torch.Tensor:
                           dtype=denoiser.dtype)
 
 
-def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]]) -> Inputs:
-    """The inputs for (sample, variant) pairs, exactly as the train stage builds them."""
-    latents, noises, timesteps, sigmas, texts = [], [], [], [], []
-    for s, v in items:
+def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]],
+                fresh: list[tuple[int, int] | None] | None = None) -> Inputs:
+    """The inputs for (sample, variant) pairs, exactly as the train stage builds them. Each draw is the
+    cached one (the variant's noise entry), or where `fresh` gives (noise seed, timestep seed), a new one."""
+    latents, noises, inputs, timesteps, sigmas, texts = [], [], [], [], [], []
+    for i, (s, v) in enumerate(items):
         entry = store.read("latent", s.latent_keys[v])[0]
         lat = entry.pop("latent")
-        n = store.read("noise", s.noise_keys[v])[0]
+        seeds = fresh[i] if fresh else None
+        if seeds is None:
+            n = store.read("noise", s.noise_keys[v])[0]
+            seed, timestep, sigma = int(n["seed"]), n["timestep"], n["sigma"]
+        else:
+            seed, (timestep, sigma) = seeds[0], plan.draws.timestep(tuple(lat.shape[1:]), seeds[1])
+        noise, noise_in = plan.draws.noise(seed, lat.shape)
         latents.append(lat)
-        noises.append(noise_from_seed(int(n["seed"]), lat.shape))
-        timesteps.append(n["timestep"])
-        sigmas.append(n["sigma"])
+        noises.append(noise)
+        inputs.append(noise_in)
+        timesteps.append(timestep)
+        sigmas.append(sigma)
         # read per step, not memoised: a Flux caption at 512 tokens is 8 MiB, and reading costs
         # milliseconds against a step of a second, while a memo of all captions could be gigabytes
         texts.append({**store.read("text", s.text_keys[v])[0], **{k: t.float() for k, t in entry.items()}})
     x0, noise = torch.stack(latents), torch.stack(noises)
     sigmas, timesteps = torch.stack(sigmas), torch.stack(timesteps)
-    noisy = plan.family.noisy_input(x0, noise, timesteps, sigmas)
+    noisy = plan.family.noisy_input(x0, torch.stack(inputs), timesteps, sigmas)
     return Inputs(x0, noise, noisy, timesteps, sigmas, plan.family.collate(texts))

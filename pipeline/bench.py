@@ -90,8 +90,9 @@ def main(steps, warmup, batch_size, resolution, dtype, device, threads):
         standard = [s for s in plan.samples if not s.prior][:batch_size]
         prior = [s for s in plan.samples if s.prior][:batch_size]
 
-        def mode(batch, prior_mode):
-            return lambda i: optimizer_step(run, plan, store, [batch], i % cfg.cache.variants, prior_mode)
+        def mode(samples, prior_mode):
+            return lambda i: optimizer_step(run, plan, store, [[(s, i % cfg.cache.variants) for s in samples]], i,
+                                            prior_mode)
 
         medians = _median_step_seconds(
             {"standard": mode(standard, "cached"), "prior_cached": mode(prior, "cached"), "prior_online": mode(prior, "online")},

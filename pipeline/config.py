@@ -36,9 +36,10 @@ class ModelConfig:
     path: str  # a local diffusers folder or a hub id
     family: str = "auto"  # "auto" reads model_index.json
     guidance: float = 1.0  # guidance-embedding value for guidance-distilled models (Flux.1-dev)
-    max_sequence_length: int = 512  # T5 tokens
+    max_sequence_length: int = 0  # T5 (and Llama) tokens per caption; 0: the family's own (see the README)
     encoder_dtype: str = "fp32"  # dtype the VAE and text encoders run in at cache time
     denoiser_file: str = ""  # a single-file (.safetensors) denoiser checkpoint used instead of the folder's weights
+    prediction_type: str = ""  # SDXL: "epsilon" | "v_prediction" when the scheduler config says otherwise; "": its own
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class CacheConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    shift: float = 0.0  # flow models: a fixed timestep shift s (sigma -> s*sigma / (1 + (s-1)*sigma)); 0: the model's own
+    dynamic_shift: bool = False  # flow models: shift by each image's size, as Flux's scheduler does at inference
+    noise_offset: float = 0.0  # noise += noise_offset * randn(C, 1, 1): lets the model learn brightness
+    input_perturbation: float = 0.0  # the input's noise gets perturbation * randn more; the target does not
     device: str = "auto"
 
 
@@ -272,6 +277,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg.lora.init, ("default", "gaussian"), "lora.init")
     _choice(cfg.lora.targets, TARGET_PRESETS, "lora.targets")
     _choice(cfg.train.lora_format, ("diffusers", "kohya"), "train.lora_format")
+    _choice(cfg.model.prediction_type, ("", "epsilon", "v_prediction"), "model.prediction_type")
     if cfg.lora.target_regex:
         try:
             re.compile(cfg.lora.target_regex)
@@ -300,7 +306,10 @@ def validate(cfg: Config) -> None:
         ("train.max_steps", cfg.train.max_steps, True),
         ("lora.rank", cfg.lora.rank, False),
         ("optimizer.lr", cfg.optimizer.lr, False),
-        ("model.max_sequence_length", cfg.model.max_sequence_length, False),
+        ("model.max_sequence_length", cfg.model.max_sequence_length, True),
+        ("cache.shift", cfg.cache.shift, True),
+        ("cache.noise_offset", cfg.cache.noise_offset, True),
+        ("cache.input_perturbation", cfg.cache.input_perturbation, True),
         ("optimizer.warmup_steps", cfg.optimizer.warmup_steps, True),
         ("optimizer.max_grad_norm", cfg.optimizer.max_grad_norm, True),
         ("train.gradient_accumulation", cfg.train.gradient_accumulation, False),

@@ -36,9 +36,18 @@ def draw_timestep_index(
     return min(int(u.item() * num_train_timesteps), num_train_timesteps - 1)
 
 
-def noise_from_seed(seed: int, shape) -> torch.Tensor:
-    """The documented noise recipe: anyone can regenerate a sample's noise from its stored seed."""
-    return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
+def draw_noise(seed: int, shape, offset: float = 0.0, perturbation: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documented noise recipe, so anyone can regenerate a draw from its seed: one generator gives
+    randn(shape), then with an offset, offset * randn(C, 1, 1) added to it (a per-channel constant: lets the
+    model move an image's mean brightness), then with a perturbation, perturbation * randn(shape) added to
+    the input's copy only. Returns (noise of the target, noise of the input), float32."""
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    noise = torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+    if offset:
+        noise = noise + offset * torch.randn((shape[0], 1, 1), generator=g, dtype=torch.float32)
+    if not perturbation:
+        return noise, noise
+    return noise, noise + perturbation * torch.randn(tuple(shape), generator=g, dtype=torch.float32)
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

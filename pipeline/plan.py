@@ -24,6 +24,7 @@ import torch
 from pipeline.cache.keys import Fingerprints, derive_seed, digest, sha256_bytes
 from pipeline.config import Config
 from pipeline.data import PREPARE, BadImage, buckets, check_header, nearest_bucket, scan_concept
+from pipeline.draws import Draws, draw_settings
 from pipeline.errors import UserError, warn
 from pipeline.families import get_family
 from pipeline.families.base import Family
@@ -62,6 +63,7 @@ class Plan:
     text_fp: str
     denoiser_fp: str
     skipped: list[str]  # "path: reason" for every image left out
+    draws: Draws  # the timestep and noise recipe
     bad: set[str] = field(default_factory=set)  # content keys the cache holds an undecodable verdict for
 
     def skip(self, path: Path, reason: str) -> None:
@@ -97,7 +99,7 @@ class Plan:
         )
 
     def text_key(self, caption: str) -> str:
-        return digest("text", caption, self.text_fp, self.cfg.model.max_sequence_length, self.cfg.model.encoder_dtype)
+        return digest("text", caption, self.text_fp, self.family.max_sequence_length, self.cfg.model.encoder_dtype)
 
     @property
     def training(self) -> list[Sample]:
@@ -107,12 +109,13 @@ class Plan:
     def held_out(self) -> list[Sample]:
         return [s for s in self.samples if s.validation]
 
-    def draws(self) -> list[tuple[Sample, int]]:
-        """Every (sample, variant): each is one noise draw, and for a prior sample one cached prediction."""
-        return [(s, v) for s in self.samples for v in range(self.cfg.cache.variants)]
+    def cached_draws(self) -> list[tuple[Sample, int]]:
+        """Every (sample, variant) whose draw is cached: prior samples (one cached prediction each) and
+        held-out images. Standard samples draw afresh at every step (pipeline/draws.py)."""
+        return [(s, v) for s in self.samples if s.prior or s.validation for v in range(self.cfg.cache.variants)]
 
     def noise_jobs(self) -> dict[str, tuple[Sample, int]]:
-        return {s.noise_keys[v]: (s, v) for s, v in self.draws()}
+        return {s.noise_keys[v]: (s, v) for s, v in self.cached_draws()}
 
     def latent_jobs(self) -> dict[str, tuple[Sample, bool]]:
         """latent key -> (sample, flipped): each distinct latent once."""
@@ -153,9 +156,9 @@ def make_plan(cfg: Config) -> Plan:
     denoiser_fp = _denoiser_fp(fps, family)
     fps.save()
     c, d = cfg.cache, cfg.data
-    timestep_settings = [timestep_sampling_settings(cfg, family), family.timestep_spec()]
+    timestep_settings = [draw_settings(cfg, family), family.timestep_spec()]
     enc = cfg.model.encoder_dtype
-    plan = Plan(cfg, family, [], vae_fp, text_fp, denoiser_fp, [])
+    plan = Plan(cfg, family, [], vae_fp, text_fp, denoiser_fp, [], Draws(cfg, family))
     if d.resolution % family.pixel_multiple:
         raise UserError(f"config key 'data.resolution' must be a multiple of {family.pixel_multiple} for {family.name}")
     sizes = buckets(d.resolution, family.pixel_multiple, d.buckets)
@@ -215,18 +218,6 @@ def check_usable(plan: Plan) -> None:
     if all(s.prior for s in plan.training):
         raise UserError("no usable images in any standard concept (see the warnings above): training would learn "
                         "nothing; fix or replace the standard concept's images")
-
-
-def timestep_scheme(cfg: Config, family: Family) -> str:
-    return family.default_timestep_sampling if cfg.cache.timestep_sampling == "auto" else cfg.cache.timestep_sampling
-
-
-def timestep_sampling_settings(cfg: Config, family: Family) -> dict:
-    """Only the settings the chosen scheme uses, so that changing an unused one recomputes nothing."""
-    c, scheme = cfg.cache, timestep_scheme(cfg, family)
-    used = {"uniform": {}, "logit_normal": {"logit_mean": c.logit_mean, "logit_std": c.logit_std},
-            "mode": {"mode_scale": c.mode_scale}}[scheme]
-    return {"scheme": scheme, **used}
 
 
 def pick_device(name: str) -> torch.device:

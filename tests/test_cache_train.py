@@ -30,7 +30,7 @@ def test_cache_computes_once_then_reuses_everything(project):
     n, n_prior = len(plan.samples), sum(s.prior for s in plan.samples)
     captions = len({s.caption for s in plan.samples})
     assert (n, n_prior) == (16, 8)
-    assert computed(first) == {"latents_encoded": n, "texts_encoded": captions, "noise_computed": 2 * n,
+    assert computed(first) == {"latents_encoded": n, "texts_encoded": captions, "noise_computed": 2 * n_prior,
                                "priors_computed": 2 * n_prior}
     again = run_cache(cfg, progress=False)
     assert computed(again) == dict.fromkeys(COMPUTED, 0)

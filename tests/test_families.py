@@ -96,7 +96,7 @@ def check_lora_loads(family_project, lora_format):
     pipe = load_full_pipeline(plan.family, torch.device("cpu"), torch.float32)
     pipe.load_lora_weights(summary["lora"])
     denoiser = getattr(pipe, plan.family.denoiser_component)
-    sample = plan.training[0]
+    sample = next(s for s in plan.training if s.prior)  # a cached draw
     inputs = load_inputs(plan, store, [(sample, 0)])
     noisy, timesteps, cond = inputs.noisy, inputs.timesteps, inputs.cond
     trained.eval()

@@ -29,17 +29,17 @@ def _computed(summary):
 
 # (what changes, config overrides, model component to perturb, expected (latents, texts, noise, priors))
 CASES = [
-    ("resolution", {"resolution": 48}, None, (N, 0, N * K, N_PRIOR * K)),
+    ("resolution", {"resolution": 48}, None, (N, 0, N_PRIOR * K, N_PRIOR * K)),
     ("VAE weights", {}, "vae", (N, 0, 0, N_PRIOR * K)),
     ("CLIP weights", {}, "text_encoder", (0, CAPTIONS, 0, N_PRIOR * K)),
     ("T5 weights", {}, "text_encoder_2", (0, CAPTIONS, 0, N_PRIOR * K)),
     ("denoiser weights", {}, "transformer", (0, 0, 0, N_PRIOR * K)),
     ("train dtype", {"dtype": "fp32"}, None, (0, 0, 0, N_PRIOR * K)),
     ("guidance", {"guidance": 3.5}, None, (0, 0, 0, N_PRIOR * K)),
-    ("cache seed", {"cache_seed": 7}, None, (0, 0, N * K, N_PRIOR * K)),
-    ("timestep distribution", {"timestep_sampling": "uniform"}, None, (0, 0, N * K, N_PRIOR * K)),
-    ("timestep setting", {"logit_mean": 0.5}, None, (0, 0, N * K, N_PRIOR * K)),
-    ("one more variant", {"variants": K + 1}, None, (0, 0, N, N_PRIOR)),
+    ("cache seed", {"cache_seed": 7}, None, (0, 0, N_PRIOR * K, N_PRIOR * K)),
+    ("timestep distribution", {"timestep_sampling": "uniform"}, None, (0, 0, N_PRIOR * K, N_PRIOR * K)),
+    ("timestep setting", {"logit_mean": 0.5}, None, (0, 0, N_PRIOR * K, N_PRIOR * K)),
+    ("one more variant", {"variants": K + 1}, None, (0, 0, N_PRIOR, N_PRIOR)),
 ]
 
 

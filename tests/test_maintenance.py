@@ -102,7 +102,7 @@ def test_verify_finds_a_flipped_prior_and_repair_recomputes_exactly_it(project):
     run_cache(cfg, progress=False)
     clean = verify(cfg)
     assert clean["damaged"] == [] and clean["missing"] == 0
-    assert clean["checked"] == sum(map(len, needed_keys(make_plan(cfg)).values())) == 16 + 10 + 32 + 16
+    assert clean["checked"] == sum(map(len, needed_keys(make_plan(cfg)).values())) == 16 + 10 + 16 + 16  # noise: only prior draws are cached
 
     store = Store(cfg.cache.dir)
     key = sorted(store.keys("prior/bf16"))[3]

@@ -6,7 +6,7 @@ import json
 import torch
 
 from pipeline.cache.keys import derive_seed, digest
-from pipeline.objective import draw_timestep_index, flow_noisy, flow_target, noise_from_seed, per_sample_mse
+from pipeline.objective import draw_timestep_index, flow_noisy, flow_target, draw_noise, per_sample_mse
 
 
 def test_flow_matching_interpolates_between_data_and_noise():
@@ -21,7 +21,7 @@ def test_flow_matching_interpolates_between_data_and_noise():
 def test_noise_recipe_is_plain_torch_randn():
     seed = derive_seed("noise", 0, "abc", 1)
     expected = torch.randn((4, 8, 8), generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
-    assert torch.equal(noise_from_seed(seed, (4, 8, 8)), expected)
+    assert torch.equal(draw_noise(seed, (4, 8, 8))[0], expected)
 
 
 def test_seed_and_key_recipes_match_the_readme():

@@ -36,7 +36,7 @@ def test_images_go_to_the_nearest_bucket_and_batches_stay_in_one(project):
         assert abs(ow / oh - with_ratio) < 0.35  # nearest bucket: aspect kept roughly
         shapes[s.latent_keys[0]] = tuple(latent["latent"].shape)
     for batch in epoch_batches(plan, shapes, 0):
-        assert len({shapes[s.latent_keys[0]] for s in batch}) == 1
+        assert len({shapes[s.latent_keys[0]] for s, _ in batch}) == 1
     assert run_train(cfg, progress=False)["images_per_bucket"] == BUCKETS
 
 

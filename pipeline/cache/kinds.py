@@ -18,8 +18,7 @@ from pipeline.cache.store import Entry, Store
 from pipeline.config import Config
 from pipeline.data import BadImage, prepare_image
 from pipeline.errors import UserError
-from pipeline.objective import draw_timestep_index
-from pipeline.plan import BAD_IMAGE, TORCH_DTYPES, Plan, Sample, timestep_scheme
+from pipeline.plan import BAD_IMAGE, TORCH_DTYPES, Plan, Sample
 
 
 @dataclass(frozen=True)
@@ -70,19 +69,13 @@ def _text_entries(plan: Plan, store: Store, encoders, captions: list[str]) -> di
     return {plan.text_key(c): (t, {"caption": c}) for c, t in zip(captions, encoded)}
 
 
-def _noise_entries(plan: Plan, store: Store, table, items: list[tuple[Sample, int]]) -> dict:
-    timesteps, sigmas = table
-    c, scheme = plan.cfg.cache, timestep_scheme(plan.cfg, plan.family)
+def _noise_entries(plan: Plan, store: Store, _, items: list[tuple[Sample, int]]) -> dict:
     out = {}
     for s, v in items:
-        g = torch.Generator("cpu").manual_seed(s.timestep_seeds[v])
-        i = draw_timestep_index(g, len(timesteps), scheme, c.logit_mean, c.logit_std, c.mode_scale)
+        hw = store.shape("latent", s.latent_keys[v], "latent")[1:]  # the shift may depend on the latent size
+        timestep, sigma = plan.draws.timestep(hw, s.timestep_seeds[v])
         out[s.noise_keys[v]] = (
-            {
-                "seed": torch.tensor(s.seeds[v], dtype=torch.int64),
-                "timestep": timesteps[i].reshape(()).float(),
-                "sigma": sigmas[i].reshape(()).float(),
-            },
+            {"seed": torch.tensor(s.seeds[v], dtype=torch.int64), "timestep": timestep, "sigma": sigma},
             {"content_key": s.content_key, "variant": v},
         )
     return out
@@ -117,7 +110,7 @@ def _prior_jobs(plan: Plan, keep_unused: bool) -> dict:
     # keeps what is there (keep_unused), since switching back to "cached" must not cost a recompute
     if plan.cfg.train.prior_mode != "cached" and not keep_unused:
         return {}
-    return {plan.prior_key(s, v): (s, v) for s, v in plan.draws() if s.prior}
+    return {plan.prior_key(s, v): (s, v) for s, v in plan.cached_draws() if s.prior}
 
 
 def _encoder_dtype(plan: Plan) -> torch.dtype:
@@ -132,7 +125,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("text", "text embeddings", lambda plan, keep: plan.text_jobs(), ("texts_encoded", "texts_reused"), "caption",
          load=lambda plan, device: plan.family.load_text_encoders(device, _encoder_dtype(plan)), compute=_text_entries),
     Kind("noise", "noise seeds and timesteps", lambda plan, keep: plan.noise_jobs(), ("noise_computed", "noise_reused"),
-         "draw", load=lambda plan, device: plan.family.timestep_table(), compute=_noise_entries, chunk=lambda cfg: 256),
+         "draw", load=lambda plan, device: None, compute=_noise_entries, chunk=lambda cfg: 256),
     Kind("prior", "priors", _prior_jobs, ("priors_computed", "priors_reused"), "pred", load=_load_denoiser,
          compute=_prior_entries, per_dtype=True),
 )

@@ -38,6 +38,7 @@ class Family(Protocol):
     default_target_modules: list[str]
     default_timestep_sampling: str  # what cache.timestep_sampling = "auto" means: "uniform" | "logit_normal" | "mode"
     loss_weightings: tuple[str, ...]  # the train.loss_weighting values this family supports
+    max_sequence_length: int  # text tokens per caption: model.max_sequence_length, or the family's own
     # Optional members, with their defaults:
     negative_is_empty_caption: bool = False  # the pipeline's guidance encodes "" as the negative prompt
     kohya_metadata: Mapping[str, str] = MappingProxyType({})  # written into kohya-format files (ss_network_module...)
@@ -119,6 +120,10 @@ class FolderFamily(Family):
         self.denoiser_file = Path(cfg.denoiser_file) if cfg.denoiser_file else None
         self._scheduler = None
 
+    @property
+    def max_sequence_length(self) -> int:
+        return self.cfg.max_sequence_length or self.default_max_sequence_length
+
     def load_vae(self, device, dtype):
         from diffusers import AutoencoderKL
 
@@ -147,8 +152,17 @@ class FlowMatchingFamily(FolderFamily):
     """Rectified flow as in the SD3 paper and diffusers' Flux/SD3 training scripts: x_t = (1 - sigma) x0 +
     sigma noise, target noise - x0, timesteps from the flow-matching scheduler's training table."""
 
-    default_timestep_sampling = "logit_normal"  # as diffusers' Flux LoRA script (SD3 paper)
+    # logit-normal over the unshifted table: the SD3 paper's finding, and the default of SimpleTuner and
+    # ai-toolkit for Flux (diffusers' Flux scripts offer it as --weighting_scheme logit_normal; their
+    # default is uniform). A family whose table is already shifted draws uniformly over it (HiDream).
+    default_timestep_sampling = "logit_normal"
     loss_weightings = ("none", "sigma_sqrt", "cosmap")  # diffusers' compute_loss_weighting_for_sd3
+
+    def __init__(self, root: Path, cfg: ModelConfig):
+        super().__init__(root, cfg)
+        if cfg.prediction_type:
+            raise UserError(f"config key 'model.prediction_type' is for epsilon/v-prediction models (SDXL); "
+                            f"{self.name} is a flow-matching model")
 
     def scheduler(self) -> FlowMatchEulerDiscreteScheduler:
         if self._scheduler is None:
@@ -164,6 +178,24 @@ class FlowMatchingFamily(FolderFamily):
     def timestep_spec(self):
         c = self.scheduler().config
         return {k: c.get(k) for k in ("num_train_timesteps", "shift", "use_dynamic_shifting")}
+
+    def shifted_table(self, shift: float, latent_hw: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training table with cache.shift instead of the model's own: the fixed shift `shift`, or with
+        `latent_hw`, the resolution-dependent one Flux's pipeline uses at inference (mu from the number of
+        2x2 latent patches, through the scheduler's own time_shift and its config's base/max shift)."""
+        s = self.scheduler()
+        n = s.config.num_train_timesteps
+        base = torch.linspace(1, n, n).flip(0) / n  # the scheduler's unshifted sigmas, 1 .. 1/n
+        if latent_hw is None:
+            sigmas = shift * base / (1 + (shift - 1) * base)
+        else:
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            c = s.config
+            mu = calculate_shift((latent_hw[0] // 2) * (latent_hw[1] // 2), c.base_image_seq_len, c.max_image_seq_len,
+                                 c.base_shift, c.max_shift)
+            sigmas = s.time_shift(mu, 1.0, base)
+        return (sigmas * n).float(), sigmas.float()
 
     def noisy_input(self, latents, noise, timesteps, sigmas):
         return objective.flow_noisy(latents, noise, sigmas)

@@ -125,6 +125,7 @@ def restore(path: Path, run) -> TrainState:
 RESULT_KEYS = (
     "model.", "concepts", "data.", "lora.", "optimizer.",
     "cache.variants", "cache.seed", "cache.timestep_sampling", "cache.logit_mean", "cache.logit_std", "cache.mode_scale",
+    "cache.shift", "cache.dynamic_shift", "cache.noise_offset", "cache.input_perturbation",
     "train.dtype", "train.batch_size", "train.seed", "train.gradient_accumulation", "train.prior_mode",
     "train.loss_weighting", "train.min_snr_gamma",
 )

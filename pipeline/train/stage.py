@@ -72,13 +72,13 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
             validator.run(0)  # the baseline: drift is zero here by construction, the loss is the base model's
         accum = t.gradient_accumulation
         while state.step < run.total_steps:
-            variant = state.epoch % cfg.cache.variants
             batches = epoch_batches(plan, run.shapes, state.epoch)
             for first in range(state.next_batch, len(batches), accum):
                 if state.step >= run.total_steps:
                     break
-                record = {"step": state.step, "epoch": state.epoch, "variant": variant,
-                          **optimizer_step(run, plan, store, batches[first : first + accum], variant)}
+                # variant: that of the samples seen once this epoch (see epoch_batches)
+                record = {"step": state.step, "epoch": state.epoch, "variant": state.epoch % cfg.cache.variants,
+                          **optimizer_step(run, plan, store, batches[first : first + accum], state.step)}
                 sinks.step(record)
                 state.step, state.next_batch = state.step + 1, first + accum
                 if cfg.validation.every and state.step % cfg.validation.every == 0:

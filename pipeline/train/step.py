@@ -10,24 +10,25 @@ import torch
 
 from pipeline.batches import Denoiser, Inputs, forward, load_inputs
 from pipeline.cache.store import Store
+from pipeline.draws import fresh_seeds
 from pipeline.objective import per_sample_mse
 from pipeline.plan import Plan, Sample
 
 TIMESTEP_BINS = 4  # loss by quarter of the 0..1000 timestep range: a cheap view of where the model errs
 
 
-def targets(plan: Plan, store: Store, denoiser: Denoiser, batch: list[Sample], variant: int, inputs: Inputs,
+def targets(plan: Plan, store: Store, denoiser: Denoiser, batch: list[tuple[Sample, int]], inputs: Inputs,
             prior_mode: str) -> torch.Tensor:
     """What the denoiser should predict for each sample (float32, on the CPU): the family's target (flow:
     noise - x0; epsilon; v) for a standard sample, the base model's own prediction for a prior sample.
     That prediction is read from the cache ("cached"), or computed by a second, adapter-disabled forward
     ("online": what every peer does, kept for comparison and the benchmark)."""
     target = plan.family.target(inputs.latents, inputs.noise, inputs.timesteps)
-    is_prior = torch.tensor([s.prior for s in batch])
+    is_prior = torch.tensor([s.prior for s, _ in batch])
     if not is_prior.any():
         return target
     if prior_mode == "cached":
-        cached = [store.read(plan.prior_kind(), plan.prior_key(s, variant))[0]["prediction"] for s in batch if s.prior]
+        cached = [store.read(plan.prior_kind(), plan.prior_key(s, v))[0]["prediction"] for s, v in batch if s.prior]
         target[is_prior] = torch.stack(cached).float()
         return target
     with torch.no_grad():
@@ -39,15 +40,18 @@ def targets(plan: Plan, store: Store, denoiser: Denoiser, batch: list[Sample], v
     return target
 
 
-def train_step(plan: Plan, store: Store, denoiser: Denoiser, batch: list[Sample], variant: int, prior_mode: str,
-               loss_scale: float = 1.0) -> dict:
-    """Forward and backward for one batch (the optimizer steps in optimizer_step); returns its losses."""
-    inputs = load_inputs(plan, store, [(s, variant) for s in batch])
-    target = targets(plan, store, denoiser, batch, variant, inputs, prior_mode)
+def train_step(plan: Plan, store: Store, denoiser: Denoiser, batch: list[tuple[Sample, int]], prior_mode: str,
+               loss_scale: float = 1.0, step: int = 0, first: int = 0) -> dict:
+    """Forward and backward for one batch of (sample, variant) items (the optimizer steps in optimizer_step);
+    returns its losses. Standard samples draw fresh noise and timesteps, seeded by (train seed, `step`,
+    position in the step's batches, counted from `first`); prior samples use their variant's cached draw."""
+    fresh = [None if s.prior else fresh_seeds(plan.cfg, step, first + i) for i, (s, _) in enumerate(batch)]
+    inputs = load_inputs(plan, store, batch, fresh)
+    target = targets(plan, store, denoiser, batch, inputs, prior_mode)
     pred = forward(plan.family, denoiser, inputs)
-    is_prior = torch.tensor([s.prior for s in batch])
-    weights = torch.tensor([s.loss_weight for s in batch]) * plan.family.loss_weights(plan.cfg.train, inputs.timesteps,
-                                                                                      inputs.sigmas)
+    is_prior = torch.tensor([s.prior for s, _ in batch])
+    weights = torch.tensor([s.loss_weight for s, _ in batch]) * plan.family.loss_weights(plan.cfg.train,
+                                                                                         inputs.timesteps, inputs.sigmas)
     losses = per_sample_mse(pred, target.to(pred.device)) * weights.to(pred.device)
     loss = losses.mean()
     (loss * loss_scale).backward()
@@ -64,14 +68,16 @@ def train_step(plan: Plan, store: Store, denoiser: Denoiser, batch: list[Sample]
     }
 
 
-def optimizer_step(run, plan: Plan, store: Store, group: list[list[Sample]], variant: int,
+def optimizer_step(run, plan: Plan, store: Store, group: list[list[tuple[Sample, int]]], step: int,
                    prior_mode: str | None = None) -> dict:
-    """One optimizer step on a group of batches (gradient accumulation): forward and backward for each,
-    then clip, step, advance the schedule and clear the gradients. `run` is what train.setup built.
-    Returns the step's record for the metrics (without step/epoch/variant)."""
+    """Optimizer step number `step` on a group of batches (gradient accumulation): forward and backward for
+    each, then clip, step, advance the schedule and clear the gradients. `run` is what train.setup built.
+    Returns the step's record for the metrics (without step/epoch)."""
     t0, lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
     mode = prior_mode or plan.cfg.train.prior_mode
-    record = merge([train_step(plan, store, run.denoiser, b, variant, mode, 1 / len(group)) for b in group])
+    starts = [sum(len(b) for b in group[:i]) for i in range(len(group))]
+    record = merge([train_step(plan, store, run.denoiser, b, mode, 1 / len(group), step, first)
+                    for b, first in zip(group, starts)])
     max_norm = plan.cfg.optimizer.max_grad_norm
     norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm)) if max_norm > 0 else None
     run.optimizer.step()

@@ -69,8 +69,9 @@ def held_out_scores(plan: Plan, store: Store, denoiser: Denoiser, prior_mode: st
             by_shape.setdefault(store.shape("latent", s.latent_keys[v], "latent"), []).append(s)
         for group in by_shape.values():
             for batch in (group[i : i + size] for i in range(0, len(group), size)):
-                inputs = load_inputs(plan, store, [(s, v) for s in batch])
-                target = targets(plan, store, denoiser, batch, v, inputs, prior_mode)
+                items = [(s, v) for s in batch]
+                inputs = load_inputs(plan, store, items)  # the cached draws: a score must not move by chance
+                target = targets(plan, store, denoiser, items, inputs, prior_mode)
                 pred = forward(plan.family, denoiser, inputs)
                 for s, loss in zip(batch, per_sample_mse(pred, target.to(pred.device)).cpu().tolist()):
                     losses[s.prior].append(loss)

@@ -46,7 +46,7 @@ class FluxFamily(FlowMatchingFamily):
     @torch.no_grad()
     def encode_captions(self, encoders, captions):
         embeds, pooled, _ = encoders.encode_prompt(
-            captions, prompt_2=None, device=encoders.device, max_sequence_length=self.cfg.max_sequence_length
+            captions, prompt_2=None, device=encoders.device, max_sequence_length=self.max_sequence_length
         )
         return [
             {"prompt_embeds": e.float().cpu(), "pooled_prompt_embeds": p.float().cpu()} for e, p in zip(embeds, pooled)
@@ -56,6 +56,10 @@ class FluxFamily(FlowMatchingFamily):
     @functools.cached_property
     def _guidance_embeds(self) -> bool:
         return bool(json.loads((self.root / "transformer" / "config.json").read_text()).get("guidance_embeds"))
+
+    @property
+    def default_max_sequence_length(self) -> int:
+        return 512 if self._guidance_embeds else 256  # FluxPipeline's default; schnell was trained with 256
 
     def prediction_settings(self):
         # schnell has no guidance embedding: the value changes nothing there, so it is not in the key

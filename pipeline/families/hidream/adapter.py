@@ -43,6 +43,11 @@ class HiDreamFamily(FlowMatchingFamily):
     denoiser_class = HiDreamImageTransformer2DModel
     pixel_multiple = 16  # VAE downsamples by 8, 2x2 patches by 2 more
     negative_is_empty_caption = True  # its pipeline encodes "" as the negative prompt for guidance
+    default_max_sequence_length = 128  # HiDreamImagePipeline's default, what the model sees at inference
+    # uniform over the model's shifted table, as diffusers' HiDream LoRA script draws (its --weighting_scheme
+    # default, over a shift-3.0 table); logit-normal on top of a shift would starve the low-noise end
+    # (with Dev's shift 6, sigma < 0.2 would almost never be drawn)
+    default_timestep_sampling = "uniform"
     target_presets = {
         "attention": ATTENTION,  # image- and text-stream projections of every block
         "attention_mlp": ATTENTION + MLP,
@@ -88,7 +93,7 @@ class HiDreamFamily(FlowMatchingFamily):
     def encode_captions(self, encoders, captions):
         t5, _, llama, _, pooled, _ = encoders.encode_prompt(
             captions, device=encoders.device, do_classifier_free_guidance=False,
-            max_sequence_length=self.cfg.max_sequence_length,
+            max_sequence_length=self.max_sequence_length,
         )
         # llama: (layers, B, tokens, D), every hidden layer as the pipeline returns it. The transformer picks
         # its config's llama_layers from it; I1 uses all 32, so a subset would save nothing there, while it

@@ -65,16 +65,27 @@ class SDXLFamily(FolderFamily):
             {"prompt_embeds": e.float().cpu(), "pooled_prompt_embeds": p.float().cpu()} for e, p in zip(embeds, pooled)
         ]
 
+    @property
+    def max_sequence_length(self) -> int:
+        return 77  # both CLIP encoders' fixed length; model.max_sequence_length does not apply
+
     # -- timesteps and noise ----------------------------------------------------------------------
     def scheduler(self) -> DDPMScheduler:
         # As diffusers' SDXL training scripts: a DDPMScheduler from the model's scheduler config (Euler's for SDXL).
         if self._scheduler is None:
             self._scheduler = DDPMScheduler.from_pretrained(self.root, subfolder="scheduler")
-            kind = self._scheduler.config.prediction_type
-            if kind not in ("epsilon", "v_prediction"):
-                raise UserError(f"model.path: '{self.root / 'scheduler'}' has prediction_type {kind!r}; "
-                                "SDXL training here supports epsilon and v_prediction")
+            if self.prediction_type not in ("epsilon", "v_prediction"):
+                raise UserError(f"model.path: '{self.root / 'scheduler'}' has prediction_type "
+                                f"{self._scheduler.config.prediction_type!r}; SDXL training here supports epsilon and "
+                                "v_prediction (set model.prediction_type if the config is wrong)")
         return self._scheduler
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: model.prediction_type, or the scheduler config's. The override is for models
+        whose config says otherwise (v-prediction finetunes shipped with an epsilon config). It changes the
+        standard target and the min-SNR weights, not the priors: a prior is the UNet's own output."""
+        return self.cfg.prediction_type or self.scheduler().config.prediction_type
 
     def timestep_table(self):
         s = self.scheduler()
@@ -93,7 +104,7 @@ class SDXLFamily(FolderFamily):
 
     def target(self, latents, noise, timesteps):
         s = self.scheduler()
-        if s.config.prediction_type == "v_prediction":
+        if self.prediction_type == "v_prediction":
             return s.get_velocity(latents, noise, timesteps.long())
         return noise.clone()  # epsilon; a copy, since the caller writes the prior targets into it
 
@@ -103,11 +114,14 @@ class SDXLFamily(FolderFamily):
                             f"for {self.name} (sigma_sqrt and cosmap are for flow-matching models such as Flux)")
         if train.loss_weighting == "none":
             return torch.ones(len(timesteps))
-        # Min-SNR (arXiv 2303.09556) exactly as diffusers' SDXL scripts
-        s = self.scheduler()
-        snr = compute_snr(s, timesteps.long())
-        weights = torch.stack([snr, train.min_snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
-        return weights / snr if s.config.prediction_type == "epsilon" else weights / (snr + 1)
+        # Min-SNR (arXiv 2303.09556) as diffusers' SDXL scripts: min(snr, gamma) / snr for epsilon, / (snr + 1)
+        # for v. For epsilon that is 1 wherever snr < gamma, which is also its limit at snr = 0 (the last
+        # timestep of a zero-terminal-SNR schedule), where the plain quotient would be 0 / 0 = NaN.
+        snr = compute_snr(self.scheduler(), timesteps.long())
+        gamma = train.min_snr_gamma
+        if self.prediction_type == "epsilon":
+            return torch.where(snr < gamma, torch.ones_like(snr), gamma / snr)
+        return snr.clamp(max=gamma) / (snr + 1)
 
     # -- denoiser ---------------------------------------------------------------------------------
     @functools.cached_property
