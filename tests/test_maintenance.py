@@ -178,17 +178,17 @@ def test_prune_in_a_cache_shared_with_another_config_needs_all_configs(project):
 
     r = cli("cache", "prune", "--config", path)  # would take the other config's noise draws and priors
     assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0, r.output
-    assert f"is shared: prune would remove entries other configs use: {other} (noise 32, prior/bf16 16)" in r.stderr
+    assert f"is shared: prune would remove entries other configs use: {other} (noise 16, prior/bf16 16)" in r.stderr
     assert "--all-configs" in r.stderr and contents(cfg.cache.dir).keys() == before.keys()
 
     r = cli("cache", "prune", "--config", path, "--dry-run")
-    assert r.exit_code == 0 and f"  of which {other} use: noise 32, prior/bf16 16" in r.stdout
+    assert r.exit_code == 0 and f"  of which {other} use: noise 16, prior/bf16 16" in r.stdout
     assert contents(cfg.cache.dir).keys() == before.keys()
 
     r = cli("cache", "prune", "--config", path, "--all-configs")
-    assert r.exit_code == 0 and "noise             32 entries" in r.stdout
-    assert status(other_cfg)["kinds"]["noise"]["missing"] == 32 and status(cfg)["kinds"]["noise"]["missing"] == 0
+    assert r.exit_code == 0 and "noise             16 entries" in r.stdout
+    assert status(other_cfg)["kinds"]["noise"]["missing"] == 16 and status(cfg)["kinds"]["noise"]["missing"] == 0
 
     run_cache(other_cfg, progress=False)
     other.unlink()  # a config that no longer exists uses nothing
-    assert prune(cfg)["entries_removed"] == {"noise": 32, "prior/bf16": 16}
+    assert prune(cfg)["entries_removed"] == {"noise": 16, "prior/bf16": 16}

@@ -49,7 +49,7 @@ def test_each_checkpoint_holds_a_lora_file_that_loads(project):
     assert all(torch.equal(saved[f"transformer.{k}"], v) for k, v in state.items())
 
     plan, store = make_plan(cfg), Store(cfg.cache.dir)
-    inputs = load_inputs(plan, store, [(plan.training[0], 0)])
+    inputs = load_inputs(plan, store, [(next(s for s in plan.training if s.prior), 0)])  # a cached draw
     outputs = []
     for weights in (None, folder, lora):  # the base model, the checkpoint folder, the file
         pipe = load_full_pipeline(plan.family, torch.device("cpu"), torch.float32)

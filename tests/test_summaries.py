@@ -94,7 +94,7 @@ def test_the_cache_says_in_words_what_it_computed(project):
     path, _ = project()
     runner = CliRunner()
     first = runner.invoke(main, ["cache", "--config", str(path), "--quiet"]).stdout
-    assert ("cache: done: everything was computed (16 latents, 10 text embeddings, 32 noise seeds and timesteps, "
+    assert ("cache: done: everything was computed (16 latents, 10 text embeddings, 16 noise seeds and timesteps, "
             "16 priors for bf16)") in first
     again = runner.invoke(main, ["cache", "--config", str(path), "--quiet"]).stdout
     assert "cache: nothing to compute, everything is cached" in again
