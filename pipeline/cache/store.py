@@ -57,6 +57,9 @@ def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 MAX_OPEN = 64  # segment files held open for reading, at most (fewer under a low open-file limit)
+# HDF5's metadata cache per open file, fixed. Its adaptive default grows towards 32 MiB, and the process
+# by several times that, for each file in which a verify or a training epoch visits thousands of entries.
+METADATA_CACHE = 4 * 2**20
 
 # What to do about each errno the OS may give; any other errno is an environmental error too.
 _HINTS = {
@@ -179,7 +182,7 @@ class Store:
     def _h5(self, path: Path) -> h5py.File:
         """Open a segment for reading. AccessError when the OS refuses; OSError when it is not ours."""
         try:
-            return h5py.File(path, "r", locking=False)
+            f = h5py.File(path, "r", locking=False)
         except OSError as e:
             if os_errno(e) in (errno.EMFILE, errno.ENFILE) and self._open:
                 self.close()  # our own handles may be what fills the table: let them go, try once more
@@ -187,6 +190,8 @@ class Store:
             if os_errno(e):
                 raise access_error(path, e) from None
             raise
+        _fix_metadata_cache(f)
+        return f
 
     def _file(self, path: Path) -> h5py.File:
         """The open handle of a segment, through a least-recently-used set of at most max_open."""
@@ -369,6 +374,14 @@ class Store:
             pid = int(tmp.name.split(".")[2]) if tmp.name.split(".")[2].isdigit() else -1
             if pid != os.getpid() and not _pid_alive(pid):
                 tmp.unlink(missing_ok=True)
+
+
+def _fix_metadata_cache(f: h5py.File) -> None:
+    config = f.id.get_mdc_config()
+    config.set_initial_size = True
+    config.initial_size = config.min_size = config.max_size = METADATA_CACHE
+    config.incr_mode = config.flash_incr_mode = config.decr_mode = 0  # H5C_*_off: the size stays put
+    f.id.set_mdc_config(config)
 
 
 def _fsync_dir(path: Path) -> None:
