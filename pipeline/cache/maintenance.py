@@ -55,7 +55,9 @@ def status(cfg: Config) -> dict:
 
 def verify(cfg: Config, repair: bool = False) -> dict:
     """Re-hash every stored entry this config uses. With repair: drop the damaged ones (and unreadable
-    segment files) and recompute them with the cache stage, which computes exactly what is missing."""
+    segment files) and recompute them with the cache stage, which computes exactly what is missing.
+    A file the OS refuses (AccessError: open-file limit, permissions, I/O error) stops it before any
+    removal: that is the environment's fault, not the file's."""
     with cache_lock(cfg.cache.dir, "delete" if repair else "read"):
         result = _verify(cfg, repair)
     if result.pop("needs_recompute"):
