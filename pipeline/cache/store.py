@@ -248,6 +248,12 @@ class Store:
             return 0
         return sum(p.stat().st_size for p in self.segments.glob("*.h5") if not p.name.startswith("."))
 
+    def release(self, path: Path) -> None:
+        """Close a segment's handle now (a reader done with that file)."""
+        f = self._open.pop(path, None)
+        if f is not None:
+            f.close()
+
     def close(self) -> None:
         for f in self._open.values():
             f.close()
