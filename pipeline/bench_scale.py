@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import random
 import resource
 import subprocess
@@ -92,7 +93,8 @@ def _last_json(log: Path) -> dict:
 @click.option("--size", default=16, show_default=True, help="Image side in pixels (data.resolution).")
 @click.option("--nofile", default=1024, show_default=True, help="Open-file limit (ulimit -n) of the commands.")
 @click.option("--dir", "keep", default=None, type=click.Path(file_okay=False),
-              help="Work in this folder and keep it (default: a temporary one).")
+              help="Work in this folder and keep it; a model and images already there are reused "
+                   "(default: a temporary folder).")
 def main(images, prior_share, captions, variants, batch_size, segment_mb, size, nofile, keep):
     import torch
 
@@ -127,18 +129,16 @@ def main(images, prior_share, captions, variants, batch_size, segment_mb, size, 
                        f"   exit {results[name]['exit']}", err=True)
 
         segments = [p for p in (root / "cache" / "segments").glob("*.h5") if not p.name.startswith(".")]
-        by_kind: dict[str, int] = {}
-        for p in segments:
-            by_kind[p.name.split(".")[0]] = by_kind.get(p.name.split(".")[0], 0) + 1
         status = _last_json(logs["cache status"])
         verify_log = logs["cache verify"].read_text()
         verify_line = next((line for line in verify_log.splitlines() if line.startswith("verify:")), verify_log[-300:])
         summary = {
             "images": images, "prior_images": round(images * prior_share), "captions": captions, "variants": variants,
-            "cache_batch_size": batch_size, "segment_mb": segment_mb, "nofile": nofile, "device": "cuda" if
-            torch.cuda.is_available() else "cpu", "prepare_seconds": prepared,
+            "cache_batch_size": batch_size, "segment_mb": segment_mb, "nofile": nofile,
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "prepare_seconds": prepared,
             "entries": sum(k["present"] for k in status.get("kinds", {}).values()),
-            "segment_files": len(segments), "segment_files_by_kind": by_kind,
+            "segment_files": len(segments),
+            "segment_files_by_kind": dict(Counter(p.name.split(".")[0] for p in segments)),
             "cache_bytes": sum(p.stat().st_size for p in segments),
             "verify": verify_line, "commands": results,
         }
