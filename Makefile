@@ -1,6 +1,8 @@
 # make train: cache what is missing, then train (default: the embedded tiny Flux config)
 # make test:  the test suite (unit, then end-to-end, then subprocess tiers); make test-fast: the unit tier
 # make bench: seconds per training step, cached vs online priors
+# make bench-scale: cache status, verify and a training start on 10,000 images under ulimit -n 1024
+#                   (not part of make test: minutes; ARGS="--images 2000" for a smaller run)
 # make cache-status: what the cache holds, lacks and stores unused for CONFIG (DTYPE)
 # Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32  RESUME=1 (train: go on from the newest checkpoint)
 #            PYTHON=/path/to/python (an env with the project installed)
@@ -18,7 +20,7 @@ endif
 DTYPE_ARG := $(if $(DTYPE),--dtype $(DTYPE),)
 RESUME_ARG := $(if $(RESUME),--resume,)
 
-.PHONY: cache cache-status train test test-fast bench
+.PHONY: cache cache-status train test test-fast bench bench-scale
 
 # torch==2.13.0 first: the CPU build; a plain `torch` requirement could pull a multi-GB CUDA build.
 # On a GPU machine, install your CUDA torch into the venv (or use PYTHON=) before `make`.
@@ -46,3 +48,6 @@ test-fast: $(SETUP)
 
 bench: $(SETUP)
 	$(PY) -m pipeline.bench
+
+bench-scale: $(SETUP)
+	$(PY) -m pipeline.bench_scale $(ARGS)

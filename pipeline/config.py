@@ -69,6 +69,10 @@ class CacheConfig:
     variants: int = 4  # noise/timestep draws per sample; epoch e uses variant e mod variants
     seed: int = 0
     batch_size: int = 4
+    # finished batches are gathered into one segment file until they hold this many MiB of arrays (0: a
+    # file per batch) or the first is this many seconds old: fewer files, at most that much work lost
+    segment_mb: float = 256.0
+    segment_seconds: float = 120.0
     timestep_sampling: str = "auto"  # "uniform" | "logit_normal" | "mode" (SD3 paper); auto: the family's
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -301,6 +305,8 @@ def validate(cfg: Config) -> None:
         ("data.resolution", cfg.data.resolution, False),
         ("cache.variants", cfg.cache.variants, False),
         ("cache.batch_size", cfg.cache.batch_size, False),
+        ("cache.segment_mb", cfg.cache.segment_mb, True),
+        ("cache.segment_seconds", cfg.cache.segment_seconds, False),
         ("train.batch_size", cfg.train.batch_size, False),
         ("train.epochs", cfg.train.epochs, False),
         ("train.max_steps", cfg.train.max_steps, True),

@@ -39,6 +39,7 @@ type = "prior"
 dir = "{cache}"
 variants = {variants}
 batch_size = {cache_batch}
+segment_mb = {segment_mb}
 seed = {cache_seed}
 timestep_sampling = "{timestep_sampling}"
 logit_mean = {logit_mean}
@@ -88,7 +89,7 @@ def project(tiny_assets, tmp_path):
     def write(name="config.toml", **overrides):
         values = dict(
             model=tiny_assets / "model", data=tmp_path / "data", cache=tmp_path / "cache", out=tmp_path / "out",
-            variants=2, cache_batch=4, lr=1e-3, alpha=4.0, rank=4, guidance=1.0, resolution=64, cache_seed=0,
+            variants=2, cache_batch=4, segment_mb=256, lr=1e-3, alpha=4.0, rank=4, guidance=1.0, resolution=64, cache_seed=0,
             timestep_sampling="logit_normal", logit_mean=0.0, dtype="bf16", batch=2, epochs=1, max_steps=0, prior_mode="cached",
         )
         values.update(overrides)

@@ -1,4 +1,5 @@
-"""`make bench` runs and reports the numbers the issue asks for (a smoke test: no timing assertions)."""
+"""`make bench` and `make bench-scale` run and report the numbers the issue asks for (smoke tests: no timing
+assertions)."""
 
 import json
 import subprocess
@@ -24,3 +25,18 @@ def test_bench_reports_medians_and_ratios():
     assert abs(result["ratio_prior_to_standard"] - ms["prior_cached"] / ms["standard"]) < 2e-3
     assert abs(result["ratio_online_to_cached"] - ms["prior_online"] / ms["prior_cached"]) < 2e-3
     assert "prior samples, cached target" in r.stdout
+
+
+def test_bench_scale_reports_each_command_under_a_low_open_file_limit():
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench_scale", "--images", "24", "--captions", "4", "--segment-mb", "0", "--batch-size", "1",
+         "--nofile", "64"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["entries"] == 24 + 4 + 24 * 4 + 2 * 4  # latents, captions, noise draws, priors (2 prior images)
+    assert result["segment_files"] > 64 // 4  # more than the store may hold open under this limit
+    assert set(result["commands"]) == {"imports only", "cache", "cache status", "cache verify", "train start (max_steps 1)"}
+    assert all(c["exit"] == 0 and c["seconds"] > 0 and c["peak_rss_mib"] > 0 for c in result["commands"].values())
+    assert result["verify"].startswith(f"verify: {result['entries']} entries checked, 0 damaged")

@@ -212,8 +212,9 @@ def test_ctrl_c_and_kill_9_mid_cache_then_rerun_equals_an_uninterrupted_run(proj
     import signal
     import time
 
-    # batch 1 and 4 variants: 59 segments, so both interruptions land with work still left, even on a busy machine
-    path, cfg = project(cache_batch=1, variants=4)
+    # batch 1, 4 variants, a segment per batch: 59 segments, so both interruptions land with work still left,
+    # even on a busy machine
+    path, cfg = project(cache_batch=1, variants=4, segment_mb=0)
     reference_path, reference = project(name="ref.toml", cache=project.root / "ref-cache", cache_batch=1, variants=4)
     run_cache(reference, progress=False)
     expected = cache_contents(reference.cache.dir)

@@ -51,6 +51,8 @@ CASES = [
     (GOOD + "\n[train]\nbatch_size = 'two'\n", "config key 'train.batch_size' must be int"),
     (GOOD + "\n[train]\ndtype = 'fp8'\n", "config key 'train.dtype' must be one of bf16, fp16, fp32"),
     (GOOD + "\n[lora]\nrank = 0\n", "config key 'lora.rank' must be > 0"),
+    (GOOD + "\n[cache]\nsegment_mb = -1\n", "config key 'cache.segment_mb' must be >= 0"),
+    (GOOD + "\n[cache]\nsegment_seconds = 0\n", "config key 'cache.segment_seconds' must be > 0"),
     (GOOD + "\n[lora]\ntargets = 'mlp'\n", "config key 'lora.targets' must be one of attention, attention_mlp, all_linear"),
     (GOOD + "\n[lora]\ntarget_regex = 'to_(q'\n", "config key 'lora.target_regex' is not a valid regular expression"),
     (GOOD + "\n[train]\nlora_format = 'comfy'\n", "config key 'train.lora_format' must be one of diffusers, kohya"),

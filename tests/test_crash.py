@@ -34,7 +34,8 @@ def test_kill_9_at_twenty_points(project):
     run_cache(reference, progress=False)
     expected = _contents(reference.cache.dir)
 
-    path, cfg = project(cache_batch=1, variants=8)  # 16 latent + 10 text + 1 noise + 64 prior segments
+    # a segment per batch (segment_mb = 0): 16 latent + 10 text + 1 noise + 64 prior segments
+    path, cfg = project(cache_batch=1, variants=8, segment_mb=0)
     folder = project.root / "cache" / "segments"
     rng = random.Random(0)
     kills, before = 0, {}

@@ -18,7 +18,7 @@ from pipeline.errors import UserError
 
 @pytest.mark.e2e
 def test_disk_full_keeps_finished_segments_and_the_rerun_completes(project, monkeypatch):
-    _, cfg = project()
+    _, cfg = project(segment_mb=0)  # a segment per batch
     real_fsync, calls = os.fsync, {"n": 0}
 
     def fsync(fd):  # the 6th segment hits a full disk while it is being flushed

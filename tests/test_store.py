@@ -1,8 +1,10 @@
 """The HDF5 segment store: round trips, bf16, atomic segments, and what a crash leaves behind."""
 
 import os
+import resource
 
 import h5py
+import pytest
 import torch
 
 from pipeline.cache.store import Store
@@ -71,3 +73,44 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     names = sorted(p.name for p in (tmp_path / "segments").iterdir())
     assert len(names) == 1 and names[0].startswith("latent.")
     assert Store(tmp_path).keys("latent") == {"good"}
+
+
+def _fds():
+    return os.listdir("/proc/self/fd")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's open files in /proc")
+def test_open_files_are_bounded_and_indexing_holds_none(tmp_path):
+    writer = Store(tmp_path)
+    for i in range(20):
+        writer.write("latent", {f"k{i}": _entry(torch.full((3,), float(i)))})
+    base = len(_fds())
+    store = Store(tmp_path, max_open=4)
+    assert len(_fds()) == base
+    for _ in range(2):
+        for i in range(20):
+            assert torch.equal(store.read("latent", f"k{i}")[0]["a"], torch.full((3,), float(i)))
+            assert store.check("latent", f"k{i}") is None and store.shape("latent", f"k{i}", "a") == (3,)
+            assert len(_fds()) <= base + 4
+    store.close()
+    assert len(_fds()) == base
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's open files in /proc")
+def test_a_full_file_table_closes_our_handles_and_reads_on(tmp_path):
+    writer = Store(tmp_path)
+    for i in range(40):
+        writer.write("latent", {f"k{i}": _entry(torch.full((3,), float(i)))})
+    store = Store(tmp_path, max_open=1000)  # a bound above what the OS allows: EMFILE comes first
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used, limit, free = set(map(int, _fds())), 0, 0
+    while free < 4:  # a limit that leaves four descriptors free
+        free, limit = free + (limit not in used), limit + 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        for i in range(40):
+            assert store.check("latent", f"k{i}") is None
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(store._open) < 40  # the limit was hit, and handled
+    store.close()

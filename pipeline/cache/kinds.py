@@ -31,7 +31,7 @@ class Kind:
     # the model that computes it, from (plan, device); None: written as a by-product of another kind
     load: Callable[[Plan, torch.device], Any] | None = None
     compute: Callable[[Plan, Store, Any, list], dict[str, Entry]] | None = None  # (plan, store, model, jobs)
-    chunk: Callable[[Config], int] = lambda cfg: cfg.cache.batch_size  # entries per segment
+    chunk: Callable[[Config], int] = lambda cfg: cfg.cache.batch_size  # entries per batch (the unit of work)
     per_dtype: bool = False  # computed by the denoiser in the train dtype: one set of entries per dtype
 
     def store_kind(self, plan: Plan, dtype: str | None = None) -> str:

@@ -9,6 +9,8 @@ refuses to remove entries another config uses (cache/owners.py records who uses 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.cache.kinds import COMPUTED, KINDS, computed, needed_keys
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.owners import other_configs
@@ -57,7 +59,9 @@ def status(cfg: Config) -> dict:
 
 def verify(cfg: Config, repair: bool = False) -> dict:
     """Re-hash every stored entry this config uses. With repair: drop the damaged ones (and unreadable
-    segment files) and recompute them with the cache stage, which computes exactly what is missing."""
+    segment files) and recompute them with the cache stage, which computes exactly what is missing.
+    A file the OS refuses (AccessError: open-file limit, permissions, I/O error) stops it before any
+    removal: that is the environment's fault, not the file's."""
     with cache_lock(cfg.cache.dir, "delete" if repair else "read"):
         result = _verify(cfg, repair)
     if result.pop("needs_recompute"):
@@ -75,16 +79,21 @@ def verify(cfg: Config, repair: bool = False) -> dict:
 
 def _verify(cfg: Config, repair: bool) -> dict:
     plan, store = _open(cfg)
-    damaged, checked, missing = [], 0, 0
-    for kind, keys in needed_keys(plan).items():
-        for key in sorted(keys):
-            if not store.has(kind, key):
-                missing += 1
-                continue
-            checked += 1
-            why = store.check(kind, key)
-            if why:
-                damaged.append({"kind": kind, "key": key, "segment": str(store.segment_of(kind, key)), "reason": why})
+    needed = needed_keys(plan)
+    present = [(str(store.segment_of(kind, key)), kind, key) for kind, keys in needed.items() for key in keys
+               if store.has(kind, key)]
+    missing, checked, damaged = sum(map(len, needed.values())) - len(present), len(present), []
+    # segment by segment, each closed when done: one file open at a time, however many there are, and
+    # HDF5 holds the metadata of one file's entries, not of every file's
+    present.sort()
+    for i, (segment, kind, key) in enumerate(present):
+        why = store.check(kind, key)
+        if why:
+            damaged.append({"kind": kind, "key": key, "segment": segment, "reason": why})
+        if i + 1 == len(present) or present[i + 1][0] != segment:
+            store.release(Path(segment))
+    order = list(needed)
+    damaged.sort(key=lambda d: (order.index(d["kind"]), d["key"]))
     needs_recompute = bool(repair and (damaged or store.unreadable or missing))
     result = {"checked": checked, "missing": missing, "damaged": damaged,
               "unreadable_segments": [str(p) for p in store.unreadable], "repaired": 0,

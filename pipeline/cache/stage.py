@@ -2,9 +2,12 @@
 timesteps, and for every prior sample the base model's own prediction, keyed by the train dtype.
 
 Each phase computes only what is missing. Work is done in chunks of fixed composition (all needed
-keys sorted, cut every cache.batch_size), and each chunk is written as one atomic segment: a crash
-loses at most the chunk in flight, and a rerun recomputes exactly the same chunks with the same
-batch composition, so the finished cache equals an uninterrupted run's bit for bit.
+keys sorted, cut every cache.batch_size). Finished chunks are gathered and written together as one
+atomic segment once they hold cache.segment_mb MiB, once the first of them is cache.segment_seconds old,
+and at the end of the phase (segment_mb = 0: one segment per chunk). A crash loses at most the chunks
+not yet written, never part of one, and a rerun recomputes exactly the same chunks with the same batch
+composition, so the finished cache equals an uninterrupted run's bit for bit, however it was split
+into files. Ctrl-C writes the finished chunks first.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from tqdm import tqdm
 from pipeline.cache import owners
 from pipeline.cache.kinds import COMPUTED, Kind
 from pipeline.cache.lock import cache_lock
-from pipeline.cache.store import Store
+from pipeline.cache.store import Entry, Store, access_error, os_errno
 from pipeline.config import Config, check_paths
 from pipeline.errors import UserError, note
 from pipeline.plan import Plan, make_plan, pick_device
@@ -68,24 +71,60 @@ class Phase:
         store, name = self.store, self.name
         model = self.kind.load(self.plan, device)
         chunks = [c for c in _chunks(self.order, self.kind.chunk(self.plan.cfg)) if any(not store.has(name, k) for k in c)]
+        self._pending, self._bytes, self._since = {}, 0, 0.0
         with tqdm(total=len(self.missing), desc=name, unit=self.kind.unit, disable=not self.progress) as bar:
-            for chunk in chunks:
-                entries = self.kind.compute(self.plan, store, model, [self.needed[k] for k in chunk])
-                # entries may lack keys whose input turned out unusable (a bad image)
-                fresh = {k: e for k, e in entries.items() if not store.has(name, k)}
-                try:
-                    store.write(name, fresh)
-                except OSError as e:
-                    if e.errno not in (errno.ENOSPC, errno.EDQUOT) and "No space left" not in str(e):
-                        raise
-                    raise UserError(
-                        f"disk full writing the cache in '{store.root}': every finished segment is kept "
-                        f"({self.computed} new {name} entries this run); free space and run the same command again"
-                    ) from None
-                self.computed += len(fresh)
-                bar.update(len(fresh))
+            try:
+                for chunk in chunks:
+                    if not self._pending:
+                        self._since = time.monotonic()  # the age of the waiting work: what a crash would lose
+                    entries = self.kind.compute(self.plan, store, model, [self.needed[k] for k in chunk])
+                    # entries may lack keys whose input turned out unusable (a bad image)
+                    fresh = {k: e for k, e in entries.items() if not store.has(name, k)}
+                    self._add(fresh)
+                    bar.update(len(fresh))
+                    if self._due():
+                        self._flush()
+                self._flush()
+            except KeyboardInterrupt:
+                self._flush_on_interrupt()
+                raise
         del model  # before the next phase loads its model: only one is ever resident
         free_memory()
+
+    def _add(self, fresh: dict[str, Entry]) -> None:
+        for key, (tensors, attrs) in fresh.items():
+            tensors = {n: t.detach().cpu() for n, t in tensors.items()}  # waiting entries hold no device memory
+            self._pending[key] = (tensors, attrs)
+            self._bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def _due(self) -> bool:
+        c = self.plan.cfg.cache
+        return self._bytes >= c.segment_mb * 2**20 or time.monotonic() - self._since >= c.segment_seconds
+
+    def _flush(self) -> None:
+        """Write the waiting chunks as one segment."""
+        store, name = self.store, self.name
+        try:
+            store.write(name, self._pending)
+        except OSError as e:
+            n = os_errno(e)
+            if n in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+                raise UserError(
+                    f"disk full writing the cache in '{store.root}': every finished segment is kept "
+                    f"({self.computed} new {name} entries this run); free space and run the same command again"
+                ) from None
+            if n:  # a read-only disk, permissions: one line, as for reads
+                raise access_error(store.segments, e, "write a segment in") from None
+            raise
+        self.computed += len(self._pending)
+        self._pending, self._bytes = {}, 0
+
+    def _flush_on_interrupt(self) -> None:
+        # Ctrl-C: keep the finished chunks (a second Ctrl-C, or a failure, leaves them to the rerun)
+        try:
+            self._flush()
+        except (Exception, KeyboardInterrupt):  # noqa: BLE001 - the interrupt is what gets reported
+            pass
 
     @property
     def reused(self) -> int:

@@ -14,14 +14,25 @@ attribute `dtype = "bfloat16"`. Every dataset carries a `sha256` attribute of it
 Removing entries (`drop`) keeps segments immutable: a segment holding a dropped entry is replaced by a new
 segment with the entries it keeps, copied verbatim, and is unlinked only after the new one is in place.
 A crash in between leaves a key in two complete segments, which readers tolerate (the first one wins).
+
+Open files are bounded: at most `max_open` segments are held open for reading (least recently used
+ones are closed), so a cache of thousands of segments works under a small `ulimit -n`. An error the
+operating system reports (an errno: the open-file limit, permissions, a read-only, full or failing disk)
+says nothing about a file's bytes, so it is raised as AccessError and never counted as damage: only a
+checksum mismatch or a file that is not a segment of ours (not HDF5, truncated, no `kind`) is damage.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
+import re
+import resource
 import secrets
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import h5py
@@ -45,6 +56,61 @@ def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
+MAX_OPEN = 64  # segment files held open for reading, at most (fewer under a low open-file limit)
+# HDF5's metadata cache per open file, fixed. Its adaptive default grows towards 32 MiB, and the process
+# by several times that, for each file in which a verify or a training epoch visits thousands of entries.
+METADATA_CACHE = 4 * 2**20
+
+# What to do about each errno the OS may give; any other errno is an environmental error too.
+_HINTS = {
+    errno.EMFILE: "raise the open-file limit (ulimit -n)",
+    errno.ENFILE: "the system's open-file table is full: close other programs",
+    errno.EACCES: "check the permissions of the file and its folder",
+    errno.EPERM: "check the permissions of the file and its folder",
+    errno.EROFS: "the filesystem is mounted read-only",
+    errno.ENOSPC: "free disk space",
+    errno.EDQUOT: "the disk quota is exhausted: free space",
+    # an I/O error is the disk's or filesystem's verdict, not the bytes': removing files on a failing disk
+    # and rewriting them onto it helps nothing, and on network filesystems EIO is often transient
+    errno.EIO: "the disk or filesystem reported an I/O error: check it (e.g. dmesg)",
+    errno.ENOENT: "another process removed it after this one indexed the cache",
+}
+
+
+class AccessError(UserError):
+    """The OS refused a cache file. Not damage: nothing is deleted because of it."""
+
+    def __init__(self, message: str, path: Path, errno_: int):
+        super().__init__(message)
+        self.path, self.errno = path, errno_
+
+
+def os_errno(e: BaseException) -> int | None:
+    """The errno of an error the operating system reported, else None. h5py sets it when a system call
+    failed (open, read, write) and leaves it None for a file that is not HDF5 or is truncated; some HDF5
+    messages carry it only in their text ("errno = 5")."""
+    if not isinstance(e, OSError):
+        return None
+    if e.errno is not None:
+        return e.errno
+    found = re.search(r"errno = (\d+)", str(e))
+    return int(found.group(1)) if found and int(found.group(1)) else None
+
+
+def access_error(path: Path, e: OSError, doing: str = "read cache file") -> AccessError:
+    n = os_errno(e)
+    name = errno.errorcode.get(n, f"errno {n}")
+    hint = _HINTS.get(n, "fix that")
+    return AccessError(f"cannot {doing} '{path}': {os.strerror(n)} ({name}); {hint}, then run the same command "
+                       f"again. This is not damage: no cache file is removed for it", path, n)
+
+
+def _default_max_open() -> int:
+    # a quarter of the soft limit leaves the rest to torch, the model files and the OS
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return MAX_OPEN if soft == resource.RLIM_INFINITY else max(1, min(MAX_OPEN, soft // 4))
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -56,18 +122,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Store:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, max_open: int | None = None):
         self.root = Path(root)
         self.segments = self.root / "segments"
+        self.max_open = max_open or _default_max_open()
         self._index: dict[tuple[str, str], Path] = {}
         self._segs: dict[Path, tuple[str, list[str]]] = {}  # segment -> (kind, its keys)
-        self._open: dict[Path, h5py.File] = {}
-        self.unreadable: list[Path] = []
+        self._open: OrderedDict[Path, h5py.File] = OrderedDict()  # least recently used first
+        self.unreadable: list[Path] = []  # files with a final name that are not segments of ours
         self.refresh()
 
     # -- reading -------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Rebuild the index from the complete segment files on disk."""
+        """Rebuild the index from the complete segment files on disk. Each file is closed again at once,
+        so indexing any number of segments holds at most one open. Raises AccessError when the OS
+        refuses a file: counting it unreadable would let prune and repair delete a healthy file."""
         self.close()
         self._index.clear()
         self._segs.clear()
@@ -76,13 +145,20 @@ class Store:
             return
         for path in sorted(p for p in self.segments.glob("*.h5") if not p.name.startswith(".")):
             try:
-                with h5py.File(path, "r", locking=False) as f:
+                with self._h5(path) as f:
                     kind = str(f.attrs["kind"])
                     self._segs[path] = (kind, list(f.keys()))
-                    for key in self._segs[path][1]:
-                        self._index.setdefault((kind, key), path)
-            except Exception:  # noqa: BLE001 - a foreign or damaged file must not stop the rest
+            except AccessError as e:
+                if e.errno == errno.ENOENT:
+                    continue  # removed since the listing (a prune replacing it): it is simply not there
+                raise
+            except Exception as e:  # noqa: BLE001 - a foreign or damaged file must not stop the rest
+                if os_errno(e):
+                    raise access_error(path, e) from None
                 self.unreadable.append(path)
+                continue
+            for key in self._segs[path][1]:
+                self._index.setdefault((kind, key), path)
 
     def has(self, kind: str, key: str) -> bool:
         return (kind, key) in self._index
@@ -103,10 +179,30 @@ class Store:
             out.setdefault(kind, []).append(path)
         return out
 
+    def _h5(self, path: Path) -> h5py.File:
+        """Open a segment for reading. AccessError when the OS refuses; OSError when it is not ours."""
+        try:
+            f = h5py.File(path, "r", locking=False)
+        except OSError as e:
+            if os_errno(e) in (errno.EMFILE, errno.ENFILE) and self._open:
+                self.close()  # our own handles may be what fills the table: let them go, try once more
+                return self._h5(path)
+            if os_errno(e):
+                raise access_error(path, e) from None
+            raise
+        _fix_metadata_cache(f)
+        return f
+
     def _file(self, path: Path) -> h5py.File:
+        """The open handle of a segment, through a least-recently-used set of at most max_open."""
         f = self._open.get(path)
-        if f is None:
-            f = self._open[path] = h5py.File(path, "r", locking=False)
+        if f is not None:
+            self._open.move_to_end(path)
+            return f
+        f = self._h5(path)
+        while len(self._open) >= self.max_open:
+            self._open.popitem(last=False)[1].close()
+        self._open[path] = f
         return f
 
     def read(self, kind: str, key: str) -> Entry:
@@ -117,7 +213,11 @@ class Store:
             group = self._file(path)[key]
             tensors = {n: from_numpy(d[()], d.attrs.get("dtype", "")) for n, d in group.items()}
             return tensors, dict(group.attrs)
-        except (OSError, KeyError, ValueError) as e:
+        except AccessError:
+            raise
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            if os_errno(e):
+                raise access_error(path, e) from None
             raise UserError(f"cache file '{path}' is damaged ({e}): delete it and run make cache") from None
 
     def check(self, kind: str, key: str) -> str | None:
@@ -131,7 +231,11 @@ class Store:
                 raw = np.asarray(ds[()]).tobytes()
                 if hashlib.sha256(raw).hexdigest() != ds.attrs.get("sha256"):
                     return f"sha256 mismatch in dataset '{name}'"
-        except Exception as e:  # noqa: BLE001 - any read failure means the entry is damaged
+        except AccessError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a read failure the OS did not report: the file is broken
+            if os_errno(e):
+                raise access_error(path, e) from None
             return f"read error: {e}"
         return None
 
@@ -143,6 +247,12 @@ class Store:
         if not self.segments.is_dir():
             return 0
         return sum(p.stat().st_size for p in self.segments.glob("*.h5") if not p.name.startswith("."))
+
+    def release(self, path: Path) -> None:
+        """Close a segment's handle now (a reader done with that file)."""
+        f = self._open.pop(path, None)
+        if f is not None:
+            f.close()
 
     def close(self) -> None:
         for f in self._open.values():
@@ -188,7 +298,8 @@ class Store:
             os.replace(tmp, final)
             _fsync_dir(self.segments)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. a read-only disk: the error that got us here says more
+                tmp.unlink(missing_ok=True)
             raise
         return final
 
@@ -207,7 +318,7 @@ class Store:
             seg_keys = self._segs[path][1]
             gone = [k for k in seg_keys if k in drop]
             keep = [k for k in dict.fromkeys(seg_keys) if k not in drop and k not in elsewhere]
-            out["estimate"] += path.stat().st_size if not keep else _stored_bytes(path, gone)
+            out["estimate"] += path.stat().st_size if not keep else self._stored_bytes(path, gone)
             if dry_run:
                 continue
             self.close()  # h5py must not hold the file we are about to replace
@@ -215,17 +326,24 @@ class Store:
                 copied: list[str] = []
 
                 def fill(f, path=path, keep=keep, copied=copied):
-                    with h5py.File(path, "r", locking=False) as src:
+                    with self._h5(path) as src:
                         for k in keep:
                             try:
                                 src.copy(src[k], f, name=k)
                                 copied.append(k)
-                            except Exception:  # noqa: BLE001 - unreadable: nothing usable to keep
+                            except Exception as e:  # noqa: BLE001 - unreadable: nothing usable to keep
+                                if os_errno(e):  # but a refusal of the OS is no reason to give it up
+                                    raise access_error(path, e) from None
                                 out["lost"].append(k)
                                 if k in f:  # a half-copied group
                                     del f[k]
 
-                self._write_segment(kind, fill)
+                try:
+                    self._write_segment(kind, fill)
+                except OSError as e:  # the replacement could not be written: the old segment stays
+                    if not os_errno(e):
+                        raise
+                    raise access_error(self.segments, e, "write a segment in") from None
                 elsewhere.update(copied)
                 out["segments_rewritten"] += 1
             else:
@@ -245,6 +363,16 @@ class Store:
             self.unreadable = []
         return size
 
+    def _stored_bytes(self, path: Path, keys: list[str]) -> int:
+        """Bytes the datasets of these entries take in a segment: the estimate of what dropping them frees."""
+        try:
+            with self._h5(path) as f:
+                return sum(ds.id.get_storage_size() for k in keys for ds in f[k].values())
+        except AccessError:
+            raise
+        except Exception:  # noqa: BLE001 - an estimate only
+            return 0
+
     def _remove_stale_temporaries(self) -> None:
         # A temporary whose writer is gone is a segment that was never finished; its entries were
         # never in the index, so removing it loses nothing.
@@ -254,13 +382,12 @@ class Store:
                 tmp.unlink(missing_ok=True)
 
 
-def _stored_bytes(path: Path, keys: list[str]) -> int:
-    """Bytes the datasets of these entries take in a segment: the estimate of what dropping them frees."""
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            return sum(ds.id.get_storage_size() for k in keys for ds in f[k].values())
-    except Exception:  # noqa: BLE001 - an estimate only
-        return 0
+def _fix_metadata_cache(f: h5py.File) -> None:
+    config = f.id.get_mdc_config()
+    config.set_initial_size = True
+    config.initial_size = config.min_size = config.max_size = METADATA_CACHE
+    config.incr_mode = config.flash_incr_mode = config.decr_mode = 0  # H5C_*_off: the size stays put
+    f.id.set_mdc_config(config)
 
 
 def _fsync_dir(path: Path) -> None:
