@@ -26,6 +26,7 @@ def _segments(cache_dir):
     return {p.name: p.stat().st_mtime_ns for p in (cache_dir / "segments").glob("*.h5")}
 
 
+@pytest.mark.slow
 def test_verify_and_training_under_a_low_open_file_limit(project):
     # a segment per batch: 16 latent + 10 text + 1 noise + 64 prior files, more than the limit
     path, cfg = project(cache_batch=1, variants=8, segment_mb=0, max_steps=1)
@@ -58,6 +59,7 @@ def _refuse(monkeypatch, code, when):
     monkeypatch.setattr(h5py, "File", File)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command,code,when", [
     (("cache", "verify", "--repair"), errno.EMFILE, "index"),
     (("cache", "verify", "--repair"), errno.EACCES, "read"),
@@ -82,6 +84,7 @@ def test_an_environmental_error_is_one_line_and_removes_nothing(project, monkeyp
     assert r.exit_code == 0 and "0 damaged, 0 unreadable segment files, 0 not cached" in r.stdout
 
 
+@pytest.mark.e2e
 def test_training_reports_an_environmental_error_in_one_line(project, monkeypatch):
     from pipeline.errors import UserError
     from pipeline.train.stage import run_train

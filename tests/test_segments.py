@@ -44,6 +44,7 @@ def reference(project):
     return _files(cfg.cache.dir), contents, [sum(priors[i : i + 4]) for i in range(0, len(priors), 4)]
 
 
+@pytest.mark.e2e
 def test_a_segment_holds_many_batches_and_the_cache_is_the_same(project, reference):
     per_batch, expected, _ = reference
     assert per_batch["latent"] == 4 and per_batch["prior/bf16"] == 4  # 16 of each, batches of 4
@@ -60,6 +61,7 @@ def test_a_segment_holds_many_batches_and_the_cache_is_the_same(project, referen
     _assert_same(expected, _contents(by_time.cache.dir))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fault,kept,files", [(RuntimeError, 8, 2), (KeyboardInterrupt, 12, 3)])
 def test_cut_short_while_batches_wait_the_rerun_gives_the_same_cache(project, reference, monkeypatch, fault, kept,
                                                                      files):
