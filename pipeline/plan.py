@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline.cache.keys import Fingerprints, derive_seed, digest, sha256_bytes
-from pipeline.config import Config
+from pipeline.config import Config, check_paths
 from pipeline.data import PREPARE, BadImage, buckets, check_header, nearest_bucket, scan_concept
 from pipeline.draws import Draws, draw_settings
 from pipeline.errors import UserError, warn
@@ -146,6 +146,19 @@ def _denoiser_fp(fps: Fingerprints, family: Family) -> str:
     # model.denoiser_file: the weights are that file's; the folder gives only the config
     config = family.root / family.denoiser_component / "config.json"
     return digest([["file", fps.file(family.denoiser_file)], ["config", fps.file(config)]])
+
+
+def open_plan(cfg: Config):
+    """How every command starts: the paths checked, the plan, and its cache's store, with the images the
+    cache holds undecodable verdicts for left out (plan.bad). check_paths comes first: with a missing model
+    or image folder the plan would have other keys, and a prune would take every entry for unused."""
+    from pipeline.cache.store import Store
+
+    check_paths(cfg)
+    plan = make_plan(cfg)
+    store = Store(cfg.cache.dir)
+    plan.drop_bad(store)
+    return plan, store
 
 
 def make_plan(cfg: Config) -> Plan:

@@ -15,21 +15,16 @@ from pipeline.cache.kinds import COMPUTED, KINDS, computed, needed_keys
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.owners import other_configs
 from pipeline.cache.store import Store
-from pipeline.config import Config, check_paths
+from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.plan import Plan, make_plan
+from pipeline.plan import Plan, open_plan
 
 
 def _open(cfg: Config) -> tuple[Plan, Store]:
     from pipeline.cache.stage import ensure_embedded  # the embedded demo's files, as the stages build them
 
     ensure_embedded(cfg)
-    # check_paths first: with a missing model or image folder the plan would have different keys, and
-    # prune would then take every entry for unused.
-    check_paths(cfg)
-    plan, store = make_plan(cfg), Store(cfg.cache.dir)
-    plan.drop_bad(store)  # and plan.bad: the verdicts on its undecodable images, which it keeps
-    return plan, store
+    return open_plan(cfg)
 
 
 def status(cfg: Config) -> dict:

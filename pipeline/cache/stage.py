@@ -24,9 +24,9 @@ from pipeline.cache import owners
 from pipeline.cache.kinds import COMPUTED, Kind
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.store import Entry, Store, access_error, os_errno
-from pipeline.config import Config, check_paths
+from pipeline.config import Config
 from pipeline.errors import UserError, note
-from pipeline.plan import Plan, make_plan, pick_device
+from pipeline.plan import Plan, open_plan, pick_device
 
 
 def ensure_embedded(cfg: Config) -> None:
@@ -141,10 +141,7 @@ def run_cache(cfg: Config, progress: bool = True) -> dict:
 def _run_cache(cfg: Config, progress: bool) -> dict:
     start = time.perf_counter()
     ensure_embedded(cfg)
-    check_paths(cfg)
-    plan = make_plan(cfg)
-    store = Store(cfg.cache.dir)
-    plan.drop_bad(store)
+    plan, store = open_plan(cfg)
     owners.record(plan)  # before computing: what a run that is cut short wrote is claimed too
     device = pick_device(cfg.cache.device)
     counts = {}

@@ -15,11 +15,10 @@ import torch
 
 from pipeline.cache.kinds import check_complete
 from pipeline.cache.lock import cache_lock
-from pipeline.cache.store import Store
-from pipeline.config import Config, check_output_dir, check_paths
+from pipeline.config import Config, check_output_dir
 from pipeline.errors import UserError, note
 from pipeline.lora import save_run_lora
-from pipeline.plan import make_plan, pick_device
+from pipeline.plan import open_plan, pick_device
 from pipeline.train import checkpoint
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.practice import batch_size_warning, practice_warnings, prior_share
@@ -44,11 +43,8 @@ def train_lora(cfg: Config, progress: bool = True, resume: bool = False) -> tupl
 
 def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Module, dict]:
     start = time.perf_counter()
-    check_paths(cfg)
     check_output_dir(cfg)
-    plan = make_plan(cfg)
-    store = Store(cfg.cache.dir)
-    plan.drop_bad(store)
+    plan, store = open_plan(cfg)
     check_complete(plan, store)
     t = cfg.train
     out_dir = Path(t.output_dir)
