@@ -22,7 +22,8 @@ RESUME_ARG := $(if $(RESUME),--resume,)
 
 .PHONY: cache cache-status train test test-fast bench bench-scale
 
-# torch==2.13.0 first: the CPU build; a plain `torch` requirement could pull a multi-GB CUDA build.
+# torch==2.13.0 first, pinned: pip takes the build its index serves for that version (a local CPU wheel
+# where one is on disk, the CUDA build from PyPI on Linux x86-64; see the README for a CPU-only index).
 # On a GPU machine, install your CUDA torch into the venv (or use PYTHON=) before `make`.
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)

@@ -147,6 +147,11 @@ def save_lora(
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(weights, str(tmp), metadata=meta)
+        # safetensors creates its file readable by its owner only; a LoRA is for sharing, so it gets the
+        # permissions any file the user makes gets (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -2,7 +2,9 @@
 images are built on first use, the cache stage then says there is nothing to compute, training writes a LoRA."""
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,8 @@ def _cli(*args):
 def test_default_config_end_to_end(tmp_path):
     (tmp_path / "configs").mkdir()
     config = tmp_path / "configs" / "tiny-flux.toml"
-    config.write_text((REPO / "configs" / "tiny-flux.toml").read_text().replace("epochs = 8", "epochs = 1"))
+    text = (REPO / "configs" / "tiny-flux.toml").read_text()
+    config.write_text(text.replace("epochs = 8", "epochs = 1").replace("checkpoint_every = 16", "checkpoint_every = 4"))
 
     first = _cli("cache", "--config", str(config), "--quiet")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -35,8 +38,18 @@ def test_default_config_end_to_end(tmp_path):
 
     trained = _cli("train", "--config", str(config), "--quiet")
     assert trained.returncode == 0, trained.stderr[-3000:]
-    assert (tmp_path / "output" / "tiny-flux" / "pytorch_lora_weights.safetensors").is_file()
-    assert "train: done" in trained.stdout
+    lora = tmp_path / "output" / "tiny-flux" / "pytorch_lora_weights.safetensors"
+    assert lora.is_file() and "train: done" in trained.stdout
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(lora.stat().st_mode) == 0o666 & ~umask  # a file to share: the user's usual permissions
+
+    # what `make train RESUME=1` runs on the default config: it checkpoints, so there is a step to go on from
+    resumed = _cli("train", "--config", str(config), "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = json.loads(trained.stdout.strip().splitlines()[-1])["train_summary"]["steps"]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])["train_summary"]
+    assert summary["steps"] == steps and 0 < summary["resumed_from_step"] < steps
 
 
 def test_missing_cache_refuses_with_the_fix(tmp_path):
