@@ -152,9 +152,9 @@ class FlowMatchingFamily(FolderFamily):
     """Rectified flow as in the SD3 paper and diffusers' Flux/SD3 training scripts: x_t = (1 - sigma) x0 +
     sigma noise, target noise - x0, timesteps from the flow-matching scheduler's training table."""
 
-    # logit-normal over the unshifted table: the SD3 paper's finding, and the default of SimpleTuner and
-    # ai-toolkit for Flux (diffusers' Flux scripts offer it as --weighting_scheme logit_normal; their
-    # default is uniform). A family whose table is already shifted draws uniformly over it (HiDream).
+    # logit-normal over the unshifted table: the SD3 paper's finding (diffusers' Flux scripts offer it as
+    # --weighting_scheme logit_normal; their default is uniform). A family whose table is already shifted
+    # draws uniformly over it (HiDream).
     default_timestep_sampling = "logit_normal"
     loss_weightings = ("none", "sigma_sqrt", "cosmap")  # diffusers' compute_loss_weighting_for_sd3
 
