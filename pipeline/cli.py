@@ -41,8 +41,8 @@ def _run(fn, interrupted: str):
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: {interrupted}", err=True)
+    except KeyboardInterrupt as e:
+        click.echo(f"interrupted: {getattr(e, 'message', None) or interrupted}", err=True)
         sys.exit(130)
 
 

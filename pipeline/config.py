@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -199,7 +200,11 @@ def _check_type(value, hint, key: str):
             raise UserError(f"config key '{key}' must be a list")
         return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"config key '{key}' must be a finite number, got {value}")
+    if hint is int and isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        raise UserError(f"config key '{key}' is out of range (a 64-bit integer), got {value}")
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise UserError(f"config key '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -230,8 +235,13 @@ def _positive(value, key, zero_ok=False):
         raise UserError(f"config key '{key}' must be {'>= 0' if zero_ok else '> 0'}, got {value}")
 
 
-def _resolve(base: Path, p: str) -> str:
-    path = Path(p).expanduser()
+def _resolve(base: Path, p: str, key: str = "path") -> str:
+    """A path from the config: `~` and `$VAR`/`${VAR}` expanded, then relative to the config's folder."""
+    expanded = os.path.expandvars(os.path.expanduser(p))
+    unset = re.search(r"\$\{?(\w+)", expanded)
+    if unset:
+        raise UserError(f"config key '{key}': '{p}' uses ${unset.group(1)}, which is not set in the environment")
+    path = Path(expanded)
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
@@ -241,7 +251,7 @@ def load_config(path: str | Path, dtype: str | None = None) -> Config:
     if not path.is_file():
         raise UserError(f"config file '{path}' does not exist")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a BOM some editors write is skipped
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
     try:
@@ -250,17 +260,21 @@ def load_config(path: str | Path, dtype: str | None = None) -> Config:
         raise UserError(f"{path}: {e}") from None
     base = path.resolve().parent
     model_path = cfg.model.path
-    if not HUB_ID.match(model_path) or Path(base / model_path).exists():
-        model_path = _resolve(base, model_path)
-    cfg = dataclasses.replace(
-        cfg,
-        source=str(path.resolve()),
-        model=dataclasses.replace(cfg.model, path=model_path, denoiser_file=cfg.model.denoiser_file
-                                  and _resolve(base, cfg.model.denoiser_file)),
-        concepts=[dataclasses.replace(c, folder=_resolve(base, c.folder)) for c in cfg.concepts],
-        cache=dataclasses.replace(cfg.cache, dir=_resolve(base, cfg.cache.dir)),
-        train=dataclasses.replace(cfg.train, output_dir=_resolve(base, cfg.train.output_dir)),
-    )
+    try:
+        if not HUB_ID.match(model_path) or Path(base / model_path).exists():
+            model_path = _resolve(base, model_path, "model.path")
+        cfg = dataclasses.replace(
+            cfg,
+            source=str(path.resolve()),
+            model=dataclasses.replace(cfg.model, path=model_path, denoiser_file=cfg.model.denoiser_file
+                                      and _resolve(base, cfg.model.denoiser_file, "model.denoiser_file")),
+            concepts=[dataclasses.replace(c, folder=_resolve(base, c.folder, f"concepts[{i}].folder"))
+                      for i, c in enumerate(cfg.concepts)],
+            cache=dataclasses.replace(cfg.cache, dir=_resolve(base, cfg.cache.dir, "cache.dir")),
+            train=dataclasses.replace(cfg.train, output_dir=_resolve(base, cfg.train.output_dir, "train.output_dir")),
+        )
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     if dtype is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype=dtype))
     try:

@@ -18,6 +18,7 @@ from pipeline.errors import UserError
 # Part of every latent's key: change how images are prepared and every latent is recomputed.
 PREPARE = "exif-transpose,16bit-to-8bit,rgb-on-white,resize-to-cover-lanczos,center-crop"
 MAX_PIXELS = 80_000_000  # larger images are refused: decoding one would take gigabytes of memory
+MAX_CAPTION = 10_000  # characters; a caption is stored whole beside its embedding, so a runaway file is refused
 Image.MAX_IMAGE_PIXELS = None  # we enforce MAX_PIXELS ourselves, from the header, before decoding
 
 
@@ -43,6 +44,9 @@ def scan_concept(concept: ConceptConfig, index: int) -> list[tuple[Path, str | B
                 caption = BadImage(f"caption file '{sidecar.name}' is not UTF-8 text")
             except OSError as e:
                 caption = BadImage(f"caption file '{sidecar.name}' cannot be read ({e.strerror})")
+            if isinstance(caption, str) and len(caption) > MAX_CAPTION:
+                caption = BadImage(f"caption file '{sidecar.name}' has {len(caption):,} characters, over the limit "
+                                   f"of {MAX_CAPTION:,}")
         items.append((path, caption))
     if not items:
         raise UserError(f"concepts[{index}].folder: '{folder}' has no images ({', '.join(IMAGE_EXTS)})")
@@ -103,6 +107,18 @@ def load_image(path: Path, size: int | tuple[int, int], flip: bool = False) -> t
     return prepare_image(path, size, flip)[0]
 
 
+def cover_size(width: int, height: int, bucket: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) an image is resized to so that it covers its bucket (height, width) before the centre
+    crop. BadImage when that would exceed MAX_PIXELS: an extreme aspect ratio (a 1 x 1,000,000 strip) would
+    otherwise ask for gigabytes."""
+    scale = max(bucket[1] / width, bucket[0] / height)
+    size = (max(bucket[1], round(width * scale)), max(bucket[0], round(height * scale)))
+    if size[0] * size[1] > MAX_PIXELS:
+        raise BadImage(f"its aspect ratio ({width}x{height}) is too extreme for any bucket: covering one would take "
+                       f"{size[0] * size[1] / 1e6:,.0f} megapixels")
+    return size
+
+
 def prepare_image(path: Path, size: int | tuple[int, int], flip: bool = False) -> tuple[torch.Tensor, dict]:
     """Decode, apply the EXIF rotation, resize to cover `size` = (height, width) (an int: a square) and
     centre-crop to it, then mirror if `flip`. Returns the (3, h, w) float32 tensor in [-1, 1] and the
@@ -121,8 +137,7 @@ def prepare_image(path: Path, size: int | tuple[int, int], flip: bool = False) -
     except (OSError, ValueError, SyntaxError) as e:
         raise BadImage(f"cannot be decoded: {e}") from None
     original = (im.height, im.width)
-    scale = max(width / im.width, height / im.height)
-    resized = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+    resized = cover_size(im.width, im.height, (height, width))
     im = im.resize(resized, Image.Resampling.LANCZOS)
     left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
     im = im.crop((left, top, left + width, top + height))

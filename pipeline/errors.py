@@ -20,3 +20,12 @@ def note(message: str) -> None:
 
 class UserError(Exception):
     """A problem with the user's config, files or cache; the message is one line and says what to do."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C at a point where the usual message would be wrong (e.g. after the LoRA was written): the CLI
+    prints this message instead."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.cache.keys import Fingerprints, derive_seed, digest, sha256_bytes
 from pipeline.config import Config, check_paths
-from pipeline.data import PREPARE, BadImage, buckets, check_header, nearest_bucket, scan_concept
+from pipeline.data import PREPARE, BadImage, buckets, check_header, cover_size, nearest_bucket, scan_concept
 from pipeline.draws import Draws, draw_settings
 from pipeline.errors import UserError, warn
 from pipeline.families import get_family
@@ -136,7 +136,17 @@ class Plan:
         return dict(sorted(counts.items()))
 
 
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # loading these runs pickle: code from the file
+
+
 def _component_fp(fps: Fingerprints, root: Path, names) -> str:
+    for n in names:
+        folder = root / n
+        if folder.is_dir() and not any(folder.glob("*.safetensors")):
+            pickled = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_WEIGHTS)
+            if pickled:
+                raise UserError(f"model.path: '{pickled[0]}' holds pickle weights, which are never loaded here (they "
+                                "can run code): use the model's .safetensors files")
     return digest([[n, fps.folder(root / n)] for n in names if (root / n).exists()])
 
 
@@ -194,6 +204,11 @@ def make_plan(cfg: Config) -> Plan:
                 plan.skip(path, str(e))
                 continue
             bucket = nearest_bucket(width, height, sizes)
+            try:
+                cover_size(width, height, bucket)  # refused here, by name, before anything is decoded
+            except BadImage as e:
+                plan.skip(path, str(e))
+                continue
             if width < bucket[1] or height < bucket[0]:
                 warn(f"'{path}' is {width}x{height}, smaller than its {bucket[1]}x{bucket[0]} bucket: upscaled")
             content = digest("image", sha256_bytes(image_bytes), bucket, PREPARE)

@@ -38,7 +38,9 @@ class Fingerprints:
         self.memo_path = Path(memo_path)
         try:
             self.memo = json.loads(self.memo_path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # missing or damaged: rebuilt as files are hashed again
+            self.memo = {}
+        if not isinstance(self.memo, dict):
             self.memo = {}
         self.dirty = False
 
@@ -46,7 +48,7 @@ class Fingerprints:
         st = path.stat()
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         hit = self.memo.get(str(path.resolve()))
-        if hit and hit[0] == stamp:
+        if isinstance(hit, list) and len(hit) == 2 and hit[0] == stamp and isinstance(hit[1], str):
             return hit[1]
         h = hashlib.sha256()
         with open(path, "rb") as f:

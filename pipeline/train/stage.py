@@ -16,7 +16,7 @@ import torch
 from pipeline.cache.kinds import check_complete
 from pipeline.cache.lock import cache_lock
 from pipeline.config import Config, check_output_dir
-from pipeline.errors import UserError, note
+from pipeline.errors import Interrupted, UserError, note
 from pipeline.lora import save_run_lora
 from pipeline.plan import open_plan, pick_device
 from pipeline.train import checkpoint
@@ -25,7 +25,7 @@ from pipeline.train.practice import batch_size_warning, practice_warnings, prior
 from pipeline.train.setup import setup
 from pipeline.train.sinks import JsonlSink, ProgressSink, Sinks, TensorBoardSink, loss_summary, summary_window
 from pipeline.train.state import TrainState
-from pipeline.train.step import optimizer_step
+from pipeline.train.step import NonFinite, optimizer_step
 from pipeline.train.validation import Validator
 
 
@@ -39,6 +39,15 @@ def train_lora(cfg: Config, progress: bool = True, resume: bool = False) -> tupl
     """run_train, returning the trained model too (the tests compare it with the saved LoRA)."""
     with cache_lock(cfg.cache.dir, "read"):
         return _train_lora(cfg, progress, resume)
+
+
+def _non_finite(e: NonFinite, out_dir: Path) -> str:
+    last = checkpoint.latest(out_dir)
+    images = ", ".join(f"'{i}'" for i in e.images[:4]) + (f" and {len(e.images) - 4} more" if len(e.images) > 4 else "")
+    saved = (f"the last good checkpoint is '{last}' (--resume goes on from it)" if last is not None
+             else "there is no checkpoint (train.checkpoint_every)")
+    return (f"training stopped at step {e.step}: the {e.what} is not finite, for the batch of {images}; no LoRA "
+            f"was written and no checkpoint after this step, {saved}: lower optimizer.lr, or check those images")
 
 
 def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Module, dict]:
@@ -83,15 +92,21 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
                     checkpoint.save(out_dir, state, run, plan)
             state.epoch, state.next_batch = state.epoch + 1, 0
         validator.run(state.step)  # the end (skipped when the last step was just validated)
+    except NonFinite as e:
+        raise UserError(_non_finite(e, out_dir)) from None
     finally:
         sinks.close()
     model = run.denoiser.module
     lora_path = out_dir / t.lora_name
     save_run_lora(lora_path, model, plan, state.step)
     store.close()
-    from pipeline.plot import plot_run  # matplotlib only here
+    try:
+        from pipeline.plot import plot_run  # matplotlib only here
 
-    plot = plot_run(out_dir)
+        plot = plot_run(out_dir)
+    except KeyboardInterrupt:
+        raise Interrupted(f"the LoRA was already written to '{lora_path}' (after step {state.step}); only the loss plot "
+                          f"and the summary are missing (python -m pipeline plot {out_dir} makes the plot)") from None
     return model, {
         "steps": state.step,
         "epochs": math.ceil(state.step / max(run.steps_per_epoch, 1)),

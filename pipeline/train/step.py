@@ -4,6 +4,7 @@ accumulation), the unit the training loop and `make bench` both run."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -13,6 +14,14 @@ from pipeline.cache.store import Store
 from pipeline.draws import fresh_seeds
 from pipeline.objective import per_sample_mse
 from pipeline.plan import Plan, Sample
+
+class NonFinite(Exception):
+    """A step whose loss or gradient is not finite: training stops there (train.stage says so in one line)."""
+
+    def __init__(self, step: int, what: str, images: list[str]):
+        super().__init__(f"step {step}: {what}")
+        self.step, self.what, self.images = step, what, images
+
 
 TIMESTEP_BINS = 4  # loss by quarter of the 0..1000 timestep range: a cheap view of where the model errs
 
@@ -80,6 +89,10 @@ def optimizer_step(run, plan: Plan, store: Store, group: list[list[tuple[Sample,
                     for b, first in zip(group, starts)])
     max_norm = plan.cfg.optimizer.max_grad_norm
     norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm)) if max_norm > 0 else None
+    if not math.isfinite(record["loss"]) or (norm is not None and not math.isfinite(norm)):
+        # before the optimizer step: the weights stay those of the last good step
+        what = f"loss {record['loss']}" if not math.isfinite(record["loss"]) else f"gradient norm {norm}"
+        raise NonFinite(step, what, [str(s.path) for batch in group for s, _ in batch])
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
