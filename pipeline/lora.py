@@ -22,6 +22,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from pipeline.cache.store import pid_alive
 from pipeline.config import LoraConfig
 from pipeline.errors import UserError
 
@@ -144,6 +145,10 @@ def save_lora(
     meta = {"format": "pt", **metadata, "prior_lora.target_modules": json.dumps(trained), **format_meta}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed
+        pid = stale.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(weights, str(tmp), metadata=meta)

@@ -5,6 +5,8 @@ extreme aspect ratios, pickle weights and a damaged fingerprint memo; Ctrl-C aft
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -124,3 +126,24 @@ def test_ctrl_c_after_the_lora_is_written_says_so(project, monkeypatch):
     lora = project.root / "out" / cfg.train.lora_name
     assert lora.is_file()
     assert f"interrupted: the LoRA was already written to '{lora}' (after step 1)" in r.stderr
+
+
+@pytest.mark.e2e
+def test_a_torn_metrics_line_and_leftover_temporaries_do_not_stop_a_resume(project):
+    path, _ = project(max_steps=4)
+    cfg = configure(path, train={"checkpoint_every": 2})
+    run_cache(cfg, progress=False)
+    run_train(cfg, progress=False)
+    out = project.root / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid no process has now: what a killed save leaves behind
+    leftovers = [out / "checkpoints" / f".tmp-step-00000003-{dead.pid}", out / f".{cfg.train.lora_name}.{dead.pid}.tmp"]
+    leftovers[0].mkdir()
+    leftovers[1].write_bytes(b"half a file")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.3')  # torn by a kill in mid-write
+    longer = configure(path, train={"checkpoint_every": 2, "max_steps": 6})
+    summary = run_train(longer, progress=False, resume=True)
+    assert summary["steps"] == 6 and summary["resumed_from_step"] == 2
+    assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == list(range(6))
+    assert not any(p.exists() for p in leftovers)

@@ -111,7 +111,7 @@ def _default_max_open() -> int:
     return MAX_OPEN if soft == resource.RLIM_INFINITY else max(1, min(MAX_OPEN, soft // 4))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -378,7 +378,7 @@ class Store:
         # never in the index, so removing it loses nothing.
         for tmp in self.segments.glob(".tmp.*.h5"):
             pid = int(tmp.name.split(".")[2]) if tmp.name.split(".")[2].isdigit() else -1
-            if pid != os.getpid() and not _pid_alive(pid):
+            if pid != os.getpid() and not pid_alive(pid):
                 tmp.unlink(missing_ok=True)
 
 

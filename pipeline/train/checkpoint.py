@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
 from pipeline.lora import CHECKPOINT_LORA, save_run_lora
+from pipeline.cache.store import pid_alive
 from pipeline.train.state import TrainState
 
 PREFIX = "step-"
@@ -57,6 +58,7 @@ def save(out_dir: Path, state: TrainState, run, plan) -> Path:
     """Write the checkpoint of `state` (run: what train.setup built) atomically; keep only the newest
     train.keep_checkpoints (0: all)."""
     root = Path(out_dir) / "checkpoints"
+    remove_leftovers(root)
     final = root / f"{PREFIX}{state.step:08d}"
     tmp = root / f".tmp-{PREFIX}{state.step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -86,6 +88,15 @@ def save(out_dir: Path, state: TrainState, run, plan) -> Path:
     for old in later + (ours[:-keep] if keep else []):
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_leftovers(root: Path) -> None:
+    """Delete the temporaries of checkpoint saves whose process is gone (a kill in mid-save): they were
+    never renamed into place, so nothing refers to them."""
+    for tmp in root.glob(f".tmp-{PREFIX}*") if root.is_dir() else []:
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def latest(out_dir: Path) -> Path | None:

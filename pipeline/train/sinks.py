@@ -45,11 +45,25 @@ def loss_summary(records: list[dict], window: int) -> dict:
     }
 
 
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of a JSON-lines file. A line that does not parse is what a kill in mid-write leaves:
+    it is dropped (its step is redone), not an error."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            out.append((line, record))
+    return out
+
+
 def _kept_lines(path: Path, resumed_at: int | None) -> list[str]:
     """On resume, the lines of the steps before the checkpoint; the later ones are redone."""
     if resumed_at is None or not path.is_file():
         return []
-    return [line for line in path.read_text().splitlines() if json.loads(line)["step"] < resumed_at]
+    return [line for line, record in _records(path) if record["step"] < resumed_at]
 
 
 class JsonlSink:
@@ -80,7 +94,7 @@ class JsonlSink:
 
     def read_all(self) -> list[dict]:
         """Every step's record of the run, the ones before a resume included."""
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+        return [record for _, record in _records(self.metrics_path)]
 
 
 class TensorBoardSink:
