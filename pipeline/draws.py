@@ -48,15 +48,15 @@ class Draws:
         self.cfg, self.family = cfg, family
         self.scheme = timestep_scheme(cfg, family)
         c = cfg.cache
-        if (c.shift or c.dynamic_shift) and not hasattr(family, "shifted_table"):
-            key = "cache.shift" if c.shift else "cache.dynamic_shift"
-            raise UserError(f"config key '{key}' is for flow-matching models (Flux, HiDream), not {family.name}")
         if c.shift and c.dynamic_shift:
             raise UserError("config keys 'cache.shift' and 'cache.dynamic_shift' exclude each other: set one")
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        if c.shift or c.dynamic_shift:
+            self.table((2, 2))  # at plan time: a family without a shifted table refuses the key now
 
-    def table(self, latent_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training timesteps and their sigmas for latents of this (height, width)."""
+    def table(self, latent_hw: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training timesteps and their sigmas for latents of this (height, width); the size matters only
+        with cache.dynamic_shift."""
         c = self.cfg.cache
         key = latent_hw if c.dynamic_shift else ()
         if key not in self._tables:

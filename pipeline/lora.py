@@ -22,7 +22,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from pipeline.cache.store import pid_alive
+from pipeline.cache.store import writer_gone
 from pipeline.config import LoraConfig
 from pipeline.errors import UserError
 
@@ -146,8 +146,7 @@ def save_lora(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed
-        pid = stale.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        if writer_gone(stale.name.rsplit(".", 2)[-2]):
             stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

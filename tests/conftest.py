@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import FluxTransformer2DModel
 
 from pipeline import tiny
 from pipeline.config import load_config
@@ -134,3 +135,16 @@ def tiny_family_model(tiny_assets, tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_double_only(tiny_assets, tmp_path_factory):
+    """The tiny model without single blocks. diffusers' kohya converter splits a single block's linear1 at
+    FLUX.1's widths (3 x 3072 + 12288), so only a real-size model's single blocks load from kohya's layout;
+    test_kohya_layout_at_flux1_widths covers them."""
+    root = tmp_path_factory.mktemp("double-only") / "model"
+    shutil.copytree(tiny_assets / "model", root)
+    config = FluxTransformer2DModel.load_config(root / "transformer")
+    torch.manual_seed(0)
+    FluxTransformer2DModel.from_config({**config, "num_single_layers": 0}).save_pretrained(root / "transformer")
+    return root

@@ -11,7 +11,6 @@ ComfyUI's key mapping written from its naming rules (comfyui_rules.py):
 """
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -213,23 +212,11 @@ def test_comfyui_layouts_are_what_diffusers_reads_from_single_files():
     assert set(convert_hidream_transformer_to_diffusers({f"model.diffusion_model.{k}": v for k, v in sd.items()})) == set(sd)
 
 
-@pytest.fixture(scope="module")
-def flux_without_single_blocks(tiny_assets, tmp_path_factory):
-    """The tiny Flux without single blocks: diffusers reads a kohya file's single blocks only at FLUX.1's
-    widths (test_lora_format.py covers them there)."""
-    root = tmp_path_factory.mktemp("double-only") / "model"
-    shutil.copytree(tiny_assets / "model", root)
-    config = FluxTransformer2DModel.load_config(root / "transformer")
-    torch.manual_seed(0)
-    FluxTransformer2DModel.from_config({**config, "num_single_layers": 0}).save_pretrained(root / "transformer")
-    return root
-
-
 @pytest.mark.parametrize("name,fmt", [(f, fmt) for f in FULL_SIZE for fmt in FORMATS])
 def test_comfyui_rules_on_a_written_file_give_the_weights_diffusers_loads(
-    name, fmt, tiny_family_model, flux_without_single_blocks, tmp_path
+    name, fmt, tiny_family_model, tiny_flux_double_only, tmp_path
 ):
-    root = flux_without_single_blocks if (name, fmt) == ("flux", "kohya") else tiny_family_model(name)
+    root = tiny_flux_double_only if (name, fmt) == ("flux", "kohya") else tiny_family_model(name)
     fam = family_class(name)(root, ModelConfig(path=str(root)))
     preset = "attention_mlp" if name == "flux" and fmt == "kohya" else "all_linear"
     model = fam.load_denoiser(**CPU32)

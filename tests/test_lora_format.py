@@ -4,7 +4,6 @@ in kohya's layout, which diffusers converts on load. Plus how lora.targets / tar
 target_regex choose the layers."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -30,19 +29,6 @@ PRESETS = FluxFamily.target_presets
 def shared_cache(tmp_path_factory):
     # keys hash contents, not paths: the tests here share one cache, each computing only what it lacks
     return tmp_path_factory.mktemp("lora-cache")
-
-
-@pytest.fixture(scope="module")
-def double_only_model(tiny_assets, tmp_path_factory):
-    """The tiny model without single blocks. diffusers' kohya converter splits a single block's linear1 at
-    FLUX.1's widths (3 x 3072 + 12288), so only a real-size model's single blocks load from kohya's layout;
-    test_kohya_layout_at_flux1_widths covers them."""
-    root = tmp_path_factory.mktemp("double-only") / "model"
-    shutil.copytree(tiny_assets / "model", root)
-    config = FluxTransformer2DModel.load_config(root / "transformer")
-    torch.manual_seed(0)
-    FluxTransformer2DModel.from_config({**config, "num_single_layers": 0}).save_pretrained(root / "transformer")
-    return root
 
 
 def train(project, cache, lora=None, train_table=None, **overrides):
@@ -114,11 +100,11 @@ def test_lora_loads_in_flux_pipeline_and_matches_the_trained_model(project, shar
 @pytest.mark.e2e
 @pytest.mark.parametrize("targets", ["attention", "attention_mlp"])
 def test_kohya_file_loads_in_flux_pipeline_and_matches_the_trained_model(
-    project, shared_cache, double_only_model, targets
+    project, shared_cache, tiny_flux_double_only, targets
 ):
     cfg, trained, summary, weights, meta = train(
         project, shared_cache, lora={"targets": targets}, train_table={"lora_format": "kohya"},
-        model=double_only_model, max_steps=3, lr=1e-2,
+        model=tiny_flux_double_only, max_steps=3, lr=1e-2,
     )
     suffixes = (".lora_down.weight", ".lora_up.weight", ".alpha")
     assert all(k.startswith("lora_unet_double_blocks_0_") and k.endswith(suffixes) for k in weights)

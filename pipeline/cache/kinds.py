@@ -72,7 +72,8 @@ def _text_entries(plan: Plan, store: Store, encoders, captions: list[str]) -> di
 def _noise_entries(plan: Plan, store: Store, _, items: list[tuple[Sample, int]]) -> dict:
     out = {}
     for s, v in items:
-        hw = store.shape("latent", s.latent_keys[v], "latent")[1:]  # the shift may depend on the latent size
+        # the latent's size only where the shift depends on it: a shape read per entry is file I/O
+        hw = store.shape("latent", s.latent_keys[v], "latent")[1:] if plan.cfg.cache.dynamic_shift else None
         timestep, sigma = plan.draws.timestep(hw, s.timestep_seeds[v])
         out[s.noise_keys[v]] = (
             {"seed": torch.tensor(s.seeds[v], dtype=torch.int64), "timestep": timestep, "sigma": sigma},

@@ -121,6 +121,12 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def writer_gone(pid: str) -> bool:
+    """Whether the process named in a temporary's file name (`pid`, as text) is gone, so that what it left
+    half-written can be removed: never our own, never a live one, and nothing when the name has no pid."""
+    return pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))
+
+
 class Store:
     def __init__(self, root: str | Path, max_open: int | None = None):
         self.root = Path(root)
@@ -377,8 +383,7 @@ class Store:
         # A temporary whose writer is gone is a segment that was never finished; its entries were
         # never in the index, so removing it loses nothing.
         for tmp in self.segments.glob(".tmp.*.h5"):
-            pid = int(tmp.name.split(".")[2]) if tmp.name.split(".")[2].isdigit() else -1
-            if pid != os.getpid() and not pid_alive(pid):
+            if writer_gone(tmp.name.split(".")[2]):
                 tmp.unlink(missing_ok=True)
 
 

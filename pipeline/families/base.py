@@ -83,6 +83,12 @@ class Family(Protocol):
         cached with the latent: original_size (B,2) as (height, width) and crop_top_left (B,2) as (top, left),
         in pixels, float32."""
 
+    def shifted_table(self, shift: float, latent_hw: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training table under cache.shift (fixed) or cache.dynamic_shift (by latent size). Only
+        flow-matching families have one; the default refuses the keys."""
+        key = "cache.shift" if shift else "cache.dynamic_shift"
+        raise UserError(f"config key '{key}' is for flow-matching models (Flux, HiDream), not {self.name}")
+
     def prediction_settings(self) -> dict:
         """Settings outside the weights that change a prediction (guidance...): part of the prior key."""
 

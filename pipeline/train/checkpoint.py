@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
 from pipeline.lora import CHECKPOINT_LORA, save_run_lora
-from pipeline.cache.store import pid_alive
+from pipeline.cache.store import writer_gone
 from pipeline.train.state import TrainState
 
 PREFIX = "step-"
@@ -94,8 +94,7 @@ def remove_leftovers(root: Path) -> None:
     """Delete the temporaries of checkpoint saves whose process is gone (a kill in mid-save): they were
     never renamed into place, so nothing refers to them."""
     for tmp in root.glob(f".tmp-{PREFIX}*") if root.is_dir() else []:
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+        if writer_gone(tmp.name.rsplit("-", 1)[-1]):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
