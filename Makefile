@@ -5,6 +5,7 @@
 #                   (not part of make test: minutes; ARGS="--images 2000" for a smaller run)
 # make cache-status: what the cache holds, lacks and stores unused for CONFIG (DTYPE)
 # Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32  RESUME=1 (train: go on from the newest checkpoint)
+#            OVERWRITE=1 (train: start over where another run's checkpoints are)
 #            PYTHON=/path/to/python (an env with the project installed)
 
 CONFIG ?= configs/tiny-flux.toml
@@ -19,6 +20,7 @@ SETUP := $(VENV)/.installed
 endif
 DTYPE_ARG := $(if $(DTYPE),--dtype $(DTYPE),)
 RESUME_ARG := $(if $(RESUME),--resume,)
+OVERWRITE_ARG := $(if $(OVERWRITE),--overwrite,)
 
 .PHONY: cache cache-status train test test-fast bench bench-scale
 
@@ -39,7 +41,7 @@ cache-status: $(SETUP)
 
 train: $(SETUP)
 	$(PY) -m pipeline cache --config $(CONFIG) $(DTYPE_ARG)
-	$(PY) -m pipeline train --config $(CONFIG) $(DTYPE_ARG) $(RESUME_ARG)
+	$(PY) -m pipeline train --config $(CONFIG) $(DTYPE_ARG) $(RESUME_ARG) $(OVERWRITE_ARG)
 
 test: $(SETUP)
 	$(PY) -m pytest -q

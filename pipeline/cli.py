@@ -225,8 +225,11 @@ def cache_prune(ctx, config_path, dtype, dry_run, keep_dtypes, all_configs):
 @CONFIG
 @DTYPE
 @QUIET
-@click.option("--resume", is_flag=True, help="Go on from the newest checkpoint in train.output_dir/checkpoints.")
-def train(config_path, dtype, quiet, resume):
+@click.option("--resume", is_flag=True,
+              help="Go on from the newest intact checkpoint in train.output_dir/checkpoints.")
+@click.option("--overwrite", is_flag=True,
+              help="Start over in train.output_dir even where it holds another run's checkpoints (they are removed).")
+def train(config_path, dtype, quiet, resume, overwrite):
     """Train a LoRA on the cache (one denoiser forward per batch). Refuses when the cache lacks
     anything this run needs, naming the command that fixes it."""
     def go():
@@ -235,7 +238,7 @@ def train(config_path, dtype, quiet, resume):
 
         _quiet_libraries()
 
-        s = run_train(cfg, progress=not quiet, resume=resume)
+        s = run_train(cfg, progress=not quiet, resume=resume, overwrite=overwrite)
         _print_summary("train: done", s)
         click.echo(json.dumps({"train_summary": s}))
 

@@ -20,10 +20,12 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig as PeftLoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from pipeline.cache.store import writer_gone
 from pipeline.config import LoraConfig
+from pipeline.atomic import replacing
 from pipeline.errors import UserError
 
 # diffusers reads the adapter's LoraConfig back from this metadata key (rank, alpha, targets, DoRA)
@@ -148,17 +150,26 @@ def save_lora(
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed
         if writer_gone(stale.name.rsplit(".", 2)[-2]):
             stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(weights, str(tmp), metadata=meta)
+    with replacing(path) as tmp:
+        save_file_or_oserror(weights, tmp, metadata=meta)
         # safetensors creates its file readable by its owner only; a LoRA is for sharing, so it gets the
         # permissions any file the user makes gets (0666 less the umask)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def save_file_or_oserror(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with a failed write (a full disk, a file too large) raised as the OSError it
+    is rather than safetensors' own error type, so that callers handle every failed write alike."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        found = re.search(r"os error (\d+)", str(e))
+        if not found:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 # In every checkpoint folder, beside the state that --resume reads: the name diffusers' load_lora_weights

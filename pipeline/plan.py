@@ -135,6 +135,12 @@ class Plan:
             counts[label] = counts.get(label, 0) + 1
         return dict(sorted(counts.items()))
 
+    def data_fp(self) -> str:
+        """What the training images, captions and their draws amount to (content, not paths): a checkpoint
+        records it so that --resume refuses a data set that changed under the same config."""
+        return digest("data", [[s.content_key, s.concept, s.prior, s.loss_weight, s.repeats, s.latent_keys,
+                                s.text_keys] for s in self.training])
+
 
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # loading these runs pickle: code from the file
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from pipeline.atomic import replacing
 from pipeline.errors import UserError
 
 
@@ -60,8 +60,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     bottom.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out) if out else run_dir / "loss.png"
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with replacing(out, ".png") as tmp:  # the suffix: matplotlib picks the format by it
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return out

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from pipeline.atomic import replacing
 
 CHUNK = 1 << 22
 
@@ -68,8 +69,10 @@ class Fingerprints:
     def save(self) -> None:
         if not self.dirty:
             return
-        self.memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.memo_path.with_name(f".{self.memo_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.memo, indent=0))
-        os.replace(tmp, self.memo_path)
+        try:
+            self.memo_path.parent.mkdir(parents=True, exist_ok=True)
+            with replacing(self.memo_path) as tmp:
+                tmp.write_text(json.dumps(self.memo, indent=0))
+        except OSError:  # a read-only or full cache folder: the memo only saves time, so go on without it
+            pass
         self.dirty = False

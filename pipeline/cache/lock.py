@@ -9,11 +9,17 @@ not overlap:
     exclusive for deleters;
   - training starting while a cache run is still writing what it needs: training checks `.lock-write`.
 Every conflict refuses at once with a one-line message naming the other process; nothing waits.
+
+A reader needs no write access: it opens an existing lock file read-only (flock works on any open file),
+and where the lock file is missing and cannot be made (a read-only cache: a read-only mount, or a
+folder the user may not write), it reads unlocked, since no cache run or prune can be writing a
+folder nobody can write.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import sys
@@ -22,6 +28,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 
+
 def _holder(path: Path) -> str:
     try:
         return path.read_text().strip() or "another process"
@@ -29,10 +36,21 @@ def _holder(path: Path) -> str:
         return "another process"
 
 
-def _take(path: Path, exclusive: bool, refusal: str):
-    """Take the lock without waiting, or raise UserError(refusal + who holds it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def take(path: Path, exclusive: bool, refusal: str):
+    """Take the lock without waiting, or raise UserError(refusal + who holds it). A shared lock on a
+    folder where the lock file cannot be made: None (see the module's docstring)."""
+    try:
+        fh = open(path) if not exclusive and path.is_file() else _create(path)
+    except OSError as e:
+        if e.errno not in UNWRITABLE:
+            raise
+        if exclusive:
+            raise UserError(f"cannot write '{path.parent}' ({e.strerror}): this command writes there; make it "
+                            "writable, or point the config at a folder you can write") from None
+        return None
     try:
         fcntl.flock(fh, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -46,6 +64,11 @@ def _take(path: Path, exclusive: bool, refusal: str):
     return fh
 
 
+def _create(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "a+")
+
+
 @contextlib.contextmanager
 def cache_lock(cache_dir: str | Path, mode: str) -> Iterator[None]:
     """mode: "write" (cache stage), "delete" (prune, repair) or "read" (training)."""
@@ -55,16 +78,18 @@ def cache_lock(cache_dir: str | Path, mode: str) -> Iterator[None]:
     held = []
     try:
         if mode in ("write", "delete"):
-            held.append(_take(write_lock, True, f"{busy} another cache run, prune or repair is writing it"))
+            held.append(take(write_lock, True, f"{busy} another cache run, prune or repair is writing it"))
         if mode == "delete":
-            held.append(_take(read_lock, True, f"{busy} a training run is reading it"))
+            held.append(take(read_lock, True, f"{busy} a training run is reading it"))
         if mode == "read":
             # a cache run still writing may be computing entries this run needs: refuse rather than race
-            _take(write_lock, False, f"{busy} a cache run is writing it").close()
-            held.append(_take(read_lock, False, f"{busy} a prune or repair is changing it"))
+            writing = take(write_lock, False, f"{busy} a cache run is writing it")
+            if writing is not None:
+                writing.close()
+            held.append(take(read_lock, False, f"{busy} a prune or repair is changing it"))
         yield
     finally:
-        for fh in reversed(held):
+        for fh in reversed([h for h in held if h is not None]):
             if mode != "read":  # clear our stamp so a later refusal never names a finished process
                 fh.seek(0)
                 fh.truncate()

@@ -4,12 +4,15 @@ a folder written under a temporary name and renamed into place (so a crash never
 A checkpoint holds what a bitwise-identical continuation needs: the LoRA weights (float32, as trained),
 the optimizer's state, the schedule's state, the global RNG states (LoRA dropout draws from them) and
 the data position (epoch and index of the next batch; batch order is a pure function of the epoch),
-and the run's config, so that --resume can refuse a config that would give another run. Beside that
-state, each checkpoint holds the run's LoRA file as the final save writes it (lora.CHECKPOINT_LORA).
+and the run's id, config and data fingerprint, so that --resume can refuse a config or data set that
+would give another run. Beside that state, each checkpoint holds the run's LoRA file as the final save
+writes it (lora.CHECKPOINT_LORA), and last, the sha256 of each of its files (checksums.json), so that a
+damaged checkpoint is found before it is trusted and --resume falls back to the newest intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,12 +22,13 @@ import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import UserError
-from pipeline.lora import CHECKPOINT_LORA, save_run_lora
+from pipeline.errors import UserError, warn
+from pipeline.lora import CHECKPOINT_LORA, save_file_or_oserror, save_run_lora
 from pipeline.cache.store import writer_gone
 from pipeline.train.state import TrainState
 
 PREFIX = "step-"
+CHECKSUMS = "checksums.json"
 
 
 def _split(value, path: str, tensors: dict) -> object:
@@ -54,40 +58,65 @@ def _join(value, tensors: dict):
     return value
 
 
-def save(out_dir: Path, state: TrainState, run, plan) -> Path:
-    """Write the checkpoint of `state` (run: what train.setup built) atomically; keep only the newest
-    train.keep_checkpoints (0: all)."""
+def save(out_dir: Path, state: TrainState, run, plan, data_fp: str) -> Path:
+    """Write the checkpoint of `state` (run: what train.setup built) atomically; then remove other runs'
+    checkpoints and keep only the newest train.keep_checkpoints (0: all) of this one. A failed write
+    (a full disk) leaves no temporary behind and raises OSError."""
     root = Path(out_dir) / "checkpoints"
     remove_leftovers(root)
     final = root / f"{PREFIX}{state.step:08d}"
     tmp = root / f".tmp-{PREFIX}{state.step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model = run.denoiser.module
-    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
-              str(tmp / "lora.safetensors"))
-    save_run_lora(tmp / CHECKPOINT_LORA, model, plan, state.step)
-    tensors: dict = {}
-    saved = {
-        "step": state.step,
-        "position": state.position(),
-        "optimizer": _split(run.optimizer.state_dict(), "optimizer", tensors),
-        "scheduler": _split(run.scheduler.state_dict(), "scheduler", tensors),
-        "rng": _split(state.rng(), "rng", tensors),
-        "config": json.loads(plan.cfg.portable_json()),
-    }
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(saved))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    # A run writes its checkpoints in step order, so a later step here is a replaced run's: it goes now that
-    # this run has one of its own to resume from (before, --resume could still go on with the old run)
-    done = sorted(root.glob(f"{PREFIX}*"))
-    later, ours = [p for p in done if p.name > final.name], [p for p in done if p.name <= final.name]
+    try:
+        tmp.mkdir(parents=True)
+        model = run.denoiser.module
+        save_file_or_oserror({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
+                             tmp / "lora.safetensors")
+        save_run_lora(tmp / CHECKPOINT_LORA, model, plan, state.step)
+        tensors: dict = {}
+        saved = {
+            "step": state.step,
+            "run_id": state.run_id,
+            "position": state.position(),
+            "optimizer": _split(run.optimizer.state_dict(), "optimizer", tensors),
+            "scheduler": _split(run.scheduler.state_dict(), "scheduler", tensors),
+            "rng": _split(state.rng(), "rng", tensors),
+            "config": json.loads(plan.cfg.portable_json()),
+            "data": data_fp,
+            "base_model": plan.denoiser_fp,
+        }
+        save_file_or_oserror(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(saved))
+        sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # Another run's checkpoints (a run started over here) go once this run has one of its own to resume
+    # from: before, --resume could still go on with the old run
+    ours, others = [], []
+    for p in sorted(root.glob(f"{PREFIX}*")):
+        (ours if p == final or _run_id(p) == state.run_id else others).append(p)
     keep = plan.cfg.train.keep_checkpoints
-    for old in later + (ours[:-keep] if keep else []):
+    for old in others + (ours[:-keep] if keep else []):
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _run_id(path: Path) -> str | None:
+    try:
+        return json.loads((path / "state.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def remove_leftovers(root: Path) -> None:
@@ -98,15 +127,55 @@ def remove_leftovers(root: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def latest(out_dir: Path) -> Path | None:
+def all_checkpoints(out_dir: Path) -> list[Path]:
+    """Every checkpoint folder, oldest first (damaged ones too)."""
     root = Path(out_dir) / "checkpoints"
-    done = sorted(p for p in root.glob(f"{PREFIX}*") if (p / "state.json").is_file()) if root.is_dir() else []
+    return sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir()) if root.is_dir() else []
+
+
+def latest(out_dir: Path) -> Path | None:
+    done = [p for p in all_checkpoints(out_dir) if (p / "state.json").is_file()]
     return done[-1] if done else None
 
 
-def saved_config(path: Path) -> dict | None:
-    """The config the checkpoint's run had (None for a checkpoint written before configs were recorded)."""
-    return json.loads((path / "state.json").read_text()).get("config")
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint (None: intact): a file whose sha256 differs from checksums.json,
+    a missing file, or a state.json that does not parse. A checkpoint from before checksums were written
+    is checked for its files only."""
+    try:
+        json.loads((path / "state.json").read_text())
+        sums_file = path / CHECKSUMS
+        sums = json.loads(sums_file.read_text()) if sums_file.is_file() else {}
+        for name in ["state.json", "state.safetensors", "lora.safetensors", *sums]:
+            if not (path / name).is_file():
+                return f"{name} is missing"
+        for name, want in sums.items():
+            if _sha256(path / name) != want:
+                return f"{name} does not match its checksum"
+    except OSError as e:
+        return f"{Path(e.filename or path).name} is unreadable ({e.strerror})"
+    except ValueError:
+        return "state.json does not parse"
+    return None
+
+
+def resume_point(out_dir: Path) -> Path | None:
+    """The newest intact checkpoint; each damaged newer one is reported in one line and passed over."""
+    found = all_checkpoints(out_dir)
+    for path in reversed(found):
+        why = damage(path)
+        if why is None:
+            return path
+        warn(f"checkpoint '{path}' is damaged ({why}); going on from the one before it")
+    if found:
+        raise UserError(f"no intact checkpoint in '{Path(out_dir) / 'checkpoints'}' to resume from (all "
+                        f"{len(found)} are damaged): train without --resume to start over")
+    return None
+
+
+def saved_state(path: Path) -> dict:
+    """state.json of a checkpoint: its step, run id, config and data fingerprint (see save)."""
+    return json.loads((path / "state.json").read_text())
 
 
 def restore(path: Path, run) -> TrainState:
@@ -125,7 +194,7 @@ def restore(path: Path, run) -> TrainState:
     run.optimizer.load_state_dict(_join(saved["optimizer"], tensors))
     run.scheduler.load_state_dict(_join(saved["scheduler"], tensors))
     TrainState.restore_rng(_join(saved["rng"], tensors))
-    return TrainState(saved["step"], **saved["position"])
+    return TrainState(saved["step"], run_id=saved.get("run_id") or TrainState().run_id, **saved["position"])
 
 
 # Config keys (dotted, a prefix covers a table) that change what a run computes. Resuming with any of them
@@ -141,12 +210,10 @@ RESULT_KEYS = (
 )
 
 
-def check_same_run(saved: dict | None, cfg, path: Path) -> None:
-    """Refuse, in one line naming every changed key with its old and new value, to resume the checkpoint
-    at `path` (whose state.json recorded the config `saved`) with a config that changes its results."""
-    if saved is None:  # written before checkpoints recorded their config: nothing to compare
-        return
-
+def changes(saved: dict, cfg, plan, data_fp: str) -> list[str]:
+    """What differs, in what changes results, between the run that wrote the checkpoint state `saved`
+    and this config and plan: each changed config key with its old and new value, then the data and the
+    base model's weights (compared by content)."""
     def flat(value, key=""):
         if isinstance(value, dict):
             return {k: v for name, item in value.items()
@@ -155,10 +222,23 @@ def check_same_run(saved: dict | None, cfg, path: Path) -> None:
             return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{key}[{i}]").items()}
         return {key: value}
 
-    old, new = flat(saved), flat(json.loads(cfg.portable_json()))
+    if saved.get("config") is None:  # written before checkpoints recorded their config: nothing to compare
+        return []
+    old, new = flat(saved["config"]), flat(json.loads(cfg.portable_json()))
     shown = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"  # noqa: E731
     changed = [f"{k} {shown(old, k)} -> {shown(new, k)}" for k in sorted(old.keys() | new.keys())
                if k.startswith(RESULT_KEYS) and old.get(k, ...) != new.get(k, ...)]
+    if saved.get("data", data_fp) != data_fp:
+        changed.append("the training images or captions (their content)")
+    if saved.get("base_model", plan.denoiser_fp) != plan.denoiser_fp:
+        changed.append("the base model's weights (their content)")
+    return changed
+
+
+def check_same_run(saved: dict, cfg, plan, data_fp: str, path: Path) -> None:
+    """Refuse, in one line naming everything that changed, to resume the checkpoint at `path` (whose
+    state.json is `saved`) with a config, data set or base model that changes its results."""
+    changed = changes(saved, cfg, plan, data_fp)
     if changed:
-        raise UserError(f"cannot resume from '{path}': the config changed since it was written ({'; '.join(changed)}): "
-                        "set these back to go on, or train without --resume to start over")
+        raise UserError(f"cannot resume from '{path}': what it was trained with changed since it was written "
+                        f"({'; '.join(changed)}): set these back to go on, or train without --resume to start over")

@@ -170,6 +170,12 @@ class Sinks:
         for s in self.sinks:
             s.validation(record)
 
-    def close(self) -> None:
+    def close(self, quiet: bool = False) -> None:
+        """Close every sink (again is harmless); quiet: when another error is on its way, a failed last
+        write (a full disk) does not replace it."""
         for s in self.sinks:
-            s.close()
+            try:
+                s.close()
+            except OSError:
+                if not quiet:
+                    raise

@@ -7,6 +7,7 @@ checkpoint of the TrainState is written every train.checkpoint_every steps (trai
 
 from __future__ import annotations
 
+import errno
 import math
 import time
 from pathlib import Path
@@ -16,10 +17,11 @@ import torch
 from pipeline.cache.kinds import check_complete
 from pipeline.cache.lock import cache_lock
 from pipeline.config import Config, check_output_dir
-from pipeline.errors import Interrupted, UserError, note
+from pipeline.errors import Interrupted, UserError, warn
 from pipeline.lora import save_run_lora
 from pipeline.plan import open_plan, pick_device
 from pipeline.train import checkpoint
+from pipeline.train.outdir import check_fresh_start, output_lock
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.practice import batch_size_warning, practice_warnings, prior_share
 from pipeline.train.setup import setup
@@ -29,42 +31,64 @@ from pipeline.train.step import NonFinite, optimizer_step
 from pipeline.train.validation import Validator
 
 
-def run_train(cfg: Config, progress: bool = True, resume: bool = False) -> dict:
-    """Train a LoRA on the cache and save it; with resume, go on from the newest checkpoint.
+def run_train(cfg: Config, progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train a LoRA on the cache and save it; with resume, go on from the newest intact checkpoint; with
+    overwrite, replace another run's checkpoints in train.output_dir (else refused, see train.outdir).
     Raises UserError when the cache lacks anything needed."""
-    return train_lora(cfg, progress, resume)[1]
+    return train_lora(cfg, progress, resume, overwrite)[1]
 
 
-def train_lora(cfg: Config, progress: bool = True, resume: bool = False) -> tuple[torch.nn.Module, dict]:
+def train_lora(cfg: Config, progress: bool = True, resume: bool = False,
+               overwrite: bool = False) -> tuple[torch.nn.Module, dict]:
     """run_train, returning the trained model too (the tests compare it with the saved LoRA)."""
-    with cache_lock(cfg.cache.dir, "read"):
-        return _train_lora(cfg, progress, resume)
+    if resume and overwrite:
+        raise UserError("--resume goes on with the run in train.output_dir and --overwrite replaces it: give one")
+    check_output_dir(cfg)
+    with cache_lock(cfg.cache.dir, "read"), output_lock(Path(cfg.train.output_dir)):
+        return _train_lora(cfg, progress, resume, overwrite)
 
 
 def _non_finite(e: NonFinite, out_dir: Path) -> str:
-    last = checkpoint.latest(out_dir)
     images = ", ".join(f"'{i}'" for i in e.images[:4]) + (f" and {len(e.images) - 4} more" if len(e.images) > 4 else "")
-    saved = (f"the last good checkpoint is '{last}' (--resume goes on from it)" if last is not None
-             else "there is no checkpoint (train.checkpoint_every)")
     return (f"training stopped at step {e.step}: the {e.what} is not finite, for the batch of {images}; no LoRA "
-            f"was written and no checkpoint after this step, {saved}: lower optimizer.lr, or check those images")
+            f"was written and no checkpoint after this step, {_last_checkpoint(out_dir)}: lower optimizer.lr, or "
+            "check those images")
 
 
-def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Module, dict]:
+# What a full disk, a quota, a file size limit, a read-only or forbidden folder or a failing disk give
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _write_failed(e: OSError, out_dir: Path, step: int, what: str) -> Exception:
+    """The one-line UserError for a failed write during training (re-raised as it is when it is not one)."""
+    if e.errno not in WRITE_ERRORS:
+        return e
+    where = f"'{e.filename}'" if e.filename else "a file"
+    return UserError(f"training stopped after step {step}: could not write {where} ({e.strerror}); {what}, "
+                     f"{_last_checkpoint(out_dir)}: free space or fix the folder, then train again")
+
+
+def _last_checkpoint(out_dir: Path) -> str:
+    last = checkpoint.latest(out_dir)
+    return (f"the last good checkpoint is '{last}' (--resume goes on from it)" if last is not None
+            else "there is no checkpoint (train.checkpoint_every)")
+
+
+def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool) -> tuple[torch.nn.Module, dict]:
     start = time.perf_counter()
-    check_output_dir(cfg)
     plan, store = open_plan(cfg)
     check_complete(plan, store)
     t = cfg.train
     out_dir = Path(t.output_dir)
-    found = _resume_point(cfg, out_dir) if resume else None  # refusals before the model is loaded
+    data_fp = plan.data_fp()
+    # refusals before the model is loaded
+    found = _resume_point(cfg, plan, data_fp, out_dir) if resume else None
     if not resume:
-        _say_if_replacing(out_dir, cfg)
+        check_fresh_start(out_dir, cfg, plan, data_fp, overwrite)
     torch.manual_seed(t.seed)
     practice_warnings(plan)
     run = setup(plan, store, pick_device(t.device))
     batch_size_warning(epoch_batches(plan, run.shapes, 0), t.batch_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
     state = checkpoint.restore(found, run) if found else TrainState()
     resumed_at = state.step if resume else None
     jsonl = JsonlSink(out_dir, resumed_at, Validator.enabled(plan))
@@ -72,41 +96,39 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
     sinks = Sinks([jsonl, ProgressSink(run.total_steps, state.step, progress, window, jsonl.kept)]
                   + ([TensorBoardSink(out_dir)] if t.tensorboard else []))
     validator = Validator(plan, store, run.denoiser, out_dir, sinks)
-    try:
-        if state.step == 0:
-            validator.run(0)  # the baseline: drift is zero here by construction, the loss is the base model's
-        accum = t.gradient_accumulation
-        while state.step < run.total_steps:
-            batches = epoch_batches(plan, run.shapes, state.epoch)
-            for first in range(state.next_batch, len(batches), accum):
-                if state.step >= run.total_steps:
-                    break
-                # variant: that of the samples seen once this epoch (see epoch_batches)
-                record = {"step": state.step, "epoch": state.epoch, "variant": state.epoch % cfg.cache.variants,
-                          **optimizer_step(run, plan, store, batches[first : first + accum], state.step)}
-                sinks.step(record)
-                state.step, state.next_batch = state.step + 1, first + accum
-                if cfg.validation.every and state.step % cfg.validation.every == 0:
-                    validator.run(state.step)
-                if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < run.total_steps:
-                    checkpoint.save(out_dir, state, run, plan)
-            state.epoch, state.next_batch = state.epoch + 1, 0
-        validator.run(state.step)  # the end (skipped when the last step was just validated)
-    except NonFinite as e:
-        raise UserError(_non_finite(e, out_dir)) from None
-    finally:
-        sinks.close()
     model = run.denoiser.module
     lora_path = out_dir / t.lora_name
-    save_run_lora(lora_path, model, plan, state.step)
-    store.close()
     try:
-        from pipeline.plot import plot_run  # matplotlib only here
+        _loop(run, plan, store, state, sinks, validator, data_fp)
+        save_run_lora(lora_path, model, plan, state.step)  # first: everything after it is optional
+    except NonFinite as e:
+        sinks.close(quiet=True)
+        raise UserError(_non_finite(e, out_dir)) from None
+    except OSError as e:
+        sinks.close(quiet=True)
+        raise _write_failed(e, out_dir, state.step, "no LoRA was written") from None
+    except BaseException:
+        sinks.close(quiet=True)
+        raise
+    store.close()
+    plot = None
+    try:
+        try:
+            validator.run(state.step)  # the end (skipped when the last step was just validated)
+            sinks.close()
+            from pipeline.plot import plot_run  # matplotlib only here
 
-        plot = plot_run(out_dir)
+            plot = plot_run(out_dir)
+        except OSError as e:
+            sinks.close(quiet=True)
+            if e.errno not in WRITE_ERRORS:
+                raise
+            warn(f"could not write '{e.filename}' ({e.strerror}) after the LoRA was written to '{lora_path}': the "
+                 "end-of-run validation or loss plot is missing (python -m pipeline plot makes the plot)")
     except KeyboardInterrupt:
-        raise Interrupted(f"the LoRA was already written to '{lora_path}' (after step {state.step}); only the loss plot "
-                          f"and the summary are missing (python -m pipeline plot {out_dir} makes the plot)") from None
+        raise Interrupted(f"the LoRA was already written to '{lora_path}' (after step {state.step}); only the "
+                          "end-of-run validation, the loss plot and the summary are missing (python -m pipeline "
+                          f"plot {out_dir} makes the plot)") from None
     return model, {
         "steps": state.step,
         "epochs": math.ceil(state.step / max(run.steps_per_epoch, 1)),
@@ -119,28 +141,38 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
         "skipped_images": plan.skipped,
         "lora": str(lora_path),
         "metrics": str(jsonl.metrics_path),
-        "plot": str(plot),
+        "plot": str(plot) if plot else None,
         "seconds": round(time.perf_counter() - start, 2),
     }
 
 
-def _resume_point(cfg: Config, out_dir: Path) -> Path:
-    """The newest checkpoint, if this config continues its run (else a one-line refusal naming the keys)."""
-    found = checkpoint.latest(out_dir)
+def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validator, data_fp: str) -> None:
+    """The optimizer steps from `state` to the run's end, with validation and checkpoints between them."""
+    cfg, t = plan.cfg, plan.cfg.train
+    if state.step == 0:
+        validator.run(0)  # the baseline: drift is zero here by construction, the loss is the base model's
+    accum = t.gradient_accumulation
+    while state.step < run.total_steps:
+        batches = epoch_batches(plan, run.shapes, state.epoch)
+        for first in range(state.next_batch, len(batches), accum):
+            if state.step >= run.total_steps:
+                break
+            # variant: that of the samples seen once this epoch (see epoch_batches)
+            record = {"step": state.step, "epoch": state.epoch, "variant": state.epoch % cfg.cache.variants,
+                      **optimizer_step(run, plan, store, batches[first : first + accum], state.step)}
+            sinks.step(record)
+            state.step, state.next_batch = state.step + 1, first + accum
+            if cfg.validation.every and state.step % cfg.validation.every == 0:
+                validator.run(state.step)
+            if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < run.total_steps:
+                checkpoint.save(Path(t.output_dir), state, run, plan, data_fp)
+        state.epoch, state.next_batch = state.epoch + 1, 0
+
+
+def _resume_point(cfg: Config, plan, data_fp: str, out_dir: Path) -> Path:
+    """The newest intact checkpoint, if this config continues its run (else a one-line refusal)."""
+    found = checkpoint.resume_point(out_dir)
     if found is None:
         raise UserError(f"no checkpoint in '{out_dir / 'checkpoints'}' to resume from: train without --resume")
-    checkpoint.check_same_run(checkpoint.saved_config(found), cfg, found)
+    checkpoint.check_same_run(checkpoint.saved_state(found), cfg, plan, data_fp, found)
     return found
-
-
-def _say_if_replacing(out_dir: Path, cfg: Config) -> None:
-    """A run without --resume starts over in output_dir; say so when an earlier run's results are there."""
-    t = cfg.train
-    if not ((out_dir / t.lora_name).is_file() or (out_dir / "metrics.jsonl").is_file()):
-        return
-    what = ("its LoRA, metrics.jsonl and validation.jsonl are rewritten, and the sample grids of the steps this "
-            "run validates")
-    if checkpoint.latest(out_dir) is not None:
-        what += ("; its checkpoints go once this run writes its first" if t.checkpoint_every
-                 else "; its checkpoints stay (this run writes none)") + ", and --resume would go on from them instead"
-    note(f"train: replacing the run in '{out_dir}' ({what})")

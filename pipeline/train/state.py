@@ -3,7 +3,8 @@ dropout draws from. A checkpoint stores exactly this, so a resumed run continues
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,6 +14,8 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     next_batch: int = 0  # index of the next batch in the epoch's order (train.epochs.epoch_batches)
+    # a fresh run's own; a resumed run keeps the one of the checkpoint it goes on from
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "next_batch": self.next_batch}

@@ -12,7 +12,6 @@ only the VAE (its encoder dropped at once) for decoding, and it is freed afterwa
 from __future__ import annotations
 
 import gc
-import os
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from pipeline.cache.store import Store
 from pipeline.families.base import render_cached
 from pipeline.objective import per_sample_mse
 from pipeline.plan import Plan
+from pipeline.atomic import replacing
 from pipeline.train.step import targets
 
 
@@ -150,7 +150,6 @@ def save_grid(images: list, path: Path, columns: int = 4, labels: list[str] | No
     if labels:
         info.add_text("prior_lora.labels", json.dumps(labels))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.png")
-    grid.save(tmp, pnginfo=info)
-    os.replace(tmp, path)
+    with replacing(path, ".png") as tmp:  # the suffix: PIL picks the format by it
+        grid.save(tmp, pnginfo=info)
     return path
