@@ -19,6 +19,10 @@ def replacing(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:  # a full disk: name the file the user knows, not our temporary
+        if e.filename not in (str(tmp), tmp):
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         with contextlib.suppress(OSError):  # on a read-only folder, even removing a file that is not there fails
             tmp.unlink(missing_ok=True)

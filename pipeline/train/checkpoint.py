@@ -91,6 +91,10 @@ def save(out_dir: Path, state: TrainState, run, plan, data_fp: str) -> Path:
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+    except OSError as e:  # a full disk: name the checkpoint's file, not our temporary
+        if not str(e.filename or "").startswith(str(tmp)):
+            raise
+        raise OSError(e.errno, e.strerror, str(final / Path(e.filename).relative_to(tmp))) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # Another run's checkpoints (a run started over here) go once this run has one of its own to resume
