@@ -31,6 +31,14 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class Fingerprints:
     """sha256 of files, remembered by (path, size, mtime, inode) in a JSON memo so that a 20 GB
     checkpoint is read once, not on every run. The memo only saves time; deleting it is safe."""
@@ -51,13 +59,10 @@ class Fingerprints:
         hit = self.memo.get(str(path.resolve()))
         if isinstance(hit, list) and len(hit) == 2 and hit[0] == stamp and isinstance(hit[1], str):
             return hit[1]
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-        self.memo[str(path.resolve())] = [stamp, h.hexdigest()]
+        found = sha256_file(path)
+        self.memo[str(path.resolve())] = [stamp, found]
         self.dirty = True
-        return h.hexdigest()
+        return found
 
     def folder(self, folder: Path) -> str:
         """Fingerprint of a model component folder: its config and weight files' contents, not its path."""

@@ -11,9 +11,9 @@ config run in several dtypes (`--dtype`), whose other dtypes' priors prune remov
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from pipeline.atomic import replacing
 from pipeline.cache.keys import digest
 from pipeline.cache.kinds import KINDS, needed_keys
 from pipeline.plan import Plan
@@ -52,9 +52,8 @@ def record(plan: Plan) -> None:
     if old and old["identity"] == identity:  # the same config cached in another dtype before: keep those priors
         kinds = {**{k: v for k, v in old["kinds"].items() if _per_dtype(k)}, **kinds}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"config": plan.cfg.source, "identity": identity, "kinds": kinds}))
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps({"config": plan.cfg.source, "identity": identity, "kinds": kinds}))
 
 
 def other_configs(plan: Plan) -> dict[str, dict[str, set[str]]]:

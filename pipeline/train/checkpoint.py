@@ -12,7 +12,6 @@ damaged checkpoint is found before it is trusted and --resume falls back to the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError, warn
 from pipeline.lora import CHECKPOINT_LORA, save_file_or_oserror, save_run_lora
+from pipeline.cache.keys import sha256_file
 from pipeline.cache.store import writer_gone
 from pipeline.train.state import TrainState
 
@@ -87,7 +87,7 @@ def save(out_dir: Path, state: TrainState, run, plan, data_fp: str) -> Path:
         }
         save_file_or_oserror(tensors, tmp / "state.safetensors")
         (tmp / "state.json").write_text(json.dumps(saved))
-        sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -106,14 +106,6 @@ def save(out_dir: Path, state: TrainState, run, plan, data_fp: str) -> Path:
     for old in others + (ours[:-keep] if keep else []):
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _run_id(path: Path) -> str | None:
@@ -154,7 +146,7 @@ def damage(path: Path) -> str | None:
             if not (path / name).is_file():
                 return f"{name} is missing"
         for name, want in sums.items():
-            if _sha256(path / name) != want:
+            if sha256_file(path / name) != want:
                 return f"{name} does not match its checksum"
     except OSError as e:
         return f"{Path(e.filename or path).name} is unreadable ({e.strerror})"
