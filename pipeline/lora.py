@@ -22,7 +22,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from pipeline.cache.store import writer_gone
+from pipeline.cache.store import writer_gone, writer_tag
 from pipeline.config import LoraConfig
 from pipeline.errors import UserError
 
@@ -148,7 +148,7 @@ def save_lora(
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed
         if writer_gone(stale.name.rsplit(".", 2)[-2]):
             stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{writer_tag()}.tmp")
     try:
         save_file(weights, str(tmp), metadata=meta)
         # safetensors creates its file readable by its owner only; a LoRA is for sharing, so it gets the

@@ -69,7 +69,9 @@ class Fingerprints:
         if not self.dirty:
             return
         self.memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.memo_path.with_name(f".{self.memo_path.name}.{os.getpid()}.tmp")
+        from pipeline.cache.store import writer_tag  # several machines may share the cache: pids can repeat
+
+        tmp = self.memo_path.with_name(f".{self.memo_path.name}.{writer_tag()}.tmp")
         tmp.write_text(json.dumps(self.memo, indent=0))
         os.replace(tmp, self.memo_path)
         self.dirty = False

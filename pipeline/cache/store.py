@@ -6,7 +6,8 @@ datasets and attributes. A segment is written under a temporary name, flushed, f
 place, so a file with a final name is always complete: a crash (kill -9, power loss) can only lose the
 segment being written, never finished work. Segments are never modified after the rename, so readers
 need no lock. The index is rebuilt at open by listing the segments; several processes can each write
-their own segments into the same directory (file names carry the pid and a random part).
+their own segments into the same directory (file names carry the pid and a random part; a temporary's
+name also carries the host, so that no machine removes another's temporary that is still being written).
 
 bfloat16 has no HDF5/numpy type: such arrays are stored as their raw uint16 bits, with the dataset
 attribute `dtype = "bfloat16"`. Every dataset carries a `sha256` attribute of its bytes.
@@ -31,6 +32,7 @@ import os
 import re
 import resource
 import secrets
+import socket
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -121,9 +123,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def writer_gone(pid: str) -> bool:
-    """Whether the process named in a temporary's file name (`pid`, as text) is gone, so that what it left
-    half-written can be removed: never our own, never a live one, and nothing when the name has no pid."""
+HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"  # no dots or dashes: safe in file names
+
+
+def writer_tag() -> str:
+    """Who writes a temporary, for its file name: pid and host. Several machines may write into one cache (a
+    network filesystem), and a pid says nothing about a process on another machine."""
+    return f"{os.getpid()}@{HOST}"
+
+
+def writer_gone(tag: str) -> bool:
+    """Whether the process named in a temporary's file name (`pid@host`, or a bare pid from before hosts were
+    named) is gone, so that what it left half-written can be removed: never our own, never a live one, never
+    one on another machine (it cannot be asked), and nothing when the name has no pid."""
+    pid, _, host = tag.partition("@")
+    if host and host != HOST:
+        return False
     return pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
@@ -293,7 +308,7 @@ class Store:
         self.segments.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
         tag = f"{time.time_ns()}.{os.getpid()}.{secrets.token_hex(4)}"
-        tmp = self.segments / f".tmp.{os.getpid()}.{tag}.h5"
+        tmp = self.segments / f".tmp.{writer_tag()}.{tag}.h5"
         final = self.segments / f"{kind.replace('/', '-')}.{tag}.h5"
         try:
             with h5py.File(tmp, "w", locking=False) as f:

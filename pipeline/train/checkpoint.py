@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
 from pipeline.lora import CHECKPOINT_LORA, save_run_lora
-from pipeline.cache.store import writer_gone
+from pipeline.cache.store import writer_gone, writer_tag
 from pipeline.train.state import TrainState
 
 PREFIX = "step-"
@@ -60,7 +60,7 @@ def save(out_dir: Path, state: TrainState, run, plan) -> Path:
     root = Path(out_dir) / "checkpoints"
     remove_leftovers(root)
     final = root / f"{PREFIX}{state.step:08d}"
-    tmp = root / f".tmp-{PREFIX}{state.step:08d}-{os.getpid()}"
+    tmp = root / f".tmp-{PREFIX}{state.step:08d}-{writer_tag()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model = run.denoiser.module
