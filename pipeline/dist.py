@@ -84,9 +84,9 @@ class World:
         torch.distributed.all_gather_object(out, value, group=self.group)
         return out
 
-    def barrier(self, what: str) -> None:
+    def barrier(self, what: str, kept: str = "every finished cache segment is kept") -> None:
         """Wait for every rank to finish `what`. Past the timeout, a one-line error naming the ranks that did
-        not arrive (on rank 0; the others see rank 0 go)."""
+        not arrive (on rank 0; the others see rank 0 go), saying what is `kept`."""
         if self.size == 1:
             return
         try:
@@ -95,7 +95,7 @@ class World:
             late = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
             who = ", ".join(self.where(int(r)) for r in late.group(1).split(",")) if late else "another rank"
             raise UserError(f"{who} did not finish {what} within {self._limit()} (stuck, or it died: see its "
-                            "output); every finished cache segment is kept: run the same command again") from None
+                            "output); {kept}: run the same command again") from None
 
     def _limit(self) -> str:
         minutes = self.timeout.total_seconds() / 60
@@ -137,6 +137,24 @@ class World:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(module)
 
+    @contextlib.contextmanager
+    def full_params(self, module) -> Iterator[None]:
+        """Under FSDP (FSDP2), the whole weights on every rank for the duration (a collective: every rank
+        enters); otherwise nothing to do."""
+        if not self.fsdp:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [m for m in module.module.modules() if isinstance(m, FSDPModule)]
+        for m in sharded:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in sharded:
+                m.reshard()
+
     def job(self) -> str:
         """Who holds a lock, for another job's refusal."""
         me = f"pid {os.getpid()} on {socket.gethostname()}"
@@ -168,7 +186,7 @@ def session(device_name: str, device_key: str, timeout_minutes: float = 0.0, tim
         yield _world
         return
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs
 
     if re.fullmatch(r"cuda:\d+", device_name):
         raise UserError(f"config key '{device_key}' is {device_name!r}, but {launched_size()} processes each need their own "
@@ -177,9 +195,7 @@ def session(device_name: str, device_key: str, timeout_minutes: float = 0.0, tim
     accelerator = Accelerator(
         cpu=device_name == "cpu" or not torch.cuda.is_available(),  # gloo on CPU (accelerate needs cpu=True)
         mixed_precision="no",  # the train dtype is the config's, not the launcher's config's
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout),
-                         # the frozen base has no trained buffers: nothing to broadcast at every forward
-                         DistributedDataParallelKwargs(broadcast_buffers=False)],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
     )
     _refuse_lonely(accelerator)
     group = torch.distributed.new_group(backend="gloo", timeout=timeout)

@@ -2,9 +2,9 @@
 a folder written under a temporary name and renamed into place (so a crash never leaves a half one).
 
 A checkpoint holds what a bitwise-identical continuation needs: the LoRA weights (float32, as trained),
-the optimizer's state, the schedule's state, the global RNG states (LoRA dropout draws from them) and
-the data position (epoch and index of the next batch; batch order is a pure function of the epoch),
-and the run's config, so that --resume can refuse a config that would give another run. Beside that
+the optimizer's state, the schedule's state and the data position (epoch and index of the next batch;
+batch order is a pure function of the epoch, and LoRA dropout is seeded per step), the run's config, so
+that --resume can refuse a config that would give another run, and the number of processes that trained. Beside that
 state, each checkpoint holds the run's LoRA file as the final save writes it (lora.CHECKPOINT_LORA).
 """
 
@@ -73,8 +73,8 @@ def save(out_dir: Path, state: TrainState, run, plan) -> Path:
         "position": state.position(),
         "optimizer": _split(run.optimizer.state_dict(), "optimizer", tensors),
         "scheduler": _split(run.scheduler.state_dict(), "scheduler", tensors),
-        "rng": _split(state.rng(), "rng", tensors),
         "config": json.loads(plan.cfg.portable_json()),
+        "world_size": run.world.size,
     }
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(saved))
@@ -124,8 +124,23 @@ def restore(path: Path, run) -> TrainState:
                         "set lora.* back as it was, or train without --resume to start over")
     run.optimizer.load_state_dict(_join(saved["optimizer"], tensors))
     run.scheduler.load_state_dict(_join(saved["scheduler"], tensors))
-    TrainState.restore_rng(_join(saved["rng"], tensors))
+    # a checkpoint from before dropout was seeded per step holds RNG states ("rng"): nothing reads them now
     return TrainState(saved["step"], **saved["position"])
+
+
+def check_world(path: Path, cfg, size: int) -> str | None:
+    """Resuming with another number of processes than the checkpoint's run had: refused (UserError) when the
+    result depends on it, else the note that says why it does not."""
+    old = json.loads((path / "state.json").read_text()).get("world_size", 1)
+    if old == size:
+        return None
+    were = f"checkpoint '{path}' was written by a run of {old} process(es) and this one has {size}"
+    if cfg.lora.dropout > 0:
+        raise UserError(f"cannot resume: {were}, and with lora.dropout = {cfg.lora.dropout} each process draws "
+                        f"the dropout masks of its share of the batch, so the result depends on it: resume with {old} "
+                        "process(es), or train without --resume to start over")
+    return (f"train: resuming with {size} process(es) a run of {old}: the same global batches and draws, and "
+            "lora.dropout = 0, so only the rounding of the gradients' sums can differ")
 
 
 # Config keys (dotted, a prefix covers a table) that change what a run computes. Resuming with any of them

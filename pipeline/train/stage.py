@@ -3,7 +3,11 @@ a prior sample's target is its cached base-model prediction, read from disk, not
 
 The loop: setup (train.setup) builds the run, each optimizer step is train.step.optimizer_step, its
 record goes to the sinks (train.sinks), validation runs at chosen steps (train.validation), and a
-checkpoint of the TrainState is written every train.checkpoint_every steps (train.checkpoint)."""
+checkpoint of the TrainState is written every train.checkpoint_every steps (train.checkpoint).
+
+Under a launcher (pipeline.dist) every rank runs this loop over the same global batches (epoch_batches is a
+pure function of seed and epoch) and takes its share of each (train.step); rank 0 alone writes: the LoRA,
+checkpoints, metrics (gathered from every rank, so they read as one process's) and sample grids."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import dist
 from pipeline.cache.kinds import check_complete
 from pipeline.cache.lock import cache_lock
 from pipeline.config import Config, check_output_dir
@@ -37,8 +42,9 @@ def run_train(cfg: Config, progress: bool = True, resume: bool = False) -> dict:
 
 def train_lora(cfg: Config, progress: bool = True, resume: bool = False) -> tuple[torch.nn.Module, dict]:
     """run_train, returning the trained model too (the tests compare it with the saved LoRA)."""
-    with cache_lock(cfg.cache.dir, "read"):
-        return _train_lora(cfg, progress, resume)
+    with dist.session(cfg.train.device, "train.device") as world:
+        with world.main_holds(lambda: cache_lock(cfg.cache.dir, "read")):
+            return _train_lora(cfg, progress and world.is_main, resume, world)
 
 
 def _non_finite(e: NonFinite, out_dir: Path) -> str:
@@ -50,28 +56,37 @@ def _non_finite(e: NonFinite, out_dir: Path) -> str:
             f"was written and no checkpoint after this step, {saved}: lower optimizer.lr, or check those images")
 
 
-def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Module, dict]:
+def _train_lora(cfg: Config, progress: bool, resume: bool, world: dist.World) -> tuple[torch.nn.Module, dict]:
     start = time.perf_counter()
     check_output_dir(cfg)
     plan, store = open_plan(cfg)
     check_complete(plan, store)
     t = cfg.train
     out_dir = Path(t.output_dir)
-    found = _resume_point(cfg, out_dir) if resume else None  # refusals before the model is loaded
-    if not resume:
+    # refusals before the model is loaded; rank 0's view of the output folder decides for every rank
+    found = world.from_main(lambda: _resume_point(cfg, out_dir, world.size)) if resume else None
+    if not resume and world.is_main:
         _say_if_replacing(out_dir, cfg)
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed)  # the LoRA's initial weights: the same on every rank
     practice_warnings(plan)
-    run = setup(plan, store, pick_device(t.device))
+    run = setup(plan, store, world.device or pick_device(t.device))
     batch_size_warning(epoch_batches(plan, run.shapes, 0), t.batch_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     state = checkpoint.restore(found, run) if found else TrainState()
+    run.prepare(world)
+    if world.fsdp and (t.checkpoint_every or Validator.enabled(plan)):
+        # a sharded optimizer state and forwards on one rank alone are not written yet
+        raise UserError("under FSDP (the accelerate config's distributed_type), set train.checkpoint_every = 0 and "
+                        "leave out validation.prompts and validation concepts: checkpoints and validation are not "
+                        "supported with sharded weights yet")
     resumed_at = state.step if resume else None
-    jsonl = JsonlSink(out_dir, resumed_at, Validator.enabled(plan))
     window = summary_window(run.steps_per_epoch)
+    jsonl = JsonlSink(out_dir, resumed_at, Validator.enabled(plan)) if world.is_main else None
     sinks = Sinks([jsonl, ProgressSink(run.total_steps, state.step, progress, window, jsonl.kept)]
-                  + ([TensorBoardSink(out_dir)] if t.tensorboard else []))
-    validator = Validator(plan, store, run.denoiser, out_dir, sinks)
+                  + ([TensorBoardSink(out_dir)] if t.tensorboard else []) if world.is_main else [])
+    validator = Validator(plan, store, run.denoiser, out_dir, sinks, world)
+    first_step = state.step
     try:
         if state.step == 0:
             validator.run(0)  # the baseline: drift is zero here by construction, the loss is the base model's
@@ -83,13 +98,15 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
                     break
                 # variant: that of the samples seen once this epoch (see epoch_batches)
                 record = {"step": state.step, "epoch": state.epoch, "variant": state.epoch % cfg.cache.variants,
-                          **optimizer_step(run, plan, store, batches[first : first + accum], state.step)}
+                          **optimizer_step(run, plan, store, batches[first : first + accum], state.step,
+                                           check=state.step == first_step)}
                 sinks.step(record)
                 state.step, state.next_batch = state.step + 1, first + accum
                 if cfg.validation.every and state.step % cfg.validation.every == 0:
                     validator.run(state.step)
                 if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < run.total_steps:
-                    checkpoint.save(out_dir, state, run, plan)
+                    if world.is_main:
+                        checkpoint.save(out_dir, state, run, plan)
             state.epoch, state.next_batch = state.epoch + 1, 0
         validator.run(state.step)  # the end (skipped when the last step was just validated)
     except NonFinite as e:
@@ -98,8 +115,13 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
         sinks.close()
     model = run.denoiser.module
     lora_path = out_dir / t.lora_name
-    save_run_lora(lora_path, model, plan, state.step)
     store.close()
+    with world.full_params(run.trained):  # under FSDP, every rank gathers the shards; rank 0 writes
+        if world.is_main:
+            save_run_lora(lora_path, model, plan, state.step)
+    world.barrier("the LoRA's save", "the checkpoints, if any, are kept (--resume goes on from the newest)")
+    if not world.is_main:
+        return model, {}
     try:
         from pipeline.plot import plot_run  # matplotlib only here
 
@@ -124,12 +146,16 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
     }
 
 
-def _resume_point(cfg: Config, out_dir: Path) -> Path:
-    """The newest checkpoint, if this config continues its run (else a one-line refusal naming the keys)."""
+def _resume_point(cfg: Config, out_dir: Path, world_size: int = 1) -> Path:
+    """The newest checkpoint, if this config continues its run with this many processes (else a one-line
+    refusal naming the keys, or why the number of processes matters)."""
     found = checkpoint.latest(out_dir)
     if found is None:
         raise UserError(f"no checkpoint in '{out_dir / 'checkpoints'}' to resume from: train without --resume")
     checkpoint.check_same_run(checkpoint.saved_config(found), cfg, found)
+    why = checkpoint.check_world(found, cfg, world_size)
+    if why:
+        note(why)
     return found
 
 
