@@ -29,6 +29,7 @@ from pipeline.cache.stage import run_cache
 from pipeline.cache.store import HOST, writer_gone
 from pipeline.errors import UserError
 from pipeline.train import checkpoint
+from pipeline.train.step import check_gradients
 
 WORKER = Path(__file__).with_name("dist_train.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -70,6 +71,16 @@ def test_launched_processes_that_each_run_alone_are_refused(monkeypatch):
     alone = types.SimpleNamespace(num_processes=1, distributed_type="DistributedType.NO")
     with pytest.raises(UserError, match="started 2 processes .* but each runs alone"):
         dist._refuse_lonely(alone)
+
+
+def test_a_lora_layer_without_a_gradient_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0](torch.ones(1, 2)).sum().backward()  # the second layer takes no part in the forward
+    run = types.SimpleNamespace(denoiser=types.SimpleNamespace(module=model), world=dist.World())
+    with pytest.raises(UserError, match="config key 'lora.targets': the LoRA on '1' gets no gradient"):
+        check_gradients(run, "lora.targets")
+    model[1](torch.ones(1, 2)).sum().backward()
+    check_gradients(run, "lora.targets")
 
 
 def test_a_temporary_of_another_host_is_never_removed():

@@ -119,7 +119,8 @@ def check_gradients(run, targets_key: str) -> None:
     missing = [n for n, p in run.denoiser.module.named_parameters() if p.requires_grad and p.grad is None]
     missing = sorted({n for names in run.world.gather(missing) for n in names})
     if missing:
-        layer = missing[0].split(".lora_")[0].removeprefix("base_model.model.")
+        name = missing[0]
+        layer = name.split(".lora_")[0] if ".lora_" in name else name.rsplit(".", 1)[0]  # the layer, not its tensor
         raise UserError(f"config key '{targets_key}': the LoRA on '{layer}' gets no gradient (this model's forward "
                         f"does not use that layer; {len(missing)} such parameters), and with several processes DDP "
                         "would wait for it forever: leave it out (lora.target_modules or lora.target_regex)")
