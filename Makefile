@@ -6,7 +6,8 @@
 # make cache-status: what the cache holds, lacks and stores unused for CONFIG (DTYPE)
 # Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32  RESUME=1 (train: go on from the newest checkpoint)
 #            OVERWRITE=1 (train: start over where another run's checkpoints are)
-#            PYTHON=/path/to/python (an env with the project installed)
+#            GPUS=N (cache, train: N processes on this machine under torchrun; see the README's
+#            "Several GPUs and machines")  PYTHON=/path/to/python (an env with the project installed)
 
 CONFIG ?= configs/tiny-flux.toml
 DTYPE ?=
@@ -21,6 +22,8 @@ endif
 DTYPE_ARG := $(if $(DTYPE),--dtype $(DTYPE),)
 RESUME_ARG := $(if $(RESUME),--resume,)
 OVERWRITE_ARG := $(if $(OVERWRITE),--overwrite,)
+# torchrun's --standalone picks a free port on this machine; without GPUS, one plain process as before
+LAUNCH = $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS),$(PY))
 
 .PHONY: cache cache-status train test test-fast bench bench-scale
 
@@ -34,14 +37,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 cache: $(SETUP)
-	$(PY) -m pipeline cache --config $(CONFIG) $(DTYPE_ARG)
+	$(LAUNCH) -m pipeline cache --config $(CONFIG) $(DTYPE_ARG)
 
 cache-status: $(SETUP)
 	$(PY) -m pipeline cache status --config $(CONFIG) $(DTYPE_ARG)
 
 train: $(SETUP)
-	$(PY) -m pipeline cache --config $(CONFIG) $(DTYPE_ARG)
-	$(PY) -m pipeline train --config $(CONFIG) $(DTYPE_ARG) $(RESUME_ARG) $(OVERWRITE_ARG)
+	$(LAUNCH) -m pipeline cache --config $(CONFIG) $(DTYPE_ARG)
+	$(LAUNCH) -m pipeline train --config $(CONFIG) $(DTYPE_ARG) $(RESUME_ARG) $(OVERWRITE_ARG)
 
 test: $(SETUP)
 	$(PY) -m pytest -q

@@ -46,6 +46,12 @@ def _run(fn, interrupted: str):
         sys.exit(130)
 
 
+def _is_main() -> bool:
+    from pipeline.dist import launched_rank
+
+    return launched_rank() == 0
+
+
 def _size(n: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if n >= scale:
@@ -110,8 +116,9 @@ def cache(ctx, config_path, dtype, quiet):
         _quiet_libraries()
 
         s = run_cache(cfg, progress=not quiet)
-        _print_summary(f"cache: {in_words(s)}", s)
-        click.echo(json.dumps({"cache_summary": s}))
+        if _is_main():  # under a launcher every rank returns the summary; one prints it
+            _print_summary(f"cache: {in_words(s)}", s)
+            click.echo(json.dumps({"cache_summary": s}))
 
     _run(go, "every finished cache segment is kept; run the same command again to compute the rest")
 
@@ -239,8 +246,9 @@ def train(config_path, dtype, quiet, resume, overwrite):
         _quiet_libraries()
 
         s = run_train(cfg, progress=not quiet, resume=resume, overwrite=overwrite)
-        _print_summary("train: done", s)
-        click.echo(json.dumps({"train_summary": s}))
+        if _is_main():
+            _print_summary("train: done", s)
+            click.echo(json.dumps({"train_summary": s}))
 
     _run(go, "no LoRA was written; the cache is untouched and checkpoints, if any, are kept (--resume goes on from the newest)")
 

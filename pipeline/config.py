@@ -83,6 +83,9 @@ class CacheConfig:
     noise_offset: float = 0.0  # noise += noise_offset * randn(C, 1, 1): lets the model learn brightness
     input_perturbation: float = 0.0  # the input's noise gets perturbation * randn more; the target does not
     device: str = "auto"
+    # under a launcher (several processes): how long a rank waits at a barrier for the others before the run
+    # stops naming the late ones. Long: the ranks share each phase's work but may finish it minutes apart
+    rank_timeout_minutes: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,7 @@ def validate(cfg: Config) -> None:
         ("cache.batch_size", cfg.cache.batch_size, False),
         ("cache.segment_mb", cfg.cache.segment_mb, True),
         ("cache.segment_seconds", cfg.cache.segment_seconds, False),
+        ("cache.rank_timeout_minutes", cfg.cache.rank_timeout_minutes, False),
         ("train.batch_size", cfg.train.batch_size, False),
         ("train.epochs", cfg.train.epochs, False),
         ("train.max_steps", cfg.train.max_steps, True),

@@ -3,9 +3,14 @@
 
 import sys
 
+# Under a launcher, the ranks other than 0 set this (pipeline.dist): they would repeat every line rank 0 prints.
+silent = False
+
 
 def warn(message: str) -> None:
     """A one-line warning on stderr that does not break a tqdm bar."""
+    if silent:
+        return
     from tqdm import tqdm
 
     tqdm.write(f"warning: {message}", file=sys.stderr)
@@ -13,6 +18,8 @@ def warn(message: str) -> None:
 
 def note(message: str) -> None:
     """A one-line notice on stderr (not a warning: something the user should know was done)."""
+    if silent:
+        return
     from tqdm import tqdm
 
     tqdm.write(message, file=sys.stderr)

@@ -23,9 +23,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from pipeline.cache.store import writer_gone
+from pipeline.atomic import replacing, writer_gone
 from pipeline.config import LoraConfig
-from pipeline.atomic import replacing
 from pipeline.errors import UserError
 
 # diffusers reads the adapter's LoraConfig back from this metadata key (rank, alpha, targets, DoRA)

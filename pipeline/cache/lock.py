@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,7 +58,9 @@ def take(path: Path, exclusive: bool, refusal: str):
     if exclusive:  # say who holds it, for the message another process will print
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}")
+        from pipeline import dist  # a job of several processes: rank 0 holds the lock for all of them
+
+        fh.write(f"{dist.world().job()}: {' '.join(sys.argv)[:200]}")
         fh.flush()
     return fh
 

@@ -8,6 +8,12 @@ and at the end of the phase (segment_mb = 0: one segment per chunk). A crash los
 not yet written, never part of one, and a rerun recomputes exactly the same chunks with the same batch
 composition, so the finished cache equals an uninterrupted run's bit for bit, however it was split
 into files. Ctrl-C writes the finished chunks first.
+
+Under a launcher (pipeline.dist), one job of several processes: rank 0 takes the lock and indexes the store,
+and every rank gets from it the chunks still to do, cut exactly as with one process; rank r computes every
+N-th of them and writes its own segments. A barrier ends each phase (the prior phase reads the latents and
+texts other ranks wrote), after which every rank re-indexes the store. The chunks, and so the cache, are
+those of one process whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from diffusers.training_utils import free_memory
 from tqdm import tqdm
 
+from pipeline import dist
 from pipeline.cache import owners
 from pipeline.cache.kinds import COMPUTED, Kind
 from pipeline.cache.lock import cache_lock
@@ -57,22 +64,31 @@ class Phase:
     """One kind of entry for one run: which keys are needed, which are missing, and computing the chunks
     that hold missing ones."""
 
-    def __init__(self, kind: Kind, plan: Plan, store: Store, progress: bool):
+    def __init__(self, kind: Kind, plan: Plan, store: Store, progress: bool, world: dist.World | None = None):
+        world = world or dist.world()
         self.kind, self.plan, self.store, self.progress = kind, plan, store, progress
         self.name = kind.store_kind(plan)
         self.needed = kind.jobs(plan, False)
         self.order = sorted(self.needed)
-        self.missing = [k for k in self.order if not store.has(self.name, k)]
+        chunks = list(_chunks(self.order, kind.chunk(plan.cfg)))
+
+        def todo() -> tuple[int, list[int]]:  # rank 0's index decides, so that every rank cuts the same work
+            missing = sum(not store.has(self.name, k) for k in self.order)
+            return missing, [i for i, c in enumerate(chunks) if any(not store.has(self.name, k) for k in c)]
+
+        self.missing, todo_chunks = world.from_main(todo)
+        self.chunks = [chunks[i] for i in todo_chunks[world.rank :: world.size]]  # this rank's share
         self.computed = 0
 
     def run(self, device) -> None:
-        if not self.missing:
+        if not self.chunks:
             return
         store, name = self.store, self.name
         model = self.kind.load(self.plan, device)
-        chunks = [c for c in _chunks(self.order, self.kind.chunk(self.plan.cfg)) if any(not store.has(name, k) for k in c)]
+        chunks = self.chunks
+        mine = sum(not store.has(name, k) for c in chunks for k in c)
         self._pending, self._bytes, self._since = {}, 0, 0.0
-        with tqdm(total=len(self.missing), desc=name, unit=self.kind.unit, disable=not self.progress) as bar:
+        with tqdm(total=mine, desc=name, unit=self.kind.unit, disable=not self.progress) as bar:
             try:
                 for chunk in chunks:
                     if not self._pending:
@@ -128,29 +144,41 @@ class Phase:
 
     @property
     def reused(self) -> int:
-        return len(self.order) - len(self.missing)  # present before this run
+        return len(self.order) - self.missing  # present before this run
 
 
 def run_cache(cfg: Config, progress: bool = True) -> dict:
     """Compute every missing cache entry the config needs. Returns the summary it prints.
-    Refuses (UserError) while another cache run, prune or repair writes the same directory."""
-    with cache_lock(cfg.cache.dir, "write"):
-        return _run_cache(cfg, progress)
+    Refuses (UserError) while another cache run, prune or repair writes the same directory.
+    Under a launcher, every rank runs this; each returns the same summary, with every rank's counts."""
+    with dist.session(cfg.cache.device, "cache.device", cfg.cache.rank_timeout_minutes,
+                      "cache.rank_timeout_minutes") as world:
+        with world.main_holds(lambda: cache_lock(cfg.cache.dir, "write")):  # one job, one lock
+            return _run_cache(cfg, progress and world.is_main, world)
 
 
-def _run_cache(cfg: Config, progress: bool) -> dict:
+def _run_cache(cfg: Config, progress: bool, world: dist.World) -> dict:
     start = time.perf_counter()
-    ensure_embedded(cfg)
+    world.from_main(lambda: ensure_embedded(cfg))  # one rank builds; the others read what it built
     plan, store = open_plan(cfg)
-    owners.record(plan)  # before computing: what a run that is cut short wrote is claimed too
-    device = pick_device(cfg.cache.device)
-    counts = {}
+    if world.is_main:
+        owners.record(plan)  # before computing: what a run that is cut short wrote is claimed too
+    device = world.device or pick_device(cfg.cache.device)
+    counts, mine = {}, {}
     for kind in COMPUTED:  # in order: the prior phase reads the latents, texts and noise computed before it
-        phase = Phase(kind, plan, store, progress)
+        phase = Phase(kind, plan, store, progress, world)
         phase.run(device)
+        if world.size > 1:
+            world.barrier(f"the {phase.name} phase")
+            store.refresh()  # the other ranks' segments, the bad-image verdicts among them
         plan.drop_bad(store)  # images the latent phase found undecodable are left out of what follows
         counts.update({kind.counts[0]: phase.computed, kind.counts[1]: phase.reused})
-    owners.record(plan)  # again: with the verdicts on undecodable images found on the way
+        mine[kind.counts[0]] = phase.computed
+    if world.size > 1:
+        per_rank = world.gather(mine)
+        counts.update({k: sum(r[k] for r in per_rank) for k in mine})
+    if world.is_main:
+        owners.record(plan)  # again: with the verdicts on undecodable images found on the way
     summary = {
         "samples": len(plan.training),
         "prior_samples": sum(s.prior for s in plan.training),
@@ -165,5 +193,7 @@ def _run_cache(cfg: Config, progress: bool) -> dict:
         "skipped_images": plan.skipped,
         "seconds": round(time.perf_counter() - start, 2),
     }
+    if world.size > 1:  # what each rank computed (the totals above are their sums)
+        summary["ranks"] = [{"rank": r, "host": world.hosts[r], **c} for r, c in enumerate(per_rank)]
     store.close()
     return summary

@@ -6,7 +6,8 @@ datasets and attributes. A segment is written under a temporary name, flushed, f
 place, so a file with a final name is always complete: a crash (kill -9, power loss) can only lose the
 segment being written, never finished work. Segments are never modified after the rename, so readers
 need no lock. The index is rebuilt at open by listing the segments; several processes can each write
-their own segments into the same directory (file names carry the pid and a random part).
+their own segments into the same directory (file names carry the pid and a random part; a temporary's
+name also carries the host, so that no machine removes another's temporary that is still being written).
 
 bfloat16 has no HDF5/numpy type: such arrays are stored as their raw uint16 bits, with the dataset
 attribute `dtype = "bfloat16"`. Every dataset carries a `sha256` attribute of its bytes.
@@ -39,6 +40,7 @@ import h5py
 import numpy as np
 import torch
 
+from pipeline.atomic import HOST, pid_alive, writer_gone, writer_tag  # noqa: F401 (re-exported)
 from pipeline.errors import UserError
 
 Entry = tuple[dict[str, torch.Tensor], dict]  # (tensors by name, attributes)
@@ -109,22 +111,6 @@ def _default_max_open() -> int:
     # a quarter of the soft limit leaves the rest to torch, the model files and the OS
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return MAX_OPEN if soft == resource.RLIM_INFINITY else max(1, min(MAX_OPEN, soft // 4))
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def writer_gone(pid: str) -> bool:
-    """Whether the process named in a temporary's file name (`pid`, as text) is gone, so that what it left
-    half-written can be removed: never our own, never a live one, and nothing when the name has no pid."""
-    return pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
 class Store:
@@ -293,7 +279,7 @@ class Store:
         self.segments.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
         tag = f"{time.time_ns()}.{os.getpid()}.{secrets.token_hex(4)}"
-        tmp = self.segments / f".tmp.{os.getpid()}.{tag}.h5"
+        tmp = self.segments / f".tmp.{writer_tag()}.{tag}.h5"
         final = self.segments / f"{kind.replace('/', '-')}.{tag}.h5"
         try:
             with h5py.File(tmp, "w", locking=False) as f:

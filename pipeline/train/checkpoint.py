@@ -2,10 +2,10 @@
 a folder written under a temporary name and renamed into place (so a crash never leaves a half one).
 
 A checkpoint holds what a bitwise-identical continuation needs: the LoRA weights (float32, as trained),
-the optimizer's state, the schedule's state, the global RNG states (LoRA dropout draws from them) and
-the data position (epoch and index of the next batch; batch order is a pure function of the epoch),
-and the run's id, config and data fingerprint, so that --resume can refuse a config or data set that
-would give another run. Beside that state, each checkpoint holds the run's LoRA file as the final save
+the optimizer's state, the schedule's state and the data position (epoch and index of the next batch;
+batch order is a pure function of the epoch, and LoRA dropout is seeded per step), and the run's id,
+config, data fingerprint and number of processes, so that --resume can refuse a config, data set or
+world size that would give another run. Beside that state, each checkpoint holds the run's LoRA file as the final save
 writes it (lora.CHECKPOINT_LORA), and last, the sha256 of each of its files (checksums.json), so that a
 damaged checkpoint is found before it is trusted and --resume falls back to the newest intact one.
 """
@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.errors import UserError, warn
 from pipeline.lora import CHECKPOINT_LORA, save_file_or_oserror, save_run_lora
 from pipeline.cache.keys import sha256_file
-from pipeline.cache.store import writer_gone
+from pipeline.atomic import writer_gone, writer_tag
 from pipeline.train.state import TrainState
 
 PREFIX = "step-"
@@ -65,7 +65,7 @@ def save(out_dir: Path, state: TrainState, run, plan, data_fp: str) -> Path:
     root = Path(out_dir) / "checkpoints"
     remove_leftovers(root)
     final = root / f"{PREFIX}{state.step:08d}"
-    tmp = root / f".tmp-{PREFIX}{state.step:08d}-{os.getpid()}"
+    tmp = root / f".tmp-{PREFIX}{state.step:08d}-{writer_tag()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
@@ -80,10 +80,10 @@ def save(out_dir: Path, state: TrainState, run, plan, data_fp: str) -> Path:
             "position": state.position(),
             "optimizer": _split(run.optimizer.state_dict(), "optimizer", tensors),
             "scheduler": _split(run.scheduler.state_dict(), "scheduler", tensors),
-            "rng": _split(state.rng(), "rng", tensors),
             "config": json.loads(plan.cfg.portable_json()),
             "data": data_fp,
             "base_model": plan.denoiser_fp,
+            "world_size": run.world.size,
         }
         save_file_or_oserror(tensors, tmp / "state.safetensors")
         (tmp / "state.json").write_text(json.dumps(saved))
@@ -189,8 +189,23 @@ def restore(path: Path, run) -> TrainState:
                         "set lora.* back as it was, or train without --resume to start over")
     run.optimizer.load_state_dict(_join(saved["optimizer"], tensors))
     run.scheduler.load_state_dict(_join(saved["scheduler"], tensors))
-    TrainState.restore_rng(_join(saved["rng"], tensors))
+    # a checkpoint from before dropout was seeded per step holds RNG states ("rng"): nothing reads them now
     return TrainState(saved["step"], run_id=saved.get("run_id") or TrainState().run_id, **saved["position"])
+
+
+def check_world(path: Path, cfg, size: int) -> str | None:
+    """Resuming with another number of processes than the checkpoint's run had: refused (UserError) when the
+    result depends on it, else the note that says why it does not."""
+    old = saved_state(path).get("world_size", 1)
+    if old == size:
+        return None
+    were = f"checkpoint '{path}' was written by a run of {old} process(es) and this one has {size}"
+    if cfg.lora.dropout > 0:
+        raise UserError(f"cannot resume: {were}, and with lora.dropout = {cfg.lora.dropout} each process draws "
+                        f"the dropout masks of its share of the batch, so the result depends on it: resume with {old} "
+                        "process(es), or train without --resume to start over")
+    return (f"train: resuming with {size} process(es) a run of {old}: the same global batches and draws, and "
+            "lora.dropout = 0, so only the rounding of the gradients' sums can differ")
 
 
 # Config keys (dotted, a prefix covers a table) that change what a run computes. Resuming with any of them

@@ -4,10 +4,11 @@ the optimizer over the LoRA's parameters, and the learning-rate schedule over th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from pipeline import dist
 from pipeline.batches import Denoiser
 from pipeline.cache.store import Store
 from pipeline.errors import warn
@@ -26,6 +27,20 @@ class Run:
     shapes: dict[str, tuple]  # latent key -> shape, read from the cache once per run
     steps_per_epoch: int  # optimizer steps
     total_steps: int
+    world: dist.World = field(default_factory=dist.World)  # the processes training together (one: no wrapper)
+    trained: Denoiser | None = None  # under a launcher: the model as DDP/FSDP wraps it, for the training forward
+
+    def prepare(self, world: dist.World) -> None:
+        """Under a launcher: hand the model and the optimizer to accelerate (DDP, or FSDP from its config).
+        Everything but the training forward keeps using the unwrapped model: a forward on one rank alone (a
+        sample grid) must not go through a wrapper that expects every rank. The scheduler stays ours: accelerate's
+        would step once per process."""
+        self.world = world
+        if world.size == 1:
+            return
+        model, self.optimizer = world.accelerator.prepare(self.denoiser.module, self.optimizer)
+        self.trained = Denoiser(model, self.denoiser.device, self.denoiser.dtype)
+        self.params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them by shards
 
 
 def setup(plan: Plan, store: Store, device: torch.device) -> Run:

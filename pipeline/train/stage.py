@@ -3,7 +3,11 @@ a prior sample's target is its cached base-model prediction, read from disk, not
 
 The loop: setup (train.setup) builds the run, each optimizer step is train.step.optimizer_step, its
 record goes to the sinks (train.sinks), validation runs at chosen steps (train.validation), and a
-checkpoint of the TrainState is written every train.checkpoint_every steps (train.checkpoint)."""
+checkpoint of the TrainState is written every train.checkpoint_every steps (train.checkpoint).
+
+Under a launcher (pipeline.dist) every rank runs this loop over the same global batches (epoch_batches is a
+pure function of seed and epoch) and takes its share of each (train.step); rank 0 alone writes: the LoRA,
+checkpoints, metrics (gathered from every rank, so they read as one process's) and sample grids."""
 
 from __future__ import annotations
 
@@ -14,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline import dist
 from pipeline.cache.kinds import check_complete
 from pipeline.cache.lock import cache_lock
 from pipeline.config import Config, check_output_dir
-from pipeline.errors import Interrupted, UserError, warn
+from pipeline.errors import Interrupted, UserError, note, warn
 from pipeline.lora import save_run_lora
 from pipeline.plan import open_plan, pick_device
 from pipeline.train import checkpoint
@@ -44,8 +49,11 @@ def train_lora(cfg: Config, progress: bool = True, resume: bool = False,
     if resume and overwrite:
         raise UserError("--resume goes on with the run in train.output_dir and --overwrite replaces it: give one")
     check_output_dir(cfg)
-    with cache_lock(cfg.cache.dir, "read"), output_lock(Path(cfg.train.output_dir)):
-        return _train_lora(cfg, progress, resume, overwrite)
+    with dist.session(cfg.train.device, "train.device") as world:
+        # rank 0 holds the locks for the whole job; a refusal is raised on every rank alike
+        with world.main_holds(lambda: cache_lock(cfg.cache.dir, "read")), \
+                world.main_holds(lambda: output_lock(Path(cfg.train.output_dir))):
+            return _train_lora(cfg, progress and world.is_main, resume, overwrite, world)
 
 
 def _non_finite(e: NonFinite, out_dir: Path) -> str:
@@ -74,33 +82,45 @@ def _last_checkpoint(out_dir: Path) -> str:
             else "there is no checkpoint (train.checkpoint_every)")
 
 
-def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool) -> tuple[torch.nn.Module, dict]:
+def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool,
+                world: dist.World) -> tuple[torch.nn.Module, dict]:
     start = time.perf_counter()
     plan, store = open_plan(cfg)
     check_complete(plan, store)
     t = cfg.train
     out_dir = Path(t.output_dir)
     data_fp = plan.data_fp()
-    # refusals before the model is loaded
-    found = _resume_point(cfg, plan, data_fp, out_dir) if resume else None
-    if not resume:
-        check_fresh_start(out_dir, cfg, plan, data_fp, overwrite)
-    torch.manual_seed(t.seed)
+    # refusals before the model is loaded; rank 0's view of the output folder decides for every rank
+    if resume:
+        found = world.from_main(lambda: _resume_point(cfg, plan, data_fp, out_dir, world.size))
+    else:
+        found = world.from_main(lambda: check_fresh_start(out_dir, cfg, plan, data_fp, overwrite))
+    torch.manual_seed(t.seed)  # the LoRA's initial weights: the same on every rank
     practice_warnings(plan)
-    run = setup(plan, store, pick_device(t.device))
+    run = setup(plan, store, world.device or pick_device(t.device))
     batch_size_warning(epoch_batches(plan, run.shapes, 0), t.batch_size)
     state = checkpoint.restore(found, run) if found else TrainState()
+    state.run_id = world.broadcast(state.run_id)  # a fresh run's id: rank 0's
+    run.prepare(world)
+    if world.fsdp and (t.checkpoint_every or Validator.enabled(plan)):
+        # a sharded optimizer state and forwards on one rank alone are not written yet
+        raise UserError("under FSDP (the accelerate config's distributed_type), set train.checkpoint_every = 0 and "
+                        "leave out validation.prompts and validation concepts: checkpoints and validation are not "
+                        "supported with sharded weights yet")
     resumed_at = state.step if resume else None
-    jsonl = JsonlSink(out_dir, resumed_at, Validator.enabled(plan))
     window = summary_window(run.steps_per_epoch)
+    jsonl = JsonlSink(out_dir, resumed_at, Validator.enabled(plan)) if world.is_main else None
     sinks = Sinks([jsonl, ProgressSink(run.total_steps, state.step, progress, window, jsonl.kept)]
-                  + ([TensorBoardSink(out_dir)] if t.tensorboard else []))
-    validator = Validator(plan, store, run.denoiser, out_dir, sinks)
+                  + ([TensorBoardSink(out_dir)] if t.tensorboard else []) if world.is_main else [])
+    validator = Validator(plan, store, run.denoiser, out_dir, sinks, world)
     model = run.denoiser.module
     lora_path = out_dir / t.lora_name
     try:
-        _loop(run, plan, store, state, sinks, validator, data_fp)
-        save_run_lora(lora_path, model, plan, state.step)  # first: everything after it is optional
+        _loop(run, plan, store, state, sinks, validator, data_fp, world)
+        with world.full_params(run.trained):  # under FSDP, every rank gathers the shards; rank 0 writes
+            if world.is_main:
+                save_run_lora(lora_path, model, plan, state.step)  # first: everything after it is optional
+        world.barrier("the LoRA's save", "the checkpoints, if any, are kept (--resume goes on from the newest)")
     except NonFinite as e:
         sinks.close(quiet=True)
         raise UserError(_non_finite(e, out_dir)) from None
@@ -110,11 +130,13 @@ def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool) -> t
     except BaseException:
         sinks.close(quiet=True)
         raise
-    store.close()
     plot = None
     try:
         try:
-            validator.run(state.step)  # the end (skipped when the last step was just validated)
+            validator.run(state.step)  # the end (skipped when the last step was just validated); every rank
+            store.close()
+            if not world.is_main:
+                return model, {}
             sinks.close()
             from pipeline.plot import plot_run  # matplotlib only here
 
@@ -146,9 +168,11 @@ def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool) -> t
     }
 
 
-def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validator, data_fp: str) -> None:
+def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validator, data_fp: str,
+          world: dist.World) -> None:
     """The optimizer steps from `state` to the run's end, with validation and checkpoints between them."""
     cfg, t = plan.cfg, plan.cfg.train
+    first_step = state.step
     if state.step == 0:
         validator.run(0)  # the baseline: drift is zero here by construction, the loss is the base model's
     accum = t.gradient_accumulation
@@ -159,20 +183,26 @@ def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validato
                 break
             # variant: that of the samples seen once this epoch (see epoch_batches)
             record = {"step": state.step, "epoch": state.epoch, "variant": state.epoch % cfg.cache.variants,
-                      **optimizer_step(run, plan, store, batches[first : first + accum], state.step)}
+                      **optimizer_step(run, plan, store, batches[first : first + accum], state.step,
+                                       check=state.step == first_step)}
             sinks.step(record)
             state.step, state.next_batch = state.step + 1, first + accum
             if cfg.validation.every and state.step % cfg.validation.every == 0:
                 validator.run(state.step)
             if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < run.total_steps:
-                checkpoint.save(Path(t.output_dir), state, run, plan, data_fp)
+                if world.is_main:
+                    checkpoint.save(Path(t.output_dir), state, run, plan, data_fp)
         state.epoch, state.next_batch = state.epoch + 1, 0
 
 
-def _resume_point(cfg: Config, plan, data_fp: str, out_dir: Path) -> Path:
-    """The newest intact checkpoint, if this config continues its run (else a one-line refusal)."""
+def _resume_point(cfg: Config, plan, data_fp: str, out_dir: Path, world_size: int = 1) -> Path:
+    """The newest intact checkpoint, if this config continues its run with this many processes (else a
+    one-line refusal naming what changed, or why the number of processes matters)."""
     found = checkpoint.resume_point(out_dir)
     if found is None:
         raise UserError(f"no checkpoint in '{out_dir / 'checkpoints'}' to resume from: train without --resume")
     checkpoint.check_same_run(checkpoint.saved_state(found), cfg, plan, data_fp, found)
+    why = checkpoint.check_world(found, cfg, world_size)
+    if why:
+        note(why)
     return found

@@ -1,12 +1,11 @@
-"""Where a training run is: the step, the epoch and the next batch in it, and the RNG state that LoRA
-dropout draws from. A checkpoint stores exactly this, so a resumed run continues bit for bit."""
+"""Where a training run is: the step, the epoch and the next batch in it. A checkpoint stores exactly this
+beside the weights and the optimizer; LoRA dropout is seeded by (seed, step, rank) at every step
+(train.step.optimizer_step), so no RNG state needs saving for a resumed run to continue bit for bit."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-
-import torch
 
 
 @dataclass
@@ -19,14 +18,3 @@ class TrainState:
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "next_batch": self.next_batch}
-
-    @staticmethod
-    def rng() -> dict:
-        """The global RNG states (LoRA dropout draws from them)."""
-        return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-    @staticmethod
-    def restore_rng(rng: dict) -> None:
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])

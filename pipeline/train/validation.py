@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import free_memory
 
+from pipeline import dist
 from pipeline.batches import Denoiser, forward, load_inputs
 from pipeline.cache.store import Store
 from pipeline.families.base import render_cached
@@ -29,8 +30,9 @@ from pipeline.train.step import targets
 class Validator:
     """Held-out scores and sample grids at chosen steps, each validation's record to the run's sinks."""
 
-    def __init__(self, plan: Plan, store: Store, denoiser: Denoiser, out_dir: Path, sinks):
+    def __init__(self, plan: Plan, store: Store, denoiser: Denoiser, out_dir: Path, sinks, world: dist.World | None = None):
         self.plan, self.store, self.denoiser, self.sinks = plan, store, denoiser, sinks
+        self.world = world or dist.world()
         self.samples_dir = out_dir / "samples"
         self.done: set[int] = set()
         self.last: dict = {}
@@ -43,8 +45,10 @@ class Validator:
         if not self.enabled(self.plan) or step in self.done:
             return
         self.done.add(step)
-        record = {"step": step, **held_out_scores(self.plan, self.store, self.denoiser, self.plan.cfg.train.prior_mode)}
-        images = render_prompts(self.plan, self.store, self.denoiser)
+        record = {"step": step, **held_out_scores(self.plan, self.store, self.denoiser, self.plan.cfg.train.prior_mode,
+                                                  self.world)}
+        # the grid on rank 0 alone (the unwrapped model: no collective); the others go on to the next step's
+        images = render_prompts(self.plan, self.store, self.denoiser) if self.world.is_main else []
         if images:
             labels = [f"step {step}: {p}" for p in self.plan.cfg.validation.prompts]
             record["samples"] = str(save_grid(images, self.samples_dir / f"step-{step:06d}.png", labels=labels))
@@ -53,28 +57,36 @@ class Validator:
 
 
 @torch.no_grad()
-def held_out_scores(plan: Plan, store: Store, denoiser: Denoiser, prior_mode: str = "cached") -> dict:
+def held_out_scores(plan: Plan, store: Store, denoiser: Denoiser, prior_mode: str = "cached",
+                    world: dist.World | None = None) -> dict:
     """Validation loss (held-out standard images) and prior drift (held-out prior images), each averaged over
-    every cached variant; None where the config has no such images. Leaves the model in train mode."""
+    every cached variant; None where the config has no such images. Leaves the model in train mode. Under a
+    launcher the ranks share the batches and every rank gets the scores one process would compute."""
     held = plan.held_out
     if not held:
         return {}
+    world = world or dist.world()
     model = denoiser.module
     model.eval()  # LoRA dropout off: the score must be deterministic
-    losses: dict[bool, list[float]] = {False: [], True: []}
     size = plan.cfg.train.batch_size
+    batches = []
     for v in range(plan.cfg.cache.variants):
         by_shape: dict[tuple, list] = {}
         for s in held:
             by_shape.setdefault(store.shape("latent", s.latent_keys[v], "latent"), []).append(s)
-        for group in by_shape.values():
-            for batch in (group[i : i + size] for i in range(0, len(group), size)):
-                items = [(s, v) for s in batch]
-                inputs = load_inputs(plan, store, items)  # the cached draws: a score must not move by chance
-                target = targets(plan, store, denoiser, items, inputs, prior_mode)
-                pred = forward(plan.family, denoiser, inputs)
-                for s, loss in zip(batch, per_sample_mse(pred, target.to(pred.device)).cpu().tolist()):
-                    losses[s.prior].append(loss)
+        batches += [[(s, v) for s in group[i : i + size]] for group in by_shape.values() for i in range(0, len(group), size)]
+    mine = {}
+    for j in range(world.rank, len(batches), world.size):
+        items = batches[j]
+        inputs = load_inputs(plan, store, items)  # the cached draws: a score must not move by chance
+        target = targets(plan, store, denoiser, items, inputs, prior_mode)
+        pred = forward(plan.family, denoiser, inputs)
+        mine[j] = per_sample_mse(pred, target.to(pred.device)).cpu().tolist()
+    done = {j: v for part in world.gather(mine) for j, v in part.items()}
+    losses: dict[bool, list[float]] = {False: [], True: []}
+    for j, items in enumerate(batches):  # in one process's order, so the means are its to the last bit
+        for (s, _), loss in zip(items, done[j]):
+            losses[s.prior].append(loss)
     model.train()
     mean = lambda xs: round(sum(xs) / len(xs), 8) if xs else None  # noqa: E731
     return {"val_loss": mean(losses[False]), "prior_drift": mean(losses[True])}

@@ -1,0 +1,30 @@
+"""Run by test_dist.py under torchrun: `python -m pipeline train` as a function, then this rank's LoRA as it
+holds it in memory is written to <dir>/rank-<r>.safetensors, so that the test can compare the ranks. Ranks
+other than 0 get their own train.output_dir, which must stay absent: they write nothing.
+
+usage: dist_train.py CONFIG DIR [--resume]"""
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from pipeline.config import load_config
+from pipeline.errors import UserError
+from pipeline.train.stage import train_lora
+
+config, out = sys.argv[1], Path(sys.argv[2])
+rank = int(os.environ.get("RANK", "0"))
+cfg = load_config(config)
+if rank:
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(out / f"output-of-rank-{rank}")))
+try:
+    model, _ = train_lora(cfg, progress=False, resume="--resume" in sys.argv)
+except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+save_file(weights, str(out / f"rank-{rank}.safetensors"))
