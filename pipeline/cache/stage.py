@@ -26,7 +26,7 @@ from pipeline.cache.lock import cache_lock
 from pipeline.cache.store import Entry, Store, access_error, os_errno
 from pipeline.config import Config
 from pipeline.errors import UserError, note
-from pipeline.plan import Plan, open_plan, pick_device
+from pipeline.plan import Plan, open_plan, pick_device, prior_device
 
 
 def ensure_embedded(cfg: Config) -> None:
@@ -147,7 +147,8 @@ def _run_cache(cfg: Config, progress: bool) -> dict:
     counts = {}
     for kind in COMPUTED:  # in order: the prior phase reads the latents, texts and noise computed before it
         phase = Phase(kind, plan, store, progress)
-        phase.run(device)
+        # the denoiser's outputs are keyed by the device type training runs on, so they are computed there
+        phase.run(prior_device(cfg) if kind.per_dtype else device)
         plan.drop_bad(store)  # images the latent phase found undecodable are left out of what follows
         counts.update({kind.counts[0]: phase.computed, kind.counts[1]: phase.reused})
     owners.record(plan)  # again: with the verdicts on undecodable images found on the way
@@ -158,6 +159,7 @@ def _run_cache(cfg: Config, progress: bool) -> dict:
         "images_per_bucket": plan.bucket_counts(),
         "variants": cfg.cache.variants,
         "dtype": cfg.train.dtype,
+        "quantize": cfg.model.quantize,
         **counts,
         "bytes_on_disk": store.bytes_on_disk(),
         # files that could not be read (damaged or foreign); their entries, if needed, were recomputed
