@@ -197,7 +197,7 @@ def cache_verify(ctx, config_path, dtype, repair):
 @SUB_CONFIG
 @DTYPE
 @click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
-@click.option("--keep-dtypes", is_flag=True, help="Keep the priors of other train dtypes.")
+@click.option("--keep-dtypes", is_flag=True, help="Keep the priors of other train dtypes and model.quantize schemes.")
 @click.option("--all-configs", is_flag=True,
               help="Also remove entries that other configs caching into this cache dir use (else refused).")
 @click.pass_context
