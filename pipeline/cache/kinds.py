@@ -6,12 +6,11 @@ cache is complete, all read this list, so a new kind is one entry here and nothi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import json
 
 import torch
 
@@ -36,7 +35,7 @@ class Kind:
     compute: Callable[[Plan, Store, Any, list], dict[str, Entry]] | None = None  # (plan, store, model, jobs)
     chunk: Callable[[Config], int] = lambda cfg: cfg.cache.batch_size  # entries per batch (the unit of work)
     # computed by the denoiser in the train dtype (and model.quantize): one set of entries per dtype and
-    # quantization, side by side; the denoiser runs on the device type training uses (plan.prior_device)
+    # quantization, side by side; the denoiser runs on the device type training uses (pipeline.plan.prior_device)
     per_dtype: bool = False
 
     def store_kind(self, plan: Plan) -> str:
