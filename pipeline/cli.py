@@ -154,12 +154,16 @@ def cache_status(ctx, config_path, dtype, as_json):
         if as_json:
             click.echo(json.dumps(s))
             return
-        click.echo(f"cache {s['cache_dir']} for train dtype {s['dtype']}")
-        click.echo(f"  {'kind':<12}{'needed':>8}{'present':>9}{'missing':>9}{'stale':>8}{'MiB':>9}")
+        quantized = f", model.quantize = {s['quantize']}" if s["quantize"] != "none" else ""
+        click.echo(f"cache {s['cache_dir']} for train dtype {s['dtype']}{quantized}")
+        w = max(12, *(len(kind) + 1 for kind in s["kinds"]))  # "prior/bf16-int8" is wider than the rest
+        click.echo(f"  {'kind':<{w}}{'needed':>8}{'present':>9}{'missing':>9}{'stale':>8}{'MiB':>9}")
         for kind, k in s["kinds"].items():
-            click.echo(f"  {kind:<12}{k['needed']:>8}{k['present']:>9}{k['missing']:>9}{k['stale']:>8}"
+            click.echo(f"  {kind:<{w}}{k['needed']:>8}{k['present']:>9}{k['missing']:>9}{k['stale']:>8}"
                        f"{_mib(k['bytes']):>9}")
         click.echo(f"  priors cached for: {', '.join(s['dtypes_with_priors']) or 'no dtype'}")
+        if s["priors_missing"]:
+            click.echo(f"  {s['priors_missing']}")
         click.echo(f"  unreadable segment files: {len(s['unreadable_segments'])}")
         click.echo(f"  total: {_mib(s['total_bytes'])} MiB")
 
@@ -200,7 +204,7 @@ def cache_verify(ctx, config_path, dtype, repair):
 @SUB_CONFIG
 @DTYPE
 @click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
-@click.option("--keep-dtypes", is_flag=True, help="Keep the priors of other train dtypes.")
+@click.option("--keep-dtypes", is_flag=True, help="Keep the priors of other train dtypes and model.quantize schemes.")
 @click.option("--all-configs", is_flag=True,
               help="Also remove entries that other configs caching into this cache dir use (else refused).")
 @click.pass_context

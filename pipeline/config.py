@@ -41,6 +41,7 @@ class ModelConfig:
     encoder_dtype: str = "fp32"  # dtype the VAE and text encoders run in at cache time
     denoiser_file: str = ""  # a single-file (.safetensors) denoiser checkpoint used instead of the folder's weights
     prediction_type: str = ""  # SDXL: "epsilon" | "v_prediction" when the scheduler config says otherwise; "": its own
+    quantize: str = "none"  # the frozen denoiser's weights: "none" | "int8" | "fp8" (torchao) | "nf4" (bitsandbytes, CUDA)
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg.lora.targets, TARGET_PRESETS, "lora.targets")
     _choice(cfg.train.lora_format, ("diffusers", "kohya"), "train.lora_format")
     _choice(cfg.model.prediction_type, ("", "epsilon", "v_prediction"), "model.prediction_type")
+    _choice(cfg.model.quantize, ("none", "int8", "fp8", "nf4"), "model.quantize")
     if cfg.lora.target_regex:
         try:
             re.compile(cfg.lora.target_regex)
@@ -352,6 +354,10 @@ def validate(cfg: Config) -> None:
         if not DEVICE.match(value):
             raise UserError(f"config key '{key}' must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
         _check_device_exists(key, value)
+    if cfg.model.quantize == "nf4":  # before anything imports bitsandbytes (torch only for this value)
+        from pipeline.quantize import check_config
+
+        check_config(cfg.model.quantize, {"cache.device": cfg.cache.device, "train.device": cfg.train.device})
     if cfg.model.denoiser_file and not cfg.model.denoiser_file.endswith(".safetensors"):
         raise UserError("config key 'model.denoiser_file' must name a .safetensors file (pickle checkpoints are not loaded)")
     if cfg.embedded is not None:

@@ -6,7 +6,8 @@ Key recipes (documented in the README):
   latent[v] = digest("latent", content, vae fingerprint, encoder dtype, flip[v])
   text[v]   = digest("text", caption[v], text-encoder fingerprint, max_sequence_length, encoder dtype)
   noise[v]  = digest("noise", content, v, cache seed, timestep sampling settings, scheduler table)
-  prior[v]  = digest("prior", latent[v], text[v], noise[v], denoiser fingerprint, train dtype, prediction settings)
+  prior[v]  = digest("prior", latent[v], text[v], noise[v], denoiser fingerprint, train dtype, prediction settings,
+                     numerics)   # numerics: quantization scheme and settings, library versions, device type
   seed[v]   = derive_seed("noise", cache seed, content, v);  timestep draw seed: derive_seed("timestep", ...)
   flip[v]   = derive_seed("flip", cache seed, content, v) / 2^63 < data.flip_probability
   caption[v] = "" if derive_seed("caption-dropout", cache seed, content, v) / 2^63 < data.caption_dropout
@@ -28,6 +29,7 @@ from pipeline.draws import Draws, draw_settings
 from pipeline.errors import UserError, warn
 from pipeline.families import get_family
 from pipeline.families.base import Family
+from pipeline.quantize import numerics
 
 BAD_IMAGE = "bad-image"  # store kind: content key -> why that image cannot be decoded
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -65,6 +67,8 @@ class Plan:
     skipped: list[str]  # "path: reason" for every image left out
     draws: Draws  # the timestep and noise recipe
     bad: set[str] = field(default_factory=set)  # content keys the cache holds an undecodable verdict for
+    # what else decides the denoiser's output (pipeline/quantize.py): scheme, library versions, device type
+    numerics: dict = field(default_factory=dict)
 
     def skip(self, path: Path, reason: str) -> None:
         """Leave one image out (data.on_bad_image = "skip") or stop with a one-line error ("fail")."""
@@ -89,13 +93,23 @@ class Plan:
     def dtype(self) -> str:
         return self.cfg.train.dtype
 
-    def prior_kind(self, dtype: str | None = None) -> str:
-        return f"prior/{dtype or self.dtype}"
+    @property
+    def quantize(self) -> str:
+        return self.cfg.model.quantize
 
-    def prior_key(self, sample: Sample, variant: int, dtype: str | None = None) -> str:
+    @property
+    def numerics_label(self) -> str:
+        """The train dtype, and the quantization when there is one: "bf16", "bf16-int8". Priors of each
+        are kept side by side, as those of each dtype."""
+        return self.dtype if self.quantize == "none" else f"{self.dtype}-{self.quantize}"
+
+    def prior_kind(self) -> str:
+        return f"prior/{self.numerics_label}"
+
+    def prior_key(self, sample: Sample, variant: int) -> str:
         return digest(
             "prior", sample.latent_keys[variant], sample.text_keys[variant], sample.noise_keys[variant],
-            self.denoiser_fp, dtype or self.dtype, self.family.prediction_settings(),
+            self.denoiser_fp, self.dtype, self.family.prediction_settings(), self.numerics,
         )
 
     def text_key(self, caption: str) -> str:
@@ -187,7 +201,8 @@ def make_plan(cfg: Config) -> Plan:
     c, d = cfg.cache, cfg.data
     timestep_settings = [draw_settings(cfg, family), family.timestep_spec()]
     enc = cfg.model.encoder_dtype
-    plan = Plan(cfg, family, [], vae_fp, text_fp, denoiser_fp, [], Draws(cfg, family))
+    plan = Plan(cfg, family, [], vae_fp, text_fp, denoiser_fp, [], Draws(cfg, family),
+                numerics=numerics(cfg.model.quantize, pick_device(cfg.train.device).type))
     if d.resolution % family.pixel_multiple:
         raise UserError(f"config key 'data.resolution' must be a multiple of {family.pixel_multiple} for {family.name}")
     sizes = buckets(d.resolution, family.pixel_multiple, d.buckets)
@@ -258,3 +273,10 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def prior_device(cfg: Config) -> torch.device:
+    """Where the cache stage computes priors. Their key names the device type training runs on (train.device),
+    since kernels differ between device types: cache.device when it is of that type, else train.device."""
+    cache, train = pick_device(cfg.cache.device), pick_device(cfg.train.device)
+    return cache if cache.type == train.type else train

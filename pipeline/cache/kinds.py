@@ -6,6 +6,7 @@ cache is complete, all read this list, so a new kind is one entry here and nothi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pipeline import quantize
 from pipeline.batches import Denoiser, forward, load_inputs
 from pipeline.cache.store import Entry, Store
 from pipeline.config import Config
@@ -23,7 +25,7 @@ from pipeline.plan import BAD_IMAGE, TORCH_DTYPES, Plan, Sample
 
 @dataclass(frozen=True)
 class Kind:
-    name: str  # the store's kind; with per_dtype, stored as "<name>/<train dtype>"
+    name: str  # the store's kind; with per_dtype, stored as "<name>/<plan.numerics_label>" ("prior/bf16-int8")
     label: str  # what messages call it ("the cache lacks <label> ...")
     jobs: Callable[[Plan, bool], dict[str, Any]]  # (plan, keep_unused) -> key: what computing it needs
     counts: tuple[str, str] = ("", "")  # summary keys: (computed this run, present before)
@@ -32,10 +34,12 @@ class Kind:
     load: Callable[[Plan, torch.device], Any] | None = None
     compute: Callable[[Plan, Store, Any, list], dict[str, Entry]] | None = None  # (plan, store, model, jobs)
     chunk: Callable[[Config], int] = lambda cfg: cfg.cache.batch_size  # entries per batch (the unit of work)
-    per_dtype: bool = False  # computed by the denoiser in the train dtype: one set of entries per dtype
+    # computed by the denoiser in the train dtype (and model.quantize): one set of entries per dtype and
+    # quantization, side by side; the denoiser runs on the device type training uses (pipeline.plan.prior_device)
+    per_dtype: bool = False
 
-    def store_kind(self, plan: Plan, dtype: str | None = None) -> str:
-        return f"{self.name}/{dtype or plan.dtype}" if self.per_dtype else self.name
+    def store_kind(self, plan: Plan) -> str:
+        return f"{self.name}/{plan.numerics_label}" if self.per_dtype else self.name
 
 
 # -- computing one chunk of each kind ------------------------------------------------------------------
@@ -82,28 +86,37 @@ def _noise_entries(plan: Plan, store: Store, _, items: list[tuple[Sample, int]])
     return out
 
 
-@torch.no_grad()
 def _prior_entries(plan: Plan, store: Store, denoiser: Denoiser, items: list[tuple[Sample, int]]) -> dict:
     out = {}
+    # The training forward runs with autograd on (the LoRA's parameters need gradients); a backend whose
+    # kernels differ by that (quantize.GRAD_SENSITIVE) gets its prior computed the same way. Elsewhere the
+    # result is the same without, and no activations are kept.
+    grad = plan.quantize in quantize.GRAD_SENSITIVE
+    attribute = quantize.attribute(plan.numerics)
     # Chunks are cut from sorted keys; a forward needs one latent shape, so split by shape.
     by_shape: dict[tuple, list] = {}
     for s, v in items:
         shape = store.shape("latent", s.latent_keys[v], "latent")
         by_shape.setdefault(shape, []).append((s, v))
     for group in by_shape.values():
-        pred = forward(plan.family, denoiser, load_inputs(plan, store, group)).cpu()
+        inputs = load_inputs(plan, store, group)
+        with torch.set_grad_enabled(grad):
+            pred = forward(plan.family, denoiser, inputs).detach().cpu()
         for (s, v), p in zip(group, pred):
             out[plan.prior_key(s, v)] = (
                 {"prediction": p.clone()},
                 {"latent_key": s.latent_keys[v], "text_key": s.text_keys[v], "noise_key": s.noise_keys[v], "variant": v,
-                 "dtype": plan.dtype, "denoiser": plan.denoiser_fp},
+                 "dtype": plan.dtype, "denoiser": plan.denoiser_fp, "numerics": attribute},
             )
     return out
 
 
 def _load_denoiser(plan: Plan, device: torch.device) -> Denoiser:
-    dtype = TORCH_DTYPES[plan.dtype]
-    return Denoiser(plan.family.load_denoiser(device, dtype), device, dtype)
+    # the model exactly as training builds it (quantized, with the zero-initialised LoRA, in train mode), so
+    # the prior is its step-0 prediction whatever the backend does differently in eval mode or without a LoRA
+    from pipeline.train.setup import build_denoiser
+
+    return build_denoiser(plan, device, checks=False)[0]
 
 
 def _prior_jobs(plan: Plan, keep_unused: bool) -> dict:
@@ -150,7 +163,8 @@ def in_words(summary: dict) -> str:
     for k in COMPUTED:
         n, total = summary[k.counts[0]], summary[k.counts[0]] + summary[k.counts[1]]
         if total:
-            counts.append((f"{k.label} for {summary['dtype']}" if k.per_dtype else k.label, n, total))
+            counts.append((f"{k.label} for {numerics_words(summary['dtype'], summary.get('quantize', 'none'))}"
+                           if k.per_dtype else k.label, n, total))
     done = [(name, n, total) for name, n, total in counts if n]
     if not done:
         return "nothing to compute, everything is cached"
@@ -161,6 +175,27 @@ def in_words(summary: dict) -> str:
         name, n, total = done[0]
         return f"done: only {name} were computed ({n if n == total else f'{n} of {total}'}); everything else was reused"
     return f"done: computed {', '.join(part(*c) for c in done)}; everything else was reused"
+
+
+def numerics_words(dtype: str, scheme: str) -> str:
+    """"bf16", or "bf16 with model.quantize = int8": what a set of priors was computed in, for messages."""
+    return dtype if scheme == "none" else f"{dtype} with model.quantize = {scheme}"
+
+
+def why_priors_missing(plan: Plan, store: Store, sample: int = 16) -> str:
+    """What differs between the numerics this config needs and those of the cached priors it cannot use
+    (their `numerics` attribute: scheme, device type, library versions), read from a few of them: "" when
+    nothing differs (the priors are missing for other reasons: new images, another model)."""
+    kind, needed = plan.prior_kind(), set(_prior_jobs(plan, False))
+    now = quantize.describe(plan.numerics)
+    found = []
+    for key in sorted(store.keys(kind) - needed)[:sample]:
+        recorded = store.attrs(kind, key).get("numerics")
+        what = (quantize.differences(json.loads(recorded), now) if recorded is not None
+                else "their numerics are not recorded (cached by an earlier version of this program)")
+        if what and what not in found:
+            found.append(what)
+    return f"the cached {kind} entries were computed with other numerics: {'; '.join(found)}" if found else ""
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-flux.toml"  # the Makefile's default
@@ -189,7 +224,9 @@ def check_complete(plan: Plan, store: Store) -> None:
         raise UserError(f"the cache lacks {', '.join(parts)} for this config: run {fix_command(cfg)}")
     for k, n in missing.items():
         if n and k.per_dtype:
+            why = why_priors_missing(plan, store)
             raise UserError(
-                f"{k.label} for {plan.dtype} are not cached ({n} of {len(k.jobs(plan, False))} missing for this model "
-                f"and data): run {fix_command(cfg, plan.dtype)}"
+                f"{k.label} for {numerics_words(plan.dtype, plan.quantize)} are not cached ({n} of "
+                f"{len(k.jobs(plan, False))} missing for this model and data{'; ' + why if why else ''}): "
+                f"run {fix_command(cfg, plan.dtype)}"
             )

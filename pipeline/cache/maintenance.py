@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cache.kinds import COMPUTED, KINDS, computed, needed_keys
+from pipeline.cache.kinds import COMPUTED, KINDS, computed, fix_command, needed_keys, numerics_words, why_priors_missing
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.owners import other_configs
 from pipeline.cache.store import Store
@@ -42,9 +42,16 @@ def status(cfg: Config) -> dict:
             "needed": len(need), "present": len(need & have), "missing": len(need - have),
             "stale": len(have - need), "bytes": sum(_size(p) for p in segs.get(kind, [])),
         }
+    prior = kinds.get(plan.prior_kind(), {})
+    lacking = None  # the priors this config lacks, why, and the fix, in words
+    if prior.get("missing"):
+        why = why_priors_missing(plan, store)
+        lacking = (f"{prior['missing']} of {prior['needed']} priors for {numerics_words(plan.dtype, plan.quantize)} "
+                   f"are missing{'; ' + why if why else ''}: run {fix_command(cfg, plan.dtype)}")
     result = {
-        "cache_dir": str(store.root), "dtype": plan.dtype, "kinds": kinds,
+        "cache_dir": str(store.root), "dtype": plan.dtype, "quantize": plan.quantize, "kinds": kinds,
         "dtypes_with_priors": sorted(k.removeprefix("prior/") for k in store.kinds() if k.startswith("prior/")),
+        "priors_missing": lacking,
         "unreadable_segments": [str(p) for p in store.unreadable],
         "total_bytes": store.bytes_on_disk(),
     }

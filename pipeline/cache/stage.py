@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from diffusers.training_utils import free_memory
 from tqdm import tqdm
 
@@ -33,7 +34,7 @@ from pipeline.cache.lock import cache_lock
 from pipeline.cache.store import Entry, Store, access_error, os_errno
 from pipeline.config import Config
 from pipeline.errors import UserError, note
-from pipeline.plan import Plan, open_plan, pick_device
+from pipeline.plan import Plan, open_plan, pick_device, prior_device
 
 
 def ensure_embedded(cfg: Config) -> None:
@@ -157,6 +158,11 @@ def run_cache(cfg: Config, progress: bool = True) -> dict:
             return _run_cache(cfg, progress and world.is_main, world)
 
 
+def _prior_device(cfg: Config, world: dist.World) -> torch.device:
+    wanted = prior_device(cfg)
+    return world.device if world.device is not None and world.device.type == wanted.type else wanted
+
+
 def _run_cache(cfg: Config, progress: bool, world: dist.World) -> dict:
     start = time.perf_counter()
     world.from_main(lambda: ensure_embedded(cfg))  # one rank builds; the others read what it built
@@ -167,7 +173,9 @@ def _run_cache(cfg: Config, progress: bool, world: dist.World) -> dict:
     counts, mine = {}, {}
     for kind in COMPUTED:  # in order: the prior phase reads the latents, texts and noise computed before it
         phase = Phase(kind, plan, store, progress, world)
-        phase.run(device)
+        # the denoiser's outputs are keyed by the device type training runs on, so they are computed there
+        # (under a launcher, this rank's own device when it is of that type)
+        phase.run(_prior_device(cfg, world) if kind.per_dtype else device)
         if world.size > 1:
             world.barrier(f"the {phase.name} phase")
             store.refresh()  # the other ranks' segments, the bad-image verdicts among them
@@ -186,6 +194,7 @@ def _run_cache(cfg: Config, progress: bool, world: dist.World) -> dict:
         "images_per_bucket": plan.bucket_counts(),
         "variants": cfg.cache.variants,
         "dtype": cfg.train.dtype,
+        "quantize": cfg.model.quantize,
         **counts,
         "bytes_on_disk": store.bytes_on_disk(),
         # files that could not be read (damaged or foreign); their entries, if needed, were recomputed

@@ -212,6 +212,18 @@ class Store:
                 raise access_error(path, e) from None
             raise UserError(f"cache file '{path}' is damaged ({e}): delete it and run make cache") from None
 
+    def attrs(self, kind: str, key: str) -> dict:
+        """An entry's attributes, without reading its datasets."""
+        path = self._index[(kind, key)]
+        try:
+            return dict(self._file(path)[key].attrs)
+        except AccessError:
+            raise
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            if os_errno(e):
+                raise access_error(path, e) from None
+            raise UserError(f"cache file '{path}' is damaged ({e}): delete it and run make cache") from None
+
     def check(self, kind: str, key: str) -> str | None:
         """None when every dataset of the entry reads back with the sha256 it was written with, else
         why not. The hash is over the stored numpy bytes (bf16 as uint16 bits), exactly as `write` made it."""

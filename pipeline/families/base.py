@@ -146,11 +146,19 @@ class FolderFamily(Family):
 
     def load_denoiser(self, device, dtype, **kwargs):
         cls, sub = self.denoiser_class, self.denoiser_component
+        scheme = self.cfg.quantize
+        if scheme != "none":  # model.quantize: diffusers quantizes the Linear weights as it loads them
+            from pipeline import quantize
+
+            skip = quantize.unquantizable(cls, self.root, sub, scheme)
+            kwargs["quantization_config"] = quantize.diffusers_config(scheme, skip)
         if self.denoiser_file is not None:  # weights from one file, the config from the folder
             model = cls.from_single_file(str(self.denoiser_file), config=str(self.root), subfolder=sub, dtype=dtype,
                                          **kwargs)
         else:
             model = cls.from_pretrained(self.root, subfolder=sub, dtype=dtype, **kwargs)
+        if scheme != "none":
+            quantize.report(model, scheme, sub)
         return model.to(device).eval().requires_grad_(False)
 
 

@@ -43,23 +43,34 @@ class Run:
         self.params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them by shards
 
 
-def setup(plan: Plan, store: Store, device: torch.device) -> Run:
+def build_denoiser(plan: Plan, device: torch.device, checks: bool = True) -> tuple[Denoiser, list]:
+    """The denoiser as training holds it: loaded (quantized with model.quantize), the LoRA added with B = 0,
+    gradient checkpointing as configured, in train mode. The cache stage computes priors on this same model,
+    so a prior is the training forward's step-0 output whatever the backend's kernels do in each mode.
+    Returns it with the LoRA's parameters. checks: refuse what the LoRA file's format cannot hold, warn
+    about DoRA (the train stage; the cache stage saves no LoRA)."""
     cfg, t = plan.cfg, plan.cfg.train
     dtype = TORCH_DTYPES[t.dtype]
     model = plan.family.load_denoiser(device, dtype)
     params = add_lora(model, cfg.lora, plan.family.target_presets)
-    if t.lora_format == "kohya":
+    if t.lora_format == "kohya" and checks:
         kohya_weights(model, plan.family, cfg.lora)  # refuse now, not after training, what kohya's layout cannot hold
-    elif cfg.lora.use_dora:
+    elif cfg.lora.use_dora and checks:
         # ComfyUI has no reader for peft's magnitude vectors (its DoRA normalises the other axis of the weight)
         warn("lora.use_dora = true: the LoRA file loads in diffusers, but ComfyUI would load it without DoRA's "
              "magnitudes, so its images would differ")
     if t.gradient_checkpointing:
         model.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
     model.train()
+    return Denoiser(model, device, dtype), params
+
+
+def setup(plan: Plan, store: Store, device: torch.device) -> Run:
+    cfg, t = plan.cfg, plan.cfg.train
+    denoiser, params = build_denoiser(plan, device)
     optimizer = build_optimizer(params, cfg.optimizer, device)
     shapes = {s.latent_keys[0]: store.shape("latent", s.latent_keys[0], "latent") for s in plan.samples}
     steps_per_epoch = math.ceil(len(epoch_batches(plan, shapes, 0)) / t.gradient_accumulation)
     total = t.max_steps or t.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg.optimizer, total)
-    return Run(Denoiser(model, device, dtype), params, optimizer, scheduler, shapes, steps_per_epoch, total)
+    return Run(denoiser, params, optimizer, scheduler, shapes, steps_per_epoch, total)
