@@ -2,7 +2,7 @@
 holds it in memory is written to <dir>/rank-<r>.safetensors, so that the test can compare the ranks. Ranks
 other than 0 get their own train.output_dir, which must stay absent: they write nothing.
 
-usage: dist_train.py CONFIG DIR [--resume]"""
+usage: dist_train.py CONFIG DIR [--resume] [--skew]   (--skew: rank 1 gets another learning rate)"""
 
 import dataclasses
 import os
@@ -21,6 +21,8 @@ rank = int(os.environ.get("RANK", "0"))
 cfg = load_config(config)
 if rank:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(out / f"output-of-rank-{rank}")))
+if rank and "--skew" in sys.argv:
+    cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=cfg.optimizer.lr * 2))
 try:
     model, _ = train_lora(cfg, progress=False, resume="--resume" in sys.argv)
 except UserError as e:

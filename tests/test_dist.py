@@ -196,6 +196,18 @@ def test_two_ranks_train_the_lora_one_trains(cached, tmp_path):
 
 
 @pytest.mark.slow
+def test_ranks_with_another_config_are_refused(cached, tmp_path):
+    path, cfg = cached
+    (tmp_path / "skew").mkdir()
+    done = _run(2, WORKER, path, tmp_path / "skew", "--skew")
+    assert done.returncode != 0
+    refusals = [line for line in done.stderr.splitlines() if "would train another run than rank 0" in line]
+    assert len(refusals) == 2 and len(set(refusals)) == 1, done.stderr[-3000:]
+    assert "rank 1 (host" in refusals[0] and "optimizer.lr 0.002 -> 0.001" in refusals[0]
+    assert not (Path(cfg.train.output_dir) / cfg.train.lora_name).exists()
+
+
+@pytest.mark.slow
 def test_an_interrupted_two_rank_run_resumed(cached, tmp_path):
     path, cfg = cached
     configure(path, lora={"dropout": 0.1}, train={"checkpoint_every": 2})  # dropout seeded by rank

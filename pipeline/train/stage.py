@@ -12,6 +12,7 @@ checkpoints, metrics (gathered from every rank, so they read as one process's) a
 from __future__ import annotations
 
 import errno
+import json
 import math
 import time
 from pathlib import Path
@@ -90,6 +91,7 @@ def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool,
     t = cfg.train
     out_dir = Path(t.output_dir)
     data_fp = plan.data_fp()
+    _same_on_every_rank(world, cfg, plan, data_fp)
     # refusals before the model is loaded; rank 0's view of the output folder decides for every rank
     if resume:
         found = world.from_main(lambda: _resume_point(cfg, plan, data_fp, out_dir, world.size))
@@ -193,6 +195,23 @@ def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validato
                 if world.is_main:
                     checkpoint.save(Path(t.output_dir), state, run, plan, data_fp)
         state.epoch, state.next_batch = state.epoch + 1, 0
+
+
+def _same_on_every_rank(world: dist.World, cfg: Config, plan, data_fp: str) -> None:
+    """Refuse, on every rank, a job whose processes would train different runs (another config file or data
+    on one machine): the keys that change results, the data and the base model, compared with rank 0's."""
+    if world.size == 1:
+        return
+    every = world.gather({"config": json.loads(cfg.portable_json()), "data": data_fp, "base_model": plan.denoiser_fp})
+
+    def check() -> None:
+        for rank, theirs in enumerate(every):
+            differ = checkpoint.changes(theirs, cfg, plan, data_fp)
+            if differ:
+                raise UserError(f"{world.where(rank)} would train another run than rank 0 ({'; '.join(differ)}; "
+                                "its value -> rank 0's): give every process the same config file and data")
+
+    world.from_main(check)
 
 
 def _resume_point(cfg: Config, plan, data_fp: str, out_dir: Path, world_size: int = 1) -> Path:
