@@ -19,6 +19,7 @@ from pipeline.config import Config
 from pipeline.data import BadImage, prepare_image
 from pipeline.errors import UserError
 from pipeline.plan import BAD_IMAGE, TORCH_DTYPES, Plan, Sample
+from pipeline.swap import load_denoiser as swap_load
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,10 @@ def _prior_entries(plan: Plan, store: Store, denoiser: Denoiser, items: list[tup
 
 def _load_denoiser(plan: Plan, device: torch.device) -> Denoiser:
     dtype = TORCH_DTYPES[plan.dtype]
-    return Denoiser(plan.family.load_denoiser(device, dtype), device, dtype)
+    # placed as the train stage places it (train.blocks_to_swap): the swap changes where weights wait,
+    # never what is computed, so it is not part of the prior key
+    model, swap = swap_load(plan.family, device, dtype, plan.cfg.train.blocks_to_swap)
+    return Denoiser(model, device, dtype, swap)
 
 
 def _prior_jobs(plan: Plan, keep_unused: bool) -> dict:

@@ -42,6 +42,9 @@ class Family(Protocol):
     # Optional members, with their defaults:
     negative_is_empty_caption: bool = False  # the pipeline's guidance encodes "" as the negative prompt
     kohya_metadata: Mapping[str, str] = MappingProxyType({})  # written into kohya-format files (ss_network_module...)
+    # names of the denoiser's ModuleLists of transformer blocks, in forward order: what train.blocks_to_swap
+    # swaps (pipeline/swap.py); empty: the family refuses the key
+    swap_blocks: tuple[str, ...] = ()
 
     def load_vae(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
 

@@ -13,6 +13,7 @@ from pipeline.cache.store import Store
 from pipeline.errors import warn
 from pipeline.lora import add_lora, kohya_weights
 from pipeline.plan import TORCH_DTYPES, Plan
+from pipeline.swap import load_denoiser
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.optim import build_optimizer, build_scheduler
 
@@ -31,20 +32,26 @@ class Run:
 def setup(plan: Plan, store: Store, device: torch.device) -> Run:
     cfg, t = plan.cfg, plan.cfg.train
     dtype = TORCH_DTYPES[t.dtype]
-    model = plan.family.load_denoiser(device, dtype)
-    params = add_lora(model, cfg.lora, plan.family.target_presets)
-    if t.lora_format == "kohya":
-        kohya_weights(model, plan.family, cfg.lora)  # refuse now, not after training, what kohya's layout cannot hold
-    elif cfg.lora.use_dora:
-        # ComfyUI has no reader for peft's magnitude vectors (its DoRA normalises the other axis of the weight)
-        warn("lora.use_dora = true: the LoRA file loads in diffusers, but ComfyUI would load it without DoRA's "
-             "magnitudes, so its images would differ")
-    if t.gradient_checkpointing:
-        model.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
+    found: list[torch.nn.Parameter] = []
+
+    def prepare(model):  # before the model is placed: the LoRA goes where its block's weights go
+        found.extend(add_lora(model, cfg.lora, plan.family.target_presets))
+        if t.lora_format == "kohya":
+            kohya_weights(model, plan.family, cfg.lora)  # refuse now, not after training, what kohya's layout cannot hold
+        elif cfg.lora.use_dora:
+            # ComfyUI has no reader for peft's magnitude vectors (its DoRA normalises the other axis of the weight)
+            warn("lora.use_dora = true: the LoRA file loads in diffusers, but ComfyUI would load it without DoRA's "
+                 "magnitudes, so its images would differ")
+        if t.gradient_checkpointing:
+            model.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
+
+    # the same function the cache stage's prior forward loads with: same placement, same swap
+    model, swap = load_denoiser(plan.family, device, dtype, t.blocks_to_swap, prepare)
+    params = found
     model.train()
     optimizer = build_optimizer(params, cfg.optimizer, device)
     shapes = {s.latent_keys[0]: store.shape("latent", s.latent_keys[0], "latent") for s in plan.samples}
     steps_per_epoch = math.ceil(len(epoch_batches(plan, shapes, 0)) / t.gradient_accumulation)
     total = t.max_steps or t.epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg.optimizer, total)
-    return Run(Denoiser(model, device, dtype), params, optimizer, scheduler, shapes, steps_per_epoch, total)
+    return Run(Denoiser(model, device, dtype, swap), params, optimizer, scheduler, shapes, steps_per_epoch, total)

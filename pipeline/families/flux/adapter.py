@@ -35,6 +35,7 @@ class FluxFamily(FlowMatchingFamily):
              "proj_out", "norm_out.linear"]
     target_presets = {"attention": _attention, "attention_mlp": _attention + _mlp, "all_linear": _attention + _mlp + _rest}
     default_target_modules = target_presets["attention"]  # attention projections of both kinds of block
+    swap_blocks = ("transformer_blocks", "single_transformer_blocks")  # 19 double-, then 38 single-stream in FLUX.1
     kohya_metadata = {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"}
 
     # -- cache stage: encoders (the VAE's are FolderFamily's) --------------------------------------

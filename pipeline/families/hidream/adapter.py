@@ -43,6 +43,7 @@ class HiDreamFamily(FlowMatchingFamily):
     denoiser_class = HiDreamImageTransformer2DModel
     pixel_multiple = 16  # VAE downsamples by 8, 2x2 patches by 2 more
     negative_is_empty_caption = True  # its pipeline encodes "" as the negative prompt for guidance
+    swap_blocks = ("double_stream_blocks", "single_stream_blocks")  # 16 and 32 in HiDream-I1
     default_max_sequence_length = 128  # HiDreamImagePipeline's default, what the model sees at inference
     # uniform over the model's shifted table, as diffusers' HiDream LoRA script draws (its --weighting_scheme
     # default, over a shift-3.0 table); logit-normal on top of a shift would starve the low-noise end
