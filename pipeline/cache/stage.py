@@ -26,6 +26,7 @@ from pipeline.cache.lock import cache_lock
 from pipeline.cache.store import Entry, Store, access_error, os_errno
 from pipeline.config import Config
 from pipeline.errors import UserError, note
+from pipeline.memory import say_estimate
 from pipeline.plan import Plan, open_plan, pick_device
 
 
@@ -142,6 +143,7 @@ def _run_cache(cfg: Config, progress: bool) -> dict:
     start = time.perf_counter()
     ensure_embedded(cfg)
     plan, store = open_plan(cfg)
+    say_estimate(cfg)
     owners.record(plan)  # before computing: what a run that is cut short wrote is claimed too
     device = pick_device(cfg.cache.device)
     counts = {}

@@ -9,6 +9,7 @@ the denoiser's config it reads from the model folder.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -45,6 +46,7 @@ class Family(Protocol):
     # names of the denoiser's ModuleLists of transformer blocks, in forward order: what train.blocks_to_swap
     # swaps (pipeline/swap.py); empty: the family refuses the key
     swap_blocks: tuple[str, ...] = ()
+    denoiser_kwargs: Mapping[str, Any] = MappingProxyType({})  # passed to the denoiser class when it is built
 
     def load_vae(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
 
@@ -91,6 +93,15 @@ class Family(Protocol):
         flow-matching families have one; the default refuses the keys."""
         key = "cache.shift" if shift else "cache.dynamic_shift"
         raise UserError(f"config key '{key}' is for flow-matching models (Flux, HiDream), not {self.name}")
+
+    def dry_run_shapes(self, config: dict, batch: int, resolution: int, max_sequence_length: int
+                       ) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
+        """For the memory planner: the shapes of a batch of latents (B,C,h,w) at a square `resolution` and of
+        its cached conditioning (as `predict` takes it), for a denoiser config (dict)."""
+
+    def dry_run(self):
+        """For the memory planner: a context in which `predict` runs on meta tensors (default: as it is)."""
+        return contextlib.nullcontext()
 
     def prediction_settings(self) -> dict:
         """Settings outside the weights that change a prediction (guidance...): part of the prior key."""
@@ -147,8 +158,8 @@ class FolderFamily(Family):
             z = z - vae.config.shift_factor
         return (z * vae.config.scaling_factor).cpu()
 
-    def load_denoiser(self, device, dtype, **kwargs):
-        cls, sub = self.denoiser_class, self.denoiser_component
+    def load_denoiser(self, device, dtype):
+        cls, sub, kwargs = self.denoiser_class, self.denoiser_component, dict(self.denoiser_kwargs)
         if self.denoiser_file is not None:  # weights from one file, the config from the folder
             model = cls.from_single_file(str(self.denoiser_file), config=str(self.root), subfolder=sub, dtype=dtype,
                                          **kwargs)

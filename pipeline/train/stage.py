@@ -18,6 +18,7 @@ from pipeline.cache.lock import cache_lock
 from pipeline.config import Config, check_output_dir
 from pipeline.errors import Interrupted, UserError, note
 from pipeline.lora import save_run_lora
+from pipeline.memory import say_estimate
 from pipeline.plan import open_plan, pick_device
 from pipeline.train import checkpoint
 from pipeline.train.epochs import epoch_batches
@@ -61,6 +62,7 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
     if not resume:
         _say_if_replacing(out_dir, cfg)
     torch.manual_seed(t.seed)
+    say_estimate(cfg)
     practice_warnings(plan)
     run = setup(plan, store, pick_device(t.device))
     batch_size_warning(epoch_batches(plan, run.shapes, 0), t.batch_size)

@@ -62,6 +62,14 @@ class FluxFamily(FlowMatchingFamily):
     def default_max_sequence_length(self) -> int:
         return 512 if self._guidance_embeds else 256  # FluxPipeline's default; schnell was trained with 256
 
+    def dry_run_shapes(self, config, batch, resolution, max_sequence_length):
+        L = max_sequence_length or (512 if config.get("guidance_embeds") else 256)
+        h = resolution // 8
+        return (batch, config["in_channels"] // 4, h, h), {  # in_channels counts the 2x2-packed channels
+            "prompt_embeds": (batch, L, config["joint_attention_dim"]),
+            "pooled_prompt_embeds": (batch, config["pooled_projection_dim"]),
+        }
+
     def prediction_settings(self):
         # schnell has no guidance embedding: the value changes nothing there, so it is not in the key
         return {"guidance": self.cfg.guidance} if self._guidance_embeds else {}

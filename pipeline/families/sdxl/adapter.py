@@ -137,6 +137,14 @@ class SDXLFamily(FolderFamily):
     def prediction_settings(self):
         return {}  # no guidance embedding; the prediction type is part of the noise key
 
+    def dry_run_shapes(self, config, batch, resolution, max_sequence_length):
+        h = resolution // 8
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        return (batch, config["in_channels"], h, h), {
+            "prompt_embeds": (batch, 77, config["cross_attention_dim"]), "pooled_prompt_embeds": (batch, pooled),
+            "original_size": (batch, 2), "crop_top_left": (batch, 2),
+        }
+
     def predict(self, denoiser, noisy, timesteps, cond, *, device, dtype):
         b, _, h, w = noisy.shape
         # time ids as the pipeline's _get_add_time_ids: original size + crop top-left + target size, all
