@@ -22,7 +22,8 @@ start of both stages).
 
 The cache stage holds one model at a time: the VAE, the text encoders (weights only: their activations on
 a caption are small beside them), then the denoiser's no-grad prior forward at cache.batch_size.
-`make bench-memory` checks these numbers against measured peaks."""
+Not yet checked against measured peaks (CPU or GPU); `make bench-gpu` prints the planner's figure beside
+the measured peak on a GPU."""
 
 from __future__ import annotations
 
