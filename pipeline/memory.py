@@ -125,62 +125,111 @@ def _flash_attention():
 
 @dataclass
 class Activations:
-    saved: int  # every tensor saved for the backward, without checkpointing
-    outside: int  # ... by no block
-    blocks: list[int]  # ... by each block
-    inputs: int  # the blocks' inputs (what checkpointing keeps), each storage once
+    saved: int  # every tensor saved for the backward, without checkpointing (each storage once)
+    kept: int  # ... with train.gradient_checkpointing: what no checkpointed unit saves, and the units' inputs
+    unit: int  # the largest checkpointed unit's saved tensors (what its recomputation holds in the backward)
+
+    def __add__(self, o):
+        return Activations(self.saved + o.saved, self.kept + o.kept, max(self.unit, o.unit))
+
+    def __sub__(self, o):
+        return Activations(self.saved - o.saved, self.kept - o.kept, self.unit)
+
+    def __mul__(self, k: int):
+        return Activations(self.saved * k, self.kept * k, self.unit)
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for y in x:
+            yield from _tensors(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _tensors(y)
 
 
 def dry_run(family, model: torch.nn.Module, config: dict, batch: int, resolution: int, dtype: torch.dtype,
             max_sequence_length: int) -> Activations:
-    """The family's forward on meta tensors (see the module docstring): what autograd saves."""
-    from pipeline.swap import swap_blocks
-
+    """The family's forward on meta tensors (see the module docstring): what autograd saves. The units are
+    what the model's own gradient checkpointing wraps (diffusers calls `_gradient_checkpointing_func(unit,
+    *inputs)`: Flux's and HiDream's blocks, SDXL's resnets and transformer blocks); here that function
+    runs the unit as it is and records what it saves and what it was given."""
     latent, cond = family.dry_run_shapes(config, batch, resolution, max_sequence_length)
     meta = torch.device("meta")
-    seen: dict[int, int] = {}
+    seen: dict[int, int] = {}  # storage -> bytes, every saved tensor
+    kept: dict[int, int] = {}  # ... what checkpointing keeps
     owner: list[int | None] = [None]
-    per_block: dict[int, int] = {}
-    inputs: dict[int, int] = {}
+    units: list[int] = []
     keep = []  # saved tensors stay alive, so no storage id is reused while counting
 
     def pack(t):
         key, nbytes = _storage(t)
+        if owner[0] is None:  # saved outside every unit: kept, whichever saved it first
+            kept.setdefault(key, nbytes)
         if key not in seen:
             seen[key] = nbytes
             if owner[0] is not None:
-                per_block[owner[0]] = per_block.get(owner[0], 0) + nbytes
+                units[owner[0]] += nbytes
         keep.append(t)
         return t
 
-    def enter(i):
-        def hook(m, args, kwargs):
-            owner[0] = i
-            for t in list(args) + list(kwargs.values()):
-                for x in (t if isinstance(t, (tuple, list)) else (t,)):
-                    if isinstance(x, torch.Tensor):
-                        inputs.setdefault(_storage(x)[0], _storage(x)[1])
-        return hook
+    def unit(fn, *args):
+        if owner[0] is not None:  # nested: part of the outer unit
+            return fn(*args)
+        for x in _tensors(args):
+            key, nbytes = _storage(x)
+            kept.setdefault(key, nbytes)
+        owner[0] = len(units)
+        units.append(0)
+        try:
+            return fn(*args)
+        finally:
+            owner[0] = None
 
-    blocks = swap_blocks(model, family) if family.swap_blocks else []
-    handles = [b.register_forward_pre_hook(enter(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    handles += [b.register_forward_hook(lambda *a: owner.__setitem__(0, None)) for b in blocks]
+    model.enable_gradient_checkpointing(unit)
     model.train()
     for p in list(model.parameters()) + list(model.buffers()):  # weights are counted as weights
         seen[_storage(p)[0]] = 0
-    try:
-        with _flash_attention(), family.dry_run(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            noisy = torch.zeros(latent, device=meta)
-            cond_t = {k: torch.zeros(s, device=meta) for k, s in cond.items()}
-            out = family.predict(model, noisy, torch.full((batch,), 500.0, device=meta), cond_t, device=meta,
-                                 dtype=dtype)
-            (out.float() ** 2).mean()
-    finally:
-        for h in handles:
-            h.remove()
-    total = sum(seen.values())
-    block_list = [per_block.get(i, 0) for i in range(len(blocks))]
-    return Activations(total, total - sum(block_list), block_list, sum(inputs.values()))
+        kept[_storage(p)[0]] = 0
+    with _flash_attention(), family.dry_run(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        noisy = torch.zeros(latent, device=meta)
+        cond_t = {k: torch.zeros(s, device=meta) for k, s in cond.items()}
+        out = family.predict(model, noisy, torch.full((batch,), 500.0, device=meta), cond_t, device=meta,
+                             dtype=dtype)
+        (out.float() ** 2).mean()
+    return Activations(sum(seen.values()), sum(kept.values()), max(units, default=0))
+
+
+def activations(family, config: dict, lora_cfg, batch: int, resolution: int, dtype: torch.dtype,
+                max_sequence_length: int) -> Activations:
+    """dry_run for the whole denoiser, from dry runs of models cut to one or two blocks of each kind
+    (family.block_depths): blocks of a kind save the same, so the whole is the one-block model plus, per
+    kind, (count - 1) times what a second block adds. Exact (tests/test_memory.py compares it with the
+    uncut dry run) and fast: a full-size Flux's 57 blocks cost two dry runs of three blocks."""
+    from pipeline.lora import add_lora
+
+    def run(cfg):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in the train dtype (a .to() would warn for SDXL)
+        try:
+            model = meta_denoiser(family, cfg)
+        finally:
+            torch.set_default_dtype(previous)
+        add_lora(model, lora_cfg, family.target_presets)  # the trainer's own: its float32 inputs are saved too
+        return dry_run(family, model, cfg, batch, resolution, dtype, max_sequence_length)
+
+    depths = family.block_depths(config)
+    if not depths or all(n <= 1 for n in depths.values()):
+        return run(config)
+    ones = {k: 1 for k in depths}
+    base = run(family.with_depths(config, ones))
+    total = base
+    for key, n in depths.items():
+        if n > 1:
+            total = total + (run(family.with_depths(config, {**ones, key: 2})) - base) * (n - 1)
+    return total
 
 
 def estimate(family, config: dict, lora_cfg, s: Settings, encoders: dict[str, int] | None = None) -> Estimate:
@@ -188,10 +237,8 @@ def estimate(family, config: dict, lora_cfg, s: Settings, encoders: dict[str, in
     the parameter count of the VAE ("vae") and of each text encoder, when known."""
     from pipeline.swap import swap_blocks, swapped_indices
 
-    from pipeline.lora import add_lora
-
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.dtype]
-    model = meta_denoiser(family, config).to(torch_dtype)
+    model = meta_denoiser(family, config)  # counted in s.dtype: no need to cast it
     weights = weight_bytes(model, s.dtype, s.quantize)
     swapped = 0
     if s.blocks_to_swap:
@@ -200,18 +247,14 @@ def estimate(family, config: dict, lora_cfg, s: Settings, encoders: dict[str, in
                        for i in swapped_indices(len(blocks), s.blocks_to_swap))
         swapped = sum(sizes) - sum(sizes[-2:])
     lora = lora_bytes(model, lora_cfg, family.target_presets, s.optimizer)
-    add_lora(model, lora_cfg, family.target_presets)  # the trainer's own: its float32 inputs are saved too
-    act = dry_run(family, model, config, s.batch_size, s.resolution, torch_dtype, s.max_sequence_length)
-    biggest = max(act.blocks, default=0)
-    if s.gradient_checkpointing and act.blocks:
-        activations = act.outside + act.inputs + biggest
-    else:
-        activations = act.saved
-    parts = {"weights": weights, "swapped_out": -swapped, **lora, "activations": activations,
-             "backward_temporaries": biggest or act.saved // 4, "overhead": OVERHEAD}
-    # the prior forward has no gradient: only the working set of the block being computed, taken as that
-    # block's saved activations, which grow with the batch (cache.batch_size)
-    working = (biggest or act.saved // 4) * s.cache_batch_size // s.batch_size
+    act = activations(family, config, lora_cfg, s.batch_size, s.resolution, torch_dtype, s.max_sequence_length)
+    ckpt = s.gradient_checkpointing and act.unit > 0
+    parts = {"weights": weights, "swapped_out": -swapped, **lora,
+             "activations": act.kept + act.unit if ckpt else act.saved,
+             "backward_temporaries": act.unit or act.saved // 4, "overhead": OVERHEAD}
+    # the prior forward has no gradient: only the working set of the unit being computed, taken as that
+    # unit's saved activations, which grow with the batch (cache.batch_size)
+    working = (act.unit or act.saved // 4) * s.cache_batch_size // s.batch_size
     cache_parts = {"denoiser prior forward": weights - swapped + working + OVERHEAD}
     for name, n in (encoders or {}).items():
         cache_parts[name] = n * DTYPE_BYTES[s.encoder_dtype] + OVERHEAD

@@ -103,6 +103,15 @@ class Family(Protocol):
         """For the memory planner: a context in which `predict` runs on meta tensors (default: as it is)."""
         return contextlib.nullcontext()
 
+    def block_depths(self, config: dict) -> dict[str, int]:
+        """For the memory planner: how many identical blocks of each kind the denoiser config stacks (config
+        key -> count), so a dry run of a cut model (see with_depths) stands for the whole; {}: no cut."""
+        return {}
+
+    def with_depths(self, config: dict, depths: dict[str, int]) -> dict:
+        """The denoiser config with the block counts of `depths` (keys as block_depths gives them)."""
+        return {**config, **depths}
+
     def prediction_settings(self) -> dict:
         """Settings outside the weights that change a prediction (guidance...): part of the prior key."""
 

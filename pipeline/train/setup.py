@@ -29,21 +29,27 @@ class Run:
     total_steps: int
 
 
+def prepare_model(model: torch.nn.Module, cfg, family) -> list[torch.nn.Parameter]:
+    """What training does to the loaded denoiser: add the LoRA (its parameters are returned), check the
+    output format, turn on gradient checkpointing. `make bench-memory` measures a step after this too."""
+    params = add_lora(model, cfg.lora, family.target_presets)
+    if cfg.train.lora_format == "kohya":
+        kohya_weights(model, family, cfg.lora)  # refuse now, not after training, what kohya's layout cannot hold
+    elif cfg.lora.use_dora:
+        # ComfyUI has no reader for peft's magnitude vectors (its DoRA normalises the other axis of the weight)
+        warn("lora.use_dora = true: the LoRA file loads in diffusers, but ComfyUI would load it without DoRA's "
+             "magnitudes, so its images would differ")
+    if cfg.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
+    return params
+
+
 def setup(plan: Plan, store: Store, device: torch.device) -> Run:
     cfg, t = plan.cfg, plan.cfg.train
     dtype = TORCH_DTYPES[t.dtype]
     found: list[torch.nn.Parameter] = []
-
-    def prepare(model):  # before the model is placed: the LoRA goes where its block's weights go
-        found.extend(add_lora(model, cfg.lora, plan.family.target_presets))
-        if t.lora_format == "kohya":
-            kohya_weights(model, plan.family, cfg.lora)  # refuse now, not after training, what kohya's layout cannot hold
-        elif cfg.lora.use_dora:
-            # ComfyUI has no reader for peft's magnitude vectors (its DoRA normalises the other axis of the weight)
-            warn("lora.use_dora = true: the LoRA file loads in diffusers, but ComfyUI would load it without DoRA's "
-                 "magnitudes, so its images would differ")
-        if t.gradient_checkpointing:
-            model.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
+    # before the model is placed: the LoRA goes where its block's weights go
+    prepare = lambda model: found.extend(prepare_model(model, cfg, plan.family))  # noqa: E731
 
     # the same function the cache stage's prior forward loads with: same placement, same swap
     model, swap = load_denoiser(plan.family, device, dtype, t.blocks_to_swap, prepare)

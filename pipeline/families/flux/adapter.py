@@ -70,6 +70,9 @@ class FluxFamily(FlowMatchingFamily):
             "pooled_prompt_embeds": (batch, config["pooled_projection_dim"]),
         }
 
+    def block_depths(self, config):
+        return {"num_layers": config["num_layers"], "num_single_layers": config["num_single_layers"]}
+
     def prediction_settings(self):
         # schnell has no guidance embedding: the value changes nothing there, so it is not in the key
         return {"guidance": self.cfg.guidance} if self._guidance_embeds else {}

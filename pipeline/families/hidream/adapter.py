@@ -139,6 +139,16 @@ class HiDreamFamily(FlowMatchingFamily):
             "pooled_prompt_embeds": (batch, config["text_emb_dim"]),
         }
 
+    def block_depths(self, config):
+        return {"num_layers": config["num_layers"], "num_single_layers": config["num_single_layers"]}
+
+    def with_depths(self, config, depths):
+        # each block reads one llama layer: keep the double blocks' first and the single blocks' last, so
+        # the cut model takes llama embeddings of the same shape as the whole
+        layers = config["llama_layers"]
+        d, s = depths.get("num_layers", config["num_layers"]), depths.get("num_single_layers", config["num_single_layers"])
+        return {**config, **depths, "llama_layers": layers[:d] + layers[len(layers) - s:]}
+
     @contextlib.contextmanager
     def dry_run(self):
         # The routed experts run under no_grad (the inference MoE path): they save nothing for the

@@ -145,6 +145,20 @@ class SDXLFamily(FolderFamily):
             "original_size": (batch, 2), "crop_top_left": (batch, 2),
         }
 
+    def block_depths(self, config):
+        # transformer blocks per down level (the up path mirrors it); a plain int or level 0 (no attention
+        # in SDXL's first level) is left as it is
+        depth = config.get("transformer_layers_per_block")
+        if not isinstance(depth, list) or config.get("reverse_transformer_layers_per_block"):
+            return {}
+        return {f"transformer_layers_per_block.{i}": n for i, n in enumerate(depth) if i > 0}
+
+    def with_depths(self, config, depths):
+        depth = list(config["transformer_layers_per_block"])
+        for key, n in depths.items():
+            depth[int(key.rsplit(".", 1)[1])] = n
+        return {**config, "transformer_layers_per_block": depth}
+
     def predict(self, denoiser, noisy, timesteps, cond, *, device, dtype):
         b, _, h, w = noisy.shape
         # time ids as the pipeline's _get_add_time_ids: original size + crop top-left + target size, all
