@@ -5,6 +5,8 @@
 #                   (not part of make test: minutes; ARGS="--images 2000" for a smaller run)
 # make plan-memory: the estimated peak GPU memory of both stages for CONFIG (pipeline/memory.py)
 # make memory-table: the README's per-family memory table, from the planner
+# make bench-memory: the planner against measured CPU peaks of real-width models cut to one block per kind
+#                    (not part of make test: about 15 minutes on 2 cores)
 # make bench-gpu: full-size denoisers on a CUDA GPU (one line and exit 0 without one); test-gpu: pytest -m gpu
 # make cache-status: what the cache holds, lacks and stores unused for CONFIG (DTYPE)
 # Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32  RESUME=1 (train: go on from the newest checkpoint)
@@ -23,7 +25,7 @@ endif
 DTYPE_ARG := $(if $(DTYPE),--dtype $(DTYPE),)
 RESUME_ARG := $(if $(RESUME),--resume,)
 
-.PHONY: cache cache-status train test test-fast bench bench-scale plan-memory memory-table bench-gpu test-gpu
+.PHONY: cache cache-status train test test-fast bench bench-scale plan-memory memory-table bench-memory bench-gpu test-gpu
 
 # torch==2.13.0 first, pinned: pip takes the build its index serves for that version (a local CPU wheel
 # where one is on disk, the CUDA build from PyPI on Linux x86-64; see the README for a CPU-only index).
@@ -61,6 +63,9 @@ plan-memory: $(SETUP)
 
 memory-table: $(SETUP)
 	$(PY) -m pipeline.memory_table
+
+bench-memory: $(SETUP)
+	$(PY) -m pipeline.bench_memory $(ARGS)
 
 bench-gpu: $(SETUP)
 	$(PY) -m pipeline.bench_gpu $(ARGS)

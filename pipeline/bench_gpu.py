@@ -1,6 +1,7 @@
 """`make bench-gpu`: full-size FLUX.1-dev, SDXL and HiDream-I1 denoisers (the public configs in
-pipeline/public_configs.py) with random weights built directly on the GPU, at 1024 px, for each
-model.quantize (none = bf16, int8, fp8, nf4): priors/s of the cache stage's no-grad forward, training
+pipeline/public_configs.py) with random weights built directly on the GPU, at 1024 px: the cache stage's
+latents/s (the family's full-size VAE encoding cache.batch_size images, in model.encoder_dtype) and, for each
+model.quantize (none = bf16, int8, fp8, nf4), priors/s of the cache stage's no-grad forward, training
 s/step for a standard and a cached-prior batch (one forward) and an online-prior batch (the peers' extra
 forward), peak memory beside the planner's estimate, and model FLOPs utilisation (FLOPs counted by
 torch's FlopCounterMode over one step, against the GPU's bf16 dense peak). Without CUDA it says so in
@@ -44,6 +45,33 @@ def _timed(fn, steps: int) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
+
+
+def bench_vae(name: str, resolution: int, steps: int, batch: int, dtype: torch.dtype) -> dict:
+    """The cache stage's latents/s: the family's full-size VAE (public config, random weights, built on the
+    GPU) encoding `batch` images of `resolution` px with the stage's own encode_images, and its peak."""
+    from diffusers import AutoencoderKL
+
+    from pipeline.memory import GiB
+    from pipeline.public_configs import VAES, public_family
+
+    family, dev = public_family(name), torch.device("cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with dev:
+            vae = AutoencoderKL.from_config(VAES[name]).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    pixels = torch.rand(batch, 3, resolution, resolution, device=dev) * 2 - 1
+    seconds = _timed(lambda: family.encode_images(vae, pixels), steps)
+    result = {"family": name, "vae_dtype": str(dtype).removeprefix("torch."), "resolution": resolution,
+              "batch": batch, "latents_per_s": round(batch / seconds, 3),
+              "vae_peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2)}
+    del vae, pixels
+    return result
 
 
 def bench_one(name: str, quantize: str, resolution: int, steps: int, batch: int) -> dict:
@@ -118,20 +146,31 @@ def bench_one(name: str, quantize: str, resolution: int, steps: int, batch: int)
 @click.option("--resolution", default=1024, show_default=True)
 @click.option("--batch-size", default=1, show_default=True)
 @click.option("--steps", default=3, show_default=True, help="Timed steps per measurement (after one warm-up).")
-def main(families, quantizes, resolution, batch_size, steps):
+@click.option("--vae-batch-size", default=4, show_default=True, help="Images per VAE encode (cache.batch_size).")
+@click.option("--vae-dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="The VAE's dtype (model.encoder_dtype).")
+def main(families, quantizes, resolution, batch_size, steps, vae_batch_size, vae_dtype):
     if not torch.cuda.is_available():
         click.echo("bench-gpu: no CUDA GPU here (torch.cuda.is_available() is False); nothing measured")
         return
     rows = []
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[vae_dtype]
     for name in families.split(","):
+        try:
+            vae_row = bench_vae(name, resolution, steps, vae_batch_size, dtype)
+        except Exception as e:  # noqa: BLE001 - reported, the denoiser rows still run
+            vae_row = {"family": name, "error": f"VAE: {type(e).__name__}: {str(e)[:160]}"}
+        torch.cuda.empty_cache()
+        click.echo(json.dumps(vae_row))
         for q in quantizes.split(","):
             try:
-                rows.append(bench_one(name, q, resolution, steps, batch_size))
+                rows.append({**bench_one(name, q, resolution, steps, batch_size),
+                             **{k: v for k, v in vae_row.items() if k in ("latents_per_s", "vae_peak_gib")}})
             except Exception as e:  # noqa: BLE001 - one row's failure (OOM, a missing library) is reported
                 rows.append({"family": name, "quantize": q, "error": f"{type(e).__name__}: {str(e)[:160]}"})
             torch.cuda.empty_cache()
             click.echo(json.dumps(rows[-1]))
-    head = ("family", "quantize", "priors_per_s", "train_s_per_step", "online_prior_s_per_step", "online_ratio",
+    head = ("family", "quantize", "latents_per_s", "vae_peak_gib", "priors_per_s", "train_s_per_step", "online_prior_s_per_step", "online_ratio",
             "peak_gib", "planned_train_gib", "mfu")
     click.echo("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:

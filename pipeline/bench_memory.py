@@ -6,6 +6,8 @@ model.path at it and the real `python -m pipeline plan-memory --config F --json`
 measurement then runs in a fresh subprocess, which loads the folder as the stages do
 (pipeline.swap.load_denoiser; for training with the train stage's prepare_model: the LoRA, gradient
 checkpointing, and its build_optimizer) and measures:
+- vae: the second of two encodes of cache.batch_size images by the family's full-size VAE (random weights,
+  model.encoder_dtype), with the cache stage's encode_images, against the planner's VAE working set;
 - prior: the second of two no-grad forwards (the cache stage's prior), against the planner's working set;
 - train: the second of two steps (forward, MSE, backward, AdamW step, zero_grad), so the optimizer's state
   already exists, against activations + LoRA gradients + backward temporaries;
@@ -75,6 +77,21 @@ def measure_peaks(config_path: str, kind: str) -> dict:
     latent, cond = family.dry_run_shapes(config, cfg.train.batch_size, cfg.data.resolution,
                                          cfg.model.max_sequence_length)
     torch.manual_seed(0)
+    if kind == "vae":  # the cache stage's encode, with the family's own encode_images
+        from diffusers import AutoencoderKL
+
+        vae_dtype = TORCH_DTYPES[cfg.model.encoder_dtype]
+        pixels = torch.rand(cfg.cache.batch_size, 3, cfg.data.resolution, cfg.data.resolution) * 2 - 1
+        start = _reset_peak()
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(vae_dtype)
+        try:
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(family.root, subfolder="vae")).eval()
+        finally:
+            torch.set_default_dtype(previous)
+        family.encode_images(vae, pixels)
+        static = _reset_peak() - start
+        return {"static": static, "peak": _peak_of(lambda: family.encode_images(vae, pixels))}
     noisy, target = torch.randn(latent), torch.randn(latent)
     cond = {k: torch.randn(s) for k, s in cond.items()}
     timesteps = torch.full((latent[0],), 500.0)
@@ -125,7 +142,21 @@ def _run(args: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def rows(name: str, work: Path, resolutions: list[int], dtype: str, seq: int, blocks: int) -> list[dict]:
+def _measured(work: Path, cfg: Path, kind: str, fresh: bool) -> dict:
+    """A measurement, kept in work/measured.json under the config's text and the kind: a measurement does
+    not depend on the planner, so changing the planner re-runs only plan-memory (--fresh measures again)."""
+    store = work / "measured.json"
+    known = json.loads(store.read_text()) if store.is_file() else {}
+    key = f"{kind}\n{cfg.read_text()}"
+    if fresh or key not in known:
+        known[key] = _run(["-m", "pipeline.bench_memory", "--measure", kind, "--config", str(cfg)])
+        tmp = store.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(store)  # atomic
+    return known[key]
+
+
+def rows(name: str, work: Path, resolutions: list[int], dtype: str, seq: int, blocks: int, fresh: bool) -> list[dict]:
     from pipeline.public_configs import save_cut_model
 
     import torch
@@ -139,11 +170,14 @@ def rows(name: str, work: Path, resolutions: list[int], dtype: str, seq: int, bl
             cfg = _config(work / f"{name}-{res}-{int(ckpt)}.toml", model, name, res, ckpt, dtype, seq)
             plan = _run(["-m", "pipeline", "plan-memory", "--config", str(cfg), "--json"])
             p = plan["parts"]
-            kinds = ("prior", "train") if not ckpt else ("train",)  # the prior forward has no checkpointing
+            kinds = ("vae", "prior", "train") if not ckpt else ("train",)  # no-grad forwards: no checkpointing
             for kind in kinds:
-                got = _run(["-m", "pipeline.bench_memory", "--measure", kind, "--config", str(cfg)])
-                if kind == "prior":
-                    planned = plan["cache_parts"]["denoiser prior forward"] - p["weights"] - p["overhead"]
+                got = _measured(work, cfg, kind, fresh)
+                if kind == "vae":
+                    planned = plan["working_sets"]["vae"]
+                    static = plan["cache_parts"]["vae"] - planned - p["overhead"]
+                elif kind == "prior":
+                    planned = plan["working_sets"]["denoiser prior forward"]
                     static = p["weights"]
                 else:
                     planned = p["activations"] + p["lora_grads"] + p["backward_temporaries"]
@@ -165,9 +199,10 @@ def rows(name: str, work: Path, resolutions: list[int], dtype: str, seq: int, bl
 @click.option("--max-sequence-length", "seq", default=128, show_default=True, help="Text tokens (Flux, HiDream).")
 @click.option("--blocks", default=1, show_default=True, help="Blocks of each kind in the cut models.")
 @click.option("--work", default="cache/bench-memory", show_default=True, type=click.Path(file_okay=False))
-@click.option("--measure", type=click.Choice(["prior", "train"]), default=None, hidden=True)
+@click.option("--fresh", is_flag=True, help="Measure again what work/measured.json already holds.")
+@click.option("--measure", type=click.Choice(["vae", "prior", "train"]), default=None, hidden=True)
 @click.option("--config", "config_path", default=None, hidden=True)
-def main(families, resolutions, dtype, seq, blocks, work, measure, config_path):
+def main(families, resolutions, dtype, seq, blocks, work, fresh, measure, config_path):
     if measure:  # the subprocess
         click.echo(json.dumps(measure_peaks(config_path, measure)))
         return
@@ -175,7 +210,7 @@ def main(families, resolutions, dtype, seq, blocks, work, measure, config_path):
     work.mkdir(parents=True, exist_ok=True)
     table = []
     for name in families.split(","):
-        table += rows(name, work, [int(r) for r in resolutions.split(",")], dtype, seq, blocks)
+        table += rows(name, work, [int(r) for r in resolutions.split(",")], dtype, seq, blocks, fresh)
     click.echo(f"measured on CPU ({dtype}, batch 1, LoRA rank 16 on attention, AdamW, {blocks} block(s) of "
                f"each kind at full width, {seq} text tokens for Flux and HiDream); MiB, ratio = measured / planned")
     click.echo("| family | px | measured | checkpointing | measured | planned | ratio | static measured | "
@@ -183,7 +218,7 @@ def main(families, resolutions, dtype, seq, blocks, work, measure, config_path):
     click.echo("|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         ck = "-" if r["checkpointing"] is None else ("on" if r["checkpointing"] else "off")
-        what = "prior forward" if r["kind"] == "prior" else "train step"
+        what = {"vae": "VAE encode", "prior": "prior forward", "train": "train step"}[r["kind"]]
         click.echo(f"| {r['family']} | {r['resolution']} | {what} | {ck} | {r['measured_mib']} | {r['planned_mib']} | "
                    f"{r['ratio']} | {r['static_measured_mib']} | {r['static_planned_mib']} | {r['static_ratio']} |")
 

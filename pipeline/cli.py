@@ -286,7 +286,8 @@ def plan_memory(config_path, dtype, as_json):
         e = estimate(cfg)
         if as_json:
             click.echo(json.dumps({"train_peak": e.train_peak, "cache_peak": e.cache_peak, "cache_phase": e.cache_phase,
-                                   "parts": e.parts, "cache_parts": e.cache_parts}))
+                                   "parts": e.parts, "cache_parts": e.cache_parts,
+                                   "working_sets": e.working_sets}))
             return
         click.echo(f"memory plan for {config_path} (GiB; {cfg.train.dtype}, quantize {cfg.model.quantize}, "
                    f"blocks_to_swap {cfg.train.blocks_to_swap}, batch {cfg.train.batch_size}, {cfg.data.resolution} px, "

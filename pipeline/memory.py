@@ -20,10 +20,12 @@ start of both stages).
   at a time in the backward. The backward's own temporaries are taken as one more block's activations.
 - **Overhead**: a fixed 0.75 GiB for the CUDA context, cuBLAS workspaces and the allocator's slack.
 
-The cache stage holds one model at a time: the VAE, the text encoders (weights only: their activations on
-a caption are small beside them), then the denoiser's no-grad prior forward at cache.batch_size.
-Not yet checked against measured peaks (CPU or GPU); `make bench-gpu` prints the planner's figure beside
-the measured peak on a GPU."""
+The cache stage holds one model at a time: the VAE (weights and its encode's working set), the text
+encoders (weights only: their activations on a caption are small beside them), then the denoiser's
+no-grad prior forward at cache.batch_size. A no-grad forward's working set (the VAE's encode, the prior
+forward) is the peak of the bytes its ops' outputs hold at once on meta tensors (`live_peak`).
+Checked against measured peaks on a CPU (`make bench-memory`, README "Memory and quantization");
+`make bench-gpu` prints the planner's figure beside the measured peak on a GPU."""
 
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ class Estimate:
     cache_peak: int
     cache_phase: str  # which phase of the cache stage peaks
     cache_parts: dict[str, int] = field(default_factory=dict)
+    working_sets: dict[str, int] = field(default_factory=dict)  # the cache phases' activations (in cache_parts)
 
     def line(self) -> str:
         return (f"estimated peak GPU memory: cache {self.cache_peak / GiB:.1f} GiB ({self.cache_phase}), "
@@ -152,12 +155,26 @@ def _tensors(x):
 
 def dry_run(family, model: torch.nn.Module, config: dict, batch: int, resolution: int, dtype: torch.dtype,
             max_sequence_length: int) -> Activations:
-    """The family's forward on meta tensors (see the module docstring): what autograd saves. The units are
-    what the model's own gradient checkpointing wraps (diffusers calls `_gradient_checkpointing_func(unit,
-    *inputs)`: Flux's and HiDream's blocks, SDXL's resnets and transformer blocks); here that function
-    runs the unit as it is and records what it saves and what it was given."""
+    """The family's forward on meta tensors (see the module docstring): what autograd saves."""
     latent, cond = family.dry_run_shapes(config, batch, resolution, max_sequence_length)
     meta = torch.device("meta")
+
+    def forward():
+        noisy = torch.zeros(latent, device=meta)
+        cond_t = {k: torch.zeros(s, device=meta) for k, s in cond.items()}
+        out = family.predict(model, noisy, torch.full((batch,), 500.0, device=meta), cond_t, device=meta,
+                             dtype=dtype)
+        (out.float() ** 2).mean()
+
+    with family.dry_run():
+        return record(model, forward)
+
+
+def record(model: torch.nn.Module, forward) -> Activations:
+    """What autograd saves while `forward()` runs `model` (meta tensors). The units are what the model's
+    own gradient checkpointing wraps (diffusers calls `_gradient_checkpointing_func(unit, *inputs)`:
+    Flux's and HiDream's blocks, SDXL's resnets and transformer blocks);
+    here that function runs the unit as it is and records what it saves and what it was given."""
     seen: dict[int, int] = {}  # storage -> bytes, every saved tensor
     kept: dict[int, int] = {}  # ... what checkpointing keeps
     owner: list[int | None] = [None]
@@ -181,6 +198,7 @@ def dry_run(family, model: torch.nn.Module, config: dict, batch: int, resolution
         for x in _tensors(args):
             key, nbytes = _storage(x)
             kept.setdefault(key, nbytes)
+            keep.append(x)  # alive, so that its storage id is not reused
         owner[0] = len(units)
         units.append(0)
         try:
@@ -191,15 +209,64 @@ def dry_run(family, model: torch.nn.Module, config: dict, batch: int, resolution
     model.enable_gradient_checkpointing(unit)
     model.train()
     for p in list(model.parameters()) + list(model.buffers()):  # weights are counted as weights
-        seen[_storage(p)[0]] = 0
-        kept[_storage(p)[0]] = 0
-    with _flash_attention(), family.dry_run(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        noisy = torch.zeros(latent, device=meta)
-        cond_t = {k: torch.zeros(s, device=meta) for k, s in cond.items()}
-        out = family.predict(model, noisy, torch.full((batch,), 500.0, device=meta), cond_t, device=meta,
-                             dtype=dtype)
-        (out.float() ** 2).mean()
+        seen[_storage(p)[0]] = kept[_storage(p)[0]] = 0
+    with _flash_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
     return Activations(sum(seen.values()), sum(kept.values()), max(units, default=0))
+
+
+def live_peak(model: torch.nn.Module, forward) -> int:
+    """The most bytes that tensors made by `forward()` (meta tensors, no grad) hold at once: every op's
+    outputs are counted per storage from their making until the last tensor on that storage is gone
+    (Python frees them at once), as a GPU allocator would hold them, without its kernels' workspaces."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    refs: dict[int, list[int]] = {}  # storage -> [tensors alive on it, bytes]
+    live, peak = [0], [0]
+    weights = {_storage(t)[0] for t in list(model.parameters()) + list(model.buffers())}  # views of them: 0
+
+    def gone(key):
+        entry = refs[key]
+        entry[0] -= 1
+        if not entry[0]:
+            live[0] -= entry[1]
+            del refs[key]
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in _tensors(out):
+                key, nbytes = _storage(t)
+                if key in weights:
+                    continue
+                if key not in refs:
+                    refs[key] = [0, nbytes]
+                    live[0] += nbytes
+                    peak[0] = max(peak[0], live[0])
+                refs[key][0] += 1
+                weakref.finalize(t, gone, key)
+            return out
+
+    with torch.no_grad(), _flash_attention(), Track():
+        forward()
+    return peak[0]
+
+
+def vae_working(vae_config: dict, batch: int, resolution: int, dtype: torch.dtype) -> int:
+    """The working set of the cache stage's VAE encode (no grad) of `batch` square images (live_peak)."""
+    from diffusers import AutoencoderKL
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(vae_config)
+    finally:
+        torch.set_default_dtype(previous)
+    pixels = torch.zeros(batch, vae_config.get("in_channels", 3), resolution, resolution, device="meta", dtype=dtype)
+    return live_peak(vae, lambda: vae.encode(pixels).latent_dist.mode())
 
 
 def activations(family, config: dict, lora_cfg, batch: int, resolution: int, dtype: torch.dtype,
@@ -232,9 +299,33 @@ def activations(family, config: dict, lora_cfg, batch: int, resolution: int, dty
     return total
 
 
-def estimate(family, config: dict, lora_cfg, s: Settings, encoders: dict[str, int] | None = None) -> Estimate:
+def prior_working(family, config: dict, batch: int, resolution: int, dtype: torch.dtype,
+                  max_sequence_length: int) -> int:
+    """The working set of the cache stage's prior forward (no grad, no LoRA; live_peak), on the model cut
+    to one block of each kind: a no-grad forward holds one block's tensors at a time, so the cut peaks
+    as the whole does."""
+    depths = family.block_depths(config)
+    cut = family.with_depths(config, {k: 1 for k in depths}) if depths else config
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = meta_denoiser(family, cut).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    latent, cond = family.dry_run_shapes(cut, batch, resolution, max_sequence_length)
+    meta = torch.device("meta")
+    noisy = torch.zeros(latent, device=meta)
+    cond_t = {k: torch.zeros(s, device=meta) for k, s in cond.items()}
+    with family.dry_run():
+        return live_peak(model, lambda: family.predict(model, noisy, torch.full((batch,), 500.0, device=meta), cond_t,
+                                                device=meta, dtype=dtype))
+
+
+def estimate(family, config: dict, lora_cfg, s: Settings, encoders: dict[str, int] | None = None,
+             vae_config: dict | None = None) -> Estimate:
     """The peak GPU memory for a denoiser config (dict) of `family` under settings `s`; `encoders` gives
-    the parameter count of the VAE ("vae") and of each text encoder, when known."""
+    the parameter count of the VAE ("vae") and of each text encoder, when known, and `vae_config` the
+    VAE's config, for its encode's working set."""
     from pipeline.swap import swap_blocks, swapped_indices
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.dtype]
@@ -252,14 +343,18 @@ def estimate(family, config: dict, lora_cfg, s: Settings, encoders: dict[str, in
     parts = {"weights": weights, "swapped_out": -swapped, **lora,
              "activations": act.kept + act.unit if ckpt else act.saved,
              "backward_temporaries": act.unit or act.saved // 4, "overhead": OVERHEAD}
-    # the prior forward has no gradient: only the working set of the unit being computed, taken as that
-    # unit's saved activations, which grow with the batch (cache.batch_size)
-    working = (act.unit or act.saved // 4) * s.cache_batch_size // s.batch_size
+    # the prior forward has no gradient: its working set is that of one block, at cache.batch_size
+    working = prior_working(family, config, s.cache_batch_size, s.resolution, torch_dtype, s.max_sequence_length)
     cache_parts = {"denoiser prior forward": weights - swapped + working + OVERHEAD}
+    working_sets = {"denoiser prior forward": working}
+    encoder_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.encoder_dtype]
     for name, n in (encoders or {}).items():
-        cache_parts[name] = n * DTYPE_BYTES[s.encoder_dtype] + OVERHEAD
+        # the text encoders' working set on a caption is small beside their weights
+        working_sets[name] = (vae_working(vae_config, s.cache_batch_size, s.resolution, encoder_dtype)
+                              if name == "vae" and vae_config else 0)
+        cache_parts[name] = n * DTYPE_BYTES[s.encoder_dtype] + working_sets[name] + OVERHEAD
     phase = max(cache_parts, key=cache_parts.get)
-    return Estimate(parts, sum(parts.values()), cache_parts[phase], phase, cache_parts)
+    return Estimate(parts, sum(parts.values()), cache_parts[phase], phase, cache_parts, working_sets)
 
 
 def encoder_params(root: Path, family) -> dict[str, int]:
@@ -300,8 +395,12 @@ def plan_memory(cfg) -> Estimate:
     from pipeline.families import get_family
 
     family = get_family(cfg.model)
+    from diffusers import AutoencoderKL
+
     config = family.denoiser_class.load_config(family.root, subfolder=family.denoiser_component)
-    return estimate(family, config, cfg.lora, settings_of(cfg), encoder_params(family.root, family))
+    vae = family.root / "vae" / "config.json"
+    vae_config = AutoencoderKL.load_config(family.root, subfolder="vae") if vae.is_file() else None
+    return estimate(family, config, cfg.lora, settings_of(cfg), encoder_params(family.root, family), vae_config)
 
 
 def table(e: Estimate) -> list[str]:

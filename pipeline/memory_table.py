@@ -8,7 +8,7 @@ import click
 
 from pipeline.config import LoraConfig
 from pipeline.memory import GiB, Settings, estimate
-from pipeline.public_configs import DENOISERS, ENCODERS, public_family
+from pipeline.public_configs import DENOISERS, ENCODERS, VAES, public_family
 
 ROWS = {"flux": [("none", 0), ("none", 30), ("none", 50), ("int8", 0), ("fp8", 0), ("nf4", 0)],
         "sdxl": [("none", 0), ("int8", 0), ("nf4", 0)],
@@ -24,7 +24,7 @@ def main():
         for quantize, swap in rows:
             e = estimate(family, DENOISERS[name], LoraConfig(), Settings(
                 quantize=quantize, blocks_to_swap=swap, gradient_checkpointing=True, encoder_dtype="bf16"),
-                ENCODERS[name])
+                ENCODERS[name], VAES[name])
             peak = max(e.cache_peak, e.train_peak)
             fits = lambda gb: "yes" if peak <= gb * 1e9 else "no"  # noqa: E731 - cards are sold in 10^9 bytes
             click.echo(f"| {name} | {quantize} | {swap} | {e.cache_peak / GiB:.1f} | {e.train_peak / GiB:.1f} | "
