@@ -237,9 +237,10 @@ def live_peak(model: torch.nn.Module, forward) -> int:
     class Track(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            given = {_storage(t)[0] for t in _tensors((args, kwargs or {}))}
             for t in _tensors(out):
                 key, nbytes = _storage(t)
-                if key in weights:
+                if key in weights or (key not in refs and key in given):  # a view of a weight or an input
                     continue
                 if key not in refs:
                     refs[key] = [0, nbytes]
@@ -265,8 +266,8 @@ def vae_working(vae_config: dict, batch: int, resolution: int, dtype: torch.dtyp
             vae = AutoencoderKL.from_config(vae_config)
     finally:
         torch.set_default_dtype(previous)
-    pixels = torch.zeros(batch, vae_config.get("in_channels", 3), resolution, resolution, device="meta", dtype=dtype)
-    return live_peak(vae, lambda: vae.encode(pixels).latent_dist.mode())
+    shape = (batch, vae_config.get("in_channels", 3), resolution, resolution)
+    return live_peak(vae, lambda: vae.encode(torch.zeros(shape, device="meta", dtype=dtype)).latent_dist.mode())
 
 
 def activations(family, config: dict, lora_cfg, batch: int, resolution: int, dtype: torch.dtype,
@@ -301,24 +302,36 @@ def activations(family, config: dict, lora_cfg, batch: int, resolution: int, dty
 
 def prior_working(family, config: dict, batch: int, resolution: int, dtype: torch.dtype,
                   max_sequence_length: int) -> int:
-    """The working set of the cache stage's prior forward (no grad, no LoRA; live_peak), on the model cut
-    to one block of each kind: a no-grad forward holds one block's tensors at a time, so the cut peaks
-    as the whole does."""
-    depths = family.block_depths(config)
-    cut = family.with_depths(config, {k: 1 for k in depths}) if depths else config
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = meta_denoiser(family, cut).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    latent, cond = family.dry_run_shapes(cut, batch, resolution, max_sequence_length)
+    """The working set of the cache stage's prior forward (no grad, no LoRA; live_peak). A no-grad
+    forward holds about one block's tensors at a time, but some models keep a tensor per block alive
+    (HiDream projects every block's caption first), so, as for the activations, it is measured on models
+    cut to one and two blocks of each kind and extrapolated."""
     meta = torch.device("meta")
-    noisy = torch.zeros(latent, device=meta)
-    cond_t = {k: torch.zeros(s, device=meta) for k, s in cond.items()}
-    with family.dry_run():
-        return live_peak(model, lambda: family.predict(model, noisy, torch.full((batch,), 500.0, device=meta), cond_t,
-                                                device=meta, dtype=dtype))
+
+    def run(cfg):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = meta_denoiser(family, cfg).eval()
+        finally:
+            torch.set_default_dtype(previous)
+        latent, cond = family.dry_run_shapes(cfg, batch, resolution, max_sequence_length)
+
+        def forward():  # the batch's inputs are on the device too
+            noisy = torch.zeros(latent, device=meta)
+            cond_t = {k: torch.zeros(s, device=meta) for k, s in cond.items()}
+            family.predict(model, noisy, torch.full((batch,), 500.0, device=meta), cond_t, device=meta, dtype=dtype)
+
+        with family.dry_run():
+            return live_peak(model, forward)
+
+    depths = family.block_depths(config)
+    if not depths or all(n <= 1 for n in depths.values()):
+        return run(config)
+    ones = {k: 1 for k in depths}
+    base = run(family.with_depths(config, ones))
+    return base + sum(max(run(family.with_depths(config, {**ones, k: 2})) - base, 0) * (n - 1)
+                      for k, n in depths.items() if n > 1)
 
 
 def estimate(family, config: dict, lora_cfg, s: Settings, encoders: dict[str, int] | None = None,

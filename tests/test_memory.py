@@ -12,7 +12,8 @@ import torch
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.families import family_class
 from pipeline.lora import add_lora
-from pipeline.memory import Settings, activations, estimate, lora_bytes, meta_denoiser, weight_bytes
+from pipeline.memory import (Settings, activations, estimate, lora_bytes, meta_denoiser, prior_working,
+                             weight_bytes)
 from pipeline.swap import swap_blocks, swapped_indices
 
 
@@ -94,10 +95,13 @@ def test_cut_dry_runs_stand_for_the_whole_model(tiny_family_model, name, depths)
     assert all(n > 1 for n in family.block_depths(deep).values()) and family.block_depths(deep)
     args = (LoraConfig(rank=4), 1, 64, torch.float32, 16)
     cut = activations(family, deep, *args)
+    cut_prior = prior_working(family, deep, 2, 64, torch.float32, 16)
     family.block_depths = lambda config: {}
     whole = activations(family, deep, *args)
     assert cut.saved == whole.saved and cut.unit == whole.unit
     assert abs(cut.kept - whole.kept) <= 0.01 * whole.kept
+    # a no-grad forward holds one block at a time: the cut model's working set is the whole one's
+    assert cut_prior == prior_working(family, deep, 2, 64, torch.float32, 16) > 0
 
 
 def test_sdxl_checkpointing_keeps_less(tiny_family_model):
