@@ -3,6 +3,11 @@
 # make bench: seconds per training step, cached vs online priors
 # make bench-scale: cache status, verify and a training start on 10,000 images under ulimit -n 1024
 #                   (not part of make test: minutes; ARGS="--images 2000" for a smaller run)
+# make plan-memory: the estimated peak GPU memory of both stages for CONFIG (pipeline/memory.py)
+# make memory-table: the README's per-family memory table, from the planner
+# make bench-memory: the planner against measured CPU peaks of real-width models cut to one block per kind
+#                    (not part of make test: about 15 minutes on 2 cores)
+# make bench-gpu: full-size denoisers on a CUDA GPU (one line and exit 0 without one); test-gpu: pytest -m gpu
 # make cache-status: what the cache holds, lacks and stores unused for CONFIG (DTYPE)
 # Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32  RESUME=1 (train: go on from the newest checkpoint)
 #            OVERWRITE=1 (train: start over where another run's checkpoints are)
@@ -25,7 +30,7 @@ OVERWRITE_ARG := $(if $(OVERWRITE),--overwrite,)
 # torchrun's --standalone picks a free port on this machine; without GPUS, one plain process as before
 LAUNCH = $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS),$(PY))
 
-.PHONY: cache cache-status train test test-fast bench bench-scale
+.PHONY: cache cache-status train test test-fast bench bench-scale plan-memory memory-table bench-memory bench-gpu test-gpu
 
 # torch==2.13.0 first, pinned: pip takes the build its index serves for that version (a local CPU wheel
 # where one is on disk, the CUDA build from PyPI on Linux x86-64; see the README for a CPU-only index).
@@ -57,3 +62,18 @@ bench: $(SETUP)
 
 bench-scale: $(SETUP)
 	$(PY) -m pipeline.bench_scale $(ARGS)
+
+plan-memory: $(SETUP)
+	$(PY) -m pipeline plan-memory --config $(CONFIG) $(DTYPE_ARG)
+
+memory-table: $(SETUP)
+	$(PY) -m pipeline.memory_table
+
+bench-memory: $(SETUP)
+	$(PY) -m pipeline.bench_memory $(ARGS)
+
+bench-gpu: $(SETUP)
+	$(PY) -m pipeline.bench_gpu $(ARGS)
+
+test-gpu: $(SETUP)
+	$(PY) -m pytest -q -m gpu

@@ -37,6 +37,7 @@ class Denoiser:
     module: torch.nn.Module
     device: torch.device
     dtype: torch.dtype
+    swap: object = None  # the BlockSwap placing its swapped blocks (train.blocks_to_swap), or None
 
 
 def forward(family, denoiser: Denoiser, inputs: Inputs) -> torch.Tensor:

@@ -286,6 +286,33 @@ def sample(config_path, lora, prompts, out, steps, seed, width, height, guidance
     _run(go, "nothing was written")
 
 
+@main.command("plan-memory")
+@CONFIG
+@DTYPE
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def plan_memory(config_path, dtype, as_json):
+    """Estimate the peak GPU memory of the cache stage and of training for the config (nothing is loaded:
+    the denoiser is built on the meta device from its config; see pipeline/memory.py)."""
+
+    def go():
+        from pipeline.memory import plan_memory as estimate, table
+
+        cfg = load_config(config_path, dtype)
+        e = estimate(cfg)
+        if as_json:
+            click.echo(json.dumps({"train_peak": e.train_peak, "cache_peak": e.cache_peak, "cache_phase": e.cache_phase,
+                                   "parts": e.parts, "cache_parts": e.cache_parts,
+                                   "working_sets": e.working_sets}))
+            return
+        click.echo(f"memory plan for {config_path} (GiB; {cfg.train.dtype}, quantize {cfg.model.quantize}, "
+                   f"blocks_to_swap {cfg.train.blocks_to_swap}, batch {cfg.train.batch_size}, {cfg.data.resolution} px, "
+                   f"gradient_checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'})")
+        for row in table(e):
+            click.echo(row)
+
+    _run(go, "nothing was changed")
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="PNG to write (default RUN_DIR/loss.png).")

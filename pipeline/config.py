@@ -25,6 +25,7 @@ else:  # pragma: no cover
 from pipeline.errors import UserError
 
 DTYPES = ("bf16", "fp16", "fp32")
+QUANTIZE = ("none", "int8", "fp8", "nf4")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -129,6 +130,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the newest this many are kept (0: all)
     gradient_accumulation: int = 1  # batches per optimizer step
     gradient_checkpointing: bool = False
+    blocks_to_swap: int = 0  # transformer blocks whose frozen weights wait in CPU memory (both stages; see pipeline/swap.py)
     tensorboard: bool = False  # also log to <output_dir>/tensorboard (pip install 'prior-lora[tensorboard]')
     loss_weighting: str = "none"  # "none" | "sigma_sqrt" | "cosmap" (flow models) | "min_snr" (SDXL)
     min_snr_gamma: float = 5.0
@@ -300,7 +302,12 @@ def validate(cfg: Config) -> None:
     _choice(cfg.lora.targets, TARGET_PRESETS, "lora.targets")
     _choice(cfg.train.lora_format, ("diffusers", "kohya"), "train.lora_format")
     _choice(cfg.model.prediction_type, ("", "epsilon", "v_prediction"), "model.prediction_type")
-    _choice(cfg.model.quantize, ("none", "int8", "fp8", "nf4"), "model.quantize")
+    _choice(cfg.model.quantize, QUANTIZE, "model.quantize")
+    if cfg.model.quantize != "none" and cfg.train.blocks_to_swap:
+        # the swap moves plain tensors by .data; quantized weights are tensor subclasses (torchao) or carry
+        # a separate quantization state (bitsandbytes), and at 1 byte or less per weight they fit without it
+        raise UserError(f"config key 'train.blocks_to_swap' works with model.quantize = \"none\" only (got "
+                        f"{cfg.model.quantize!r}): set one of them (python -m pipeline plan-memory shows what fits)")
     if cfg.lora.target_regex:
         try:
             re.compile(cfg.lora.target_regex)
@@ -348,6 +355,7 @@ def validate(cfg: Config) -> None:
         ("validation.width", cfg.validation.width, True),
         ("validation.height", cfg.validation.height, True),
         ("train.min_snr_gamma", cfg.train.min_snr_gamma, False),
+        ("train.blocks_to_swap", cfg.train.blocks_to_swap, True),
     ]:
         _positive(value, key, zero_ok)
     for key, value in (("cache.device", cfg.cache.device), ("train.device", cfg.train.device)):

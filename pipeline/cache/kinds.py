@@ -112,8 +112,9 @@ def _prior_entries(plan: Plan, store: Store, denoiser: Denoiser, items: list[tup
 
 
 def _load_denoiser(plan: Plan, device: torch.device) -> Denoiser:
-    # the model exactly as training builds it (quantized, with the zero-initialised LoRA, in train mode), so
-    # the prior is its step-0 prediction whatever the backend does differently in eval mode or without a LoRA
+    # the model exactly as training builds it (quantized, with the zero-initialised LoRA, in train mode, placed
+    # as train.blocks_to_swap places it), so the prior is its step-0 prediction whatever the backend does
+    # differently in eval mode or without a LoRA; the swap changes where weights wait, never what is computed
     from pipeline.train.setup import build_denoiser
 
     return build_denoiser(plan, device, checks=False)[0]

@@ -34,6 +34,7 @@ from pipeline.cache.lock import cache_lock
 from pipeline.cache.store import Entry, Store, access_error, os_errno
 from pipeline.config import Config
 from pipeline.errors import UserError, note
+from pipeline.memory import say_estimate
 from pipeline.plan import Plan, open_plan, pick_device, prior_device
 
 
@@ -167,6 +168,7 @@ def _run_cache(cfg: Config, progress: bool, world: dist.World) -> dict:
     start = time.perf_counter()
     world.from_main(lambda: ensure_embedded(cfg))  # one rank builds; the others read what it built
     plan, store = open_plan(cfg)
+    say_estimate(cfg)
     if world.is_main:
         owners.record(plan)  # before computing: what a run that is cut short wrote is claimed too
     device = world.device or pick_device(cfg.cache.device)

@@ -9,6 +9,7 @@ the denoiser's config it reads from the model folder.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -42,6 +43,10 @@ class Family(Protocol):
     # Optional members, with their defaults:
     negative_is_empty_caption: bool = False  # the pipeline's guidance encodes "" as the negative prompt
     kohya_metadata: Mapping[str, str] = MappingProxyType({})  # written into kohya-format files (ss_network_module...)
+    # names of the denoiser's ModuleLists of transformer blocks, in forward order: what train.blocks_to_swap
+    # swaps (pipeline/swap.py); empty: the family refuses the key
+    swap_blocks: tuple[str, ...] = ()
+    denoiser_kwargs: Mapping[str, Any] = MappingProxyType({})  # passed to the denoiser class when it is built
 
     def load_vae(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
 
@@ -88,6 +93,24 @@ class Family(Protocol):
         flow-matching families have one; the default refuses the keys."""
         key = "cache.shift" if shift else "cache.dynamic_shift"
         raise UserError(f"config key '{key}' is for flow-matching models (Flux, HiDream), not {self.name}")
+
+    def dry_run_shapes(self, config: dict, batch: int, resolution: int, max_sequence_length: int
+                       ) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
+        """For the memory planner: the shapes of a batch of latents (B,C,h,w) at a square `resolution` and of
+        its cached conditioning (as `predict` takes it), for a denoiser config (dict)."""
+
+    def dry_run(self):
+        """For the memory planner: a context in which `predict` runs on meta tensors (default: as it is)."""
+        return contextlib.nullcontext()
+
+    def block_depths(self, config: dict) -> dict[str, int]:
+        """For the memory planner: how many identical blocks of each kind the denoiser config stacks (config
+        key -> count), so a dry run of a cut model (see with_depths) stands for the whole; {}: no cut."""
+        return {}
+
+    def with_depths(self, config: dict, depths: dict[str, int]) -> dict:
+        """The denoiser config with the block counts of `depths` (keys as block_depths gives them)."""
+        return {**config, **depths}
 
     def prediction_settings(self) -> dict:
         """Settings outside the weights that change a prediction (guidance...): part of the prior key."""
@@ -144,8 +167,8 @@ class FolderFamily(Family):
             z = z - vae.config.shift_factor
         return (z * vae.config.scaling_factor).cpu()
 
-    def load_denoiser(self, device, dtype, **kwargs):
-        cls, sub = self.denoiser_class, self.denoiser_component
+    def load_denoiser(self, device, dtype):
+        cls, sub, kwargs = self.denoiser_class, self.denoiser_component, dict(self.denoiser_kwargs)
         scheme = self.cfg.quantize
         if scheme != "none":  # model.quantize: diffusers quantizes the Linear weights as it loads them
             from pipeline import quantize

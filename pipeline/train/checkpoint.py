@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.errors import UserError, warn
 from pipeline.lora import CHECKPOINT_LORA, save_file_or_oserror, save_run_lora

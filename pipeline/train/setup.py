@@ -14,6 +14,7 @@ from pipeline.cache.store import Store
 from pipeline.errors import warn
 from pipeline.lora import add_lora, kohya_weights
 from pipeline.plan import TORCH_DTYPES, Plan
+from pipeline.swap import load_denoiser
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.optim import build_optimizer, build_scheduler
 
@@ -43,26 +44,36 @@ class Run:
         self.params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them by shards
 
 
-def build_denoiser(plan: Plan, device: torch.device, checks: bool = True) -> tuple[Denoiser, list]:
-    """The denoiser as training holds it: loaded (quantized with model.quantize), the LoRA added with B = 0,
-    gradient checkpointing as configured, in train mode. The cache stage computes priors on this same model,
-    so a prior is the training forward's step-0 output whatever the backend's kernels do in each mode.
-    Returns it with the LoRA's parameters. checks: refuse what the LoRA file's format cannot hold, warn
-    about DoRA (the train stage; the cache stage saves no LoRA)."""
-    cfg, t = plan.cfg, plan.cfg.train
-    dtype = TORCH_DTYPES[t.dtype]
-    model = plan.family.load_denoiser(device, dtype)
-    params = add_lora(model, cfg.lora, plan.family.target_presets)
-    if t.lora_format == "kohya" and checks:
-        kohya_weights(model, plan.family, cfg.lora)  # refuse now, not after training, what kohya's layout cannot hold
+def prepare_model(model: torch.nn.Module, cfg, family, checks: bool = True) -> list[torch.nn.Parameter]:
+    """What training does to the loaded denoiser: add the LoRA (its parameters are returned), check the
+    output format, turn on gradient checkpointing. `make bench-memory` measures a step after this too.
+    checks: refuse what the LoRA file's format cannot hold, warn about DoRA (the train stage; the cache
+    stage saves no LoRA)."""
+    params = add_lora(model, cfg.lora, family.target_presets)
+    if cfg.train.lora_format == "kohya" and checks:
+        kohya_weights(model, family, cfg.lora)  # refuse now, not after training, what kohya's layout cannot hold
     elif cfg.lora.use_dora and checks:
         # ComfyUI has no reader for peft's magnitude vectors (its DoRA normalises the other axis of the weight)
         warn("lora.use_dora = true: the LoRA file loads in diffusers, but ComfyUI would load it without DoRA's "
              "magnitudes, so its images would differ")
-    if t.gradient_checkpointing:
+    if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
+    return params
+
+
+def build_denoiser(plan: Plan, device: torch.device, checks: bool = True) -> tuple[Denoiser, list]:
+    """The denoiser as training holds it: loaded (quantized with model.quantize), the LoRA added with B = 0,
+    gradient checkpointing as configured, placed with train.blocks_to_swap blocks swapped, in train mode.
+    The cache stage computes priors on this same model, so a prior is the training forward's step-0 output
+    whatever the backend's kernels do in each mode. Returns it with the LoRA's parameters."""
+    cfg, t = plan.cfg, plan.cfg.train
+    dtype = TORCH_DTYPES[t.dtype]
+    found: list[torch.nn.Parameter] = []
+    # before the model is placed: the LoRA goes where its block's weights go
+    prepare = lambda model: found.extend(prepare_model(model, cfg, plan.family, checks))  # noqa: E731
+    model, swap = load_denoiser(plan.family, device, dtype, t.blocks_to_swap, prepare)
     model.train()
-    return Denoiser(model, device, dtype), params
+    return Denoiser(model, device, dtype, swap), found
 
 
 def setup(plan: Plan, store: Store, device: torch.device) -> Run:

@@ -25,6 +25,7 @@ from pipeline.cache.lock import cache_lock
 from pipeline.config import Config, check_output_dir
 from pipeline.errors import Interrupted, UserError, note, warn
 from pipeline.lora import save_run_lora
+from pipeline.memory import say_estimate
 from pipeline.plan import open_plan, pick_device
 from pipeline.train import checkpoint
 from pipeline.train.outdir import check_fresh_start, output_lock
@@ -98,6 +99,7 @@ def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool,
     else:
         found = world.from_main(lambda: check_fresh_start(out_dir, cfg, plan, data_fp, overwrite))
     torch.manual_seed(t.seed)  # the LoRA's initial weights: the same on every rank
+    say_estimate(cfg)
     practice_warnings(plan)
     run = setup(plan, store, world.device or pick_device(t.device))
     batch_size_warning(epoch_batches(plan, run.shapes, 0), t.batch_size)

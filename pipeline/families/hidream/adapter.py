@@ -8,8 +8,10 @@ is exactly what the base model predicts in that pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+from types import MappingProxyType
 from pathlib import Path
 
 import torch
@@ -43,6 +45,7 @@ class HiDreamFamily(FlowMatchingFamily):
     denoiser_class = HiDreamImageTransformer2DModel
     pixel_multiple = 16  # VAE downsamples by 8, 2x2 patches by 2 more
     negative_is_empty_caption = True  # its pipeline encodes "" as the negative prompt for guidance
+    swap_blocks = ("double_stream_blocks", "single_stream_blocks")  # 16 and 32 in HiDream-I1
     default_max_sequence_length = 128  # HiDreamImagePipeline's default, what the model sees at inference
     # uniform over the model's shifted table, as diffusers' HiDream LoRA script draws (its --weighting_scheme
     # default, over a shift-3.0 table); logit-normal on top of a shift would starve the low-noise end
@@ -121,11 +124,45 @@ class HiDreamFamily(FlowMatchingFamily):
         return self._scheduler
 
     # -- denoiser ---------------------------------------------------------------------------------
-    def load_denoiser(self, device, dtype):
-        # force_inference_output, as diffusers' HiDream LoRA script: in train() mode the transformer would
-        # otherwise route the MoE differently and return patch-major output; with it, train() and eval()
-        # give the same prediction bit for bit, so a cached prior is the training forward's step-0 output.
-        return super().load_denoiser(device, dtype, force_inference_output=True)
+    # force_inference_output, as diffusers' HiDream LoRA script: in train() mode the transformer would
+    # otherwise route the MoE differently and return patch-major output; with it, train() and eval()
+    # give the same prediction bit for bit, so a cached prior is the training forward's step-0 output.
+    denoiser_kwargs = MappingProxyType({"force_inference_output": True})
+
+    def dry_run_shapes(self, config, batch, resolution, max_sequence_length):
+        L = max_sequence_length or self.default_max_sequence_length
+        t5, llama = config["caption_channels"]
+        h = resolution // 8
+        return (batch, config["in_channels"], h, h), {
+            "prompt_embeds_t5": (batch, L, t5),
+            "prompt_embeds_llama3": (batch, max(config["llama_layers"]) + 1, L, llama),
+            "pooled_prompt_embeds": (batch, config["text_emb_dim"]),
+        }
+
+    def block_depths(self, config):
+        return {"num_layers": config["num_layers"], "num_single_layers": config["num_single_layers"]}
+
+    def with_depths(self, config, depths):
+        # each block reads one llama layer: keep the double blocks' first and the single blocks' last, so
+        # the cut model takes llama embeddings of the same shape as the whole
+        layers = config["llama_layers"]
+        d, s = depths.get("num_layers", config["num_layers"]), depths.get("num_single_layers", config["num_single_layers"])
+        return {**config, **depths, "llama_layers": layers[:d] + layers[len(layers) - s:]}
+
+    @contextlib.contextmanager
+    def dry_run(self):
+        # The routed experts run under no_grad (the inference MoE path): they save nothing for the
+        # backward, but their routing reads expert counts back to the host, which meta tensors cannot do;
+        # unpatchify reads the image sizes back too, and the dry run needs no particular output layout.
+        from diffusers.models.transformers import transformer_hidream_image as m
+
+        moe, unpatchify = m.MOEFeedForwardSwiGLU.moe_infer, m.HiDreamImageTransformer2DModel.unpatchify
+        m.MOEFeedForwardSwiGLU.moe_infer = lambda self, x, idx, weights: torch.zeros_like(x)
+        m.HiDreamImageTransformer2DModel.unpatchify = lambda self, x, img_sizes, is_training: x
+        try:
+            yield
+        finally:
+            m.MOEFeedForwardSwiGLU.moe_infer, m.HiDreamImageTransformer2DModel.unpatchify = moe, unpatchify
 
     def prediction_settings(self):
         return {}  # no guidance embedding; classifier-free guidance happens outside the transformer

@@ -137,6 +137,28 @@ class SDXLFamily(FolderFamily):
     def prediction_settings(self):
         return {}  # no guidance embedding; the prediction type is part of the noise key
 
+    def dry_run_shapes(self, config, batch, resolution, max_sequence_length):
+        h = resolution // 8
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        return (batch, config["in_channels"], h, h), {
+            "prompt_embeds": (batch, 77, config["cross_attention_dim"]), "pooled_prompt_embeds": (batch, pooled),
+            "original_size": (batch, 2), "crop_top_left": (batch, 2),
+        }
+
+    def block_depths(self, config):
+        # transformer blocks per down level (the up path mirrors it); a plain int or level 0 (no attention
+        # in SDXL's first level) is left as it is
+        depth = config.get("transformer_layers_per_block")
+        if not isinstance(depth, list) or config.get("reverse_transformer_layers_per_block"):
+            return {}
+        return {f"transformer_layers_per_block.{i}": n for i, n in enumerate(depth) if i > 0}
+
+    def with_depths(self, config, depths):
+        depth = list(config["transformer_layers_per_block"])
+        for key, n in depths.items():
+            depth[int(key.rsplit(".", 1)[1])] = n
+        return {**config, "transformer_layers_per_block": depth}
+
     def predict(self, denoiser, noisy, timesteps, cond, *, device, dtype):
         b, _, h, w = noisy.shape
         # time ids as the pipeline's _get_add_time_ids: original size + crop top-left + target size, all

@@ -1,0 +1,434 @@
+"""Memory planning: the peak GPU memory of the cache stage and of training for a config, estimated
+without loading or allocating anything (`python -m pipeline plan-memory --config F`, and one line at the
+start of both stages).
+
+- **Weights**: exact parameter counts of the denoiser built from its config on the meta device (as
+  accelerate's `estimate-memory` does), in bytes per `model.quantize`: none = the train dtype's; int8 and
+  fp8 = 1 byte per nn.Linear weight (torchao weight-only, plus a per-channel scale); nf4 = 0.5 byte plus
+  an fp32 absmax per 64 weights (bitsandbytes' block size). Other tensors stay in the train dtype.
+- **Swapped blocks** (train.blocks_to_swap): their frozen weights leave the device, except the two
+  largest swapped blocks, which can be resident at once (the one computing and the one being prefetched).
+- **LoRA**: exact, from the layers `lora.*` selects (the trainer's own resolve_targets on the meta model):
+  float32 parameters, float32 gradients, and the optimizer's state (AdamW two float32 moments,
+  AdamW8bit two bytes, Prodigy four float32 tensors, Adafactor factored rows and columns).
+- **Activations**: a dry run of the family's own forward (`family.predict`) on meta tensors at the
+  config's resolution and batch, counting every tensor autograd saves for the backward (each storage
+  once) and attributing it to the block that saved it. Meta tensors would take attention's math path,
+  which saves the N x N attention matrix that no GPU kernel keeps, so the dry run calls the flash
+  kernel's CPU variant, which saves what CUDA's flash kernel does (q, k, v, output, logsumexp). With
+  train.gradient_checkpointing a block keeps only its inputs, and one block's activations are rebuilt
+  at a time in the backward. The backward's own temporaries are taken as one more block's activations.
+- **Overhead**: a fixed 0.75 GiB for the CUDA context, cuBLAS workspaces and the allocator's slack.
+
+The cache stage holds one model at a time: the VAE (weights and its encode's working set), the text
+encoders (weights only: their activations on a caption are small beside them), then the denoiser's
+no-grad prior forward at cache.batch_size. A no-grad forward's working set (the VAE's encode, the prior
+forward) is the peak of the bytes its ops' outputs hold at once on meta tensors (`live_peak`).
+Checked against measured peaks on a CPU (`make bench-memory`, README "Memory and quantization");
+`make bench-gpu` prints the planner's figure beside the measured peak on a GPU."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.lora import LORA_LAYERS, resolve_targets
+
+GiB = 2**30
+OVERHEAD = int(0.75 * GiB)
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+QUANT_LINEAR_BYTES = {"int8": 1.0, "fp8": 1.0, "nf4": 0.5 + 4 / 64}
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}  # per LoRA parameter; adafactor: per matrix
+
+
+@dataclass
+class Settings:
+    """What the estimate depends on (the config's keys of the same names)."""
+
+    dtype: str = "bf16"
+    quantize: str = "none"
+    blocks_to_swap: int = 0
+    batch_size: int = 1
+    resolution: int = 1024
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    cache_batch_size: int = 4
+    encoder_dtype: str = "fp32"
+    max_sequence_length: int = 0  # 0: the family's default
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, int]  # training's peak, by part (bytes)
+    train_peak: int
+    cache_peak: int
+    cache_phase: str  # which phase of the cache stage peaks
+    cache_parts: dict[str, int] = field(default_factory=dict)
+    working_sets: dict[str, int] = field(default_factory=dict)  # the cache phases' activations (in cache_parts)
+
+    def line(self) -> str:
+        return (f"estimated peak GPU memory: cache {self.cache_peak / GiB:.1f} GiB ({self.cache_phase}), "
+                f"training {self.train_peak / GiB:.1f} GiB (python -m pipeline plan-memory for the parts)")
+
+
+def meta_denoiser(family, config: dict) -> torch.nn.Module:
+    with torch.device("meta"):
+        return family.denoiser_class.from_config(config, **family.denoiser_kwargs)
+
+
+def weight_bytes(model: torch.nn.Module, dtype: str, quantize: str) -> int:
+    """Bytes of the model's parameters and buffers in `dtype`, Linear weights quantized by `quantize`."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        per = QUANT_LINEAR_BYTES[quantize] if quantize != "none" and id(t) in linear else DTYPE_BYTES[dtype]
+        total += int(t.numel() * per)
+    return total
+
+
+def lora_bytes(model: torch.nn.Module, lora_cfg, presets: dict, optimizer: str) -> dict[str, int]:
+    """Parameters, gradients and optimizer state of the LoRA that lora_cfg puts on `model` (float32)."""
+    modules = dict(model.named_modules())
+    params, factored = 0, 0
+    for name in resolve_targets(model, lora_cfg, presets):
+        m, r = modules[name], lora_cfg.rank
+        if isinstance(m, torch.nn.Linear):
+            shapes = [(r, m.in_features), (m.out_features, r)]
+        else:  # Conv2d: A takes the kernel, B is 1x1
+            shapes = [(r, m.in_channels * m.kernel_size[0] * m.kernel_size[1]), (m.out_channels, r)]
+        params += sum(a * b for a, b in shapes) + (shapes[1][0] if lora_cfg.use_dora else 0)
+        factored += sum(a + b for a, b in shapes)
+    state = factored * 4 if optimizer == "adafactor" else params * OPTIMIZER_BYTES[optimizer]
+    return {"lora": params * 4, "lora_grads": params * 4, "optimizer_state": state}
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s._cdata, s.nbytes()
+
+
+def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+
+@contextlib.contextmanager
+def _flash_attention():
+    original = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _flash_sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+@dataclass
+class Activations:
+    saved: int  # every tensor saved for the backward, without checkpointing (each storage once)
+    kept: int  # ... with train.gradient_checkpointing: what no checkpointed unit saves, and the units' inputs
+    unit: int  # the largest checkpointed unit's saved tensors (what its recomputation holds in the backward)
+
+    def __add__(self, o):
+        return Activations(self.saved + o.saved, self.kept + o.kept, max(self.unit, o.unit))
+
+    def __sub__(self, o):
+        return Activations(self.saved - o.saved, self.kept - o.kept, self.unit)
+
+    def __mul__(self, k: int):
+        return Activations(self.saved * k, self.kept * k, self.unit)
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for y in x:
+            yield from _tensors(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _tensors(y)
+
+
+def dry_run(family, model: torch.nn.Module, config: dict, batch: int, resolution: int, dtype: torch.dtype,
+            max_sequence_length: int) -> Activations:
+    """The family's forward on meta tensors (see the module docstring): what autograd saves."""
+    latent, cond = family.dry_run_shapes(config, batch, resolution, max_sequence_length)
+    meta = torch.device("meta")
+
+    def forward():
+        noisy = torch.zeros(latent, device=meta)
+        cond_t = {k: torch.zeros(s, device=meta) for k, s in cond.items()}
+        out = family.predict(model, noisy, torch.full((batch,), 500.0, device=meta), cond_t, device=meta,
+                             dtype=dtype)
+        (out.float() ** 2).mean()
+
+    with family.dry_run():
+        return record(model, forward)
+
+
+def record(model: torch.nn.Module, forward) -> Activations:
+    """What autograd saves while `forward()` runs `model` (meta tensors). The units are what the model's
+    own gradient checkpointing wraps (diffusers calls `_gradient_checkpointing_func(unit, *inputs)`:
+    Flux's and HiDream's blocks, SDXL's resnets and transformer blocks);
+    here that function runs the unit as it is and records what it saves and what it was given."""
+    seen: dict[int, int] = {}  # storage -> bytes, every saved tensor
+    kept: dict[int, int] = {}  # ... what checkpointing keeps
+    owner: list[int | None] = [None]
+    units: list[int] = []
+    keep = []  # saved tensors stay alive, so no storage id is reused while counting
+
+    def pack(t):
+        key, nbytes = _storage(t)
+        if owner[0] is None:  # saved outside every unit: kept, whichever saved it first
+            kept.setdefault(key, nbytes)
+        if key not in seen:
+            seen[key] = nbytes
+            if owner[0] is not None:
+                units[owner[0]] += nbytes
+        keep.append(t)
+        return t
+
+    def unit(fn, *args):
+        if owner[0] is not None:  # nested: part of the outer unit
+            return fn(*args)
+        for x in _tensors(args):
+            key, nbytes = _storage(x)
+            kept.setdefault(key, nbytes)
+            keep.append(x)  # alive, so that its storage id is not reused
+        owner[0] = len(units)
+        units.append(0)
+        try:
+            return fn(*args)
+        finally:
+            owner[0] = None
+
+    model.enable_gradient_checkpointing(unit)
+    model.train()
+    for p in list(model.parameters()) + list(model.buffers()):  # weights are counted as weights
+        seen[_storage(p)[0]] = kept[_storage(p)[0]] = 0
+    with _flash_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return Activations(sum(seen.values()), sum(kept.values()), max(units, default=0))
+
+
+def live_peak(model: torch.nn.Module, forward) -> int:
+    """The most bytes that tensors made by `forward()` (meta tensors, no grad) hold at once: every op's
+    outputs are counted per storage from their making until the last tensor on that storage is gone
+    (Python frees them at once), as a GPU allocator would hold them, without its kernels' workspaces."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    refs: dict[int, list[int]] = {}  # storage -> [tensors alive on it, bytes]
+    live, peak = [0], [0]
+    weights = {_storage(t)[0] for t in list(model.parameters()) + list(model.buffers())}  # views of them: 0
+
+    def gone(key):
+        entry = refs[key]
+        entry[0] -= 1
+        if not entry[0]:
+            live[0] -= entry[1]
+            del refs[key]
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {_storage(t)[0] for t in _tensors((args, kwargs or {}))}
+            for t in _tensors(out):
+                key, nbytes = _storage(t)
+                if key in weights or (key not in refs and key in given):  # a view of a weight or an input
+                    continue
+                if key not in refs:
+                    refs[key] = [0, nbytes]
+                    live[0] += nbytes
+                    peak[0] = max(peak[0], live[0])
+                refs[key][0] += 1
+                weakref.finalize(t, gone, key)
+            return out
+
+    with torch.no_grad(), _flash_attention(), Track():
+        forward()
+    return peak[0]
+
+
+def vae_working(vae_config: dict, batch: int, resolution: int, dtype: torch.dtype) -> int:
+    """The working set of the cache stage's VAE encode (no grad) of `batch` square images (live_peak)."""
+    from diffusers import AutoencoderKL
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(vae_config)
+    finally:
+        torch.set_default_dtype(previous)
+    shape = (batch, vae_config.get("in_channels", 3), resolution, resolution)
+    return live_peak(vae, lambda: vae.encode(torch.zeros(shape, device="meta", dtype=dtype)).latent_dist.mode())
+
+
+def activations(family, config: dict, lora_cfg, batch: int, resolution: int, dtype: torch.dtype,
+                max_sequence_length: int) -> Activations:
+    """dry_run for the whole denoiser, from dry runs of models cut to one or two blocks of each kind
+    (family.block_depths): blocks of a kind save the same, so the whole is the one-block model plus, per
+    kind, (count - 1) times what a second block adds. Exact (tests/test_memory.py compares it with the
+    uncut dry run) and fast: a full-size Flux's 57 blocks cost two dry runs of three blocks."""
+    from pipeline.lora import add_lora
+
+    def run(cfg):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in the train dtype (a .to() would warn for SDXL)
+        try:
+            model = meta_denoiser(family, cfg)
+        finally:
+            torch.set_default_dtype(previous)
+        add_lora(model, lora_cfg, family.target_presets)  # the trainer's own: its float32 inputs are saved too
+        return dry_run(family, model, cfg, batch, resolution, dtype, max_sequence_length)
+
+    depths = family.block_depths(config)
+    if not depths or all(n <= 1 for n in depths.values()):
+        return run(config)
+    ones = {k: 1 for k in depths}
+    base = run(family.with_depths(config, ones))
+    total = base
+    for key, n in depths.items():
+        if n > 1:
+            total = total + (run(family.with_depths(config, {**ones, key: 2})) - base) * (n - 1)
+    return total
+
+
+def prior_working(family, config: dict, batch: int, resolution: int, dtype: torch.dtype,
+                  max_sequence_length: int) -> int:
+    """The working set of the cache stage's prior forward (no grad, no LoRA; live_peak). A no-grad
+    forward holds about one block's tensors at a time, but some models keep a tensor per block alive
+    (HiDream projects every block's caption first), so, as for the activations, it is measured on models
+    cut to one and two blocks of each kind and extrapolated."""
+    meta = torch.device("meta")
+
+    def run(cfg):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = meta_denoiser(family, cfg).eval()
+        finally:
+            torch.set_default_dtype(previous)
+        latent, cond = family.dry_run_shapes(cfg, batch, resolution, max_sequence_length)
+
+        def forward():  # the batch's inputs are on the device too
+            noisy = torch.zeros(latent, device=meta)
+            cond_t = {k: torch.zeros(s, device=meta) for k, s in cond.items()}
+            family.predict(model, noisy, torch.full((batch,), 500.0, device=meta), cond_t, device=meta, dtype=dtype)
+
+        with family.dry_run():
+            return live_peak(model, forward)
+
+    depths = family.block_depths(config)
+    if not depths or all(n <= 1 for n in depths.values()):
+        return run(config)
+    ones = {k: 1 for k in depths}
+    base = run(family.with_depths(config, ones))
+    return base + sum(max(run(family.with_depths(config, {**ones, k: 2})) - base, 0) * (n - 1)
+                      for k, n in depths.items() if n > 1)
+
+
+def estimate(family, config: dict, lora_cfg, s: Settings, encoders: dict[str, int] | None = None,
+             vae_config: dict | None = None) -> Estimate:
+    """The peak GPU memory for a denoiser config (dict) of `family` under settings `s`; `encoders` gives
+    the parameter count of the VAE ("vae") and of each text encoder, when known, and `vae_config` the
+    VAE's config, for its encode's working set."""
+    from pipeline.swap import swap_blocks, swapped_indices
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.dtype]
+    model = meta_denoiser(family, config)  # counted in s.dtype: no need to cast it
+    weights = weight_bytes(model, s.dtype, s.quantize)
+    swapped = 0
+    if s.blocks_to_swap:
+        blocks = swap_blocks(model, family)
+        sizes = sorted(weight_bytes(blocks[i], s.dtype, s.quantize)
+                       for i in swapped_indices(len(blocks), s.blocks_to_swap))
+        swapped = sum(sizes) - sum(sizes[-2:])
+    lora = lora_bytes(model, lora_cfg, family.target_presets, s.optimizer)
+    act = activations(family, config, lora_cfg, s.batch_size, s.resolution, torch_dtype, s.max_sequence_length)
+    ckpt = s.gradient_checkpointing and act.unit > 0
+    parts = {"weights": weights, "swapped_out": -swapped, **lora,
+             "activations": act.kept + act.unit if ckpt else act.saved,
+             "backward_temporaries": act.unit or act.saved // 4, "overhead": OVERHEAD}
+    # the prior forward has no gradient: its working set is that of one block, at cache.batch_size
+    working = prior_working(family, config, s.cache_batch_size, s.resolution, torch_dtype, s.max_sequence_length)
+    cache_parts = {"denoiser prior forward": weights - swapped + working + OVERHEAD}
+    working_sets = {"denoiser prior forward": working}
+    encoder_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.encoder_dtype]
+    for name, n in (encoders or {}).items():
+        # the text encoders' working set on a caption is small beside their weights
+        working_sets[name] = (vae_working(vae_config, s.cache_batch_size, s.resolution, encoder_dtype)
+                              if name == "vae" and vae_config else 0)
+        cache_parts[name] = n * DTYPE_BYTES[s.encoder_dtype] + working_sets[name] + OVERHEAD
+    phase = max(cache_parts, key=cache_parts.get)
+    return Estimate(parts, sum(parts.values()), cache_parts[phase], phase, cache_parts, working_sets)
+
+
+def encoder_params(root: Path, family) -> dict[str, int]:
+    """Parameter counts of the VAE and the text encoders in a model folder, from their configs (meta)."""
+    import diffusers
+    import transformers
+
+    index = json.loads((root / "model_index.json").read_text())
+    out = {}
+    for name in ("vae", *family.text_components):
+        spec = index.get(name) or [None, None]
+        if not spec[1] or not (root / name / "config.json").is_file() or name.startswith("tokenizer"):
+            continue
+        lib = diffusers if spec[0] == "diffusers" else transformers
+        cls = getattr(lib, spec[1], None)
+        if cls is None:
+            continue
+        with torch.device("meta"):
+            if lib is diffusers:
+                model = cls.from_config(cls.load_config(root, subfolder=name))
+            else:
+                model = cls(cls.config_class.from_pretrained(root / name))
+        out[name] = sum(p.numel() for p in model.parameters())
+    return out
+
+
+def settings_of(cfg) -> Settings:
+    t = cfg.train
+    return Settings(dtype=t.dtype, quantize=cfg.model.quantize, blocks_to_swap=t.blocks_to_swap,
+                    batch_size=t.batch_size, resolution=cfg.data.resolution,
+                    gradient_checkpointing=t.gradient_checkpointing, optimizer=cfg.optimizer.name,
+                    cache_batch_size=cfg.cache.batch_size, encoder_dtype=cfg.model.encoder_dtype,
+                    max_sequence_length=cfg.model.max_sequence_length)
+
+
+def plan_memory(cfg) -> Estimate:
+    """The estimate for a config's model folder."""
+    from pipeline.families import get_family
+
+    family = get_family(cfg.model)
+    from diffusers import AutoencoderKL
+
+    config = family.denoiser_class.load_config(family.root, subfolder=family.denoiser_component)
+    vae = family.root / "vae" / "config.json"
+    vae_config = AutoencoderKL.load_config(family.root, subfolder="vae") if vae.is_file() else None
+    return estimate(family, config, cfg.lora, settings_of(cfg), encoder_params(family.root, family), vae_config)
+
+
+def table(e: Estimate) -> list[str]:
+    rows = [f"  {'training':<28}{e.train_peak / GiB:>9.2f} GiB"]
+    rows += [f"    {k:<26}{v / GiB:>9.2f}" for k, v in e.parts.items()]
+    rows += [f"  {'cache stage':<28}{e.cache_peak / GiB:>9.2f} GiB (peaks in: {e.cache_phase})"]
+    rows += [f"    {k:<26}{v / GiB:>9.2f}" for k, v in e.cache_parts.items()]
+    return rows
+
+
+def say_estimate(cfg) -> None:
+    """The one line both stages print at their start (on stderr). A planner failure never stops a stage."""
+    from pipeline.errors import note
+
+    try:
+        note(plan_memory(cfg).line())
+    except Exception as e:  # noqa: BLE001 - an estimate is advice; the stage itself reports real problems
+        note(f"estimated peak GPU memory: not available ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
