@@ -13,11 +13,14 @@ start of both stages).
   AdamW8bit two bytes, Prodigy four float32 tensors, Adafactor factored rows and columns).
 - **Activations**: a dry run of the family's own forward (`family.predict`) on meta tensors at the
   config's resolution and batch, counting every tensor autograd saves for the backward (each storage
-  once) and attributing it to the block that saved it. Meta tensors would take attention's math path,
-  which saves the N x N attention matrix that no GPU kernel keeps, so the dry run calls the flash
-  kernel's CPU variant, which saves what CUDA's flash kernel does (q, k, v, output, logsumexp). With
-  train.gradient_checkpointing a block keeps only its inputs, and one block's activations are rebuilt
-  at a time in the backward. The backward's own temporaries are taken as one more block's activations.
+  once) and attributing it to the checkpointing unit that saved it (what the model's own gradient
+  checkpointing wraps: Flux's and HiDream's blocks, SDXL's resnets and transformer blocks). Meta tensors
+  would take attention's math path, which saves the N x N attention matrix that no GPU kernel keeps, so
+  the dry run calls the flash kernel's CPU variant, which saves what CUDA's flash kernel does (q, k, v,
+  output, logsumexp). With train.gradient_checkpointing a unit keeps only its inputs, and one unit's
+  activations are rebuilt at a time in the backward. The backward's own temporaries are taken as one
+  more unit's activations. The dry run runs on the model cut to one and two blocks of each kind
+  (family.block_depths) and extrapolates, which keeps the stages' one-line estimate to about a second.
 - **Overhead**: a fixed 0.75 GiB for the CUDA context, cuBLAS workspaces and the allocator's slack.
 
 The cache stage holds one model at a time: the VAE (weights and its encode's working set), the text
