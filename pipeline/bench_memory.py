@@ -101,6 +101,11 @@ def measure_peaks(config_path: str, kind: str) -> dict:
     model, _ = load_denoiser(family, cpu, dtype, 0, (lambda m: params.extend(prepare_model(m, cfg, family)))
                              if kind == "train" else None)
 
+    if kind != "vae" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        # oneDNN copies a convolution's weight into its own layout on every call (up to 112 MiB for SDXL's
+        # UNet in fp32), which cuDNN does not: without it, torch's own conv holds only its im2col columns
+        torch.backends.mkldnn.enabled = False
+
     def predict():  # the batch is made in the measured call: the planner counts it too (it is on the GPU)
         noisy, cond = torch.randn(latent), {k: torch.randn(s) for k, s in shapes.items()}
         return family.predict(model, noisy, timesteps, cond, device=cpu, dtype=dtype)
@@ -147,12 +152,13 @@ def _run(args: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _measured(work: Path, cfg: Path, kind: str, fresh: bool) -> dict:
+def _measured(work: Path, cfg: Path, kind: str, fresh: bool, conv: bool) -> dict:
     """A measurement, kept in work/measured.json under the config's text and the kind: a measurement does
     not depend on the planner, so changing the planner re-runs only plan-memory (--fresh measures again)."""
     store = work / "measured.json"
     known = json.loads(store.read_text()) if store.is_file() else {}
-    key = f"{MEASUREMENT}\n{kind}\n{cfg.read_text()}"
+    # a UNet is measured without oneDNN (see measure_peaks): the key says so
+    key = f"{MEASUREMENT}\n{kind}{' no-onednn' if conv and kind != 'vae' else ''}\n{cfg.read_text()}"
     if fresh or key not in known:
         known[key] = _run(["-m", "pipeline.bench_memory", "--measure", kind, "--config", str(cfg)])
         tmp = store.with_suffix(".tmp")
@@ -177,7 +183,7 @@ def rows(name: str, work: Path, resolutions: list[int], dtype: str, seq: int, bl
             p = plan["parts"]
             kinds = ("vae", "prior", "train") if not ckpt else ("train",)  # no-grad forwards: no checkpointing
             for kind in kinds:
-                got = _measured(work, cfg, kind, fresh)
+                got = _measured(work, cfg, kind, fresh, name == "sdxl")  # SDXL: the one conv denoiser
                 if kind == "vae":
                     planned = plan["working_sets"]["vae"]
                     static = plan["cache_parts"]["vae"] - planned - p["overhead"]
@@ -217,7 +223,8 @@ def main(families, resolutions, dtype, seq, blocks, work, fresh, measure, config
     for name in families.split(","):
         table += rows(name, work, [int(r) for r in resolutions.split(",")], dtype, seq, blocks, fresh)
     click.echo(f"measured on CPU ({dtype}, batch 1, LoRA rank 16 on attention, AdamW, {blocks} block(s) of "
-               f"each kind at full width, {seq} text tokens for Flux and HiDream); MiB, ratio = measured / planned")
+               f"each kind at full width, {seq} text tokens for Flux and HiDream); MiB")
+    click.echo("ratio = measured / planned; static: weights (+ LoRA and optimizer state for training)")
     click.echo("| family | px | measured | checkpointing | measured | planned | ratio | static measured | "
                "static planned | ratio |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|")
