@@ -152,6 +152,22 @@ def _run(args: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _cpu_prior(model: Path, name: str, resolution: int, dtype: str, seq: int) -> int:
+    """The planner's prior working set with the im2col columns of torch's CPU convolution (SDXL's UNet; a
+    GPU has no such buffer), which is what a CPU measurement of the prior forward holds."""
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.families import family_class
+    from pipeline.memory import prior_working
+
+    cls = family_class(name)
+    family = cls(model, ModelConfig(path=str(model)))
+    config = cls.denoiser_class.load_config(model, subfolder=cls.denoiser_component)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    return prior_working(family, config, 1, resolution, torch_dtype, seq if name != "sdxl" else 0, cpu_conv=True)
+
+
 def _measured(work: Path, cfg: Path, kind: str, fresh: bool, conv: bool) -> dict:
     """A measurement, kept in work/measured.json under the config's text and the kind: a measurement does
     not depend on the planner, so changing the planner re-runs only plan-memory (--fresh measures again)."""
@@ -190,12 +206,16 @@ def rows(name: str, work: Path, resolutions: list[int], dtype: str, seq: int, bl
                 elif kind == "prior":
                     planned = plan["working_sets"]["denoiser prior forward"]
                     static = p["weights"]
+                    cpu = _cpu_prior(model, name, res, dtype, seq)
                 else:
                     planned = p["activations"] + p["lora_grads"] + p["backward_temporaries"]
                     static = p["weights"] + p["lora"] + p["optimizer_state"]
+                if kind != "prior":
+                    cpu = planned
                 row = {"family": name, "resolution": res, "kind": kind, "checkpointing": ckpt if kind == "train" else None,
                        "measured_mib": round(got["peak"] / MiB), "planned_mib": round(planned / MiB),
                        "ratio": round(got["peak"] / planned, 2),
+                       "cpu_planned_mib": round(cpu / MiB), "cpu_ratio": round(got["peak"] / cpu, 2),
                        "static_measured_mib": round(got["static"] / MiB), "static_planned_mib": round(static / MiB),
                        "static_ratio": round(got["static"] / static, 2)}
                 click.echo(json.dumps(row), err=True)
@@ -224,15 +244,16 @@ def main(families, resolutions, dtype, seq, blocks, work, fresh, measure, config
         table += rows(name, work, [int(r) for r in resolutions.split(",")], dtype, seq, blocks, fresh)
     click.echo(f"measured on CPU ({dtype}, batch 1, LoRA rank 16 on attention, AdamW, {blocks} block(s) of "
                f"each kind at full width, {seq} text tokens for Flux and HiDream); MiB")
-    click.echo("ratio = measured / planned; static: weights (+ LoRA and optimizer state for training)")
-    click.echo("| family | px | measured | checkpointing | measured | planned | ratio | static measured | "
-               "static planned | ratio |")
-    click.echo("|---|---|---|---|---|---|---|---|---|---|")
+    click.echo("ratio = measured / planned; CPU planned: the prior forward with the CPU convolution's im2col "
+               "columns (SDXL); static: weights (+ LoRA and optimizer state for training)")
+    click.echo("| family | px | measured | checkpointing | measured | planned | ratio | CPU planned | ratio | "
+               "static measured | static planned | ratio |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         ck = "-" if r["checkpointing"] is None else ("on" if r["checkpointing"] else "off")
         what = {"vae": "VAE encode", "prior": "prior forward", "train": "train step"}[r["kind"]]
         click.echo(f"| {r['family']} | {r['resolution']} | {what} | {ck} | {r['measured_mib']} | {r['planned_mib']} | "
-                   f"{r['ratio']} | {r['static_measured_mib']} | {r['static_planned_mib']} | {r['static_ratio']} |")
+                   f"{r['ratio']} | {r['cpu_planned_mib']} | {r['cpu_ratio']} | {r['static_measured_mib']} | {r['static_planned_mib']} | {r['static_ratio']} |")
 
 
 if __name__ == "__main__":

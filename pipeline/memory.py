@@ -218,10 +218,12 @@ def record(model: torch.nn.Module, forward) -> Activations:
     return Activations(sum(seen.values()), sum(kept.values()), max(units, default=0))
 
 
-def live_peak(model: torch.nn.Module, forward) -> int:
+def live_peak(model: torch.nn.Module, forward, cpu_conv: bool = False) -> int:
     """The most bytes that tensors made by `forward()` (meta tensors, no grad) hold at once: every op's
     outputs are counted per storage from their making until the last tensor on that storage is gone
-    (Python frees them at once), as a GPU allocator would hold them, without its kernels' workspaces."""
+    (Python frees them at once), as a GPU allocator would hold them, without its kernels' workspaces.
+    cpu_conv: add, during each convolution, the im2col columns torch's CPU convolution fills (what
+    `make bench-memory` measures against; a GPU's cuDNN needs no such buffer)."""
     import weakref
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -251,6 +253,9 @@ def live_peak(model: torch.nn.Module, forward) -> int:
                     peak[0] = max(peak[0], live[0])
                 refs[key][0] += 1
                 weakref.finalize(t, gone, key)
+            if cpu_conv and func is torch.ops.aten.convolution.default and args[1].shape[2:].numel() > 1:
+                weight, out_hw = args[1], out.shape[2:]  # columns of one image: (C/groups * kh * kw) x (Ho * Wo)
+                peak[0] = max(peak[0], live[0] + weight.shape[1:].numel() * out_hw.numel() * out.element_size())
             return out
 
     with torch.no_grad(), _flash_attention(), Track():
@@ -304,7 +309,7 @@ def activations(family, config: dict, lora_cfg, batch: int, resolution: int, dty
 
 
 def prior_working(family, config: dict, batch: int, resolution: int, dtype: torch.dtype,
-                  max_sequence_length: int) -> int:
+                  max_sequence_length: int, cpu_conv: bool = False) -> int:
     """The working set of the cache stage's prior forward (no grad, no LoRA; live_peak). A no-grad
     forward holds about one block's tensors at a time, but some models keep a tensor per block alive
     (HiDream projects every block's caption first), so, as for the activations, it is measured on models
@@ -326,7 +331,7 @@ def prior_working(family, config: dict, batch: int, resolution: int, dtype: torc
             family.predict(model, noisy, torch.full((batch,), 500.0, device=meta), cond_t, device=meta, dtype=dtype)
 
         with family.dry_run():
-            return live_peak(model, forward)
+            return live_peak(model, forward, cpu_conv)
 
     depths = family.block_depths(config)
     if not depths or all(n <= 1 for n in depths.values()):
