@@ -73,9 +73,10 @@ class Estimate:
     cache_parts: dict[str, int] = field(default_factory=dict)
     working_sets: dict[str, int] = field(default_factory=dict)  # the cache phases' activations (in cache_parts)
 
-    def line(self) -> str:
-        return (f"estimated peak GPU memory: cache {self.cache_peak / GiB:.1f} GiB ({self.cache_phase}), "
-                f"training {self.train_peak / GiB:.1f} GiB (python -m pipeline plan-memory for the parts)")
+    def line(self, cache: bool = True) -> str:
+        where = f"cache {self.cache_peak / GiB:.1f} GiB ({self.cache_phase}), " if cache else ""
+        return (f"estimated peak GPU memory: {where}training {self.train_peak / GiB:.1f} GiB "
+                "(python -m pipeline plan-memory for the parts)")
 
 
 def meta_denoiser(family, config: dict) -> torch.nn.Module:
@@ -411,14 +412,17 @@ def settings_of(cfg) -> Settings:
                     max_sequence_length=cfg.model.max_sequence_length)
 
 
-def plan_memory(cfg) -> Estimate:
-    """The estimate for a config's model folder."""
+def plan_memory(cfg, cache: bool = True) -> Estimate:
+    """The estimate for a config's model folder; without `cache`, training's only (the VAE and the text
+    encoders are not built, not even on the meta device: the train stage touches none of them)."""
     from pipeline.families import get_family
 
     family = get_family(cfg.model)
     from diffusers import AutoencoderKL
 
     config = family.denoiser_class.load_config(family.root, subfolder=family.denoiser_component)
+    if not cache:
+        return estimate(family, config, cfg.lora, settings_of(cfg))
     vae = family.root / "vae" / "config.json"
     vae_config = AutoencoderKL.load_config(family.root, subfolder="vae") if vae.is_file() else None
     return estimate(family, config, cfg.lora, settings_of(cfg), encoder_params(family.root, family), vae_config)
@@ -432,11 +436,12 @@ def table(e: Estimate) -> list[str]:
     return rows
 
 
-def say_estimate(cfg) -> None:
-    """The one line both stages print at their start (on stderr). A planner failure never stops a stage."""
+def say_estimate(cfg, cache: bool = True) -> None:
+    """The one line both stages print at their start (on stderr): the cache stage's says both stages'
+    peaks, the train stage's (cache=False) training's. A planner failure never stops a stage."""
     from pipeline.errors import note
 
     try:
-        note(plan_memory(cfg).line())
+        note(plan_memory(cfg, cache).line(cache))
     except Exception as e:  # noqa: BLE001 - an estimate is advice; the stage itself reports real problems
         note(f"estimated peak GPU memory: not available ({type(e).__name__}: {str(e).splitlines()[0][:120]})")

@@ -62,7 +62,7 @@ def _train_lora(cfg: Config, progress: bool, resume: bool) -> tuple[torch.nn.Mod
     if not resume:
         _say_if_replacing(out_dir, cfg)
     torch.manual_seed(t.seed)
-    say_estimate(cfg)
+    say_estimate(cfg, cache=False)  # builds no VAE or text encoder, not even on the meta device
     practice_warnings(plan)
     run = setup(plan, store, pick_device(t.device))
     batch_size_warning(epoch_batches(plan, run.shapes, 0), t.batch_size)
