@@ -101,6 +101,11 @@ def measure_peaks(config_path: str, kind: str) -> dict:
     model, _ = load_denoiser(family, cpu, dtype, 0, (lambda m: params.extend(prepare_model(m, cfg, family)))
                              if kind == "train" else None)
 
+    if kind != "vae" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        # oneDNN copies a convolution's weight into its own layout on every call (up to 112 MiB for SDXL's
+        # UNet in fp32), which cuDNN does not: without it, torch's own conv holds only its im2col columns
+        torch.backends.mkldnn.enabled = False
+
     def predict():  # the batch is made in the measured call: the planner counts it too (it is on the GPU)
         noisy, cond = torch.randn(latent), {k: torch.randn(s) for k, s in shapes.items()}
         return family.predict(model, noisy, timesteps, cond, device=cpu, dtype=dtype)
@@ -147,12 +152,29 @@ def _run(args: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _measured(work: Path, cfg: Path, kind: str, fresh: bool) -> dict:
+def _cpu_prior(model: Path, name: str, resolution: int, dtype: str, seq: int) -> int:
+    """The planner's prior working set with the im2col columns of torch's CPU convolution (SDXL's UNet; a
+    GPU has no such buffer), which is what a CPU measurement of the prior forward holds."""
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.families import family_class
+    from pipeline.memory import prior_working
+
+    cls = family_class(name)
+    family = cls(model, ModelConfig(path=str(model)))
+    config = cls.denoiser_class.load_config(model, subfolder=cls.denoiser_component)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    return prior_working(family, config, 1, resolution, torch_dtype, seq if name != "sdxl" else 0, cpu_conv=True)
+
+
+def _measured(work: Path, cfg: Path, kind: str, fresh: bool, conv: bool) -> dict:
     """A measurement, kept in work/measured.json under the config's text and the kind: a measurement does
     not depend on the planner, so changing the planner re-runs only plan-memory (--fresh measures again)."""
     store = work / "measured.json"
     known = json.loads(store.read_text()) if store.is_file() else {}
-    key = f"{MEASUREMENT}\n{kind}\n{cfg.read_text()}"
+    # a UNet is measured without oneDNN (see measure_peaks): the key says so
+    key = f"{MEASUREMENT}\n{kind}{' no-onednn' if conv and kind != 'vae' else ''}\n{cfg.read_text()}"
     if fresh or key not in known:
         known[key] = _run(["-m", "pipeline.bench_memory", "--measure", kind, "--config", str(cfg)])
         tmp = store.with_suffix(".tmp")
@@ -177,19 +199,23 @@ def rows(name: str, work: Path, resolutions: list[int], dtype: str, seq: int, bl
             p = plan["parts"]
             kinds = ("vae", "prior", "train") if not ckpt else ("train",)  # no-grad forwards: no checkpointing
             for kind in kinds:
-                got = _measured(work, cfg, kind, fresh)
+                got = _measured(work, cfg, kind, fresh, name == "sdxl")  # SDXL: the one conv denoiser
                 if kind == "vae":
                     planned = plan["working_sets"]["vae"]
                     static = plan["cache_parts"]["vae"] - planned - p["overhead"]
                 elif kind == "prior":
                     planned = plan["working_sets"]["denoiser prior forward"]
                     static = p["weights"]
+                    cpu = _cpu_prior(model, name, res, dtype, seq)
                 else:
                     planned = p["activations"] + p["lora_grads"] + p["backward_temporaries"]
                     static = p["weights"] + p["lora"] + p["optimizer_state"]
+                if kind != "prior":
+                    cpu = planned
                 row = {"family": name, "resolution": res, "kind": kind, "checkpointing": ckpt if kind == "train" else None,
                        "measured_mib": round(got["peak"] / MiB), "planned_mib": round(planned / MiB),
                        "ratio": round(got["peak"] / planned, 2),
+                       "cpu_planned_mib": round(cpu / MiB), "cpu_ratio": round(got["peak"] / cpu, 2),
                        "static_measured_mib": round(got["static"] / MiB), "static_planned_mib": round(static / MiB),
                        "static_ratio": round(got["static"] / static, 2)}
                 click.echo(json.dumps(row), err=True)
@@ -217,15 +243,17 @@ def main(families, resolutions, dtype, seq, blocks, work, fresh, measure, config
     for name in families.split(","):
         table += rows(name, work, [int(r) for r in resolutions.split(",")], dtype, seq, blocks, fresh)
     click.echo(f"measured on CPU ({dtype}, batch 1, LoRA rank 16 on attention, AdamW, {blocks} block(s) of "
-               f"each kind at full width, {seq} text tokens for Flux and HiDream); MiB, ratio = measured / planned")
-    click.echo("| family | px | measured | checkpointing | measured | planned | ratio | static measured | "
-               "static planned | ratio |")
-    click.echo("|---|---|---|---|---|---|---|---|---|---|")
+               f"each kind at full width, {seq} text tokens for Flux and HiDream); MiB")
+    click.echo("ratio = measured / planned; CPU planned: the prior forward with the CPU convolution's im2col "
+               "columns (SDXL); static: weights (+ LoRA and optimizer state for training)")
+    click.echo("| family | px | measured | checkpointing | measured | planned | ratio | CPU planned | ratio | "
+               "static measured | static planned | ratio |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         ck = "-" if r["checkpointing"] is None else ("on" if r["checkpointing"] else "off")
         what = {"vae": "VAE encode", "prior": "prior forward", "train": "train step"}[r["kind"]]
         click.echo(f"| {r['family']} | {r['resolution']} | {what} | {ck} | {r['measured_mib']} | {r['planned_mib']} | "
-                   f"{r['ratio']} | {r['static_measured_mib']} | {r['static_planned_mib']} | {r['static_ratio']} |")
+                   f"{r['ratio']} | {r['cpu_planned_mib']} | {r['cpu_ratio']} | {r['static_measured_mib']} | {r['static_planned_mib']} | {r['static_ratio']} |")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,14 @@ start of both stages).
   AdamW8bit two bytes, Prodigy four float32 tensors, Adafactor factored rows and columns).
 - **Activations**: a dry run of the family's own forward (`family.predict`) on meta tensors at the
   config's resolution and batch, counting every tensor autograd saves for the backward (each storage
-  once) and attributing it to the block that saved it. Meta tensors would take attention's math path,
-  which saves the N x N attention matrix that no GPU kernel keeps, so the dry run calls the flash
-  kernel's CPU variant, which saves what CUDA's flash kernel does (q, k, v, output, logsumexp). With
-  train.gradient_checkpointing a block keeps only its inputs, and one block's activations are rebuilt
-  at a time in the backward. The backward's own temporaries are taken as one more block's activations.
+  once) and attributing it to the checkpointing unit that saved it (what the model's own gradient
+  checkpointing wraps: Flux's and HiDream's blocks, SDXL's resnets and transformer blocks). Meta tensors
+  would take attention's math path, which saves the N x N attention matrix that no GPU kernel keeps, so
+  the dry run calls the flash kernel's CPU variant, which saves what CUDA's flash kernel does (q, k, v,
+  output, logsumexp). With train.gradient_checkpointing a unit keeps only its inputs, and one unit's
+  activations are rebuilt at a time in the backward. The backward's own temporaries are taken as one
+  more unit's activations. The dry run runs on the model cut to one and two blocks of each kind
+  (family.block_depths) and extrapolates, which keeps the stages' one-line estimate to about a second.
 - **Overhead**: a fixed 0.75 GiB for the CUDA context, cuBLAS workspaces and the allocator's slack.
 
 The cache stage holds one model at a time: the VAE (weights and its encode's working set), the text
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.lora import LORA_LAYERS, resolve_targets
+from pipeline.lora import resolve_targets
 
 GiB = 2**30
 OVERHEAD = int(0.75 * GiB)
@@ -70,9 +73,10 @@ class Estimate:
     cache_parts: dict[str, int] = field(default_factory=dict)
     working_sets: dict[str, int] = field(default_factory=dict)  # the cache phases' activations (in cache_parts)
 
-    def line(self) -> str:
-        return (f"estimated peak GPU memory: cache {self.cache_peak / GiB:.1f} GiB ({self.cache_phase}), "
-                f"training {self.train_peak / GiB:.1f} GiB (python -m pipeline plan-memory for the parts)")
+    def line(self, cache: bool = True) -> str:
+        where = f"cache {self.cache_peak / GiB:.1f} GiB ({self.cache_phase}), " if cache else ""
+        return (f"estimated peak GPU memory: {where}training {self.train_peak / GiB:.1f} GiB "
+                "(python -m pipeline plan-memory for the parts)")
 
 
 def meta_denoiser(family, config: dict) -> torch.nn.Module:
@@ -215,10 +219,12 @@ def record(model: torch.nn.Module, forward) -> Activations:
     return Activations(sum(seen.values()), sum(kept.values()), max(units, default=0))
 
 
-def live_peak(model: torch.nn.Module, forward) -> int:
+def live_peak(model: torch.nn.Module, forward, cpu_conv: bool = False) -> int:
     """The most bytes that tensors made by `forward()` (meta tensors, no grad) hold at once: every op's
     outputs are counted per storage from their making until the last tensor on that storage is gone
-    (Python frees them at once), as a GPU allocator would hold them, without its kernels' workspaces."""
+    (Python frees them at once), as a GPU allocator would hold them, without its kernels' workspaces.
+    cpu_conv: add, during each convolution, the im2col columns torch's CPU convolution fills (what
+    `make bench-memory` measures against; a GPU's cuDNN needs no such buffer)."""
     import weakref
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -248,6 +254,9 @@ def live_peak(model: torch.nn.Module, forward) -> int:
                     peak[0] = max(peak[0], live[0])
                 refs[key][0] += 1
                 weakref.finalize(t, gone, key)
+            if cpu_conv and func is torch.ops.aten.convolution.default and args[1].shape[2:].numel() > 1:
+                weight, out_hw = args[1], out.shape[2:]  # columns of one image: (C/groups * kh * kw) x (Ho * Wo)
+                peak[0] = max(peak[0], live[0] + weight.shape[1:].numel() * out_hw.numel() * out.element_size())
             return out
 
     with torch.no_grad(), _flash_attention(), Track():
@@ -301,7 +310,7 @@ def activations(family, config: dict, lora_cfg, batch: int, resolution: int, dty
 
 
 def prior_working(family, config: dict, batch: int, resolution: int, dtype: torch.dtype,
-                  max_sequence_length: int) -> int:
+                  max_sequence_length: int, cpu_conv: bool = False) -> int:
     """The working set of the cache stage's prior forward (no grad, no LoRA; live_peak). A no-grad
     forward holds about one block's tensors at a time, but some models keep a tensor per block alive
     (HiDream projects every block's caption first), so, as for the activations, it is measured on models
@@ -323,7 +332,7 @@ def prior_working(family, config: dict, batch: int, resolution: int, dtype: torc
             family.predict(model, noisy, torch.full((batch,), 500.0, device=meta), cond_t, device=meta, dtype=dtype)
 
         with family.dry_run():
-            return live_peak(model, forward)
+            return live_peak(model, forward, cpu_conv)
 
     depths = family.block_depths(config)
     if not depths or all(n <= 1 for n in depths.values()):
@@ -403,14 +412,17 @@ def settings_of(cfg) -> Settings:
                     max_sequence_length=cfg.model.max_sequence_length)
 
 
-def plan_memory(cfg) -> Estimate:
-    """The estimate for a config's model folder."""
+def plan_memory(cfg, cache: bool = True) -> Estimate:
+    """The estimate for a config's model folder; without `cache`, training's only (the VAE and the text
+    encoders are not built, not even on the meta device: the train stage touches none of them)."""
     from pipeline.families import get_family
 
     family = get_family(cfg.model)
     from diffusers import AutoencoderKL
 
     config = family.denoiser_class.load_config(family.root, subfolder=family.denoiser_component)
+    if not cache:
+        return estimate(family, config, cfg.lora, settings_of(cfg))
     vae = family.root / "vae" / "config.json"
     vae_config = AutoencoderKL.load_config(family.root, subfolder="vae") if vae.is_file() else None
     return estimate(family, config, cfg.lora, settings_of(cfg), encoder_params(family.root, family), vae_config)
@@ -424,11 +436,12 @@ def table(e: Estimate) -> list[str]:
     return rows
 
 
-def say_estimate(cfg) -> None:
-    """The one line both stages print at their start (on stderr). A planner failure never stops a stage."""
+def say_estimate(cfg, cache: bool = True) -> None:
+    """The one line both stages print at their start (on stderr): the cache stage's says both stages'
+    peaks, the train stage's (cache=False) training's. A planner failure never stops a stage."""
     from pipeline.errors import note
 
     try:
-        note(plan_memory(cfg).line())
+        note(plan_memory(cfg, cache).line(cache))
     except Exception as e:  # noqa: BLE001 - an estimate is advice; the stage itself reports real problems
         note(f"estimated peak GPU memory: not available ({type(e).__name__}: {str(e).splitlines()[0][:120]})")

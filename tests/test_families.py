@@ -60,7 +60,9 @@ def test_training_is_one_forward_per_batch_and_starts_at_zero_prior_loss(family_
     calls = []
     plan = make_plan(cfg)
     original = type(plan.family).predict
-    monkeypatch.setattr(type(plan.family), "predict", lambda *a, **k: calls.append(1) or original(*a, **k))
+    # the memory planner's dry runs call predict on meta tensors (nothing computed): not forwards
+    counted = lambda *a, **k: (a[2].device.type != "meta" and calls.append(1)) or original(*a, **k)  # noqa: E731
+    monkeypatch.setattr(type(plan.family), "predict", counted)
     trained, summary = train_lora(cfg, progress=False)
     assert not built and len(calls) == summary["steps"] == 2
     first = json.loads(open(summary["metrics"]).readline())

@@ -99,7 +99,7 @@ def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool,
     else:
         found = world.from_main(lambda: check_fresh_start(out_dir, cfg, plan, data_fp, overwrite))
     torch.manual_seed(t.seed)  # the LoRA's initial weights: the same on every rank
-    say_estimate(cfg)
+    say_estimate(cfg, cache=False)  # builds no VAE or text encoder, not even on the meta device
     practice_warnings(plan)
     run = setup(plan, store, world.device or pick_device(t.device))
     batch_size_warning(epoch_batches(plan, run.shapes, 0), t.batch_size)
