@@ -436,11 +436,14 @@ def table(e: Estimate) -> list[str]:
     return rows
 
 
-def say_estimate(cfg, cache: bool = True) -> None:
-    """The one line both stages print at their start (on stderr): the cache stage's says both stages'
-    peaks, the train stage's (cache=False) training's. A planner failure never stops a stage."""
+def say_estimate(cfg, device, cache: bool = True) -> None:
+    """The one line both stages print at their start (on stderr) when they run on a GPU: the cache
+    stage's says both stages' peaks, the train stage's (cache=False) training's. On a CPU a GPU's figure
+    says nothing, so nothing is printed (plan-memory still tells). A planner failure never stops a stage."""
     from pipeline.errors import note
 
+    if device.type != "cuda":
+        return
     try:
         note(plan_memory(cfg, cache).line(cache))
     except Exception as e:  # noqa: BLE001 - an estimate is advice; the stage itself reports real problems

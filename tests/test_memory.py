@@ -81,6 +81,17 @@ def test_plan_memory_command_prints_the_parts(project):
     assert plan["cache_phase"] in plan["cache_parts"]
 
 
+def test_stages_say_the_estimate_on_a_gpu_only(project, capsys):
+    from pipeline.memory import plan_memory, say_estimate
+
+    _, cfg = project()
+    say_estimate(cfg, torch.device("cpu"))
+    assert capsys.readouterr().err == ""  # a GPU's figure says nothing on a CPU
+    say_estimate(cfg, torch.device("cuda"), cache=False)  # only the device type is read: no GPU needed
+    line = capsys.readouterr().err.strip()
+    assert line == plan_memory(cfg, False).line(False) and line.startswith("estimated peak GPU memory: training ")
+
+
 @pytest.mark.parametrize("name,depths", [("flux", {"num_layers": 3, "num_single_layers": 4}),
                                          ("hidream", {"num_layers": 3, "num_single_layers": 4}),
                                          ("sdxl", {"transformer_layers_per_block": [1, 3]})])

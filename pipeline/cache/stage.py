@@ -168,10 +168,10 @@ def _run_cache(cfg: Config, progress: bool, world: dist.World) -> dict:
     start = time.perf_counter()
     world.from_main(lambda: ensure_embedded(cfg))  # one rank builds; the others read what it built
     plan, store = open_plan(cfg)
-    say_estimate(cfg)
     if world.is_main:
         owners.record(plan)  # before computing: what a run that is cut short wrote is claimed too
     device = world.device or pick_device(cfg.cache.device)
+    say_estimate(cfg, _prior_device(cfg, world))
     counts, mine = {}, {}
     for kind in COMPUTED:  # in order: the prior phase reads the latents, texts and noise computed before it
         phase = Phase(kind, plan, store, progress, world)

@@ -99,9 +99,10 @@ def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool,
     else:
         found = world.from_main(lambda: check_fresh_start(out_dir, cfg, plan, data_fp, overwrite))
     torch.manual_seed(t.seed)  # the LoRA's initial weights: the same on every rank
-    say_estimate(cfg, cache=False)  # builds no VAE or text encoder, not even on the meta device
+    device = world.device or pick_device(t.device)
+    say_estimate(cfg, device, cache=False)  # builds no VAE or text encoder, not even on the meta device
     practice_warnings(plan)
-    run = setup(plan, store, world.device or pick_device(t.device))
+    run = setup(plan, store, device)
     batch_size_warning(epoch_batches(plan, run.shapes, 0), t.batch_size)
     state = checkpoint.restore(found, run) if found else TrainState()
     state.run_id = world.broadcast(state.run_id)  # a fresh run's id: rank 0's
