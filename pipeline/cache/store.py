@@ -34,6 +34,7 @@ import resource
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -111,6 +112,19 @@ def _default_max_open() -> int:
     # a quarter of the soft limit leaves the rest to torch, the model files and the OS
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return MAX_OPEN if soft == resource.RLIM_INFINITY else max(1, min(MAX_OPEN, soft // 4))
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Reading an entry of `path`: the system's refusal (an errno) is an AccessError, anything else damage."""
+    try:
+        yield
+    except AccessError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        if os_errno(e):
+            raise access_error(path, e) from None
+        raise UserError(f"cache file '{path}' is damaged ({e}): delete it and run make cache") from None
 
 
 class Store:
@@ -201,28 +215,16 @@ class Store:
         path = self._index.get((kind, key))
         if path is None:
             raise KeyError(f"{kind}/{key}")
-        try:
+        with _reading(path):
             group = self._file(path)[key]
             tensors = {n: from_numpy(d[()], d.attrs.get("dtype", "")) for n, d in group.items()}
             return tensors, dict(group.attrs)
-        except AccessError:
-            raise
-        except (OSError, KeyError, ValueError, RuntimeError) as e:
-            if os_errno(e):
-                raise access_error(path, e) from None
-            raise UserError(f"cache file '{path}' is damaged ({e}): delete it and run make cache") from None
 
     def attrs(self, kind: str, key: str) -> dict:
         """An entry's attributes, without reading its datasets."""
         path = self._index[(kind, key)]
-        try:
+        with _reading(path):
             return dict(self._file(path)[key].attrs)
-        except AccessError:
-            raise
-        except (OSError, KeyError, ValueError, RuntimeError) as e:
-            if os_errno(e):
-                raise access_error(path, e) from None
-            raise UserError(f"cache file '{path}' is damaged ({e}): delete it and run make cache") from None
 
     def check(self, kind: str, key: str) -> str | None:
         """None when every dataset of the entry reads back with the sha256 it was written with, else
