@@ -126,14 +126,12 @@ def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool,
             if world.is_main:
                 save_run_lora(lora_path, model, plan, state.step)  # first: everything after it is optional
         world.barrier("the LoRA's save", "the checkpoints, if any, are kept (--resume goes on from the newest)")
-    except NonFinite as e:
-        sinks.close(quiet=True)
-        raise UserError(_non_finite(e, out_dir)) from None
-    except OSError as e:
-        sinks.close(quiet=True)
-        raise _write_failed(e, out_dir, state.step, "no LoRA was written") from None
-    except BaseException:
-        sinks.close(quiet=True)
+    except BaseException as e:
+        sinks.close(quiet=True)  # an error is on its way: a failed last metrics write must not replace it
+        if isinstance(e, NonFinite):
+            raise UserError(_non_finite(e, out_dir)) from None
+        if isinstance(e, OSError):
+            raise _write_failed(e, out_dir, state.step, "no LoRA was written") from None
         raise
     plot = None
     try:
