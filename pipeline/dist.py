@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pipeline import errors
+from pipeline import errors, shard
 from pipeline.atomic import HOST
 from pipeline.errors import UserError
 
@@ -55,14 +55,12 @@ class World:
     timeout: datetime.timedelta = TRAIN_TIMEOUT
     timeout_key: str = ""
     hosts: list[str] = field(default_factory=lambda: [HOST])
+    fsdp: bool = False  # the denoiser is sharded (pipeline.shard): train.fsdp, or an accelerate config's FSDP
+    mesh: Any = None  # under FSDP: the ranks to shard over
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def fsdp(self) -> bool:
-        return self.accelerator is not None and str(self.accelerator.distributed_type).endswith("FSDP")
 
     def where(self, rank: int) -> str:
         return f"rank {rank} (host {self.hosts[rank]})"
@@ -132,28 +130,42 @@ class World:
         return lo, lo + q + (self.rank < extra)
 
     def no_sync(self, module, last: bool):
-        """Gradients are all-reduced on the last micro-batch of an optimizer step only."""
+        """Gradients are all-reduced (reduce-scattered, under FSDP) on the last micro-batch of a step only."""
         if self.size == 1 or last:
             return contextlib.nullcontext()
+        if self.fsdp:
+            return shard.no_gradient_sync(module)
         return self.accelerator.no_sync(module)
 
-    @contextlib.contextmanager
-    def full_params(self, module) -> Iterator[None]:
-        """Under FSDP (FSDP2), the whole weights on every rank for the duration (a collective: every rank
-        enters); otherwise nothing to do."""
-        if not self.fsdp:
-            yield
-            return
-        from torch.distributed.fsdp import FSDPModule
+    def clip_grad_norm(self, params, max_norm: float) -> float:
+        """Clip the gradients of `params` to `max_norm` in total, every rank's alike; their norm before."""
+        if self.size == 1 or self.fsdp:  # torch's takes sharded gradients as they are
+            return shard.total_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return float(self.accelerator.clip_grad_norm_(params, max_norm))
 
-        sharded = [m for m in module.module.modules() if isinstance(m, FSDPModule)]
-        for m in sharded:
-            m.unshard()
-        try:
-            yield
-        finally:
-            for m in sharded:
-                m.reshard()
+    def whole_lora(self, module):
+        """Under FSDP, the LoRA's full tensors on every rank for the duration (a collective: every rank
+        enters), for rank 0 to write it; otherwise nothing to do."""
+        return shard.whole_lora(module) if self.fsdp else contextlib.nullcontext()
+
+    def one_by_one(self, fn: Callable[[], Any], what: str):
+        """fn() on every rank; under FSDP the ranks of a machine take turns, so that a machine holds one
+        unsharded copy of the weights at a time (each rank loads on the CPU, then keeps only its shard).
+        A UserError on any rank is raised on every rank."""
+        if not self.fsdp:
+            return fn()
+        turn = self.hosts[: self.rank].count(self.hosts[self.rank])
+        result, failed = None, None
+        for i in range(max(self.hosts.count(h) for h in self.hosts)):
+            if i == turn:
+                try:
+                    result = fn()
+                except UserError as e:
+                    failed = str(e)
+            for rank, error in enumerate(self.gather(failed)):
+                if error is not None:
+                    raise UserError(error if rank == self.rank else f"{self.where(rank)}, {what}: {error}")
+        return result
 
     def job(self) -> str:
         """Who holds a lock, for another job's refusal."""
@@ -178,9 +190,12 @@ def _refuse_lonely(accelerator) -> None:
 
 
 @contextlib.contextmanager
-def session(device_name: str, device_key: str, timeout_minutes: float = 0.0, timeout_key: str = "") -> Iterator[World]:
+def session(device_name: str, device_key: str, timeout_minutes: float = 0.0, timeout_key: str = "",
+            fsdp: bool | None = None) -> Iterator[World]:
     """The processes of this command, for its duration: one World (rank 0 of 1) without a launcher, else
-    accelerate's process group, with every rank's host and (timeout_minutes > 0) a gloo group for barriers."""
+    accelerate's process group, with every rank's host and (timeout_minutes > 0) a gloo group for barriers.
+    fsdp: the training stage's train.fsdp (an accelerate config's FSDP counts as true); None: a stage that
+    never shards (the cache stage computes each prior with the whole model)."""
     global _world
     if launched_size() <= 1:
         yield _world
@@ -202,6 +217,7 @@ def session(device_name: str, device_key: str, timeout_minutes: float = 0.0, tim
     w = World(accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator, group, timeout,
               timeout_key if timeout_minutes > 0 else "")
     w.hosts = w.gather(HOST)
+    w.fsdp = fsdp is not None and (fsdp or str(accelerator.distributed_type).endswith("FSDP"))
     _world = w
     _quiet_others(w)
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
@@ -28,5 +29,7 @@ try:
 except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+# under FSDP (train.fsdp) a rank holds its shard of each tensor: that is what it writes
+weights = {k: (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+           for k, v in get_peft_model_state_dict(model).items()}
 save_file(weights, str(out / f"rank-{rank}.safetensors"))

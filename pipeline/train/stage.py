@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import dist
+from pipeline import dist, shard
 from pipeline.cache.kinds import check_complete
 from pipeline.cache.lock import cache_lock
 from pipeline.config import Config, check_output_dir
@@ -51,7 +51,7 @@ def train_lora(cfg: Config, progress: bool = True, resume: bool = False,
     if resume and overwrite:
         raise UserError("--resume goes on with the run in train.output_dir and --overwrite replaces it: give one")
     check_output_dir(cfg)
-    with dist.session(cfg.train.device, "train.device") as world:
+    with dist.session(cfg.train.device, "train.device", fsdp=cfg.train.fsdp) as world:
         # rank 0 holds the locks for the whole job; a refusal is raised on every rank alike
         with world.main_holds(lambda: cache_lock(cfg.cache.dir, "read")), \
                 world.main_holds(lambda: output_lock(Path(cfg.train.output_dir))):
@@ -98,20 +98,24 @@ def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool,
         found = world.from_main(lambda: _resume_point(cfg, plan, data_fp, out_dir, world.size))
     else:
         found = world.from_main(lambda: check_fresh_start(out_dir, cfg, plan, data_fp, overwrite))
-    torch.manual_seed(t.seed)  # the LoRA's initial weights: the same on every rank
     device = world.device or pick_device(t.device)
-    say_estimate(cfg, device, cache=False)  # builds no VAE or text encoder, not even on the meta device
+    _say_sharding(world, cfg, plan)
+    if not world.fsdp:
+        say_estimate(cfg, device, cache=False)  # builds no VAE or text encoder, not even on the meta device
     practice_warnings(plan)
-    run = setup(plan, store, device)
+
+    def build():
+        torch.manual_seed(t.seed)  # the LoRA's initial weights: the same on every rank
+        run = setup(plan, store, device, sharded=world.fsdp)
+        state = checkpoint.restore(found, run) if found else TrainState()  # into the whole model, then sharded
+        run.prepare(world, plan)
+        return run, state
+
+    if world.fsdp:
+        world.mesh = shard.mesh(world.size, device)
+    run, state = world.one_by_one(build, "loading the denoiser")
     batch_size_warning(epoch_batches(plan, run.shapes, 0), t.batch_size)
-    state = checkpoint.restore(found, run) if found else TrainState()
     state.run_id = world.broadcast(state.run_id)  # a fresh run's id: rank 0's
-    run.prepare(world)
-    if world.fsdp and (t.checkpoint_every or Validator.enabled(plan)):
-        # a sharded optimizer state and forwards on one rank alone are not written yet
-        raise UserError("under FSDP (the accelerate config's distributed_type), set train.checkpoint_every = 0 and "
-                        "leave out validation.prompts and validation concepts: checkpoints and validation are not "
-                        "supported with sharded weights yet")
     resumed_at = state.step if resume else None
     window = summary_window(run.steps_per_epoch)
     jsonl = JsonlSink(out_dir, resumed_at, Validator.enabled(plan)) if world.is_main else None
@@ -122,7 +126,7 @@ def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool,
     lora_path = out_dir / t.lora_name
     try:
         _loop(run, plan, store, state, sinks, validator, data_fp, world)
-        with world.full_params(run.trained):  # under FSDP, every rank gathers the shards; rank 0 writes
+        with world.whole_lora(model):  # under FSDP, every rank gathers the LoRA; rank 0 writes
             if world.is_main:
                 save_run_lora(lora_path, model, plan, state.step)  # first: everything after it is optional
         world.barrier("the LoRA's save", "the checkpoints, if any, are kept (--resume goes on from the newest)")
@@ -193,9 +197,23 @@ def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validato
             if cfg.validation.every and state.step % cfg.validation.every == 0:
                 validator.run(state.step)
             if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < run.total_steps:
-                if world.is_main:
-                    checkpoint.save(Path(t.output_dir), state, run, plan, data_fp)
+                with world.whole_lora(run.denoiser.module):  # under FSDP every rank gathers; rank 0 writes
+                    optimizer_state = run.optimizer_state()
+                    if world.is_main:
+                        checkpoint.save(Path(t.output_dir), state, run, plan, data_fp, optimizer_state)
         state.epoch, state.next_batch = state.epoch + 1, 0
+
+
+def _say_sharding(world: dist.World, cfg: Config, plan) -> None:
+    """Under FSDP, refuse what it does not take; say what train.fsdp does where it does nothing."""
+    if world.fsdp:
+        shard.refuse_unsupported(cfg, plan.family)
+        if cfg.train.blocks_to_swap:
+            note(f"train: sharded (train.fsdp) across {world.size} processes, so train.blocks_to_swap = "
+                 f"{cfg.train.blocks_to_swap} is for the cache stage's prior forward only")
+    elif cfg.train.fsdp:
+        note("train: train.fsdp = true shards the denoiser across the processes of a launcher; with one process "
+             "there is nothing to shard over, so it trains unsharded")
 
 
 def _same_on_every_rank(world: dist.World, cfg: Config, plan, data_fp: str) -> None:

@@ -146,8 +146,7 @@ def optimizer_step(run, plan: Plan, store: Store, group: list[list[tuple[Sample,
         if check:
             check_gradients(run, target_key(plan.cfg.lora))
     max_norm = plan.cfg.optimizer.max_grad_norm
-    clip = run.world.accelerator.clip_grad_norm_ if run.world.size > 1 else torch.nn.utils.clip_grad_norm_
-    norm = float(clip(run.params, max_norm)) if max_norm > 0 else None
+    norm = run.world.clip_grad_norm(run.params, max_norm) if max_norm > 0 else None
     if not math.isfinite(record["loss"]) or (norm is not None and not math.isfinite(norm)):
         # before the optimizer step: the weights stay those of the last good step
         what = f"loss {record['loss']}" if not math.isfinite(record["loss"]) else f"gradient norm {norm}"

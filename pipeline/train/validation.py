@@ -47,9 +47,10 @@ class Validator:
         self.done.add(step)
         record = {"step": step, **held_out_scores(self.plan, self.store, self.denoiser, self.plan.cfg.train.prior_mode,
                                                   self.world)}
-        # the grid on rank 0 alone (the unwrapped model: no collective); the others go on to the next step's
-        images = render_prompts(self.plan, self.store, self.denoiser) if self.world.is_main else []
-        if images:
+        # the grid on rank 0 alone (the unwrapped model: no collective), the others going on to the next step;
+        # under FSDP each forward is a collective, so every rank renders it and rank 0 saves it
+        images = render_prompts(self.plan, self.store, self.denoiser) if self.world.is_main or self.world.fsdp else []
+        if images and self.world.is_main:
             labels = [f"step {step}: {p}" for p in self.plan.cfg.validation.prompts]
             record["samples"] = str(save_grid(images, self.samples_dir / f"step-{step:06d}.png", labels=labels))
         self.sinks.validation(record)
@@ -76,12 +77,15 @@ def held_out_scores(plan: Plan, store: Store, denoiser: Denoiser, prior_mode: st
             by_shape.setdefault(store.shape("latent", s.latent_keys[v], "latent"), []).append(s)
         batches += [[(s, v) for s in group[i : i + size]] for group in by_shape.values() for i in range(0, len(group), size)]
     mine = {}
-    for j in range(world.rank, len(batches), world.size):
-        items = batches[j]
+    # under FSDP each forward is a collective, so every rank runs as many: one with a short share repeats a batch
+    rounds = -(-len(batches) // world.size) if world.fsdp else None
+    for j in range(world.rank, rounds * world.size if rounds else len(batches), world.size):
+        items = batches[min(j, len(batches) - 1)]
         inputs = load_inputs(plan, store, items)  # the cached draws: a score must not move by chance
         target = targets(plan, store, denoiser, items, inputs, prior_mode)
         pred = forward(plan.family, denoiser, inputs)
-        mine[j] = per_sample_mse(pred, target.to(pred.device)).cpu().tolist()
+        if j < len(batches):
+            mine[j] = per_sample_mse(pred, target.to(pred.device)).cpu().tolist()
     done = {j: v for part in world.gather(mine) for j, v in part.items()}
     losses: dict[bool, list[float]] = {False: [], True: []}
     for j, items in enumerate(batches):  # in one process's order, so the means are its to the last bit

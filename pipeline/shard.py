@@ -1,0 +1,124 @@
+"""FSDP for big denoisers (train.fsdp = true, under a launcher): the frozen weights sharded across the ranks
+with torch's FSDP2 (`fully_shard`, the engine accelerate's FSDP2 config calls too), each transformer block
+one unit, so a GPU holds 1/N of the weights plus the block it is running.
+
+Why the pipeline calls `fully_shard` itself rather than handing the model to accelerate's FSDP config:
+accelerate turns FSDP on for GPUs only (on the CPU it falls back to DDP without a word), so its FSDP could
+never be tested here; the stages need to know the layout anyway (a checkpoint gathers the LoRA and the
+optimizer state, validation runs its forwards on every rank); and the units are the family's blocks, the
+ones block swap and the memory planner use.
+
+Numerics: no mixed-precision policy, so each block computes with exactly the weights (train.dtype) and
+LoRA (float32) that one process has, and the priors cached without sharding are the step-0 predictions of
+the sharded model too (tests/test_dist.py checks the step-0 prior loss is zero). Everything a checkpoint
+holds is gathered into the one-process layout, so a checkpoint does not depend on how it was sharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from pipeline.errors import UserError
+
+
+def refuse_unsupported(cfg, family) -> None:
+    """What sharded training does not take, in one line naming the key (the train stage, under FSDP)."""
+    if not family.swap_blocks:
+        raise UserError(f"config key 'train.fsdp' shards transformer families (Flux, HiDream) by block; "
+                        f"{family.name}'s denoiser has no list of blocks (and fits one GPU): set it to false")
+    if cfg.model.quantize != "none":
+        raise UserError(f"config key 'train.fsdp' works with model.quantize = \"none\" only (got "
+                        f"{cfg.model.quantize!r}): quantized weights are not sharded here; set one of them")
+    if cfg.optimizer.name != "adamw":
+        raise UserError(f"config key 'train.fsdp' works with optimizer.name = \"adamw\" only (got "
+                        f"{cfg.optimizer.name!r}): its state is sharded like the LoRA's weights")
+
+
+def mesh(size: int, device: torch.device):
+    """The ranks as one dimension to shard over (a collective: every rank, before any of them shards)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (size,))
+
+
+def shard(model: torch.nn.Module, blocks: list[torch.nn.Module], on) -> None:
+    """FSDP2 in place: each block one unit, freed again after its forward (recomputed in the backward),
+    and the root the rest (embedders, final layers). The weights move to the mesh's device, shard by
+    shard, so a model loaded on the CPU never has to fit one GPU whole."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks:
+        fully_shard(block, mesh=on, reshard_after_forward=True)
+    fully_shard(model, mesh=on)
+
+
+def _is_sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+@contextlib.contextmanager
+def whole_lora(model: torch.nn.Module) -> Iterator[None]:
+    """The LoRA's full tensors in place of its shards for the duration (every rank enters: each tensor is
+    gathered), for what reads the LoRA off the model (its file, a checkpoint); the frozen weights stay
+    sharded. No forward may run inside."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()  # every registered tensor is its shard (the optimizer's), none a stale gathered one
+    swapped = []
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.requires_grad and _is_sharded(p):
+                swapped.append((m, name, p))
+                m._parameters[name] = torch.nn.Parameter(p.full_tensor().detach(), requires_grad=True)
+    try:
+        yield
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every sharded tensor gathered (a collective), so a checkpoint holds what
+    one process's optimizer would: it resumes with or without sharding, on any number of ranks."""
+    state = optimizer.state_dict()
+    for i in sorted(state["state"]):  # the same order on every rank
+        state["state"][i] = {k: v.full_tensor().cpu() if _is_sharded(v) else v for k, v in state["state"][i].items()}
+    return state
+
+
+def sharded_optimizer_state(state: dict, params: list[torch.nn.Parameter]) -> dict:
+    """The inverse, for the optimizer over the sharded parameters (in the order the full one had them): each
+    tensor of its parameter's full shape becomes this rank's shard of it. Every rank holds the full state
+    (read from the checkpoint, or fresh), so each cuts its own shard without communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    out = {"param_groups": state["param_groups"], "state": {}}
+    for i, entry in state["state"].items():
+        p = params[i]
+        out["state"][i] = {k: distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                                src_data_rank=None)
+                           if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape) else v
+                           for k, v in entry.items()}
+    return out
+
+
+def total_norm(norm) -> float:
+    """clip_grad_norm_'s result as a number: over sharded gradients it is itself sharded (a collective)."""
+    return float(norm.full_tensor() if _is_sharded(norm) else norm)
+
+
+@contextlib.contextmanager
+def no_gradient_sync(model) -> Iterator[None]:
+    """FSDP2's no_sync: gradients accumulate unreduced until the last micro-batch of a step."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
