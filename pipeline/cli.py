@@ -290,7 +290,9 @@ def sample(config_path, lora, prompts, out, steps, seed, width, height, guidance
 @CONFIG
 @DTYPE
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def plan_memory(config_path, dtype, as_json):
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="How many processes a launcher starts: with train.fsdp, training's figure is one GPU's share.")
+def plan_memory(config_path, dtype, as_json, processes):
     """Estimate the peak GPU memory of the cache stage and of training for the config (nothing is loaded:
     the denoiser is built on the meta device from its config; see pipeline/memory.py)."""
 
@@ -298,7 +300,7 @@ def plan_memory(config_path, dtype, as_json):
         from pipeline.memory import plan_memory as estimate, table
 
         cfg = load_config(config_path, dtype)
-        e = estimate(cfg)
+        e = estimate(cfg, processes=processes)
         if as_json:
             click.echo(json.dumps({"train_peak": e.train_peak, "cache_peak": e.cache_peak, "cache_phase": e.cache_phase,
                                    "parts": e.parts, "cache_parts": e.cache_parts,
@@ -306,7 +308,8 @@ def plan_memory(config_path, dtype, as_json):
             return
         click.echo(f"memory plan for {config_path} (GiB; {cfg.train.dtype}, quantize {cfg.model.quantize}, "
                    f"blocks_to_swap {cfg.train.blocks_to_swap}, batch {cfg.train.batch_size}, {cfg.data.resolution} px, "
-                   f"gradient_checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'})")
+                   f"gradient_checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}"
+                   + (f", sharded across {processes} processes)" if cfg.train.fsdp and processes > 1 else ")"))
         for row in table(e):
             click.echo(row)
 

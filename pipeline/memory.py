@@ -8,6 +8,10 @@ start of both stages).
   an fp32 absmax per 64 weights (bitsandbytes' block size). Other tensors stay in the train dtype.
 - **Swapped blocks** (train.blocks_to_swap): their frozen weights leave the device, except the two
   largest swapped blocks, which can be resident at once (the one computing and the one being prefetched).
+- **Sharded training** (train.fsdp over N processes, pipeline/shard.py): 1/N of the weights and of the
+  LoRA's parameters, gradients and optimizer state, plus what is gathered whole at once: the root (the
+  weights outside the blocks, kept gathered from the forward to the backward) and the two largest blocks
+  (the one computing and the next, prefetched). The cache stage does not shard.
 - **LoRA**: exact, from the layers `lora.*` selects (the trainer's own resolve_targets on the meta model):
   float32 parameters, float32 gradients, and the optimizer's state (AdamW two float32 moments,
   AdamW8bit two bytes, Prodigy four float32 tensors, Adafactor factored rows and columns).
@@ -62,6 +66,7 @@ class Settings:
     cache_batch_size: int = 4
     encoder_dtype: str = "fp32"
     max_sequence_length: int = 0  # 0: the family's default
+    fsdp_processes: int = 1  # training sharded across this many (train.fsdp under a launcher); 1: not sharded
 
 
 @dataclass
@@ -362,7 +367,14 @@ def estimate(family, config: dict, lora_cfg, s: Settings, encoders: dict[str, in
     lora = lora_bytes(model, lora_cfg, family.target_presets, s.optimizer)
     act = activations(family, config, lora_cfg, s.batch_size, s.resolution, torch_dtype, s.max_sequence_length)
     ckpt = s.gradient_checkpointing and act.unit > 0
-    parts = {"weights": weights, "swapped_out": -swapped, **lora,
+    n = s.fsdp_processes
+    if n > 1:  # sharded training swaps nothing (blocks_to_swap is the cache stage's then)
+        sizes = sorted(weight_bytes(b, s.dtype, s.quantize) for b in swap_blocks(model, family))
+        sharded = {"weights": weights // n, "gathered_root_and_2_blocks": weights - sum(sizes) + sum(sizes[-2:])}
+        lora = {k: v // n for k, v in lora.items()}
+    else:
+        sharded = {"weights": weights, "swapped_out": -swapped}
+    parts = {**sharded, **lora,
              "activations": act.kept + act.unit if ckpt else act.saved,
              "backward_temporaries": act.unit or act.saved // 4, "overhead": OVERHEAD}
     # the prior forward has no gradient: its working set is that of one block, at cache.batch_size
@@ -403,18 +415,22 @@ def encoder_params(root: Path, family) -> dict[str, int]:
     return out
 
 
-def settings_of(cfg) -> Settings:
+def settings_of(cfg, processes: int = 1) -> Settings:
+    """The config's settings; `processes`: how many a launcher starts (training shards across them with
+    train.fsdp)."""
     t = cfg.train
     return Settings(dtype=t.dtype, quantize=cfg.model.quantize, blocks_to_swap=t.blocks_to_swap,
+                    fsdp_processes=processes if t.fsdp else 1,
                     batch_size=t.batch_size, resolution=cfg.data.resolution,
                     gradient_checkpointing=t.gradient_checkpointing, optimizer=cfg.optimizer.name,
                     cache_batch_size=cfg.cache.batch_size, encoder_dtype=cfg.model.encoder_dtype,
                     max_sequence_length=cfg.model.max_sequence_length)
 
 
-def plan_memory(cfg, cache: bool = True) -> Estimate:
+def plan_memory(cfg, cache: bool = True, processes: int = 1) -> Estimate:
     """The estimate for a config's model folder; without `cache`, training's only (the VAE and the text
-    encoders are not built, not even on the meta device: the train stage touches none of them)."""
+    encoders are not built, not even on the meta device: the train stage touches none of them).
+    processes: as many as a launcher starts (with train.fsdp, training's share of one)."""
     from pipeline.families import get_family
 
     family = get_family(cfg.model)
@@ -422,10 +438,11 @@ def plan_memory(cfg, cache: bool = True) -> Estimate:
 
     config = family.denoiser_class.load_config(family.root, subfolder=family.denoiser_component)
     if not cache:
-        return estimate(family, config, cfg.lora, settings_of(cfg))
+        return estimate(family, config, cfg.lora, settings_of(cfg, processes))
     vae = family.root / "vae" / "config.json"
     vae_config = AutoencoderKL.load_config(family.root, subfolder="vae") if vae.is_file() else None
-    return estimate(family, config, cfg.lora, settings_of(cfg), encoder_params(family.root, family), vae_config)
+    return estimate(family, config, cfg.lora, settings_of(cfg, processes), encoder_params(family.root, family),
+                    vae_config)
 
 
 def table(e: Estimate) -> list[str]:
@@ -436,7 +453,7 @@ def table(e: Estimate) -> list[str]:
     return rows
 
 
-def say_estimate(cfg, device, cache: bool = True) -> None:
+def say_estimate(cfg, device, cache: bool = True, processes: int = 1) -> None:
     """The one line both stages print at their start (on stderr) when they run on a GPU: the cache
     stage's says both stages' peaks, the train stage's (cache=False) training's. On a CPU a GPU's figure
     says nothing, so nothing is printed (plan-memory still tells). A planner failure never stops a stage."""
@@ -445,6 +462,6 @@ def say_estimate(cfg, device, cache: bool = True) -> None:
     if device.type != "cuda":
         return
     try:
-        note(plan_memory(cfg, cache).line(cache))
+        note(plan_memory(cfg, cache, processes).line(cache))
     except Exception as e:  # noqa: BLE001 - an estimate is advice; the stage itself reports real problems
         note(f"estimated peak GPU memory: not available ({type(e).__name__}: {str(e).splitlines()[0][:120]})")

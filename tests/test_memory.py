@@ -71,6 +71,22 @@ def test_activations_grow_with_batch_and_resolution(tiny_family_model):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["flux", "hidream"])
+def test_sharding_keeps_a_share_of_the_weights_and_lora_and_the_root_and_two_blocks_whole(tiny_family_model, name):
+    cls, real, config = built(tiny_family_model, name, torch.bfloat16)
+    blocks = sorted(sum(p.numel() * 2 for p in b.parameters()) for b in swap_blocks(real, cls))
+    weights = sum(t.numel() * 2 for t in list(real.parameters()) + list(real.buffers()))
+    settings = dict(dtype="bf16", resolution=64, max_sequence_length=16, cache_batch_size=1, blocks_to_swap=2)
+    family = cls(tiny_family_model(name), ModelConfig(path=str(tiny_family_model(name))))
+    one = estimate(family, config, LoraConfig(rank=4), Settings(**settings))
+    four = estimate(family, config, LoraConfig(rank=4), Settings(fsdp_processes=4, **settings))
+    assert four.parts["weights"] == weights // 4 and "swapped_out" not in four.parts  # sharded training swaps nothing
+    assert four.parts["gathered_root_and_2_blocks"] == weights - sum(blocks) + sum(blocks[-2:])
+    assert all(four.parts[k] == one.parts[k] // 4 for k in ("lora", "lora_grads", "optimizer_state"))
+    assert four.parts["activations"] == one.parts["activations"]  # at the whole batch: a bound on a rank's share
+    assert four.cache_parts == one.cache_parts  # the cache stage does not shard (it swaps its 2 blocks)
+
+
 def test_plan_memory_command_prints_the_parts(project):
     path, _ = project()
     r = subprocess.run([sys.executable, "-m", "pipeline", "plan-memory", "--config", str(path), "--json"],

@@ -100,8 +100,8 @@ def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool,
         found = world.from_main(lambda: check_fresh_start(out_dir, cfg, plan, data_fp, overwrite))
     device = world.device or pick_device(t.device)
     _say_sharding(world, cfg, plan)
-    if not world.fsdp:
-        say_estimate(cfg, device, cache=False)  # builds no VAE or text encoder, not even on the meta device
+    # builds no VAE or text encoder, not even on the meta device; under FSDP, one rank's share
+    say_estimate(cfg, device, cache=False, processes=world.size if world.fsdp else 1)
     practice_warnings(plan)
 
     def build():
@@ -208,6 +208,9 @@ def _say_sharding(world: dist.World, cfg: Config, plan) -> None:
     """Under FSDP, refuse what it does not take; say what train.fsdp does where it does nothing."""
     if world.fsdp:
         shard.refuse_unsupported(cfg, plan.family)
+        if not cfg.train.fsdp:
+            note("train: the accelerate config's distributed_type FSDP is taken as train.fsdp = true: each "
+                 "transformer block one FSDP2 unit (its fsdp_* settings are not used)")
         if cfg.train.blocks_to_swap:
             note(f"train: sharded (train.fsdp) across {world.size} processes, so train.blocks_to_swap = "
                  f"{cfg.train.blocks_to_swap} is for the cache stage's prior forward only")
