@@ -10,7 +10,7 @@ ones block swap and the memory planner use.
 
 Numerics: no mixed-precision policy, so each block computes with exactly the weights (train.dtype) and
 LoRA (float32) that one process has, and the priors cached without sharding are the step-0 predictions of
-the sharded model too (tests/test_dist.py checks the step-0 prior loss is zero). Everything a checkpoint
+the sharded model too (tests/test_shard.py checks the step-0 prior loss is zero). Everything a checkpoint
 holds is gathered into the one-process layout, so a checkpoint does not depend on how it was sharded.
 """
 
