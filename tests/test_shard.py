@@ -65,17 +65,18 @@ def sharded(project, tiny_family_model, request):
     held = project.root / "data" / "heldout-standard"
     for suffix in (".png", ".txt"):  # a third held-out image: with one variant, an odd number of held-out batches
         shutil.copy(held / f"000{suffix}", held / f"002{suffix}")
-    path, _ = project(dtype="bf16", epochs=2, lr=1e-2, variants=1, model=tiny_family_model(request.param))
+    path, _ = project(dtype="bf16", epochs=1, lr=1e-2, variants=1, model=tiny_family_model(request.param))
     text = path.read_text().replace("[cache]", HELD_OUT.format(data=project.root / "data") + "\n[cache]", 1)
     path.write_text(text)
-    cfg = configure(path, train={"fsdp": True, "gradient_accumulation": 2})  # no_sync on the first batch
+    # no_sync on the first batch of each step; checkpoints (which change no result) for the resume below
+    cfg = configure(path, train={"fsdp": True, "gradient_accumulation": 2, "checkpoint_every": 2})
     run_cache(cfg, progress=False)
     return path
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sharded", ["flux", "hidream"], indirect=True)
-def test_sharded_training_trains_what_one_process_trains(sharded, tmp_path, request):
+def test_sharded_training_trains_what_unsharded_training_trains(sharded, tmp_path, request):
     # HiDream's bf16 attention on the CPU rounds a sample alone in its batch (a rank's share of 2) otherwise
     # than beside another (one process): its reference is 2 unsharded ranks (DDP), which split alike
     hidream = "hidream" in request.node.name
@@ -110,12 +111,13 @@ def test_sharded_training_trains_what_one_process_trains(sharded, tmp_path, requ
         assert a["prior_drift"] == pytest.approx(b["prior_drift"], rel=1e-4, abs=1e-9)
         assert Path(b["samples"].replace(str(_run_dir(sharded)), str(two))).is_file()
     assert val_two[0]["prior_drift"] == 0.0 or hidream
+    if not hidream:
+        _interrupted_and_resumed(sharded, tmp_path, two)
 
 
-@pytest.mark.slow
-def test_an_interrupted_sharded_run_resumed(sharded, tmp_path):
-    configure(sharded, train={"checkpoint_every": 2})
-    whole = _train_once(2, sharded, tmp_path / "whole")
+def _interrupted_and_resumed(sharded, tmp_path, whole: Path) -> None:
+    """The sharded run `whole` wrote, again, SIGKILLed after its step-2 checkpoint and resumed: bitwise the
+    same LoRA with 2 sharded ranks, and within 1e-6 with one process."""
     saved = json.loads((whole / "checkpoints" / "step-00000002" / "state.json").read_text())
     assert saved["world_size"] == 2
     state = load_file(str(whole / "checkpoints" / "step-00000002" / "state.safetensors"))
