@@ -17,6 +17,7 @@ holds is gathered into the one-process layout, so a checkpoint does not depend o
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -50,6 +51,10 @@ def shard(model: torch.nn.Module, blocks: list[torch.nn.Module], on) -> None:
     shard, so a model loaded on the CPU never has to fit one GPU whole."""
     from torch.distributed.fsdp import fully_shard
 
+    # Flux's blocks return views (torch warns at every rank's first step: an in-place op on one would skip
+    # the backward's all-gather). diffusers' forwards use them out of place, and tests/test_shard.py would
+    # see a skipped gather: the sharded LoRA is compared with unsharded training's.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
     for block in blocks:
         fully_shard(block, mesh=on, reshard_after_forward=True)
     fully_shard(model, mesh=on)

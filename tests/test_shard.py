@@ -68,8 +68,10 @@ def sharded(project, tiny_family_model, request):
     path, _ = project(dtype="bf16", epochs=1, lr=1e-2, variants=1, model=tiny_family_model(request.param))
     text = path.read_text().replace("[cache]", HELD_OUT.format(data=project.root / "data") + "\n[cache]", 1)
     path.write_text(text)
-    # no_sync on the first batch of each step; checkpoints (which change no result) for the resume below
-    cfg = configure(path, train={"fsdp": True, "gradient_accumulation": 2, "checkpoint_every": 2})
+    # no_sync on the first batch of each step; checkpoints for the resume below, and gradient checkpointing
+    # (each block's forward run again in the backward: gathered again), which change no result
+    cfg = configure(path, train={"fsdp": True, "gradient_accumulation": 2, "checkpoint_every": 2,
+                                 "gradient_checkpointing": True})
     run_cache(cfg, progress=False)
     return path
 
