@@ -300,7 +300,7 @@ def plan_memory(config_path, dtype, as_json, processes):
         from pipeline.memory import plan_memory as estimate, table
 
         cfg = load_config(config_path, dtype)
-        e = estimate(cfg, processes=processes)
+        e = estimate(cfg, shards=processes if cfg.train.fsdp else 1)
         if as_json:
             click.echo(json.dumps({"train_peak": e.train_peak, "cache_peak": e.cache_peak, "cache_phase": e.cache_phase,
                                    "parts": e.parts, "cache_parts": e.cache_parts,

@@ -26,7 +26,7 @@ from pipeline import errors, shard
 from pipeline.atomic import HOST
 from pipeline.errors import UserError
 
-TRAIN_TIMEOUT = datetime.timedelta(minutes=30)  # training's collectives: rank 0 alone renders sample grids meanwhile
+TRAIN_TIMEOUT = datetime.timedelta(minutes=30)  # training's collectives: rank 0 alone may render sample grids meanwhile
 
 
 def launched_size() -> int:
@@ -151,20 +151,24 @@ class World:
     def one_by_one(self, fn: Callable[[], Any], what: str):
         """fn() on every rank; under FSDP the ranks of a machine take turns, so that a machine holds one
         unsharded copy of the weights at a time (each rank loads on the CPU, then keeps only its shard).
-        A UserError on any rank is raised on every rank."""
+        A failure on any rank is raised on every rank (as it is where it happened; as a UserError naming
+        that rank elsewhere), so that none waits for a turn that never ends."""
         if not self.fsdp:
             return fn()
         turn = self.hosts[: self.rank].count(self.hosts[self.rank])
-        result, failed = None, None
+        result, mine = None, None
         for i in range(max(self.hosts.count(h) for h in self.hosts)):
             if i == turn:
                 try:
                     result = fn()
-                except UserError as e:
-                    failed = str(e)
-            for rank, error in enumerate(self.gather(failed)):
+                except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised as it is
+                    mine = e
+            said = None if mine is None else str(mine) if isinstance(mine, UserError) else f"{type(mine).__name__}: {mine}"
+            for rank, error in enumerate(self.gather(said)):
+                if rank == self.rank and mine is not None:
+                    raise mine
                 if error is not None:
-                    raise UserError(error if rank == self.rank else f"{self.where(rank)}, {what}: {error}")
+                    raise UserError(f"{self.where(rank)}, {what}: {error}")
         return result
 
     def job(self) -> str:

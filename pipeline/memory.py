@@ -415,22 +415,21 @@ def encoder_params(root: Path, family) -> dict[str, int]:
     return out
 
 
-def settings_of(cfg, processes: int = 1) -> Settings:
-    """The config's settings; `processes`: how many a launcher starts (training shards across them with
-    train.fsdp)."""
+def settings_of(cfg, shards: int = 1) -> Settings:
+    """The config's settings; `shards`: how many processes training is sharded across (train.fsdp)."""
     t = cfg.train
     return Settings(dtype=t.dtype, quantize=cfg.model.quantize, blocks_to_swap=t.blocks_to_swap,
-                    fsdp_processes=processes if t.fsdp else 1,
+                    fsdp_processes=shards,
                     batch_size=t.batch_size, resolution=cfg.data.resolution,
                     gradient_checkpointing=t.gradient_checkpointing, optimizer=cfg.optimizer.name,
                     cache_batch_size=cfg.cache.batch_size, encoder_dtype=cfg.model.encoder_dtype,
                     max_sequence_length=cfg.model.max_sequence_length)
 
 
-def plan_memory(cfg, cache: bool = True, processes: int = 1) -> Estimate:
+def plan_memory(cfg, cache: bool = True, shards: int = 1) -> Estimate:
     """The estimate for a config's model folder; without `cache`, training's only (the VAE and the text
     encoders are not built, not even on the meta device: the train stage touches none of them).
-    processes: as many as a launcher starts (with train.fsdp, training's share of one)."""
+    shards: training sharded across this many processes (train.fsdp): one GPU's share."""
     from pipeline.families import get_family
 
     family = get_family(cfg.model)
@@ -438,10 +437,10 @@ def plan_memory(cfg, cache: bool = True, processes: int = 1) -> Estimate:
 
     config = family.denoiser_class.load_config(family.root, subfolder=family.denoiser_component)
     if not cache:
-        return estimate(family, config, cfg.lora, settings_of(cfg, processes))
+        return estimate(family, config, cfg.lora, settings_of(cfg, shards))
     vae = family.root / "vae" / "config.json"
     vae_config = AutoencoderKL.load_config(family.root, subfolder="vae") if vae.is_file() else None
-    return estimate(family, config, cfg.lora, settings_of(cfg, processes), encoder_params(family.root, family),
+    return estimate(family, config, cfg.lora, settings_of(cfg, shards), encoder_params(family.root, family),
                     vae_config)
 
 
@@ -453,7 +452,7 @@ def table(e: Estimate) -> list[str]:
     return rows
 
 
-def say_estimate(cfg, device, cache: bool = True, processes: int = 1) -> None:
+def say_estimate(cfg, device, cache: bool = True, shards: int = 1) -> None:
     """The one line both stages print at their start (on stderr) when they run on a GPU: the cache
     stage's says both stages' peaks, the train stage's (cache=False) training's. On a CPU a GPU's figure
     says nothing, so nothing is printed (plan-memory still tells). A planner failure never stops a stage."""
@@ -462,6 +461,6 @@ def say_estimate(cfg, device, cache: bool = True, processes: int = 1) -> None:
     if device.type != "cuda":
         return
     try:
-        note(plan_memory(cfg, cache, processes).line(cache))
+        note(plan_memory(cfg, cache, shards).line(cache))
     except Exception as e:  # noqa: BLE001 - an estimate is advice; the stage itself reports real problems
         note(f"estimated peak GPU memory: not available ({type(e).__name__}: {str(e).splitlines()[0][:120]})")

@@ -33,6 +33,10 @@ def refuse_unsupported(cfg, family) -> None:
     if cfg.model.quantize != "none":
         raise UserError(f"config key 'train.fsdp' works with model.quantize = \"none\" only (got "
                         f"{cfg.model.quantize!r}): quantized weights are not sharded here; set one of them")
+    if cfg.train.prior_mode != "cached":
+        # every forward is a collective, and only the ranks whose share holds a prior sample would run it
+        raise UserError(f"config key 'train.fsdp' works with train.prior_mode = \"cached\" only (got "
+                        f"{cfg.train.prior_mode!r}: its second forward runs on some ranks only)")
     if cfg.optimizer.name != "adamw":
         raise UserError(f"config key 'train.fsdp' works with optimizer.name = \"adamw\" only (got "
                         f"{cfg.optimizer.name!r}): its state is sharded like the LoRA's weights")

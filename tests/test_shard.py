@@ -70,8 +70,10 @@ def sharded(project, tiny_family_model, request):
     path.write_text(text)
     # no_sync on the first batch of each step; checkpoints for the resume below, and gradient checkpointing
     # (each block's forward run again in the backward: gathered again), which change no result
+    # a warmup and a cosine schedule: a resumed run must step on at the lr the schedule is at
     cfg = configure(path, train={"fsdp": True, "gradient_accumulation": 2, "checkpoint_every": 2,
-                                 "gradient_checkpointing": True})
+                                 "gradient_checkpointing": True},
+                    optimizer={"scheduler": "cosine", "warmup_steps": 2})
     run_cache(cfg, progress=False)
     return path
 
@@ -157,7 +159,8 @@ def test_what_sharding_does_not_take_is_refused_naming_the_key(project):
     with pytest.raises(UserError, match="'train.fsdp' shards transformer families .* sdxl"):
         refuse_unsupported(cfg, sdxl)
     for table, key, value, hint in (("model", "quantize", "int8", "model.quantize"),
-                                    ("optimizer", "name", "prodigy", "optimizer.name")):
+                                    ("optimizer", "name", "prodigy", "optimizer.name"),
+                                    ("train", "prior_mode", "online", "train.prior_mode")):
         other = configure(project()[0], **{table: {key: value}})
         with pytest.raises(UserError, match=f"'train.fsdp' works with {hint}"):
             refuse_unsupported(other, flux)

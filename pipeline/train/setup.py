@@ -34,17 +34,20 @@ class Run:
     def prepare(self, world: dist.World, plan: Plan) -> None:
         """Under a launcher: hand the model and the optimizer to accelerate's DDP, or under FSDP shard the
         model in place (pipeline.shard) and rebuild the optimizer and schedule over the shards, with the state
-        they had (fresh, or a checkpoint's). Everything but the training forward keeps using the unwrapped
-        model: a forward on one rank alone (a sample grid) must not go through a wrapper that expects every
-        rank. The scheduler stays ours: accelerate's would step once per process."""
+        they had (fresh, or a checkpoint's). Under DDP everything but the training forward keeps using the
+        unwrapped model: a forward on one rank alone (a sample grid) must not go through a wrapper that
+        expects every rank (under FSDP every forward is every rank's). The scheduler stays ours: accelerate's
+        would step once per process."""
         self.world = world
         if world.fsdp:
             model, full, schedule = self.denoiser.module, self.optimizer.state_dict(), self.scheduler.state_dict()
             shard.shard(model, swap_blocks(model, plan.family), world.mesh)
             self.params = [p for p in model.parameters() if p.requires_grad]  # now their shards, in the same order
             self.optimizer = build_optimizer(self.params, plan.cfg.optimizer, self.denoiser.device)
-            self.optimizer.load_state_dict(shard.sharded_optimizer_state(full, self.params))
+            # the schedule first: building one sets each group's lr to its step-0 value, which the optimizer's
+            # saved state then replaces with the lr of the step the run is at
             self.scheduler = build_scheduler(self.optimizer, plan.cfg.optimizer, self.total_steps)
+            self.optimizer.load_state_dict(shard.sharded_optimizer_state(full, self.params))
             self.scheduler.load_state_dict(schedule)
             self.trained = self.denoiser
         elif world.size > 1:

@@ -101,7 +101,7 @@ def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool,
     device = world.device or pick_device(t.device)
     _say_sharding(world, cfg, plan)
     # builds no VAE or text encoder, not even on the meta device; under FSDP, one rank's share
-    say_estimate(cfg, device, cache=False, processes=world.size if world.fsdp else 1)
+    say_estimate(cfg, device, cache=False, shards=world.size if world.fsdp else 1)
     practice_warnings(plan)
 
     def build():
