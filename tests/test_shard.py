@@ -21,23 +21,7 @@ from pipeline.errors import UserError
 from pipeline.families import family_class
 from pipeline.shard import refuse_unsupported
 from test_dist import WORKER, _launch, _run
-
-HELD_OUT = """
-[[concepts]]
-folder = "{data}/heldout-standard"
-type = "validation"
-
-[[concepts]]
-folder = "{data}/heldout-prior"
-type = "validation"
-prior = true
-
-[validation]
-prompts = ["a photo of sks teapot"]
-every = 2
-steps = 2
-"""
-
+from test_validation import with_validation
 
 def _run_dir(path) -> Path:
     return Path(load_config(path).train.output_dir)
@@ -60,14 +44,12 @@ def _train_once(n: int, path, out: Path, *extra) -> Path:
 
 @pytest.fixture(params=["flux"])
 def sharded(project, tiny_family_model, request):
-    """bf16 (the frozen weights bf16 beside a float32 LoRA, as on a GPU), held-out images, a prompt, and
+    """bf16 (the frozen weights bf16 beside a float32 LoRA, as on a GPU), held-out images, prompts, and
     train.fsdp = true; cached. The tiny Flux unless parametrized with another family."""
     held = project.root / "data" / "heldout-standard"
     for suffix in (".png", ".txt"):  # a third held-out image: with one variant, an odd number of held-out batches
         shutil.copy(held / f"000{suffix}", held / f"002{suffix}")
-    path, _ = project(dtype="bf16", epochs=1, lr=1e-2, variants=1, model=tiny_family_model(request.param))
-    text = path.read_text().replace("[cache]", HELD_OUT.format(data=project.root / "data") + "\n[cache]", 1)
-    path.write_text(text)
+    path, _ = with_validation(project, dtype="bf16", epochs=1, lr=1e-2, variants=1, model=tiny_family_model(request.param))
     # no_sync on the first batch of each step; checkpoints for the resume below, and gradient checkpointing
     # (each block's forward run again in the backward: gathered again), which change no result
     # a warmup and a cosine schedule: a resumed run must step on at the lr the schedule is at

@@ -58,11 +58,11 @@ def _join(value, tensors: dict):
     return value
 
 
-def save(out_dir: Path, state: TrainState, run, plan, data_fp: str, optimizer_state: dict | None = None) -> Path:
+def save(out_dir: Path, state: TrainState, run, plan, data_fp: str, optimizer_state: dict) -> Path:
     """Write the checkpoint of `state` (run: what train.setup built) atomically; then remove other runs'
     checkpoints and keep only the newest train.keep_checkpoints (0: all) of this one. A failed write
-    (a full disk) leaves no temporary behind and raises OSError. optimizer_state: the optimizer's, gathered
-    (under FSDP: Run.optimizer_state, with the LoRA gathered too); None: run.optimizer's own."""
+    (a full disk) leaves no temporary behind and raises OSError. optimizer_state: Run.optimizer_state()
+    (under FSDP gathered by every rank, with the LoRA gathered too)."""
     root = Path(out_dir) / "checkpoints"
     remove_leftovers(root)
     final = root / f"{PREFIX}{state.step:08d}"
@@ -79,7 +79,7 @@ def save(out_dir: Path, state: TrainState, run, plan, data_fp: str, optimizer_st
             "step": state.step,
             "run_id": state.run_id,
             "position": state.position(),
-            "optimizer": _split(optimizer_state or run.optimizer.state_dict(), "optimizer", tensors),
+            "optimizer": _split(optimizer_state, "optimizer", tensors),
             "scheduler": _split(run.scheduler.state_dict(), "scheduler", tensors),
             "config": json.loads(plan.cfg.portable_json()),
             "data": data_fp,

@@ -78,8 +78,8 @@ def held_out_scores(plan: Plan, store: Store, denoiser: Denoiser, prior_mode: st
         batches += [[(s, v) for s in group[i : i + size]] for group in by_shape.values() for i in range(0, len(group), size)]
     mine = {}
     # under FSDP each forward is a collective, so every rank runs as many: one with a short share repeats a batch
-    rounds = -(-len(batches) // world.size) if world.fsdp else None
-    for j in range(world.rank, rounds * world.size if rounds else len(batches), world.size):
+    end = -(-len(batches) // world.size) * world.size if world.fsdp else len(batches)
+    for j in range(world.rank, end, world.size):
         items = batches[min(j, len(batches) - 1)]
         inputs = load_inputs(plan, store, items)  # the cached draws: a score must not move by chance
         target = targets(plan, store, denoiser, items, inputs, prior_mode)
