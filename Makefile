@@ -1,18 +1,19 @@
 # make train: cache what is missing, then train (default: the embedded tiny Flux config)
-# make test:  the test suite (unit, then end-to-end, then subprocess tiers); make test-fast: the unit tier
+# make test:  the test suite: the unit tier first (make test-fast, a few minutes: a broken build stops
+#             there), then the end-to-end and subprocess tiers
 # make bench: seconds per training step, cached vs online priors
 # make bench-scale: cache status, verify and a training start on 10,000 images under ulimit -n 1024
 #                   (not part of make test: minutes; ARGS="--images 2000" for a smaller run)
 # make plan-memory: the estimated peak GPU memory of both stages for CONFIG (pipeline/memory.py)
-# make memory-table: the README's per-family memory table, from the planner
+# make memory-table: the per-family memory table of docs/memory.md, from the planner
 # make bench-memory: the planner against measured CPU peaks of real-width models cut to one block per kind
 #                    (not part of make test: about 15 minutes on 2 cores)
 # make bench-gpu: full-size denoisers on a CUDA GPU (one line and exit 0 without one); test-gpu: pytest -m gpu
 # make cache-status: what the cache holds, lacks and stores unused for CONFIG (DTYPE)
 # Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32  RESUME=1 (train: go on from the newest checkpoint)
 #            OVERWRITE=1 (train: start over where another run's checkpoints are)
-#            GPUS=N (cache, train: N processes on this machine under torchrun; see the README's
-#            "Several GPUs and machines")  PYTHON=/path/to/python (an env with the project installed)
+#            GPUS=N (cache, train: N processes on this machine under torchrun; see
+#            docs/multi-gpu.md)  PYTHON=/path/to/python (an env with the project installed)
 
 CONFIG ?= configs/tiny-flux.toml
 DTYPE ?=
@@ -51,8 +52,8 @@ train: $(SETUP)
 	$(LAUNCH) -m pipeline cache --config $(CONFIG) $(DTYPE_ARG)
 	$(LAUNCH) -m pipeline train --config $(CONFIG) $(DTYPE_ARG) $(RESUME_ARG) $(OVERWRITE_ARG)
 
-test: $(SETUP)
-	$(PY) -m pytest -q
+test: test-fast
+	$(PY) -m pytest -q -m "e2e or slow"
 
 test-fast: $(SETUP)
 	$(PY) -m pytest -q -m "not e2e and not slow"

@@ -65,7 +65,7 @@ def measure_peaks(config_path: str, kind: str) -> dict:
 
     from pipeline.config import load_config
     from pipeline.families import get_family
-    from pipeline.plan import TORCH_DTYPES
+    from pipeline.settings import TORCH_DTYPES
     from pipeline.swap import load_denoiser
     from pipeline.train.optim import build_optimizer
     from pipeline.train.setup import prepare_model

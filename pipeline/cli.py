@@ -47,7 +47,7 @@ def _run(fn, interrupted: str):
 
 
 def _is_main() -> bool:
-    from pipeline.dist import launched_rank
+    from pipeline.processes import launched_rank
 
     return launched_rank() == 0
 

@@ -38,7 +38,7 @@ class ModelConfig:
     path: str  # a local diffusers folder or a hub id
     family: str = "auto"  # "auto" reads model_index.json
     guidance: float = 1.0  # guidance-embedding value for guidance-distilled models (Flux.1-dev)
-    max_sequence_length: int = 0  # T5 (and Llama) tokens per caption; 0: the family's own (see the README)
+    max_sequence_length: int = 0  # T5 (and Llama) tokens per caption; 0: the family's own (see docs/config.md)
     encoder_dtype: str = "fp32"  # dtype the VAE and text encoders run in at cache time
     denoiser_file: str = ""  # a single-file (.safetensors) denoiser checkpoint used instead of the folder's weights
     prediction_type: str = ""  # SDXL: "epsilon" | "v_prediction" when the scheduler config says otherwise; "": its own

@@ -1,15 +1,19 @@
 """The one exception type that means "the user can fix this" (CLI exit code 2)."""
 
 
+import os
 import sys
 
-# Under a launcher, the ranks other than 0 set this (pipeline.dist): they would repeat every line rank 0 prints.
-silent = False
+
+def _other_rank() -> bool:
+    """Under a launcher, the ranks other than 0 (by the launcher's RANK) say nothing: they would repeat every
+    line rank 0 prints."""
+    return os.environ.get("RANK", "0") not in ("0", "")
 
 
 def warn(message: str) -> None:
     """A one-line warning on stderr that does not break a tqdm bar."""
-    if silent:
+    if _other_rank():
         return
     from tqdm import tqdm
 
@@ -18,7 +22,7 @@ def warn(message: str) -> None:
 
 def note(message: str) -> None:
     """A one-line notice on stderr (not a warning: something the user should know was done)."""
-    if silent:
+    if _other_rank():
         return
     from tqdm import tqdm
 

@@ -1,7 +1,7 @@
 """What a config needs from the cache: every sample with its keys. Both stages build the same plan,
 so the train stage finds exactly what the cache stage wrote, and a stale entry is never found.
 
-Key recipes (documented in the README):
+Key recipes (documented in docs/cache-format.md):
   content   = digest("image", sha256(image bytes), bucket (height, width), PREPARE)
   latent[v] = digest("latent", content, vae fingerprint, encoder dtype, flip[v])
   text[v]   = digest("text", caption[v], text-encoder fingerprint, max_sequence_length, encoder dtype)
@@ -20,19 +20,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from pipeline.cache.keys import Fingerprints, derive_seed, digest, sha256_bytes
 from pipeline.config import Config, check_paths
 from pipeline.data import PREPARE, BadImage, buckets, check_header, cover_size, nearest_bucket, scan_concept
 from pipeline.draws import Draws, draw_settings
 from pipeline.errors import UserError, warn
-from pipeline.families import get_family
 from pipeline.families.base import Family
-from pipeline.quantize import numerics
+from pipeline.settings import Settings, resolve
 
 BAD_IMAGE = "bad-image"  # store kind: content key -> why that image cannot be decoded
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -178,21 +175,23 @@ def _denoiser_fp(fps: Fingerprints, family: Family) -> str:
     return digest([["file", fps.file(family.denoiser_file)], ["config", fps.file(config)]])
 
 
-def open_plan(cfg: Config):
+def open_plan(cfg: Config, settings: Settings | None = None):
     """How every command starts: the paths checked, the plan, and its cache's store, with the images the
     cache holds undecodable verdicts for left out (plan.bad). check_paths comes first: with a missing model
-    or image folder the plan would have other keys, and a prune would take every entry for unused."""
+    or image folder the plan would have other keys, and a prune would take every entry for unused.
+    settings: what the stage resolved (settings.resolve); else resolved here."""
     from pipeline.cache.store import Store
 
     check_paths(cfg)
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, settings)
     store = Store(cfg.cache.dir)
     plan.drop_bad(store)
     return plan, store
 
 
-def make_plan(cfg: Config) -> Plan:
-    family = get_family(cfg.model)
+def make_plan(cfg: Config, settings: Settings | None = None) -> Plan:
+    settings = settings or resolve(cfg)
+    family = settings.family
     fps = Fingerprints(Path(cfg.cache.dir) / "fingerprints.json")
     vae_fp = _component_fp(fps, family.root, family.vae_components)
     text_fp = _component_fp(fps, family.root, family.text_components)
@@ -201,10 +200,7 @@ def make_plan(cfg: Config) -> Plan:
     c, d = cfg.cache, cfg.data
     timestep_settings = [draw_settings(cfg, family), family.timestep_spec()]
     enc = cfg.model.encoder_dtype
-    plan = Plan(cfg, family, [], vae_fp, text_fp, denoiser_fp, [], Draws(cfg, family),
-                numerics=numerics(cfg.model.quantize, pick_device(cfg.train.device).type))
-    if d.resolution % family.pixel_multiple:
-        raise UserError(f"config key 'data.resolution' must be a multiple of {family.pixel_multiple} for {family.name}")
+    plan = Plan(cfg, family, [], vae_fp, text_fp, denoiser_fp, [], settings.draws, numerics=settings.numerics)
     sizes = buckets(d.resolution, family.pixel_multiple, d.buckets)
 
     def chance(what: str, content: str, v: int) -> float:
@@ -267,16 +263,3 @@ def check_usable(plan: Plan) -> None:
     if all(s.prior for s in plan.training):
         raise UserError("no usable images in any standard concept (see the warnings above): training would learn "
                         "nothing; fix or replace the standard concept's images")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def prior_device(cfg: Config) -> torch.device:
-    """Where the cache stage computes priors. Their key names the device type training runs on (train.device),
-    since kernels differ between device types: cache.device when it is of that type, else train.device."""
-    cache, train = pick_device(cfg.cache.device), pick_device(cfg.train.device)
-    return cache if cache.type == train.type else train

@@ -22,25 +22,6 @@ from collections.abc import Iterator
 
 import torch
 
-from pipeline.errors import UserError
-
-
-def refuse_unsupported(cfg, family) -> None:
-    """What sharded training does not take, in one line naming the key (the train stage, under FSDP)."""
-    if not family.swap_blocks:
-        raise UserError(f"config key 'train.fsdp' shards transformer families (Flux, HiDream) by block; "
-                        f"{family.name}'s denoiser has no list of blocks (and fits one GPU): set it to false")
-    if cfg.model.quantize != "none":
-        raise UserError(f"config key 'train.fsdp' works with model.quantize = \"none\" only (got "
-                        f"{cfg.model.quantize!r}): quantized weights are not sharded here; set one of them")
-    if cfg.train.prior_mode != "cached":
-        # every forward is a collective, and only the ranks whose share holds a prior sample would run it
-        raise UserError(f"config key 'train.fsdp' works with train.prior_mode = \"cached\" only (got "
-                        f"{cfg.train.prior_mode!r}: its second forward runs on some ranks only)")
-    if cfg.optimizer.name != "adamw":
-        raise UserError(f"config key 'train.fsdp' works with optimizer.name = \"adamw\" only (got "
-                        f"{cfg.optimizer.name!r}): its state is sharded like the LoRA's weights")
-
 
 def mesh(size: int, device: torch.device):
     """The ranks as one dimension to shard over (a collective: every rank, before any of them shards)."""

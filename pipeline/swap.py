@@ -56,12 +56,10 @@ def swap_blocks(model: torch.nn.Module, family) -> list[torch.nn.Module]:
 
 def apply_block_swap(model: torch.nn.Module, family, n: int, device: torch.device) -> BlockSwap | None:
     """Move the model to `device` except the frozen weights of `n` swapped blocks. UserError naming
-    train.blocks_to_swap for a family without swappable blocks or more blocks than it has."""
+    train.blocks_to_swap for more blocks than the model has (settings.resolve refuses a family without a
+    list of blocks before anything loads)."""
     if not n:
         return None
-    if not family.swap_blocks:
-        raise UserError(f"config key 'train.blocks_to_swap' is for transformer families (Flux, HiDream); "
-                        f"{family.name}'s denoiser has no list of blocks to swap: set it to 0")
     blocks = swap_blocks(model, family)
     if n > len(blocks):
         raise UserError(f"config key 'train.blocks_to_swap' is {n}, but this {family.name} denoiser has "

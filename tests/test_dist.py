@@ -24,13 +24,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import configure
-from pipeline import dist
+from pipeline import processes
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.stage import run_cache
 from pipeline.cache.store import HOST, writer_gone
 from pipeline.errors import UserError
 from pipeline.train import checkpoint
-from pipeline.train.step import check_gradients
 
 WORKER = Path(__file__).with_name("dist_train.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -61,9 +60,16 @@ def _digests(cache_dir) -> dict:
 
 
 # -- units --------------------------------------------------------------------------------------------
+def _rank(rank: int, size: int) -> processes.OneProcess:
+    """The share arithmetic of rank `rank` of `size`, without a process group."""
+    procs = processes.OneProcess()
+    procs.rank, procs.size = rank, size
+    return procs
+
+
 def test_shares_cover_a_batch_once():
     for n in range(0, 7):
-        shares = [dist.World(rank=r, size=3).slice(n) for r in range(3)]
+        shares = [_rank(r, 3).slice(n) for r in range(3)]
         assert [i for lo, hi in shares for i in range(lo, hi)] == list(range(n))
 
 
@@ -71,17 +77,16 @@ def test_launched_processes_that_each_run_alone_are_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     alone = types.SimpleNamespace(num_processes=1, distributed_type="DistributedType.NO")
     with pytest.raises(UserError, match="started 2 processes .* but each runs alone"):
-        dist._refuse_lonely(alone)
+        processes.refuse_lonely(alone)
 
 
 def test_a_lora_layer_without_a_gradient_is_refused():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[0](torch.ones(1, 2)).sum().backward()  # the second layer takes no part in the forward
-    run = types.SimpleNamespace(denoiser=types.SimpleNamespace(module=model), world=dist.World())
     with pytest.raises(UserError, match="config key 'lora.targets': the LoRA on '1' gets no gradient"):
-        check_gradients(run, "lora.targets")
+        processes.refuse_missing_gradients(model, "lora.targets")
     model[1](torch.ones(1, 2)).sum().backward()
-    check_gradients(run, "lora.targets")
+    processes.refuse_missing_gradients(model, "lora.targets")
 
 
 def test_a_temporary_of_another_host_is_never_removed():

@@ -15,7 +15,8 @@ from pipeline.cache.stage import run_cache
 from pipeline.cache.store import Store
 from pipeline.config import load_config
 from pipeline.families.base import load_full_pipeline
-from pipeline.plan import TORCH_DTYPES, make_plan
+from pipeline.plan import make_plan
+from pipeline.settings import TORCH_DTYPES
 from pipeline.train.stage import train_lora
 
 from conftest import CPU32, TINY_MODELS, configure

@@ -19,7 +19,7 @@ from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.families import family_class
-from pipeline.shard import refuse_unsupported
+from pipeline.settings import refuse_sharding
 from test_dist import WORKER, _launch, _run
 from test_validation import with_validation
 
@@ -137,12 +137,12 @@ def _interrupted_and_resumed(sharded, tmp_path, whole: Path) -> None:
 def test_what_sharding_does_not_take_is_refused_naming_the_key(project):
     _, cfg = project()
     flux, sdxl = family_class("flux"), family_class("sdxl")
-    refuse_unsupported(cfg, flux)  # the default: nothing to refuse
+    refuse_sharding(cfg, flux)  # the default: nothing to refuse
     with pytest.raises(UserError, match="'train.fsdp' shards transformer families .* sdxl"):
-        refuse_unsupported(cfg, sdxl)
+        refuse_sharding(cfg, sdxl)
     for table, key, value, hint in (("model", "quantize", "int8", "model.quantize"),
                                     ("optimizer", "name", "prodigy", "optimizer.name"),
                                     ("train", "prior_mode", "online", "train.prior_mode")):
         other = configure(project()[0], **{table: {key: value}})
         with pytest.raises(UserError, match=f"'train.fsdp' works with {hint}"):
-            refuse_unsupported(other, flux)
+            refuse_sharding(other, flux)

@@ -1,7 +1,7 @@
 """Cache keys, weight fingerprints and the deterministic seed recipe.
 
 Every key is a digest of everything that changes the entry, so a stale entry is never found: it simply
-has another key. The recipes are documented in the README ("Cache layout") so a user can recompute them.
+has another key. The recipes are documented in docs/cache-format.md ("Keys") so a user can recompute them.
 """
 
 from __future__ import annotations

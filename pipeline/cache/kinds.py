@@ -20,7 +20,8 @@ from pipeline.cache.store import Entry, Store
 from pipeline.config import Config
 from pipeline.data import BadImage, prepare_image
 from pipeline.errors import UserError
-from pipeline.plan import BAD_IMAGE, TORCH_DTYPES, Plan, Sample
+from pipeline.plan import BAD_IMAGE, Plan, Sample
+from pipeline.settings import TORCH_DTYPES
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,9 +40,10 @@ def _holder(path: Path) -> str:
 UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def take(path: Path, exclusive: bool, refusal: str):
+def take(path: Path, exclusive: bool, refusal: str, job: str = ""):
     """Take the lock without waiting, or raise UserError(refusal + who holds it). A shared lock on a
-    folder where the lock file cannot be made: None (see the module's docstring)."""
+    folder where the lock file cannot be made: None (see the module's docstring). job: who takes it, for
+    another job's refusal (a job of several processes: rank 0 holds the lock for all of them)."""
     try:
         fh = open(path) if not exclusive and path.is_file() else _create(path)
     except OSError as e:
@@ -58,9 +61,7 @@ def take(path: Path, exclusive: bool, refusal: str):
     if exclusive:  # say who holds it, for the message another process will print
         fh.seek(0)
         fh.truncate()
-        from pipeline import dist  # a job of several processes: rank 0 holds the lock for all of them
-
-        fh.write(f"{dist.world().job()}: {' '.join(sys.argv)[:200]}")
+        fh.write(f"{job or f'pid {os.getpid()} on {socket.gethostname()}'}: {' '.join(sys.argv)[:200]}")
         fh.flush()
     return fh
 
@@ -71,17 +72,18 @@ def _create(path: Path):
 
 
 @contextlib.contextmanager
-def cache_lock(cache_dir: str | Path, mode: str) -> Iterator[None]:
-    """mode: "write" (cache stage), "delete" (prune, repair) or "read" (training)."""
+def cache_lock(cache_dir: str | Path, mode: str, job: str = "") -> Iterator[None]:
+    """mode: "write" (cache stage), "delete" (prune, repair) or "read" (training); job: who holds it
+    (processes.job(); "": this process)."""
     root = Path(cache_dir)
     write_lock, read_lock = root / ".lock-write", root / ".lock-read"
     busy = f"cache directory '{root}' is busy:"
     held = []
     try:
         if mode in ("write", "delete"):
-            held.append(take(write_lock, True, f"{busy} another cache run, prune or repair is writing it"))
+            held.append(take(write_lock, True, f"{busy} another cache run, prune or repair is writing it", job))
         if mode == "delete":
-            held.append(take(read_lock, True, f"{busy} a training run is reading it"))
+            held.append(take(read_lock, True, f"{busy} a training run is reading it", job))
         if mode == "read":
             # a cache run still writing may be computing entries this run needs: refuse rather than race
             writing = take(write_lock, False, f"{busy} a cache run is writing it")

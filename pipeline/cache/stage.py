@@ -9,7 +9,7 @@ not yet written, never part of one, and a rerun recomputes exactly the same chun
 composition, so the finished cache equals an uninterrupted run's bit for bit, however it was split
 into files. Ctrl-C writes the finished chunks first.
 
-Under a launcher (pipeline.dist), one job of several processes: rank 0 takes the lock and indexes the store,
+Under a launcher (pipeline/processes.py), one job of several processes: rank 0 takes the lock and indexes the store,
 and every rank gets from it the chunks still to do, cut exactly as with one process; rank r computes every
 N-th of them and writes its own segments. A barrier ends each phase (the prior phase reads the latents and
 texts other ranks wrote), after which every rank re-indexes the store. The chunks, and so the cache, are
@@ -23,11 +23,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from diffusers.training_utils import free_memory
 from tqdm import tqdm
 
-from pipeline import dist
 from pipeline.cache import owners
 from pipeline.cache.kinds import COMPUTED, Kind
 from pipeline.cache.lock import cache_lock
@@ -35,7 +33,9 @@ from pipeline.cache.store import Entry, Store, access_error, os_errno
 from pipeline.config import Config
 from pipeline.errors import UserError, note
 from pipeline.memory import say_estimate
-from pipeline.plan import Plan, open_plan, pick_device, prior_device
+from pipeline.plan import Plan, open_plan
+from pipeline.processes import OneProcess, start
+from pipeline.settings import processes_kind, resolve
 
 
 def ensure_embedded(cfg: Config) -> None:
@@ -66,8 +66,7 @@ class Phase:
     """One kind of entry for one run: which keys are needed, which are missing, and computing the chunks
     that hold missing ones."""
 
-    def __init__(self, kind: Kind, plan: Plan, store: Store, progress: bool, world: dist.World | None = None):
-        world = world or dist.world()
+    def __init__(self, kind: Kind, plan: Plan, store: Store, progress: bool, procs: OneProcess):
         self.kind, self.plan, self.store, self.progress = kind, plan, store, progress
         self.name = kind.store_kind(plan)
         self.needed = kind.jobs(plan, False)
@@ -78,8 +77,8 @@ class Phase:
             missing = sum(not store.has(self.name, k) for k in self.order)
             return missing, [i for i, c in enumerate(chunks) if any(not store.has(self.name, k) for k in c)]
 
-        self.missing, todo_chunks = world.from_main(todo)
-        self.chunks = [chunks[i] for i in todo_chunks[world.rank :: world.size]]  # this rank's share
+        self.missing, todo_chunks = procs.from_main(todo)
+        self.chunks = [chunks[i] for i in todo_chunks[procs.rank :: procs.size]]  # this rank's share
         self.computed = 0
 
     def run(self, device) -> None:
@@ -153,41 +152,37 @@ def run_cache(cfg: Config, progress: bool = True) -> dict:
     """Compute every missing cache entry the config needs. Returns the summary it prints.
     Refuses (UserError) while another cache run, prune or repair writes the same directory.
     Under a launcher, every rank runs this; each returns the same summary, with every rank's counts."""
-    with dist.session(cfg.cache.device, "cache.device", cfg.cache.rank_timeout_minutes,
-                      "cache.rank_timeout_minutes") as world:
-        with world.main_holds(lambda: cache_lock(cfg.cache.dir, "write")):  # one job, one lock
-            return _run_cache(cfg, progress and world.is_main, world)
+    with start(processes_kind(cfg, "cache"), cfg.cache.device, cfg.cache.rank_timeout_minutes,
+               "cache.rank_timeout_minutes") as procs:
+        with procs.main_holds(lambda: cache_lock(cfg.cache.dir, "write", procs.job())):  # one job, one lock
+            return _run_cache(cfg, progress and procs.is_main, procs)
 
 
-def _prior_device(cfg: Config, world: dist.World) -> torch.device:
-    wanted = prior_device(cfg)
-    return world.device if world.device is not None and world.device.type == wanted.type else wanted
-
-
-def _run_cache(cfg: Config, progress: bool, world: dist.World) -> dict:
-    start = time.perf_counter()
-    world.from_main(lambda: ensure_embedded(cfg))  # one rank builds; the others read what it built
-    plan, store = open_plan(cfg)
-    if world.is_main:
+def _run_cache(cfg: Config, progress: bool, procs: OneProcess) -> dict:
+    start_time = time.perf_counter()
+    procs.from_main(lambda: ensure_embedded(cfg))  # one rank builds; the others read what it built
+    settings = resolve(cfg, "cache")  # every refusal, before any model loads
+    plan, store = open_plan(cfg, settings)
+    if procs.is_main:
         owners.record(plan)  # before computing: what a run that is cut short wrote is claimed too
-    device = world.device or pick_device(cfg.cache.device)
-    say_estimate(cfg, _prior_device(cfg, world))
+    device = settings.stage_device(procs)
+    # the denoiser's outputs are keyed by the device type training runs on, so they are computed there
+    # (under a launcher, this rank's own device when it is of that type)
+    prior_device = settings.prior_device_of(procs)
+    say_estimate(cfg, prior_device)
     counts, mine = {}, {}
     for kind in COMPUTED:  # in order: the prior phase reads the latents, texts and noise computed before it
-        phase = Phase(kind, plan, store, progress, world)
-        # the denoiser's outputs are keyed by the device type training runs on, so they are computed there
-        # (under a launcher, this rank's own device when it is of that type)
-        phase.run(_prior_device(cfg, world) if kind.per_dtype else device)
-        if world.size > 1:
-            world.barrier(f"the {phase.name} phase")
+        phase = Phase(kind, plan, store, progress, procs)
+        phase.run(prior_device if kind.per_dtype else device)
+        if procs.size > 1:
+            procs.barrier(f"the {phase.name} phase")
             store.refresh()  # the other ranks' segments, the bad-image verdicts among them
         plan.drop_bad(store)  # images the latent phase found undecodable are left out of what follows
         counts.update({kind.counts[0]: phase.computed, kind.counts[1]: phase.reused})
         mine[kind.counts[0]] = phase.computed
-    if world.size > 1:
-        per_rank = world.gather(mine)
-        counts.update({k: sum(r[k] for r in per_rank) for k in mine})
-    if world.is_main:
+    per_rank = procs.gather(mine)
+    counts.update({k: sum(r[k] for r in per_rank) for k in mine})
+    if procs.is_main:
         owners.record(plan)  # again: with the verdicts on undecodable images found on the way
     summary = {
         "samples": len(plan.training),
@@ -202,9 +197,9 @@ def _run_cache(cfg: Config, progress: bool, world: dist.World) -> dict:
         # files that could not be read (damaged or foreign); their entries, if needed, were recomputed
         "unreadable_segments": [str(p) for p in store.unreadable],
         "skipped_images": plan.skipped,
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(time.perf_counter() - start_time, 2),
     }
-    if world.size > 1:  # what each rank computed (the totals above are their sums)
-        summary["ranks"] = [{"rank": r, "host": world.hosts[r], **c} for r, c in enumerate(per_rank)]
+    if procs.size > 1:  # what each rank computed (the totals above are their sums)
+        summary["ranks"] = [{"rank": r, "host": procs.hosts[r], **c} for r, c in enumerate(per_rank)]
     store.close()
     return summary

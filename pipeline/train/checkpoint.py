@@ -84,7 +84,7 @@ def save(out_dir: Path, state: TrainState, run, plan, data_fp: str, optimizer_st
             "config": json.loads(plan.cfg.portable_json()),
             "data": data_fp,
             "base_model": plan.denoiser_fp,
-            "world_size": run.world.size,
+            "world_size": run.procs.size,
         }
         save_file_or_oserror(tensors, tmp / "state.safetensors")
         (tmp / "state.json").write_text(json.dumps(saved))
@@ -175,23 +175,27 @@ def saved_state(path: Path) -> dict:
     return json.loads((path / "state.json").read_text())
 
 
-def restore(path: Path, run) -> TrainState:
-    """Load a checkpoint into the freshly built run (model, optimizer, schedule) and the global RNG. The
-    train stage has compared the configs first (check_same_run), before it built the run."""
-    saved = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "state.safetensors"))
+def restore_lora(path: Path, model: torch.nn.Module) -> None:
+    """The checkpoint's LoRA weights into the freshly built model (whole: before it is placed). The train
+    stage has compared the configs first (check_same_run), before it built the model."""
     try:
-        result = set_peft_model_state_dict(run.denoiser.module, load_file(str(path / "lora.safetensors")))
+        result = set_peft_model_state_dict(model, load_file(str(path / "lora.safetensors")))
     except RuntimeError as e:  # a checkpoint from before configs were recorded: peft's size mismatch
         raise UserError(f"checkpoint '{path}' does not fit this LoRA ({str(e).splitlines()[-1].strip()}): "
                         "set lora.* back as it was, or train without --resume to start over") from None
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"checkpoint '{path}' does not fit this LoRA (e.g. {result.unexpected_keys[0]}): "
                         "set lora.* back as it was, or train without --resume to start over")
-    run.optimizer.load_state_dict(_join(saved["optimizer"], tensors))
-    run.scheduler.load_state_dict(_join(saved["scheduler"], tensors))
+
+
+def restore_state(path: Path) -> tuple[TrainState, dict, dict]:
+    """The checkpoint's position in the run, its optimizer state (as one process holds it) and its
+    schedule's state, for the builders (train.setup) to load into what they build."""
+    saved = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
     # a checkpoint from before dropout was seeded per step holds RNG states ("rng"): nothing reads them now
-    return TrainState(saved["step"], run_id=saved.get("run_id") or TrainState().run_id, **saved["position"])
+    state = TrainState(saved["step"], run_id=saved.get("run_id") or TrainState().run_id, **saved["position"])
+    return state, _join(saved["optimizer"], tensors), _join(saved["scheduler"], tensors)
 
 
 def check_world(path: Path, cfg, size: int) -> str | None:

@@ -23,9 +23,9 @@ from pipeline.train import checkpoint
 
 
 @contextlib.contextmanager
-def output_lock(out_dir: Path) -> Iterator[None]:
+def output_lock(out_dir: Path, job: str = "") -> Iterator[None]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    fh = take(out_dir / ".lock", True, f"train.output_dir '{out_dir}' is in use by another training")
+    fh = take(out_dir / ".lock", True, f"train.output_dir '{out_dir}' is in use by another training", job)
     try:
         yield
     finally:

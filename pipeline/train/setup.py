@@ -1,63 +1,48 @@
-"""Everything a training run builds before its first step, in dependency order: the denoiser, its LoRA,
-the optimizer over the LoRA's parameters, and the learning-rate schedule over the run's length."""
+"""Everything a training run builds before its first step, in dependency order (torchtune's): the denoiser
+with its LoRA (a checkpoint's LoRA loaded into it, whole), placed by the process setup (DDP's wrapper, or
+FSDP's shards), then the optimizer over the parameters as they train, the learning-rate schedule over the
+run's length, and a checkpoint's optimizer and schedule state loaded into those. Nothing is rebuilt after
+placement."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from pipeline import dist, shard
 from pipeline.batches import Denoiser
 from pipeline.cache.store import Store
 from pipeline.errors import warn
 from pipeline.lora import add_lora, kohya_weights
-from pipeline.plan import TORCH_DTYPES, Plan
+from pipeline.plan import Plan
+from pipeline.processes import OneProcess
+from pipeline.settings import TORCH_DTYPES
 from pipeline.swap import load_denoiser, swap_blocks
+from pipeline.train import checkpoint
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.optim import build_optimizer, build_scheduler
+from pipeline.train.state import TrainState
 
 
 @dataclass
 class Run:
-    denoiser: Denoiser  # the frozen base with the LoRA, in train mode
-    params: list[torch.nn.Parameter]  # what trains (the LoRA's, float32)
+    denoiser: Denoiser  # the frozen base with the LoRA, in train mode: what saves, validates and renders
+    # the same model as its training forward runs it: under DDP through its wrapper, which every rank must
+    # enter together (a forward on one rank alone, a sample grid, uses `denoiser`); else `denoiser` itself
+    trained: Denoiser
+    params: list[torch.nn.Parameter]  # what trains (the LoRA's, float32; under FSDP their shards)
     optimizer: torch.optim.Optimizer
-    scheduler: object  # the lr schedule (a torch LRScheduler)
+    scheduler: object  # the lr schedule (a torch LRScheduler; ours, not accelerate's, which would step per process)
     shapes: dict[str, tuple]  # latent key -> shape, read from the cache once per run
     steps_per_epoch: int  # optimizer steps
     total_steps: int
-    world: dist.World = field(default_factory=dist.World)  # the processes training together (one: no wrapper)
-    trained: Denoiser | None = None  # under a launcher: the model as DDP/FSDP wraps it, for the training forward
-
-    def prepare(self, world: dist.World, plan: Plan) -> None:
-        """Under a launcher: hand the model and the optimizer to accelerate's DDP, or under FSDP shard the
-        model in place (pipeline.shard) and rebuild the optimizer and schedule over the shards, with the state
-        they had (fresh, or a checkpoint's). Under DDP everything but the training forward keeps using the
-        unwrapped model: a forward on one rank alone (a sample grid) must not go through a wrapper that
-        expects every rank (under FSDP every forward is every rank's). The scheduler stays ours: accelerate's
-        would step once per process."""
-        self.world = world
-        if world.fsdp:
-            model, full, schedule = self.denoiser.module, self.optimizer.state_dict(), self.scheduler.state_dict()
-            shard.shard(model, swap_blocks(model, plan.family), world.mesh)
-            self.params = [p for p in model.parameters() if p.requires_grad]  # now their shards, in the same order
-            self.optimizer = build_optimizer(self.params, plan.cfg.optimizer, self.denoiser.device)
-            # the schedule first: building one sets each group's lr to its step-0 value, which the optimizer's
-            # saved state then replaces with the lr of the step the run is at
-            self.scheduler = build_scheduler(self.optimizer, plan.cfg.optimizer, self.total_steps)
-            self.optimizer.load_state_dict(shard.sharded_optimizer_state(full, self.params))
-            self.scheduler.load_state_dict(schedule)
-            self.trained = self.denoiser
-        elif world.size > 1:
-            model, self.optimizer = world.accelerator.prepare(self.denoiser.module, self.optimizer)
-            self.trained = Denoiser(model, self.denoiser.device, self.denoiser.dtype)
-            self.params = [p for p in model.parameters() if p.requires_grad]
+    procs: OneProcess  # the processes training together
 
     def optimizer_state(self) -> dict:
         """The optimizer's state as one process holds it (under FSDP gathered: every rank calls this)."""
-        return shard.full_optimizer_state(self.optimizer) if self.world.fsdp else self.optimizer.state_dict()
+        return self.procs.optimizer_state(self.optimizer)
 
 
 def prepare_model(model: torch.nn.Module, cfg, family, checks: bool = True) -> list[torch.nn.Parameter]:
@@ -78,29 +63,46 @@ def prepare_model(model: torch.nn.Module, cfg, family, checks: bool = True) -> l
 
 
 def build_denoiser(plan: Plan, device: torch.device, checks: bool = True,
-                   sharded: bool = False) -> tuple[Denoiser, list]:
+                   place: bool = True) -> tuple[Denoiser, list]:
     """The denoiser as training holds it: loaded (quantized with model.quantize), the LoRA added with B = 0,
     gradient checkpointing as configured, placed with train.blocks_to_swap blocks swapped, in train mode.
     The cache stage computes priors on this same model, so a prior is the training forward's step-0 output
     whatever the backend's kernels do in each mode. Returns it with the LoRA's parameters.
-    sharded: left on the CPU, unswapped, for Run.prepare to shard onto `device` (FSDP)."""
+    place: false leaves it on the CPU, unswapped, for the process setup to place on `device` (FSDP shards
+    it from there)."""
     cfg, t = plan.cfg, plan.cfg.train
     dtype = TORCH_DTYPES[t.dtype]
     found: list[torch.nn.Parameter] = []
     # before the model is placed: the LoRA goes where its block's weights go
     prepare = lambda model: found.extend(prepare_model(model, cfg, plan.family, checks))  # noqa: E731
-    model, swap = load_denoiser(plan.family, torch.device("cpu") if sharded else device, dtype,
-                                0 if sharded else t.blocks_to_swap, prepare)
+    model, swap = load_denoiser(plan.family, device if place else torch.device("cpu"), dtype,
+                                t.blocks_to_swap if place else 0, prepare)
     model.train()
     return Denoiser(model, device, dtype, swap), found
 
 
-def setup(plan: Plan, store: Store, device: torch.device, sharded: bool = False) -> Run:
+def setup(plan: Plan, store: Store, device: torch.device, procs: OneProcess,
+          resume_from: Path | None = None) -> tuple[Run, TrainState]:
+    """The run, and where it starts: a fresh TrainState, or with `resume_from` the checkpoint's, its LoRA,
+    optimizer and schedule state loaded into what is built here."""
     cfg, t = plan.cfg, plan.cfg.train
-    denoiser, params = build_denoiser(plan, device, sharded=sharded)
-    optimizer = build_optimizer(params, cfg.optimizer, device)
+    torch.manual_seed(t.seed)  # the LoRA's initial weights: the same on every rank
+    denoiser, _ = build_denoiser(plan, device, place=not procs.places_weights)
+    state, saved = TrainState(), None
+    if resume_from is not None:
+        checkpoint.restore_lora(resume_from, denoiser.module)  # into the whole model, before it is placed
+        state, *saved = checkpoint.restore_state(resume_from)
+    model = procs.place(denoiser.module, swap_blocks(denoiser.module, plan.family))
+    trained = denoiser if model is denoiser.module else Denoiser(model, device, denoiser.dtype)
+    params = [p for p in model.parameters() if p.requires_grad]  # as they train: under FSDP their shards
+    optimizer = procs.prepare_optimizer(build_optimizer(params, cfg.optimizer, device))
     shapes = {s.latent_keys[0]: store.shape("latent", s.latent_keys[0], "latent") for s in plan.samples}
     steps_per_epoch = math.ceil(len(epoch_batches(plan, shapes, 0)) / t.gradient_accumulation)
     total = t.max_steps or t.epochs * steps_per_epoch
+    # the schedule before the saved state: building one sets each group's lr to its step-0 value, which the
+    # optimizer's saved state then replaces with the lr of the step the run is at
     scheduler = build_scheduler(optimizer, cfg.optimizer, total)
-    return Run(denoiser, params, optimizer, scheduler, shapes, steps_per_epoch, total)
+    if saved:
+        procs.load_optimizer_state(optimizer, saved[0], params)
+        scheduler.load_state_dict(saved[1])
+    return Run(denoiser, trained, params, optimizer, scheduler, shapes, steps_per_epoch, total, procs), state

@@ -5,7 +5,7 @@ The loop: setup (train.setup) builds the run, each optimizer step is train.step.
 record goes to the sinks (train.sinks), validation runs at chosen steps (train.validation), and a
 checkpoint of the TrainState is written every train.checkpoint_every steps (train.checkpoint).
 
-Under a launcher (pipeline.dist) every rank runs this loop over the same global batches (epoch_batches is a
+Under a launcher (pipeline/processes.py) every rank runs this loop over the same global batches (epoch_batches is a
 pure function of seed and epoch) and takes its share of each (train.step); rank 0 alone writes: the LoRA,
 checkpoints, metrics (gathered from every rank, so they read as one process's) and sample grids."""
 
@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline import dist, shard
 from pipeline.cache.kinds import check_complete
 from pipeline.cache.lock import cache_lock
 from pipeline.config import Config, check_output_dir
 from pipeline.errors import Interrupted, UserError, note, warn
 from pipeline.lora import save_run_lora
 from pipeline.memory import say_estimate
-from pipeline.plan import open_plan, pick_device
+from pipeline.plan import open_plan
+from pipeline.processes import OneProcess, start
+from pipeline.settings import Settings, resolve
 from pipeline.train import checkpoint
 from pipeline.train.outdir import check_fresh_start, output_lock
 from pipeline.train.epochs import epoch_batches
@@ -51,11 +52,12 @@ def train_lora(cfg: Config, progress: bool = True, resume: bool = False,
     if resume and overwrite:
         raise UserError("--resume goes on with the run in train.output_dir and --overwrite replaces it: give one")
     check_output_dir(cfg)
-    with dist.session(cfg.train.device, "train.device", fsdp=cfg.train.fsdp) as world:
+    settings = resolve(cfg, "train")  # every refusal, before any process group, model or cache work
+    with start(settings.processes, cfg.train.device) as procs:
         # rank 0 holds the locks for the whole job; a refusal is raised on every rank alike
-        with world.main_holds(lambda: cache_lock(cfg.cache.dir, "read")), \
-                world.main_holds(lambda: output_lock(Path(cfg.train.output_dir))):
-            return _train_lora(cfg, progress and world.is_main, resume, overwrite, world)
+        with procs.main_holds(lambda: cache_lock(cfg.cache.dir, "read", procs.job())), \
+                procs.main_holds(lambda: output_lock(Path(cfg.train.output_dir), procs.job())):
+            return _train_lora(settings, progress and procs.is_main, resume, overwrite, procs)
 
 
 def _non_finite(e: NonFinite, out_dir: Path) -> str:
@@ -84,52 +86,44 @@ def _last_checkpoint(out_dir: Path) -> str:
             else "there is no checkpoint (train.checkpoint_every)")
 
 
-def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool,
-                world: dist.World) -> tuple[torch.nn.Module, dict]:
-    start = time.perf_counter()
-    plan, store = open_plan(cfg)
+def _train_lora(settings: Settings, progress: bool, resume: bool, overwrite: bool,
+                procs: OneProcess) -> tuple[torch.nn.Module, dict]:
+    start_time = time.perf_counter()
+    cfg = settings.cfg
+    plan, store = open_plan(cfg, settings)
     check_complete(plan, store)
     t = cfg.train
     out_dir = Path(t.output_dir)
     data_fp = plan.data_fp()
-    _same_on_every_rank(world, cfg, plan, data_fp)
+    _same_on_every_rank(procs, cfg, plan, data_fp)
     # refusals before the model is loaded; rank 0's view of the output folder decides for every rank
     if resume:
-        found = world.from_main(lambda: _resume_point(cfg, plan, data_fp, out_dir, world.size))
+        found = procs.from_main(lambda: _resume_point(cfg, plan, data_fp, out_dir, procs.size))
     else:
-        found = world.from_main(lambda: check_fresh_start(out_dir, cfg, plan, data_fp, overwrite))
-    device = world.device or pick_device(t.device)
-    _say_sharding(world, cfg, plan)
+        found = procs.from_main(lambda: check_fresh_start(out_dir, cfg, plan, data_fp, overwrite))
+    device = settings.stage_device(procs)
     # builds no VAE or text encoder, not even on the meta device; under FSDP, one rank's share
-    say_estimate(cfg, device, cache=False, shards=world.size if world.fsdp else 1)
+    say_estimate(cfg, device, cache=False, shards=procs.shards)
     practice_warnings(plan)
-
-    def build():
-        torch.manual_seed(t.seed)  # the LoRA's initial weights: the same on every rank
-        run = setup(plan, store, device, sharded=world.fsdp)
-        state = checkpoint.restore(found, run) if found else TrainState()  # into the whole model, then sharded
-        run.prepare(world, plan)
-        return run, state
-
-    if world.fsdp:
-        world.mesh = shard.mesh(world.size, device)
-    run, state = world.one_by_one(build, "loading the denoiser")
+    # the run built in dependency order, a checkpoint's state loaded into it (under FSDP the ranks of a
+    # machine take turns, so that it holds one unsharded copy at a time)
+    run, state = procs.one_by_one(lambda: setup(plan, store, device, procs, found), "loading the denoiser")
     batch_size_warning(epoch_batches(plan, run.shapes, 0), t.batch_size)
-    state.run_id = world.broadcast(state.run_id)  # a fresh run's id: rank 0's
+    state.run_id = procs.broadcast(state.run_id)  # a fresh run's id: rank 0's
     resumed_at = state.step if resume else None
     window = summary_window(run.steps_per_epoch)
-    jsonl = JsonlSink(out_dir, resumed_at, Validator.enabled(plan)) if world.is_main else None
+    jsonl = JsonlSink(out_dir, resumed_at, Validator.enabled(plan)) if procs.is_main else None
     sinks = Sinks([jsonl, ProgressSink(run.total_steps, state.step, progress, window, jsonl.kept)]
-                  + ([TensorBoardSink(out_dir)] if t.tensorboard else []) if world.is_main else [])
-    validator = Validator(plan, store, run.denoiser, out_dir, sinks, world)
+                  + ([TensorBoardSink(out_dir)] if t.tensorboard else []) if procs.is_main else [])
+    validator = Validator(plan, store, run.denoiser, out_dir, sinks, procs)
     model = run.denoiser.module
     lora_path = out_dir / t.lora_name
     try:
-        _loop(run, plan, store, state, sinks, validator, data_fp, world)
-        with world.whole_lora(model):  # under FSDP, every rank gathers the LoRA; rank 0 writes
-            if world.is_main:
+        _loop(run, plan, store, state, sinks, validator, data_fp)
+        with procs.whole_lora(model):  # under FSDP, every rank gathers the LoRA; rank 0 writes
+            if procs.is_main:
                 save_run_lora(lora_path, model, plan, state.step)  # first: everything after it is optional
-        world.barrier("the LoRA's save", "the checkpoints, if any, are kept (--resume goes on from the newest)")
+        procs.barrier("the LoRA's save", "the checkpoints, if any, are kept (--resume goes on from the newest)")
     except BaseException as e:
         sinks.close(quiet=True)  # an error is on its way: a failed last metrics write must not replace it
         if isinstance(e, NonFinite):
@@ -142,7 +136,7 @@ def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool,
         try:
             validator.run(state.step)  # the end (skipped when the last step was just validated); every rank
             store.close()
-            if not world.is_main:
+            if not procs.is_main:
                 return model, {}
             sinks.close()
             from pipeline.plot import plot_run  # matplotlib only here
@@ -171,12 +165,11 @@ def _train_lora(cfg: Config, progress: bool, resume: bool, overwrite: bool,
         "lora": str(lora_path),
         "metrics": str(jsonl.metrics_path),
         "plot": str(plot) if plot else None,
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(time.perf_counter() - start_time, 2),
     }
 
 
-def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validator, data_fp: str,
-          world: dist.World) -> None:
+def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validator, data_fp: str) -> None:
     """The optimizer steps from `state` to the run's end, with validation and checkpoints between them."""
     cfg, t = plan.cfg, plan.cfg.train
     first_step = state.step
@@ -197,43 +190,28 @@ def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validato
             if cfg.validation.every and state.step % cfg.validation.every == 0:
                 validator.run(state.step)
             if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < run.total_steps:
-                with world.whole_lora(run.denoiser.module):  # under FSDP every rank gathers; rank 0 writes
+                with run.procs.whole_lora(run.denoiser.module):  # under FSDP every rank gathers; rank 0 writes
                     optimizer_state = run.optimizer_state()
-                    if world.is_main:
+                    if run.procs.is_main:
                         checkpoint.save(Path(t.output_dir), state, run, plan, data_fp, optimizer_state)
         state.epoch, state.next_batch = state.epoch + 1, 0
 
 
-def _say_sharding(world: dist.World, cfg: Config, plan) -> None:
-    """Under FSDP, refuse what it does not take; say what train.fsdp does where it does nothing."""
-    if world.fsdp:
-        shard.refuse_unsupported(cfg, plan.family)
-        if not cfg.train.fsdp:
-            note("train: the accelerate config's distributed_type FSDP is taken as train.fsdp = true: each "
-                 "transformer block one FSDP2 unit (its fsdp_* settings are not used)")
-        if cfg.train.blocks_to_swap:
-            note(f"train: sharded (train.fsdp) across {world.size} processes, so train.blocks_to_swap = "
-                 f"{cfg.train.blocks_to_swap} is for the cache stage's prior forward only")
-    elif cfg.train.fsdp:
-        note("train: train.fsdp = true shards the denoiser across the processes of a launcher; with one process "
-             "there is nothing to shard over, so it trains unsharded")
-
-
-def _same_on_every_rank(world: dist.World, cfg: Config, plan, data_fp: str) -> None:
+def _same_on_every_rank(procs: OneProcess, cfg: Config, plan, data_fp: str) -> None:
     """Refuse, on every rank, a job whose processes would train different runs (another config file or data
     on one machine): the keys that change results, the data and the base model, compared with rank 0's."""
-    if world.size == 1:
+    if procs.size == 1:
         return
-    every = world.gather({"config": json.loads(cfg.portable_json()), "data": data_fp, "base_model": plan.denoiser_fp})
+    every = procs.gather({"config": json.loads(cfg.portable_json()), "data": data_fp, "base_model": plan.denoiser_fp})
 
     def check() -> None:
         for rank, theirs in enumerate(every):
             differ = checkpoint.changes(theirs, cfg, plan, data_fp)
             if differ:
-                raise UserError(f"{world.where(rank)} would train another run than rank 0 ({'; '.join(differ)}; "
+                raise UserError(f"{procs.where(rank)} would train another run than rank 0 ({'; '.join(differ)}; "
                                 "its value -> rank 0's): give every process the same config file and data")
 
-    world.from_main(check)
+    procs.from_main(check)
 
 
 def _resume_point(cfg: Config, plan, data_fp: str, out_dir: Path, world_size: int = 1) -> Path:

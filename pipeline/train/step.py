@@ -13,7 +13,6 @@ from pipeline.batches import Denoiser, Inputs, forward, load_inputs
 from pipeline.cache.keys import derive_seed
 from pipeline.cache.store import Store
 from pipeline.draws import fresh_seeds
-from pipeline.errors import UserError
 from pipeline.lora import target_key
 from pipeline.objective import per_sample_mse
 from pipeline.plan import Plan, Sample
@@ -52,34 +51,27 @@ def targets(plan: Plan, store: Store, denoiser: Denoiser, batch: list[tuple[Samp
     return target
 
 
-def train_step(plan: Plan, store: Store, denoiser: Denoiser, batch: list[tuple[Sample, int]], prior_mode: str,
-               loss_scale: float = 1.0, step: int = 0, first: int = 0, trained: Denoiser | None = None,
-               summed: bool = False) -> dict:
-    """Forward and backward for one batch of (sample, variant) items (the optimizer steps in optimizer_step);
-    returns its losses. Standard samples draw fresh noise and timesteps, seeded by (train seed, `step`,
-    position in the step's batches, counted from `first`); prior samples use their variant's cached draw.
-    The backward is of loss_scale times the batch's mean loss (summed: its sum, for a rank's share of a
-    batch). `trained`: the forward that trains, when a wrapper (DDP) must see it; else `denoiser`."""
+def train_step(plan: Plan, store: Store, run, batch: list[tuple[Sample, int]], prior_mode: str, step: int,
+               first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of one batch of (sample, variant) items: its per-sample losses (weighted; the backward is
+    the caller's) and its timesteps. Standard samples draw fresh noise and timesteps, seeded by (train seed,
+    `step`, position in the step's batches: `first` is the batch's first); prior samples use their variant's
+    cached draw. `run` is what train.setup built: its `trained` model runs the forward."""
     fresh = [None if s.prior else fresh_seeds(plan.cfg, step, first + i) for i, (s, _) in enumerate(batch)]
     inputs = load_inputs(plan, store, batch, fresh)
-    target = targets(plan, store, denoiser, batch, inputs, prior_mode)
-    pred = forward(plan.family, trained or denoiser, inputs)
-    is_prior = torch.tensor([s.prior for s, _ in batch])
+    target = targets(plan, store, run.denoiser, batch, inputs, prior_mode)
+    pred = forward(plan.family, run.trained, inputs)
     weights = torch.tensor([s.loss_weight for s, _ in batch]) * plan.family.loss_weights(plan.cfg.train,
                                                                                          inputs.timesteps, inputs.sigmas)
-    losses = per_sample_mse(pred, target.to(pred.device)) * weights.to(pred.device)
-    loss = losses.mean()
-    ((losses.sum() if summed else loss) * loss_scale).backward()
-    losses = losses.detach().cpu()
-    return batch_record(inputs.timesteps.float().tolist(), losses.tolist(), is_prior.tolist(), float(loss.detach()))
+    return per_sample_mse(pred, target.to(pred.device)) * weights.to(pred.device), inputs.timesteps
 
 
-def batch_record(timesteps: list[float], losses: list[float], is_prior: list[bool], loss: float | None = None) -> dict:
-    """One batch's losses from its per-sample values (in float32, as computed); `loss`: their mean, if known."""
+def batch_record(timesteps: list[float], losses: list[float], is_prior: list[bool]) -> dict:
+    """One batch's losses from its per-sample values (in float32, as computed)."""
     values, prior = torch.tensor(losses, dtype=torch.float32), torch.tensor(is_prior, dtype=torch.bool)
     group = lambda mask: float(values[mask].mean()) if mask.any() else None  # noqa: E731
     return {
-        "loss": float(values.mean()) if loss is None else loss,
+        "loss": float(values.mean()),
         "loss_standard": group(~prior),
         "loss_prior": group(prior),
         "n_standard": int((~prior).sum()),
@@ -90,63 +82,42 @@ def batch_record(timesteps: list[float], losses: list[float], is_prior: list[boo
     }
 
 
-def _shared_step(run, plan: Plan, store: Store, group, starts: list[int], step: int, mode: str) -> list[dict]:
-    """Forward and backward of a group of batches across the ranks: each takes its contiguous share of every
-    batch, scaled so that DDP's mean of the ranks' gradients is one process's gradient of the whole batch,
-    and gradients are all-reduced on the last batch only. A rank whose share of a batch is empty runs one
-    sample at weight zero: every rank must take part in each all-reduce. Returns each batch's record as one
-    process would have it, from every rank's per-sample losses."""
-    world, mine = run.world, []
-    for j, (batch, first) in enumerate(zip(group, starts)):
-        lo, hi = world.slice(len(batch))
-        share = batch[lo:hi]
-        scale = world.size / (len(batch) * len(group)) if share else 0.0
-        with world.no_sync(run.trained.module, last=j == len(group) - 1):
-            r = train_step(plan, store, run.denoiser, share or batch[:1], mode, scale, step, first + lo,
-                           trained=run.trained, summed=True)
-        mine.append((r["per_sample"], r["is_prior"]) if share else ([], []))
-    records = []
-    for j, parts in enumerate(zip(*world.gather(mine))):  # per batch: every rank's share, in rank order
-        samples = [p for per_sample, _ in parts for p in per_sample]
-        prior = [x for _, is_prior in parts for x in is_prior]
-        records.append(batch_record([t for t, _ in samples], [v for _, v in samples], prior))
-    return records
-
-
-def check_gradients(run, targets_key: str) -> None:
-    """Refuse, on every rank alike, LoRA layers that got no gradient (their forward skips them here): DDP
-    would wait for their gradients forever. One process trains on without them, as it always did."""
-    missing = [n for n, p in run.denoiser.module.named_parameters() if p.requires_grad and p.grad is None]
-    missing = sorted({n for names in run.world.gather(missing) for n in names})
-    if missing:
-        name = missing[0]
-        layer = name.split(".lora_")[0] if ".lora_" in name else name.rsplit(".", 1)[0]  # the layer, not its tensor
-        raise UserError(f"config key '{targets_key}': the LoRA on '{layer}' gets no gradient (this model's forward "
-                        f"does not use that layer; {len(missing)} such parameters), and with several processes DDP "
-                        "would wait for it forever: leave it out (lora.target_modules or lora.target_regex)")
-
-
 def optimizer_step(run, plan: Plan, store: Store, group: list[list[tuple[Sample, int]]], step: int,
                    prior_mode: str | None = None, check: bool = False) -> dict:
     """Optimizer step number `step` on a group of batches (gradient accumulation): forward and backward for
     each, then clip, step, advance the schedule and clear the gradients. `run` is what train.setup built.
-    Under a launcher the ranks share the group (_shared_step); `check`: refuse layers without a gradient
-    first (the first step a run takes). Returns the step's record for the metrics (without step/epoch)."""
+    Under a launcher each rank takes its contiguous share of every batch, and the process setup scales its
+    backward so that the ranks' gradients add up to one process's (run.procs); `check`: refuse layers without
+    a gradient first (the first step a run takes). Returns the step's record for the metrics (without
+    step/epoch), every rank's samples in it, as one process would have it."""
     t0, lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
     mode = prior_mode or plan.cfg.train.prior_mode
+    procs = run.procs
     # LoRA dropout draws from the global RNG: seeded by (seed, step, rank), so a resumed run draws what an
     # uninterrupted one would without any saved RNG state
-    torch.manual_seed(derive_seed("dropout", plan.cfg.train.seed, step, run.world.rank))
-    starts = [sum(len(b) for b in group[:i]) for i in range(len(group))]
-    if run.world.size == 1:
-        record = merge([train_step(plan, store, run.denoiser, b, mode, 1 / len(group), step, first)
-                        for b, first in zip(group, starts)])
-    else:
-        record = merge(_shared_step(run, plan, store, group, starts, step, mode))
-        if check:
-            check_gradients(run, target_key(plan.cfg.lora))
+    torch.manual_seed(derive_seed("dropout", plan.cfg.train.seed, step, procs.rank))
+    mine, first = [], 0
+    for j, batch in enumerate(group):
+        lo, hi = procs.slice(len(batch))
+        share = batch[lo:hi]
+        # a rank whose share is empty runs one sample at weight zero: every rank takes part in each all-reduce
+        with procs.no_sync(run.trained.module, last=j == len(group) - 1):
+            losses, timesteps = train_step(plan, store, run, share or batch[:1], mode, step, first + lo)
+            procs.backward_loss(losses, len(batch), len(group), empty=not share).backward()
+        losses = losses.detach().cpu()
+        mine.append((list(zip(timesteps.float().tolist(), losses.tolist())), [s.prior for s, _ in share])
+                    if share else ([], []))
+        first += len(batch)
+    if check:
+        procs.check_gradients(run.denoiser.module, target_key(plan.cfg.lora))
+    records = []
+    for parts in zip(*procs.gather(mine)):  # per batch: every rank's share, in rank order
+        samples = [p for per_sample, _ in parts for p in per_sample]
+        prior = [x for _, is_prior in parts for x in is_prior]
+        records.append(batch_record([t for t, _ in samples], [v for _, v in samples], prior))
+    record = merge(records)
     max_norm = plan.cfg.optimizer.max_grad_norm
-    norm = run.world.clip_grad_norm(run.params, max_norm) if max_norm > 0 else None
+    norm = procs.clip_grad_norm(run.params, max_norm) if max_norm > 0 else None
     if not math.isfinite(record["loss"]) or (norm is not None and not math.isfinite(norm)):
         # before the optimizer step: the weights stay those of the last good step
         what = f"loss {record['loss']}" if not math.isfinite(record["loss"]) else f"gradient norm {norm}"

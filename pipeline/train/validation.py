@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import free_memory
 
-from pipeline import dist
 from pipeline.batches import Denoiser, forward, load_inputs
 from pipeline.cache.store import Store
 from pipeline.families.base import render_cached
 from pipeline.objective import per_sample_mse
 from pipeline.plan import Plan
+from pipeline.processes import OneProcess
 from pipeline.atomic import replacing
 from pipeline.train.step import targets
 
@@ -30,9 +30,8 @@ from pipeline.train.step import targets
 class Validator:
     """Held-out scores and sample grids at chosen steps, each validation's record to the run's sinks."""
 
-    def __init__(self, plan: Plan, store: Store, denoiser: Denoiser, out_dir: Path, sinks, world: dist.World | None = None):
-        self.plan, self.store, self.denoiser, self.sinks = plan, store, denoiser, sinks
-        self.world = world or dist.world()
+    def __init__(self, plan: Plan, store: Store, denoiser: Denoiser, out_dir: Path, sinks, procs: OneProcess):
+        self.plan, self.store, self.denoiser, self.sinks, self.procs = plan, store, denoiser, sinks, procs
         self.samples_dir = out_dir / "samples"
         self.done: set[int] = set()
         self.last: dict = {}
@@ -45,12 +44,12 @@ class Validator:
         if not self.enabled(self.plan) or step in self.done:
             return
         self.done.add(step)
-        record = {"step": step, **held_out_scores(self.plan, self.store, self.denoiser, self.plan.cfg.train.prior_mode,
-                                                  self.world)}
+        record = {"step": step, **held_out_scores(self.plan, self.store, self.denoiser, self.procs,
+                                                  self.plan.cfg.train.prior_mode)}
         # the grid on rank 0 alone (the unwrapped model: no collective), the others going on to the next step;
         # under FSDP each forward is a collective, so every rank renders it and rank 0 saves it
-        images = render_prompts(self.plan, self.store, self.denoiser) if self.world.is_main or self.world.fsdp else []
-        if images and self.world.is_main:
+        images = render_prompts(self.plan, self.store, self.denoiser) if self.procs.renders else []
+        if images and self.procs.is_main:
             labels = [f"step {step}: {p}" for p in self.plan.cfg.validation.prompts]
             record["samples"] = str(save_grid(images, self.samples_dir / f"step-{step:06d}.png", labels=labels))
         self.sinks.validation(record)
@@ -58,15 +57,14 @@ class Validator:
 
 
 @torch.no_grad()
-def held_out_scores(plan: Plan, store: Store, denoiser: Denoiser, prior_mode: str = "cached",
-                    world: dist.World | None = None) -> dict:
+def held_out_scores(plan: Plan, store: Store, denoiser: Denoiser, procs: OneProcess,
+                    prior_mode: str = "cached") -> dict:
     """Validation loss (held-out standard images) and prior drift (held-out prior images), each averaged over
     every cached variant; None where the config has no such images. Leaves the model in train mode. Under a
     launcher the ranks share the batches and every rank gets the scores one process would compute."""
     held = plan.held_out
     if not held:
         return {}
-    world = world or dist.world()
     model = denoiser.module
     model.eval()  # LoRA dropout off: the score must be deterministic
     size = plan.cfg.train.batch_size
@@ -77,16 +75,14 @@ def held_out_scores(plan: Plan, store: Store, denoiser: Denoiser, prior_mode: st
             by_shape.setdefault(store.shape("latent", s.latent_keys[v], "latent"), []).append(s)
         batches += [[(s, v) for s in group[i : i + size]] for group in by_shape.values() for i in range(0, len(group), size)]
     mine = {}
-    # under FSDP each forward is a collective, so every rank runs as many: one with a short share repeats a batch
-    end = -(-len(batches) // world.size) * world.size if world.fsdp else len(batches)
-    for j in range(world.rank, end, world.size):
+    for j in procs.turns(len(batches)):  # this rank's batches (under FSDP a short share repeats the last)
         items = batches[min(j, len(batches) - 1)]
         inputs = load_inputs(plan, store, items)  # the cached draws: a score must not move by chance
         target = targets(plan, store, denoiser, items, inputs, prior_mode)
         pred = forward(plan.family, denoiser, inputs)
         if j < len(batches):
             mine[j] = per_sample_mse(pred, target.to(pred.device)).cpu().tolist()
-    done = {j: v for part in world.gather(mine) for j, v in part.items()}
+    done = {j: v for part in procs.gather(mine) for j, v in part.items()}
     losses: dict[bool, list[float]] = {False: [], True: []}
     for j, items in enumerate(batches):  # in one process's order, so the means are its to the last bit
         for (s, _), loss in zip(items, done[j]):
