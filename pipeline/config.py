@@ -316,6 +316,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key 'lora.target_regex' is not a valid regular expression: {e}") from None
     _choice(cfg.data.on_bad_image, ("skip", "fail"), "data.on_bad_image")
     _choice(cfg.cache.timestep_sampling, ("auto", "uniform", "logit_normal", "mode"), "cache.timestep_sampling")
+    if cfg.cache.shift and cfg.cache.dynamic_shift:
+        raise UserError("config keys 'cache.shift' and 'cache.dynamic_shift' exclude each other: set one")
     if not cfg.concepts:
         raise UserError("config needs at least one [[concepts]] table")
     for i, c in enumerate(cfg.concepts):

@@ -16,7 +16,6 @@ import torch
 
 from pipeline.cache.keys import derive_seed
 from pipeline.config import Config
-from pipeline.errors import UserError
 from pipeline.objective import draw_noise, draw_timestep_index
 
 
@@ -47,12 +46,8 @@ class Draws:
     def __init__(self, cfg: Config, family):
         self.cfg, self.family = cfg, family
         self.scheme = timestep_scheme(cfg, family)
-        c = cfg.cache
-        if c.shift and c.dynamic_shift:
-            raise UserError("config keys 'cache.shift' and 'cache.dynamic_shift' exclude each other: set one")
+        # settings.resolve has refused a shift for a family without a shifted table, config.py both at once
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        if c.shift or c.dynamic_shift:
-            self.table((2, 2))  # at plan time: a family without a shifted table refuses the key now
 
     def table(self, latent_hw: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Training timesteps and their sigmas for latents of this (height, width); the size matters only

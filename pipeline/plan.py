@@ -200,7 +200,7 @@ def make_plan(cfg: Config, settings: Settings | None = None) -> Plan:
     c, d = cfg.cache, cfg.data
     timestep_settings = [draw_settings(cfg, family), family.timestep_spec()]
     enc = cfg.model.encoder_dtype
-    plan = Plan(cfg, family, [], vae_fp, text_fp, denoiser_fp, [], settings.draws, numerics=settings.numerics)
+    plan = Plan(cfg, family, [], vae_fp, text_fp, denoiser_fp, [], Draws(cfg, family), numerics=settings.numerics)
     sizes = buckets(d.resolution, family.pixel_multiple, d.buckets)
 
     def chance(what: str, content: str, v: int) -> float:

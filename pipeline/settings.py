@@ -1,6 +1,5 @@
 """Resolve and refuse once: `resolve` turns a config and its model family into the settings every stage
-runs with (devices, dtypes, the numerics a prior is keyed by, the timestep and noise recipe, the process
-setup, the family's defaults), and holds every refusal that combines keys, or a key with the family or
+runs with (devices, dtypes, the numerics a prior is keyed by, the process setup, the family with its defaults), and holds every refusal that combines keys, or a key with the family or
 the machine. It runs first in every command, before any model loads and before any cache work, so each
 refusal is one line within the first seconds.
 
@@ -19,7 +18,6 @@ import torch
 
 from pipeline import quantize
 from pipeline.config import Config
-from pipeline.draws import Draws
 from pipeline.errors import UserError, note
 from pipeline.families import get_family
 from pipeline.families.base import Family
@@ -46,7 +44,6 @@ def prior_device(cfg: Config) -> torch.device:
 class Settings:
     cfg: Config
     family: Family
-    draws: Draws  # the timestep (shifted as configured) and noise recipe
     numerics: dict  # what else decides the denoiser's output (pipeline/quantize.py): part of the prior key
     processes: str  # "one", "ddp" (several processes, each the whole model) or "fsdp" (sharded)
     device: torch.device  # the stage's device in one process (under a launcher, each rank's own)
@@ -73,7 +70,7 @@ def resolve(cfg: Config, stage: str = "other") -> Settings:
     _refuse(cfg, family, processes)
     device = pick_device(cfg.cache.device if stage == "cache" else cfg.train.device)
     return Settings(
-        cfg=cfg, family=family, draws=Draws(cfg, family),  # a family without a shifted table refuses cache.shift here
+        cfg=cfg, family=family,
         numerics=quantize.numerics(cfg.model.quantize, pick_device(cfg.train.device).type),
         processes=processes, device=device, prior_device=prior_device(cfg),
         dtype=TORCH_DTYPES[cfg.train.dtype], encoder_dtype=TORCH_DTYPES[cfg.model.encoder_dtype],
@@ -111,6 +108,8 @@ def _refuse(cfg: Config, family: Family, processes: str) -> None:
     t = cfg.train
     if cfg.data.resolution % family.pixel_multiple:
         raise UserError(f"config key 'data.resolution' must be a multiple of {family.pixel_multiple} for {family.name}")
+    if cfg.cache.shift or cfg.cache.dynamic_shift:  # a family without a shifted table refuses the key
+        family.shifted_table(cfg.cache.shift, (2, 2) if cfg.cache.dynamic_shift else None)
     if t.loss_weighting not in family.loss_weightings:
         raise UserError(f"config key 'train.loss_weighting' must be one of {', '.join(family.loss_weightings)} "
                         f"for {family.name}, got {t.loss_weighting!r}")

@@ -29,7 +29,7 @@ def test_resolve_gives_the_devices_dtypes_numerics_and_processes(project):
     s = resolve(cfg, "train")
     assert s.family.name == "flux" and s.processes == "one"
     assert s.device == torch.device("cpu") and s.dtype == torch.float32 and s.encoder_dtype == torch.float32
-    assert s.numerics["device"] == "cpu" and s.draws.scheme == "logit_normal"
+    assert s.numerics["device"] == "cpu" and s.prior_device == torch.device("cpu")
 
 
 @pytest.mark.parametrize("tables, words", [
