@@ -1,4 +1,4 @@
-"""`make bench-gpu`: full-size FLUX.1-dev, SDXL and HiDream-I1 denoisers (the public configs in
+"""`make bench-gpu`: each family's full-size public denoiser (its planning capability's configs, built by
 pipeline/public_configs.py) with random weights built directly on the GPU, at 1024 px: the cache stage's
 latents/s (the family's full-size VAE encoding cache.batch_size images, in model.encoder_dtype) and, for each
 model.quantize (none = bf16, int8, fp8, nf4), priors/s of the cache stage's no-grad forward, training
@@ -14,6 +14,8 @@ import time
 
 import click
 import torch
+
+from pipeline.families import FAMILIES
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
@@ -53,7 +55,7 @@ def bench_vae(name: str, resolution: int, steps: int, batch: int, dtype: torch.d
     from diffusers import AutoencoderKL
 
     from pipeline.memory import GiB
-    from pipeline.public_configs import VAES, public_family
+    from pipeline.public_configs import planning, public_family
 
     family, dev = public_family(name), torch.device("cuda")
     torch.cuda.empty_cache()
@@ -62,7 +64,7 @@ def bench_vae(name: str, resolution: int, steps: int, batch: int, dtype: torch.d
     torch.set_default_dtype(dtype)
     try:
         with dev:
-            vae = AutoencoderKL.from_config(VAES[name]).eval()
+            vae = AutoencoderKL.from_config(dict(planning(name).vae_config)).eval()
     finally:
         torch.set_default_dtype(previous)
     pixels = torch.rand(batch, 3, resolution, resolution, device=dev) * 2 - 1
@@ -80,9 +82,9 @@ def bench_one(name: str, quantize: str, resolution: int, steps: int, batch: int)
     from pipeline.config import LoraConfig
     from pipeline.lora import add_lora
     from pipeline.memory import GiB, Settings, estimate
-    from pipeline.public_configs import DENOISERS, public_family
+    from pipeline.public_configs import planning, public_family
 
-    family, config = public_family(name), DENOISERS[name]
+    family, config = public_family(name), dict(planning(name).denoiser_config)
     dev, dtype = torch.device("cuda"), torch.bfloat16
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -94,7 +96,7 @@ def bench_one(name: str, quantize: str, resolution: int, steps: int, batch: int)
         torch.set_default_dtype(torch.float32)
     model.requires_grad_(False)
     _quantize(model, quantize)
-    latent, cond = family.dry_run_shapes(config, batch, resolution, 0)
+    latent, cond = family.planning.dry_run_shapes(config, batch, resolution, 0)
     noisy = torch.randn(latent, device=dev)
     cond = {k: torch.randn(s, device=dev) for k, s in cond.items()}
     timesteps = torch.full((batch,), 500.0, device=dev)
@@ -141,7 +143,7 @@ def bench_one(name: str, quantize: str, resolution: int, steps: int, batch: int)
 
 
 @click.command()
-@click.option("--families", default="flux,sdxl,hidream", show_default=True)
+@click.option("--families", default=",".join(FAMILIES), show_default=True)
 @click.option("--quantize", "quantizes", default="none,int8,fp8,nf4", show_default=True)
 @click.option("--resolution", default=1024, show_default=True)
 @click.option("--batch-size", default=1, show_default=True)

@@ -1,6 +1,6 @@
 """`make bench-memory`: the memory planner (pipeline/memory.py) against measured peaks on a CPU.
 
-For each family, the public full-size denoiser config (pipeline/public_configs.py) at full width, cut to
+For each family, the public full-size denoiser config (its planning capability) at full width, cut to
 one block of each kind, is saved with random weights as a normal diffusers folder; a config points
 model.path at it and the real `python -m pipeline plan-memory --config F --json` estimates it. Each
 measurement then runs in a fresh subprocess, which loads the folder as the stages do
@@ -31,6 +31,9 @@ import sys
 from pathlib import Path
 
 import click
+
+from pipeline.families import FAMILIES, family_class
+from pipeline.public_configs import planning
 
 GiB = 2**30
 MiB = 2**20
@@ -75,8 +78,8 @@ def measure_peaks(config_path: str, kind: str) -> dict:
     family = get_family(cfg.model)
     dtype, cpu = TORCH_DTYPES[cfg.train.dtype], torch.device("cpu")
     config = family.denoiser_class.load_config(family.root, subfolder=family.denoiser_component)
-    latent, cond = family.dry_run_shapes(config, cfg.train.batch_size, cfg.data.resolution,
-                                         cfg.model.max_sequence_length)
+    latent, cond = family.planning.dry_run_shapes(config, cfg.train.batch_size, cfg.data.resolution,
+                                                  cfg.model.max_sequence_length)
     torch.manual_seed(0)
     if kind == "vae":  # the cache stage's encode, with the family's own encode_images
         from diffusers import AutoencoderKL
@@ -102,8 +105,8 @@ def measure_peaks(config_path: str, kind: str) -> dict:
                              if kind == "train" else None)
 
     if kind != "vae" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
-        # oneDNN copies a convolution's weight into its own layout on every call (up to 112 MiB for SDXL's
-        # UNet in fp32), which cuDNN does not: without it, torch's own conv holds only its im2col columns
+        # oneDNN copies a convolution's weight into its own layout on every call (up to 112 MiB for a
+        # full-size UNet in fp32), which cuDNN does not: without it, torch's own conv holds only its im2col columns
         torch.backends.mkldnn.enabled = False
 
     def predict():  # the batch is made in the measured call: the planner counts it too (it is on the GPU)
@@ -136,7 +139,7 @@ def measure_peaks(config_path: str, kind: str) -> dict:
 
 def _config(path: Path, model: Path, name: str, resolution: int, ckpt: bool, dtype: str, seq: int) -> Path:
     # concepts are not read by plan-memory or by the measurement: the folder need not exist
-    seq_line = f"max_sequence_length = {seq}\n" if name != "sdxl" else ""
+    seq_line = f"max_sequence_length = {seq}\n" if planning(name).sequence_length_applies else ""
     path.write_text(f'[model]\npath = "{model}"\n{seq_line}[data]\nresolution = {resolution}\n'
                     f'[[concepts]]\nfolder = "{path.parent / "no-images"}"\ntype = "standard"\n'
                     f'[cache]\nbatch_size = 1\n[lora]\nrank = 16\n'
@@ -153,19 +156,19 @@ def _run(args: list[str]) -> dict:
 
 
 def _cpu_prior(model: Path, name: str, resolution: int, dtype: str, seq: int) -> int:
-    """The planner's prior working set with the im2col columns of torch's CPU convolution (SDXL's UNet; a
+    """The planner's prior working set with the im2col columns of torch's CPU convolution (a UNet's; a
     GPU has no such buffer), which is what a CPU measurement of the prior forward holds."""
     import torch
 
     from pipeline.config import ModelConfig
-    from pipeline.families import family_class
     from pipeline.memory import prior_working
 
     cls = family_class(name)
     family = cls(model, ModelConfig(path=str(model)))
     config = cls.denoiser_class.load_config(model, subfolder=cls.denoiser_component)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    return prior_working(family, config, 1, resolution, torch_dtype, seq if name != "sdxl" else 0, cpu_conv=True)
+    seq = seq if family.planning.sequence_length_applies else 0
+    return prior_working(family, config, 1, resolution, torch_dtype, seq, cpu_conv=True)
 
 
 def _measured(work: Path, cfg: Path, kind: str, fresh: bool, conv: bool) -> dict:
@@ -173,7 +176,7 @@ def _measured(work: Path, cfg: Path, kind: str, fresh: bool, conv: bool) -> dict
     not depend on the planner, so changing the planner re-runs only plan-memory (--fresh measures again)."""
     store = work / "measured.json"
     known = json.loads(store.read_text()) if store.is_file() else {}
-    # a UNet is measured without oneDNN (see measure_peaks): the key says so
+    # a conv denoiser is measured without oneDNN (see measure_peaks): the key says so
     key = f"{MEASUREMENT}\n{kind}{' no-onednn' if conv and kind != 'vae' else ''}\n{cfg.read_text()}"
     if fresh or key not in known:
         known[key] = _run(["-m", "pipeline.bench_memory", "--measure", kind, "--config", str(cfg)])
@@ -199,7 +202,7 @@ def rows(name: str, work: Path, resolutions: list[int], dtype: str, seq: int, bl
             p = plan["parts"]
             kinds = ("vae", "prior", "train") if not ckpt else ("train",)  # no-grad forwards: no checkpointing
             for kind in kinds:
-                got = _measured(work, cfg, kind, fresh, name == "sdxl")  # SDXL: the one conv denoiser
+                got = _measured(work, cfg, kind, fresh, planning(name).conv_denoiser)
                 if kind == "vae":
                     planned = plan["working_sets"]["vae"]
                     static = plan["cache_parts"]["vae"] - planned - p["overhead"]
@@ -224,10 +227,11 @@ def rows(name: str, work: Path, resolutions: list[int], dtype: str, seq: int, bl
 
 
 @click.command()
-@click.option("--families", default="flux,hidream,sdxl", show_default=True)
+@click.option("--families", default=",".join(FAMILIES), show_default=True)
 @click.option("--resolutions", default="256,512", show_default=True)
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]))
-@click.option("--max-sequence-length", "seq", default=128, show_default=True, help="Text tokens (Flux, HiDream).")
+@click.option("--max-sequence-length", "seq", default=128, show_default=True,
+              help="Text tokens (of the families whose model.max_sequence_length applies).")
 @click.option("--blocks", default=1, show_default=True, help="Blocks of each kind in the cut models.")
 @click.option("--work", default="cache/bench-memory", show_default=True, type=click.Path(file_okay=False))
 @click.option("--fresh", is_flag=True, help="Measure again what work/measured.json already holds.")
@@ -242,10 +246,13 @@ def main(families, resolutions, dtype, seq, blocks, work, fresh, measure, config
     table = []
     for name in families.split(","):
         table += rows(name, work, [int(r) for r in resolutions.split(",")], dtype, seq, blocks, fresh)
+    plans = [planning(name) for name in FAMILIES if family_class(name).planning is not None]
+    texts = " and ".join(p.label for p in plans if p.sequence_length_applies)
+    convs = ", ".join(p.label for p in plans if p.conv_denoiser)
     click.echo(f"measured on CPU ({dtype}, batch 1, LoRA rank 16 on attention, AdamW, {blocks} block(s) of "
-               f"each kind at full width, {seq} text tokens for Flux and HiDream); MiB")
+               f"each kind at full width, {seq} text tokens for {texts}); MiB")
     click.echo("ratio = measured / planned; CPU planned: the prior forward with the CPU convolution's im2col "
-               "columns (SDXL); static: weights (+ LoRA and optimizer state for training)")
+               f"columns ({convs}); static: weights (+ LoRA and optimizer state for training)")
     click.echo("| family | px | measured | checkpointing | measured | planned | ratio | CPU planned | ratio | "
                "static measured | static planned | ratio |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|---|---|")

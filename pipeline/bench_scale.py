@@ -49,7 +49,7 @@ output_dir = "out"
 def make_images(data: Path, n: int, n_prior: int, n_captions: int, size: int) -> None:
     """n distinct random-pixel PNGs (their content keys differ), n_prior of them prior images, with
     captions drawn from n_captions distinct ones. Seeded, so every run caches the same data."""
-    from pipeline.tiny import WORDS
+    from pipeline.families.tiny_parts import WORDS
 
     rng = random.Random(0)
     captions = [" ".join(["a photo of sks"] + rng.sample(WORDS, 4)) for _ in range(n_captions)]

@@ -26,10 +26,12 @@ from safetensors.torch import save_file
 from pipeline.atomic import replacing, writer_gone
 from pipeline.config import LoraConfig
 from pipeline.errors import UserError
+from pipeline.families.capabilities import require
 
 # diffusers reads the adapter's LoraConfig back from this metadata key (rank, alpha, targets, DoRA)
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)  # the layers a peft LoRA can go on here
+KOHYA = "config key 'train.lora_format' = \"kohya\""  # what needs the family's lora_layout
 
 
 def target_key(cfg: LoraConfig) -> str:
@@ -109,12 +111,13 @@ def folded_weights(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tenso
 def kohya_weights(model: torch.nn.Module, family, cfg: LoraConfig) -> dict[str, torch.Tensor]:
     """The adapter in kohya's layout, converted by the family. UserError naming train.lora_format and the
     key that chose the targets when the layout cannot hold them (the trainer calls this before step 0)."""
+    layout = require(family, "lora_layout", KOHYA)
     weights = diffusers_weights(model, family.denoiser_component)
     if any("lora_magnitude_vector" in k for k in weights):
         raise UserError("config key 'train.lora_format' = \"kohya\" cannot hold a DoRA (lora.use_dora = true): "
                         "use train.lora_format = \"diffusers\"")
     try:
-        return family.to_kohya(weights, float(model.peft_config["default"].lora_alpha))
+        return layout.to_kohya(weights, float(model.peft_config["default"].lora_alpha))
     except UserError as e:
         raise UserError(f"{e} (with {describe_targets(cfg)}): choose other targets or "
                         f"train.lora_format = \"diffusers\"") from None
@@ -128,9 +131,11 @@ def lora_file(model: torch.nn.Module, family, cfg: LoraConfig, lora_format: str)
         # what kohya's tools (and the A1111/Forge LoRA pages) read; no lora_adapter_metadata, which diffusers
         # would apply to the converted keys
         meta = {"ss_network_dim": str(peft_cfg.r), "ss_network_alpha": str(float(peft_cfg.lora_alpha)),
-                **family.kohya_metadata}
+                **require(family, "lora_layout", KOHYA).kohya_metadata}
         return kohya_weights(model, family, cfg), meta
-    weights = family.diffusers_layout(folded_weights(model, prefix))
+    weights = folded_weights(model, prefix)
+    if family.lora_layout is not None:  # else peft's names, which diffusers loads
+        weights = family.lora_layout.diffusers_layout(weights)
     # alpha = rank: the scale is in lora_B already (the trained alpha stays in prior_lora.config)
     adapter = {**peft_cfg.to_dict(), "lora_alpha": peft_cfg.r, "alpha_pattern": dict(peft_cfg.rank_pattern)}
     adapter = {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in adapter.items()}

@@ -18,13 +18,13 @@ start of both stages).
 - **Activations**: a dry run of the family's own forward (`family.predict`) on meta tensors at the
   config's resolution and batch, counting every tensor autograd saves for the backward (each storage
   once) and attributing it to the checkpointing unit that saved it (what the model's own gradient
-  checkpointing wraps: Flux's and HiDream's blocks, SDXL's resnets and transformer blocks). Meta tensors
+  checkpointing wraps: a transformer's blocks, a UNet's resnets and transformer blocks). Meta tensors
   would take attention's math path, which saves the N x N attention matrix that no GPU kernel keeps, so
   the dry run calls the flash kernel's CPU variant, which saves what CUDA's flash kernel does (q, k, v,
   output, logsumexp). With train.gradient_checkpointing a unit keeps only its inputs, and one unit's
   activations are rebuilt at a time in the backward. The backward's own temporaries are taken as one
   more unit's activations. The dry run runs on the model cut to one and two blocks of each kind
-  (family.block_depths) and extrapolates, which keeps the stages' one-line estimate to about a second.
+  (family.planning.block_depths) and extrapolates, which keeps the stages' one-line estimate to about a second.
 - **Overhead**: a fixed 0.75 GiB for the CUDA context, cuBLAS workspaces and the allocator's slack.
 
 The cache stage holds one model at a time: the VAE (weights and its encode's working set), the text
@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.families.capabilities import require
 from pipeline.lora import resolve_targets
 
 GiB = 2**30
@@ -82,6 +83,10 @@ class Estimate:
         where = f"cache {self.cache_peak / GiB:.1f} GiB ({self.cache_phase}), " if cache else ""
         return (f"estimated peak GPU memory: {where}training {self.train_peak / GiB:.1f} GiB "
                 "(python -m pipeline plan-memory for the parts)")
+
+
+def _planning(family):
+    return require(family, "planning", "python -m pipeline plan-memory")
 
 
 def meta_denoiser(family, config: dict) -> torch.nn.Module:
@@ -165,7 +170,8 @@ def _tensors(x):
 def dry_run(family, model: torch.nn.Module, config: dict, batch: int, resolution: int, dtype: torch.dtype,
             max_sequence_length: int) -> Activations:
     """The family's forward on meta tensors (see the module docstring): what autograd saves."""
-    latent, cond = family.dry_run_shapes(config, batch, resolution, max_sequence_length)
+    planning = _planning(family)
+    latent, cond = planning.dry_run_shapes(config, batch, resolution, max_sequence_length)
     meta = torch.device("meta")
 
     def forward():
@@ -175,14 +181,14 @@ def dry_run(family, model: torch.nn.Module, config: dict, batch: int, resolution
                              dtype=dtype)
         (out.float() ** 2).mean()
 
-    with family.dry_run():
+    with planning.dry_run():
         return record(model, forward)
 
 
 def record(model: torch.nn.Module, forward) -> Activations:
     """What autograd saves while `forward()` runs `model` (meta tensors). The units are what the model's
     own gradient checkpointing wraps (diffusers calls `_gradient_checkpointing_func(unit, *inputs)`:
-    Flux's and HiDream's blocks, SDXL's resnets and transformer blocks);
+    a transformer's blocks, a UNet's resnets and transformer blocks);
     here that function runs the unit as it is and records what it saves and what it was given."""
     seen: dict[int, int] = {}  # storage -> bytes, every saved tensor
     kept: dict[int, int] = {}  # ... what checkpointing keeps
@@ -287,14 +293,14 @@ def vae_working(vae_config: dict, batch: int, resolution: int, dtype: torch.dtyp
 def activations(family, config: dict, lora_cfg, batch: int, resolution: int, dtype: torch.dtype,
                 max_sequence_length: int) -> Activations:
     """dry_run for the whole denoiser, from dry runs of models cut to one or two blocks of each kind
-    (family.block_depths): blocks of a kind save the same, so the whole is the one-block model plus, per
+    (family.planning.block_depths): blocks of a kind save the same, so the whole is the one-block model plus, per
     kind, (count - 1) times what a second block adds. Exact (tests/test_memory.py compares it with the
     uncut dry run) and fast: a full-size Flux's 57 blocks cost two dry runs of three blocks."""
     from pipeline.lora import add_lora
 
     def run(cfg):
         previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # built in the train dtype (a .to() would warn for SDXL)
+        torch.set_default_dtype(dtype)  # built in the train dtype (a .to() would warn for some models)
         try:
             model = meta_denoiser(family, cfg)
         finally:
@@ -302,15 +308,16 @@ def activations(family, config: dict, lora_cfg, batch: int, resolution: int, dty
         add_lora(model, lora_cfg, family.target_presets)  # the trainer's own: its float32 inputs are saved too
         return dry_run(family, model, cfg, batch, resolution, dtype, max_sequence_length)
 
-    depths = family.block_depths(config)
+    planning = _planning(family)
+    depths = planning.block_depths(config)
     if not depths or all(n <= 1 for n in depths.values()):
         return run(config)
     ones = {k: 1 for k in depths}
-    base = run(family.with_depths(config, ones))
+    base = run(planning.with_depths(config, ones))
     total = base
     for key, n in depths.items():
         if n > 1:
-            total = total + (run(family.with_depths(config, {**ones, key: 2})) - base) * (n - 1)
+            total = total + (run(planning.with_depths(config, {**ones, key: 2})) - base) * (n - 1)
     return total
 
 
@@ -318,9 +325,10 @@ def prior_working(family, config: dict, batch: int, resolution: int, dtype: torc
                   max_sequence_length: int, cpu_conv: bool = False) -> int:
     """The working set of the cache stage's prior forward (no grad, no LoRA; live_peak). A no-grad
     forward holds about one block's tensors at a time, but some models keep a tensor per block alive
-    (HiDream projects every block's caption first), so, as for the activations, it is measured on models
+    (one projects every block's caption first), so, as for the activations, it is measured on models
     cut to one and two blocks of each kind and extrapolated."""
     meta = torch.device("meta")
+    planning = _planning(family)
 
     def run(cfg):
         previous = torch.get_default_dtype()
@@ -329,22 +337,22 @@ def prior_working(family, config: dict, batch: int, resolution: int, dtype: torc
             model = meta_denoiser(family, cfg).eval()
         finally:
             torch.set_default_dtype(previous)
-        latent, cond = family.dry_run_shapes(cfg, batch, resolution, max_sequence_length)
+        latent, cond = planning.dry_run_shapes(cfg, batch, resolution, max_sequence_length)
 
         def forward():  # the batch's inputs are on the device too
             noisy = torch.zeros(latent, device=meta)
             cond_t = {k: torch.zeros(s, device=meta) for k, s in cond.items()}
             family.predict(model, noisy, torch.full((batch,), 500.0, device=meta), cond_t, device=meta, dtype=dtype)
 
-        with family.dry_run():
+        with planning.dry_run():
             return live_peak(model, forward, cpu_conv)
 
-    depths = family.block_depths(config)
+    depths = planning.block_depths(config)
     if not depths or all(n <= 1 for n in depths.values()):
         return run(config)
     ones = {k: 1 for k in depths}
-    base = run(family.with_depths(config, ones))
-    return base + sum(max(run(family.with_depths(config, {**ones, k: 2})) - base, 0) * (n - 1)
+    base = run(planning.with_depths(config, ones))
+    return base + sum(max(run(planning.with_depths(config, {**ones, k: 2})) - base, 0) * (n - 1)
                       for k, n in depths.items() if n > 1)
 
 

@@ -212,7 +212,7 @@ def test_cache_train_and_both_lora_formats(project, model):
     assert torch.equal(predict(pipe.transformer), ours)
 
     # kohya/ComfyUI: diffusion_model.<module>, alpha/rank folded into lora_B; diffusers' loader converts it back
-    kohya = fam.to_kohya(diffusers_weights(trained, "transformer"), alpha=cfg.lora.alpha)
+    kohya = fam.lora_layout.to_kohya(diffusers_weights(trained, "transformer"), alpha=cfg.lora.alpha)
     assert len(kohya) == len(weights) and all(k.startswith("diffusion_model.") for k in kohya)
     assert set(_convert_non_diffusers_hidream_lora_to_diffusers(kohya)) == set(weights)
     pipe.delete_adapters("trained")
@@ -221,4 +221,4 @@ def test_cache_train_and_both_lora_formats(project, model):
     assert pipe.transformer.peft_config["kohya"].lora_alpha == pipe.transformer.peft_config["kohya"].r  # scale 1
     assert torch.allclose(predict(pipe.transformer), ours, rtol=1e-5, atol=1e-6)
     with pytest.raises(UserError, match="cannot be exported"):
-        fam.to_kohya({"transformer.x.lora_magnitude_vector": torch.ones(1)}, alpha=1.0)
+        fam.lora_layout.to_kohya({"transformer.x.lora_magnitude_vector": torch.ones(1)}, alpha=1.0)

@@ -157,7 +157,7 @@ def test_kohya_layout_at_flux1_widths(mlp):
     for module, (out, fan_in) in shapes.items():
         sd[f"transformer.{module}.lora_A.weight"] = torch.randn(r, fan_in, generator=g)
         sd[f"transformer.{module}.lora_B.weight"] = torch.randn(out, r, generator=g)
-    kohya = FluxFamily(".", ModelConfig(path=".")).to_kohya(dict(sd), alpha=1.0)
+    kohya = FluxFamily(".", ModelConfig(path=".")).lora_layout.to_kohya(dict(sd), alpha=1.0)
     back = _convert_kohya_flux_lora_to_diffusers(dict(kohya))  # diffusers then loads each with scale 1
     modules = {k.removeprefix("transformer.").split(".lora_")[0] for k in back}
     assert set(shapes) <= modules

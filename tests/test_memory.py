@@ -111,19 +111,19 @@ def test_stages_say_the_estimate_on_a_gpu_only(project, capsys):
 @pytest.mark.parametrize("name,depths", [("flux", {"num_layers": 3, "num_single_layers": 4}),
                                          ("hidream", {"num_layers": 3, "num_single_layers": 4}),
                                          ("sdxl", {"transformer_layers_per_block": [1, 3]})])
-def test_cut_dry_runs_stand_for_the_whole_model(tiny_family_model, name, depths):
+def test_cut_dry_runs_stand_for_the_whole_model(tiny_family_model, name, depths, monkeypatch):
     # the planner's dry runs of one- and two-block models, extrapolated, give what a dry run of the whole
     # (deeper) model gives: the same saved bytes, and with checkpointing what is kept to within 1%
     cls, _, config = built(tiny_family_model, name)
     family = cls(tiny_family_model(name), ModelConfig(path=str(tiny_family_model(name))))
-    deep = {**config, **depths} if name != "hidream" else family.with_depths(config, depths)
+    deep = {**config, **depths} if name != "hidream" else family.planning.with_depths(config, depths)
     if name == "hidream":  # a llama layer per block, as the public config has
         deep["llama_layers"] = list(range(deep["num_layers"] + deep["num_single_layers"]))
-    assert all(n > 1 for n in family.block_depths(deep).values()) and family.block_depths(deep)
+    assert all(n > 1 for n in family.planning.block_depths(deep).values()) and family.planning.block_depths(deep)
     args = (LoraConfig(rank=4), 1, 64, torch.float32, 16)
     cut = activations(family, deep, *args)
     cut_prior = prior_working(family, deep, 2, 64, torch.float32, 16)
-    family.block_depths = lambda config: {}
+    monkeypatch.setattr(family.planning, "block_depths", lambda config: {})  # the class's: restored after
     whole = activations(family, deep, *args)
     assert cut.saved == whole.saved and cut.unit == whole.unit
     assert abs(cut.kept - whole.kept) <= 0.01 * whole.kept
@@ -143,11 +143,11 @@ def test_sdxl_checkpointing_keeps_less(tiny_family_model):
 
 @pytest.mark.parametrize("name", ["flux", "sdxl", "hidream"])
 def test_cut_public_configs_keep_the_public_widths(name):
-    from pipeline.public_configs import DENOISERS, ENCODERS, cut_config
+    from pipeline.public_configs import ENCODERS, cut_config
 
     cls = family_class(name)
     model = meta_denoiser(cls, cut_config(name, 1))
-    full = DENOISERS[name]
+    full = cls.planning.denoiser_config
     if name == "sdxl":
         assert [b.resnets[0].out_channels for b in model.down_blocks] == full["block_out_channels"]
         assert model.config.transformer_layers_per_block == [1, 1, 1]

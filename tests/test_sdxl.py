@@ -243,7 +243,7 @@ def test_cache_then_train_end_to_end(project, sdxl_root, tmp_path):
         assert torch.equal(fam.predict(pipe.unet, noisy, timesteps, cond, **CPU32), ours)
 
     # kohya's layout, with original SDXL module names: diffusers' kohya converter loads it
-    kohya = fam.to_kohya(diffusers_weights(trained, "unet"), alpha=8.0)
+    kohya = fam.lora_layout.to_kohya(diffusers_weights(trained, "unet"), alpha=8.0)
     assert len(kohya) == 3 * len(file_weights) // 2
     assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
                for k in kohya)
@@ -265,7 +265,7 @@ def test_kohya_export_of_every_linear_layer(sdxl_root, tmp_path):
             if "lora_B" in name:  # B starts at zero; give every layer an effect
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     save_lora(tmp_path / "lora.safetensors", unet, fam, {}, lora_cfg)
-    kohya = fam.to_kohya(diffusers_weights(unet, "unet"), alpha=2.0)
+    kohya = fam.lora_layout.to_kohya(diffusers_weights(unet, "unet"), alpha=2.0)
     assert "lora_unet_time_embed_0.alpha" in kohya and "lora_unet_label_emb_0_2.lora_up.weight" in kohya
     assert "lora_unet_input_blocks_1_0_emb_layers_1.lora_down.weight" in kohya  # first level's resnet
     pipe = load_kohya(sdxl_root, kohya, tmp_path)
@@ -278,7 +278,7 @@ def test_kohya_export_of_every_linear_layer(sdxl_root, tmp_path):
         unet.disable_adapters()
         assert not torch.allclose(fam.predict(unet, noisy, t, cond, **CPU32), expected, atol=1e-3)
     with pytest.raises(UserError, match="no kohya equivalent"):
-        fam.to_kohya({"unet.conv_in.lora_magnitude_vector": torch.ones(3)}, alpha=1.0)
+        fam.lora_layout.to_kohya({"unet.conv_in.lora_magnitude_vector": torch.ones(3)}, alpha=1.0)
 
 
 def test_single_file_unet_in_the_original_layout(project, sdxl_root, tmp_path):

@@ -9,6 +9,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from PIL import Image
 
 from pipeline import tiny
+from pipeline.families import tiny_parts
 from pipeline.families.flux import tiny as flux_tiny
 
 
@@ -60,10 +61,10 @@ def test_tokenizers_reload_and_handle_unknown_words(built):
     clip, t5 = pipe.tokenizer, pipe.tokenizer_2
     assert clip.model_max_length == 77
     # A reloaded tokenizer encodes exactly like the one that was built.
-    for fresh, loaded in [(tiny.clip_tokenizer(), clip), (tiny.t5_tokenizer(), t5)]:
+    for fresh, loaded in [(tiny_parts.clip_tokenizer(), clip), (tiny_parts.t5_tokenizer(), t5)]:
         text = "A photo of sks teapot, Zyzzyva-42 é!"
         assert fresh(text).input_ids == loaded(text).input_ids
-    assert all(len(clip.tokenize(w)) == 1 and len(t5.tokenize(w)) == 1 for w in tiny.WORDS)
+    assert all(len(clip.tokenize(w)) == 1 and len(t5.tokenize(w)) == 1 for w in tiny_parts.WORDS)
     ids = clip("a photo of sks teapot", padding="max_length", max_length=77).input_ids
     assert len(ids) == 77 and ids[0] == clip.bos_token_id
     ids = t5("a teapot", padding="max_length", max_length=8).input_ids

@@ -1,9 +1,24 @@
-"""Model families behind one small interface (`base.Family`). The stages never ask which family they run.
+"""Model families: FAMILIES is the only list of them. The stages never ask which family they run; no code
+outside this folder names one (tests/test_structure.py), except the embedded default's.
 
-FAMILIES is the only list of families. Each is a package here holding its adapter (`adapter.py`, which
-defines FAMILY, the class), its kohya/ComfyUI mapping (`kohya.py`) and its tiny random-weight builder
-(`tiny.py`, with PRESETS and build). Adding a family is one new package plus its name below. This
-module imports no model library, so the config can check family names cheaply.
+A new family is one package here plus its name in FAMILIES:
+
+- `<name>/adapter.py`: the family, a class on `base.FolderFamily` or `base.FlowMatchingFamily` implementing
+  `base.Family` (what the cache and train stages need), exported as `FAMILY`. Its methods are handed the
+  denoiser's device and dtype and read its config from the model folder, never from the module, which
+  may be wrapped (DDP, FSDP).
+- `<name>/tiny.py`: its tiny random-weight model, `PRESETS` (with "default") and `build(path, preset, seed)`,
+  from the shared parts in `tiny_parts.py`. tests/test_families.py runs the conformance suite on it.
+- Its capabilities (`capabilities.py`), each one attribute of the family, None where it lacks it:
+  - `planning` (`<name>/planning.py`): the memory planner's dry run, its public full-size configs (from
+    `public_parts.py` where shared) and its rows of the README's memory table; without it plan-memory
+    refuses the family and the memory table leaves it out.
+  - `lora_layout` (`<name>/kohya.py`): the kohya/ComfyUI layout; without it train.lora_format = "kohya"
+    is refused and the diffusers file keeps peft's names.
+  - `sampling`: the diffusers pipeline that renders validation grids and `python -m pipeline sample`
+    (`capabilities.PipelineSampling("<Pipeline class>")` where the cached conditioning goes in as it is).
+
+This module imports no model library, so the config can check family names cheaply.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The interface every family implements (`Family`), and what families share: `FolderFamily` (a diffusers
 model folder, latents from the VAE's mode, the denoiser from the folder or one file) and
-`FlowMatchingFamily` (rectified-flow noise, targets, timestep table and SD3 loss weightings).
+`FlowMatchingFamily` (rectified-flow noise, targets, timestep table and SD3 loss weightings), and rendering
+through the family's own pipeline (its `sampling` capability).
 
 Methods never read `.device`, `.dtype` or `.config` off the denoiser they are handed: under DDP or FSDP
 that object is a wrapper without them. The caller passes the device and dtype; what a family needs of
@@ -9,7 +10,6 @@ the denoiser's config it reads from the model folder.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -22,16 +22,21 @@ from diffusers.training_utils import compute_loss_weighting_for_sd3
 from pipeline import objective
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.families.capabilities import LoraLayout, Planning, Sampling, require
 
 
 class Family(Protocol):
+    """What the cache and train stages ask of a family. What only some consumers need is a capability
+    (capabilities.py), reached through `planning`, `lora_layout` and `sampling`: None where it lacks it."""
+
     name: str
-    pipeline_classes: tuple[str, ...]  # diffusers pipelines of this family; the first renders samples
+    pipeline_classes: tuple[str, ...]  # the diffusers pipelines whose folders this family reads (detection)
     root: Path  # the local diffusers folder
     vae_components: tuple[str, ...]  # subfolders whose weights the latents depend on
     text_components: tuple[str, ...]  # ... the text embeddings
     denoiser_component: str  # ... the priors
     denoiser_file: Path | None  # model.denoiser_file: the denoiser's weights in one file (config from the folder)
+    denoiser_class: Any  # the diffusers model class of the denoiser (built from a config by the planner)
     pixel_multiple: int  # image sides (and bucket sides) must be multiples of this
     # LoRA targets: peft module-name suffixes (a name, or its tail after a dot; `*` matches a block index)
     # for "attention" (the default), "attention_mlp" and "all_linear"; default_target_modules is the first
@@ -41,12 +46,14 @@ class Family(Protocol):
     loss_weightings: tuple[str, ...]  # the train.loss_weighting values this family supports
     max_sequence_length: int  # text tokens per caption: model.max_sequence_length, or the family's own
     # Optional members, with their defaults:
-    negative_is_empty_caption: bool = False  # the pipeline's guidance encodes "" as the negative prompt
-    kohya_metadata: Mapping[str, str] = MappingProxyType({})  # written into kohya-format files (ss_network_module...)
     # names of the denoiser's ModuleLists of transformer blocks, in forward order: what train.blocks_to_swap
     # swaps (pipeline/swap.py); empty: the family refuses the key
     swap_blocks: tuple[str, ...] = ()
     denoiser_kwargs: Mapping[str, Any] = MappingProxyType({})  # passed to the denoiser class when it is built
+    # the capabilities (capabilities.py); None: the family lacks it
+    planning: Planning | None = None
+    lora_layout: LoraLayout | None = None
+    sampling: Sampling | None = None
 
     def load_vae(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module: ...
 
@@ -94,54 +101,18 @@ class Family(Protocol):
         key = "cache.shift" if shift else "cache.dynamic_shift"
         raise UserError(f"config key '{key}' is for flow-matching models (Flux, HiDream), not {self.name}")
 
-    def dry_run_shapes(self, config: dict, batch: int, resolution: int, max_sequence_length: int
-                       ) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
-        """For the memory planner: the shapes of a batch of latents (B,C,h,w) at a square `resolution` and of
-        its cached conditioning (as `predict` takes it), for a denoiser config (dict)."""
-
-    def dry_run(self):
-        """For the memory planner: a context in which `predict` runs on meta tensors (default: as it is)."""
-        return contextlib.nullcontext()
-
-    def block_depths(self, config: dict) -> dict[str, int]:
-        """For the memory planner: how many identical blocks of each kind the denoiser config stacks (config
-        key -> count), so a dry run of a cut model (see with_depths) stands for the whole; {}: no cut."""
-        return {}
-
-    def with_depths(self, config: dict, depths: dict[str, int]) -> dict:
-        """The denoiser config with the block counts of `depths` (keys as block_depths gives them)."""
-        return {**config, **depths}
-
     def prediction_settings(self) -> dict:
         """Settings outside the weights that change a prediction (guidance...): part of the prior key."""
-
-    def to_kohya(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        """The LoRA as peft holds it (keys '<denoiser_component>.<module>.lora_A.weight' / '.lora_B.weight',
-        the scale alpha/rank not applied) in the family's kohya/ComfyUI layout, such that the family's
-        pipeline's load_lora_weights and ComfyUI give the same denoiser. UserError naming train.lora_format
-        for modules the layout cannot hold."""
-
-    def diffusers_layout(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The diffusers-format LoRA (peft's key names) under the names the family's diffusers file uses: names
-        that both the family's load_lora_weights and ComfyUI map onto the denoiser. peft's own, unless a
-        family says otherwise."""
-        return state_dict
 
     def collate(self, conds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One batch of conditioning from per-sample entries. Stacking needs equal shapes; a family whose
         text embeddings vary in length pads here and adds its attention mask."""
         return {k: torch.stack([c[k] for c in conds]) for k in conds[0]}
 
-    def pipeline_layout(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Batched cached conditioning in the layout the family's pipeline takes as `*_embeds` arguments."""
-        return cond
-
 
 class FolderFamily(Family):
     """A diffusers model folder, latents from its VAE's mode, and the denoiser from the folder or from one
     file (model.denoiser_file). A family sets `denoiser_class`."""
-
-    denoiser_class: Any
 
     def __init__(self, root: Path, cfg: ModelConfig):
         self.root = Path(root)
@@ -249,23 +220,24 @@ class FlowMatchingFamily(FolderFamily):
 
 def render_cached(family: Family, denoiser, vae, cond, *, device, dtype, height, width, steps, guidance_scale,
                   generator, negative=None) -> list:
-    """Run the family's own text-to-image pipeline (pipeline_classes[0]) on cached text conditioning: its
-    text encoders are left out, and the cached tensors go in as the pipeline's `*_embeds` arguments, which
+    """Run the family's own text-to-image pipeline (its sampling.pipeline_class) on cached text conditioning:
+    its text encoders are left out, and the cached tensors go in as the pipeline's `*_embeds` arguments, which
     is why each family names its cached text tensors exactly as its pipeline's __call__ arguments.
     `negative`: the cached conditioning of "", used where the family's `negative_is_empty_caption` (SDXL's
     default negative is zeros, Flux-dev's guidance is embedded)."""
     import diffusers
 
-    cls = getattr(diffusers, family.pipeline_classes[0])
+    sampling = require(family, "sampling", "config key 'validation.prompts'")
+    cls = getattr(diffusers, sampling.pipeline_class)
     pipe = cls.from_pretrained(
         family.root, **{family.denoiser_component: denoiser, "vae": vae}, **{n: None for n in family.text_components}
     )
     pipe.set_progress_bar_config(disable=True)  # the train stage's own bar is the one to watch
-    if negative is not None and family.negative_is_empty_caption:
+    if negative is not None and sampling.negative_is_empty_caption:
         # this pipeline's classifier-free guidance encodes "" as the negative prompt: pass that, cached
         cond = {**cond, **{f"negative_{k}": t for k, t in negative.items()}}
     # the cache stacks every tensor batch-first; a family whose pipeline wants another layout converts it
-    cond = {k: t.to(device, dtype) for k, t in family.pipeline_layout(cond).items()}
+    cond = {k: t.to(device, dtype) for k, t in sampling.pipeline_layout(cond).items()}
     with torch.no_grad():
         return pipe(**cond, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
                     generator=generator, output_type="pil").images
@@ -275,5 +247,5 @@ def load_full_pipeline(family: Family, device: torch.device, dtype: torch.dtype)
     """Every component of the family's text-to-image pipeline, for sampling from a saved LoRA."""
     import diffusers
 
-    cls = getattr(diffusers, family.pipeline_classes[0])
-    return cls.from_pretrained(family.root, dtype=dtype).to(device)
+    sampling = require(family, "sampling", "python -m pipeline sample")
+    return getattr(diffusers, sampling.pipeline_class).from_pretrained(family.root, dtype=dtype).to(device)

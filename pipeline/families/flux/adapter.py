@@ -13,7 +13,9 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from pipeline.families.base import FlowMatchingFamily
-from pipeline.families.flux import kohya
+from pipeline.families.capabilities import PipelineSampling
+from pipeline.families.flux.kohya import FluxLayout
+from pipeline.families.flux.planning import PLANNING
 
 
 class FluxFamily(FlowMatchingFamily):
@@ -36,7 +38,10 @@ class FluxFamily(FlowMatchingFamily):
     target_presets = {"attention": _attention, "attention_mlp": _attention + _mlp, "all_linear": _attention + _mlp + _rest}
     default_target_modules = target_presets["attention"]  # attention projections of both kinds of block
     swap_blocks = ("transformer_blocks", "single_transformer_blocks")  # 19 double-, then 38 single-stream in FLUX.1
-    kohya_metadata = {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"}
+    # the capabilities: planning.py, kohya.py, and the pipeline that renders samples
+    planning = PLANNING
+    lora_layout = FluxLayout(denoiser_component)
+    sampling = PipelineSampling("FluxPipeline")
 
     # -- cache stage: encoders (the VAE's are FolderFamily's) --------------------------------------
     def load_text_encoders(self, device, dtype):
@@ -61,17 +66,6 @@ class FluxFamily(FlowMatchingFamily):
     @property
     def default_max_sequence_length(self) -> int:
         return 512 if self._guidance_embeds else 256  # FluxPipeline's default; schnell was trained with 256
-
-    def dry_run_shapes(self, config, batch, resolution, max_sequence_length):
-        L = max_sequence_length or (512 if config.get("guidance_embeds") else 256)
-        h = resolution // 8
-        return (batch, config["in_channels"] // 4, h, h), {  # in_channels counts the 2x2-packed channels
-            "prompt_embeds": (batch, L, config["joint_attention_dim"]),
-            "pooled_prompt_embeds": (batch, config["pooled_projection_dim"]),
-        }
-
-    def block_depths(self, config):
-        return {"num_layers": config["num_layers"], "num_single_layers": config["num_single_layers"]}
 
     def prediction_settings(self):
         # schnell has no guidance embedding: the value changes nothing there, so it is not in the key
@@ -98,10 +92,6 @@ class FluxFamily(FlowMatchingFamily):
         )[0]
         # vae_scale_factor=1 because h, w are already latent sizes
         return FluxPipeline._unpack_latents(out, h, w, 1)
-
-    # -- LoRA in kohya's layout -------------------------------------------------------------------
-    def to_kohya(self, state_dict, alpha):
-        return kohya.to_kohya(state_dict, alpha, self.denoiser_component)
 
 
 FAMILY = FluxFamily

@@ -17,6 +17,7 @@ import re
 import torch
 
 from pipeline.errors import UserError
+from pipeline.families.capabilities import LoraLayout
 
 MLP_RATIO = 4  # FluxSingleTransformerBlock's mlp_ratio: linear1's MLP rows are 4x its q rows
 
@@ -79,3 +80,15 @@ def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float, prefix: str) -> 
         out[f"{name}.lora_up.weight"] = up.contiguous()
         out[f"{name}.alpha"] = torch.tensor(alpha * n, dtype=torch.float32)
     return out
+
+
+class FluxLayout(LoraLayout):
+    """`FluxFamily.lora_layout`: kohya's layout as above; the diffusers file keeps peft's names."""
+
+    kohya_metadata = {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"}
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix  # the denoiser's component, as the peft state dict's keys start
+
+    def to_kohya(self, state_dict, alpha):
+        return to_kohya(state_dict, alpha, self.prefix)

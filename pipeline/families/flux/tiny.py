@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import tiny
+from pipeline.families import tiny_parts
 
 PRESETS = {
     # ~94k-parameter transformer: a test runs the whole pipeline in a few seconds on a CPU.
@@ -34,17 +34,17 @@ def build(path: Path, preset: str = "default", seed: int = 0) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    path = tiny.check_target(path, preset, PRESETS)
+    path = tiny_parts.check_target(path, preset, PRESETS)
     tf = {"guidance_embeds": True, **PRESETS[preset]}  # like Flux-dev unless the preset says otherwise
     clip_dim, t5_dim = tf["pooled_projection_dim"], tf["joint_attention_dim"]
-    tokenizer, tokenizer_2 = tiny.clip_tokenizer(), tiny.t5_tokenizer()
+    tokenizer, tokenizer_2 = tiny_parts.clip_tokenizer(), tiny_parts.t5_tokenizer()
 
     # Each component gets its own seed, so changing one component's config leaves the others' weights alone.
     torch.manual_seed(seed + 0)
     # in_channels 16 = 4 latent channels packed 2x2
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, **tf)
     torch.manual_seed(seed + 1)
-    vae = tiny.tiny_vae(**FLUX_VAE)
+    vae = tiny_parts.tiny_vae(**FLUX_VAE)
     torch.manual_seed(seed + 2)
     # FluxPipeline uses CLIP's pooler_output (hidden_size wide) as the pooled projection.
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -68,4 +68,4 @@ def build(path: Path, preset: str = "default", seed: int = 0) -> None:
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
     )
-    tiny.save_pipeline(pipe, path)
+    tiny_parts.save_pipeline(pipe, path)

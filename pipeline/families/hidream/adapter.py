@@ -8,7 +8,6 @@ is exactly what the base model predicts in that pipeline.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 from types import MappingProxyType
@@ -21,7 +20,9 @@ from diffusers import HiDreamImageTransformer2DModel
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.families.base import FlowMatchingFamily
-from pipeline.families.hidream import kohya
+from pipeline.families.capabilities import Sampling
+from pipeline.families.hidream.kohya import HiDreamLayout
+from pipeline.families.hidream.planning import DEFAULT_MAX_SEQUENCE_LENGTH, PLANNING
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t"]
 # Feed-forwards that get a gradient: the text stream's, the shared experts' (and ff_i's where a model has
@@ -35,6 +36,15 @@ MLP = ["ff_i.w1", "ff_i.w2", "ff_i.w3", "shared_experts.w1", "shared_experts.w2"
 OTHER_LINEAR = ["adaLN_modulation.1", "linear", "proj", "linear_1", "linear_2"]
 
 
+class HiDreamSampling(Sampling):
+    pipeline_class = "HiDreamImagePipeline"
+    negative_is_empty_caption = True  # its pipeline encodes "" as the negative prompt for guidance
+
+    def pipeline_layout(self, cond: dict) -> dict:
+        """Batched cached conditioning in HiDreamImagePipeline's argument layout: Llama layers first."""
+        return {k: t.transpose(0, 1).contiguous() if k.endswith("prompt_embeds_llama3") else t for k, t in cond.items()}
+
+
 class HiDreamFamily(FlowMatchingFamily):
     name = "hidream"
     pipeline_classes = ("HiDreamImagePipeline",)
@@ -44,9 +54,8 @@ class HiDreamFamily(FlowMatchingFamily):
     denoiser_component = "transformer"
     denoiser_class = HiDreamImageTransformer2DModel
     pixel_multiple = 16  # VAE downsamples by 8, 2x2 patches by 2 more
-    negative_is_empty_caption = True  # its pipeline encodes "" as the negative prompt for guidance
     swap_blocks = ("double_stream_blocks", "single_stream_blocks")  # 16 and 32 in HiDream-I1
-    default_max_sequence_length = 128  # HiDreamImagePipeline's default, what the model sees at inference
+    default_max_sequence_length = DEFAULT_MAX_SEQUENCE_LENGTH
     # uniform over the model's shifted table, as diffusers' HiDream LoRA script draws (its --weighting_scheme
     # default, over a shift-3.0 table); logit-normal on top of a shift would starve the low-noise end
     # (with Dev's shift 6, sigma < 0.2 would almost never be drawn)
@@ -57,6 +66,10 @@ class HiDreamFamily(FlowMatchingFamily):
         "all_linear": ATTENTION + MLP + OTHER_LINEAR,
     }
     default_target_modules = target_presets["attention"]
+    # the capabilities: planning.py, kohya.py, and the pipeline that renders samples (above)
+    planning = PLANNING
+    lora_layout = HiDreamLayout()
+    sampling = HiDreamSampling()
 
     def __init__(self, root: Path, cfg: ModelConfig):
         super().__init__(root, cfg)
@@ -129,47 +142,8 @@ class HiDreamFamily(FlowMatchingFamily):
     # give the same prediction bit for bit, so a cached prior is the training forward's step-0 output.
     denoiser_kwargs = MappingProxyType({"force_inference_output": True})
 
-    def dry_run_shapes(self, config, batch, resolution, max_sequence_length):
-        L = max_sequence_length or self.default_max_sequence_length
-        t5, llama = config["caption_channels"]
-        h = resolution // 8
-        return (batch, config["in_channels"], h, h), {
-            "prompt_embeds_t5": (batch, L, t5),
-            "prompt_embeds_llama3": (batch, max(config["llama_layers"]) + 1, L, llama),
-            "pooled_prompt_embeds": (batch, config["text_emb_dim"]),
-        }
-
-    def block_depths(self, config):
-        return {"num_layers": config["num_layers"], "num_single_layers": config["num_single_layers"]}
-
-    def with_depths(self, config, depths):
-        # each block reads one llama layer: keep the double blocks' first and the single blocks' last, so
-        # the cut model takes llama embeddings of the same shape as the whole
-        layers = config["llama_layers"]
-        d, s = depths.get("num_layers", config["num_layers"]), depths.get("num_single_layers", config["num_single_layers"])
-        return {**config, **depths, "llama_layers": layers[:d] + layers[len(layers) - s:]}
-
-    @contextlib.contextmanager
-    def dry_run(self):
-        # The routed experts run under no_grad (the inference MoE path): they save nothing for the
-        # backward, but their routing reads expert counts back to the host, which meta tensors cannot do;
-        # unpatchify reads the image sizes back too, and the dry run needs no particular output layout.
-        from diffusers.models.transformers import transformer_hidream_image as m
-
-        moe, unpatchify = m.MOEFeedForwardSwiGLU.moe_infer, m.HiDreamImageTransformer2DModel.unpatchify
-        m.MOEFeedForwardSwiGLU.moe_infer = lambda self, x, idx, weights: torch.zeros_like(x)
-        m.HiDreamImageTransformer2DModel.unpatchify = lambda self, x, img_sizes, is_training: x
-        try:
-            yield
-        finally:
-            m.MOEFeedForwardSwiGLU.moe_infer, m.HiDreamImageTransformer2DModel.unpatchify = moe, unpatchify
-
     def prediction_settings(self):
         return {}  # no guidance embedding; classifier-free guidance happens outside the transformer
-
-    def pipeline_layout(self, cond: dict) -> dict:
-        """Batched cached conditioning in HiDreamImagePipeline's argument layout: Llama layers first."""
-        return {k: t.transpose(0, 1).contiguous() if k.endswith("prompt_embeds_llama3") else t for k, t in cond.items()}
 
     @functools.cached_property
     def _llama_layers(self) -> list[int]:
@@ -192,10 +166,6 @@ class HiDreamFamily(FlowMatchingFamily):
         # Negated, the prediction is the velocity noise - x0, the same quantity as target(); a sign flip is
         # exact, so priors stay bitwise what the pipeline computes.
         return -out
-
-    # -- export -----------------------------------------------------------------------------------
-    def to_kohya(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        return kohya.to_kohya(state_dict, alpha)
 
 
 FAMILY = HiDreamFamily

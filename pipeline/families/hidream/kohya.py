@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.errors import UserError
+from pipeline.families.capabilities import LoraLayout
 
 
 def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -25,3 +26,10 @@ def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, tor
             value = (value.float() * (alpha / rank)).to(value.dtype)
         out[f"diffusion_model.{key[len('transformer.'):]}"] = value
     return out
+
+
+class HiDreamLayout(LoraLayout):
+    """`HiDreamFamily.lora_layout`: ComfyUI's layout as above; the diffusers file keeps peft's names."""
+
+    def to_kohya(self, state_dict, alpha):
+        return to_kohya(state_dict, alpha)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import tiny
+from pipeline.families import tiny_parts
 from pipeline.families.flux.tiny import FLUX_VAE
 
 PRESETS = {
@@ -30,7 +30,7 @@ PRESETS = {
 
 def llama_tokenizer():
     """A byte-level BPE tokenizer like Llama 3's: <|begin_of_text|> prepended, <|end_of_text|> as eos and pad,
-    every word of tiny.WORDS one token (with or without a leading space), any other text spelled in bytes."""
+    every word of tiny_parts.WORDS one token (with or without a leading space), any other text spelled in bytes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,7 +43,7 @@ def llama_tokenizer():
         show_progress=False,
     )
     # words after a space ("Ġword") and at the start of a text ("word"); training is deterministic
-    tok.train_from_iterator([" ".join(tiny.WORDS), "\n".join(tiny.WORDS)], trainer=trainer)
+    tok.train_from_iterator([" ".join(tiny_parts.WORDS), "\n".join(tiny_parts.WORDS)], trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
     )
@@ -59,10 +59,10 @@ def build(path: Path, preset: str = "default", seed: int = 0) -> None:
         CLIPTextConfig, CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM, T5Config, T5EncoderModel,
     )
 
-    path = tiny.check_target(path, preset, PRESETS)
+    path = tiny_parts.check_target(path, preset, PRESETS)
     p = PRESETS[preset]
     d = p["hidden"]  # T5 and Llama width; each CLIP projects to d/2, so the pooled embedding is d wide
-    clip_tok, t5_tok, llama_tok = tiny.clip_tokenizer(), tiny.t5_tokenizer(), llama_tokenizer()
+    clip_tok, t5_tok, llama_tok = tiny_parts.clip_tokenizer(), tiny_parts.t5_tokenizer(), llama_tokenizer()
     blocks = p["num_layers"] + p["num_single_layers"]
 
     torch.manual_seed(seed + 0)
@@ -75,7 +75,7 @@ def build(path: Path, preset: str = "default", seed: int = 0) -> None:
         llama_layers=[min(i, p["llama_layers"] - 1) for i in range(blocks)],
     )
     torch.manual_seed(seed + 1)
-    vae = tiny.tiny_vae(**FLUX_VAE)  # HiDream uses Flux's VAE
+    vae = tiny_parts.tiny_vae(**FLUX_VAE)  # HiDream uses Flux's VAE
 
     def clip(seed_offset: int):
         torch.manual_seed(seed + seed_offset)
@@ -107,4 +107,4 @@ def build(path: Path, preset: str = "default", seed: int = 0) -> None:
         text_encoder_2=text_encoder_2, tokenizer_2=clip_tok, text_encoder_3=text_encoder_3, tokenizer_3=t5_tok,
         text_encoder_4=text_encoder_4, tokenizer_4=llama_tok, transformer=transformer,
     )
-    tiny.save_pipeline(pipe, path)
+    tiny_parts.save_pipeline(pipe, path)

@@ -17,7 +17,9 @@ from diffusers.training_utils import compute_snr
 
 from pipeline.errors import UserError, warn
 from pipeline.families.base import FolderFamily
-from pipeline.families.sdxl import kohya
+from pipeline.families.capabilities import PipelineSampling
+from pipeline.families.sdxl.kohya import SDXLLayout
+from pipeline.families.sdxl.planning import PLANNING
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' SDXL LoRA script's targets
 MLP = ["ff.net.0.proj", "ff.net.2"]
@@ -42,6 +44,10 @@ class SDXLFamily(FolderFamily):
     target_presets = {"attention": ATTENTION, "attention_mlp": ATTENTION + MLP,
                       "all_linear": ATTENTION + MLP + OTHER_LINEAR}
     default_target_modules = ATTENTION
+    # the capabilities: planning.py, kohya.py (lora_layout, below: it reads the UNet's config), and the
+    # pipeline that renders samples
+    planning = PLANNING
+    sampling = PipelineSampling("StableDiffusionXLPipeline")
 
     # -- cache stage: encoders -------------------------------------------------------------------
     def load_vae(self, device, dtype):
@@ -137,28 +143,6 @@ class SDXLFamily(FolderFamily):
     def prediction_settings(self):
         return {}  # no guidance embedding; the prediction type is part of the noise key
 
-    def dry_run_shapes(self, config, batch, resolution, max_sequence_length):
-        h = resolution // 8
-        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        return (batch, config["in_channels"], h, h), {
-            "prompt_embeds": (batch, 77, config["cross_attention_dim"]), "pooled_prompt_embeds": (batch, pooled),
-            "original_size": (batch, 2), "crop_top_left": (batch, 2),
-        }
-
-    def block_depths(self, config):
-        # transformer blocks per down level (the up path mirrors it); a plain int or level 0 (no attention
-        # in SDXL's first level) is left as it is
-        depth = config.get("transformer_layers_per_block")
-        if not isinstance(depth, list) or config.get("reverse_transformer_layers_per_block"):
-            return {}
-        return {f"transformer_layers_per_block.{i}": n for i, n in enumerate(depth) if i > 0}
-
-    def with_depths(self, config, depths):
-        depth = list(config["transformer_layers_per_block"])
-        for key, n in depths.items():
-            depth[int(key.rsplit(".", 1)[1])] = n
-        return {**config, "transformer_layers_per_block": depth}
-
     def predict(self, denoiser, noisy, timesteps, cond, *, device, dtype):
         b, _, h, w = noisy.shape
         # time ids as the pipeline's _get_add_time_ids: original size + crop top-left + target size, all
@@ -176,12 +160,9 @@ class SDXLFamily(FolderFamily):
             return_dict=False,
         )[0]
 
-    # -- export -----------------------------------------------------------------------------------
-    def diffusers_layout(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return kohya.processor_names(state_dict, self.denoiser_component)  # ComfyUI maps no peft attention name
-
-    def to_kohya(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-        return kohya.to_kohya(state_dict, alpha, self.denoiser_component, self.unet_config)
+    @functools.cached_property
+    def lora_layout(self) -> SDXLLayout:
+        return SDXLLayout(self.denoiser_component, self.unet_config)
 
 
 FAMILY = SDXLFamily

@@ -17,6 +17,7 @@ import torch
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
 from pipeline.errors import UserError
+from pipeline.families.capabilities import LoraLayout
 
 
 def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float, prefix: str, unet_config: dict) -> dict[str, torch.Tensor]:
@@ -112,3 +113,17 @@ def peft_names(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, to
             module, kind = m[1], m[3] or _PEFT_KIND[m[2]]
         out[f"{prefix}.{module}.{kind}"] = tensor
     return out
+
+
+class SDXLLayout(LoraLayout):
+    """`SDXLFamily.lora_layout`: kohya's layout, and the diffusers file under the attention processors'
+    names (ComfyUI maps no peft attention name)."""
+
+    def __init__(self, prefix: str, unet_config: dict):
+        self.prefix, self.unet_config = prefix, unet_config
+
+    def to_kohya(self, state_dict, alpha):
+        return to_kohya(state_dict, alpha, self.prefix, self.unet_config)
+
+    def diffusers_layout(self, state_dict):
+        return processor_names(state_dict, self.prefix)

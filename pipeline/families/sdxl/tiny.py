@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.tiny import check_target, clip_tokenizer, save_pipeline, tiny_vae
+from pipeline.families.tiny_parts import check_target, clip_tokenizer, save_pipeline, tiny_vae
 
 PRESETS = {
     # a UNet of well under 1M parameters: a forward at 64 px takes milliseconds on a CPU
