@@ -14,7 +14,7 @@ from pipeline.plan import Plan, Sample
 @dataclass
 class Inputs:
     """One batch, as the denoiser and the loss see it. `cond` holds the text entry's tensors plus the image
-    geometry stored with the latent (original_size, crop_top_left: SDXL's micro-conditioning)."""
+    geometry stored with the latent (original_size, crop_top_left: the micro-conditioning of UNet families)."""
 
     latents: torch.Tensor  # clean latents x0 (B,C,h,w), float32
     noise: torch.Tensor  # (B,C,h,w), float32, from each draw's seed

@@ -67,7 +67,7 @@ def measure_peaks(config_path: str, kind: str) -> dict:
     import torch
 
     from pipeline.config import load_config
-    from pipeline.families import get_family
+    from pipeline.families.load import get_family
     from pipeline.settings import TORCH_DTYPES
     from pipeline.swap import load_denoiser
     from pipeline.train.optim import build_optimizer

@@ -23,6 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from pipeline.errors import UserError
+from pipeline.families import FAMILIES, tiny_module  # the registry alone: no model library
 
 DTYPES = ("bf16", "fp16", "fp32")
 QUANTIZE = ("none", "int8", "fp8", "nf4")
@@ -41,7 +42,7 @@ class ModelConfig:
     max_sequence_length: int = 0  # T5 (and Llama) tokens per caption; 0: the family's own (see docs/config.md)
     encoder_dtype: str = "fp32"  # dtype the VAE and text encoders run in at cache time
     denoiser_file: str = ""  # a single-file (.safetensors) denoiser checkpoint used instead of the folder's weights
-    prediction_type: str = ""  # SDXL: "epsilon" | "v_prediction" when the scheduler config says otherwise; "": its own
+    prediction_type: str = ""  # epsilon/v models: "epsilon" | "v_prediction" when the scheduler config says otherwise; "": its own
     quantize: str = "none"  # the frozen denoiser's weights: "none" | "int8" | "fp8" (torchao) | "nf4" (bitsandbytes, CUDA)
 
 
@@ -133,7 +134,7 @@ class TrainConfig:
     blocks_to_swap: int = 0  # transformer blocks whose frozen weights wait in CPU memory (both stages; see pipeline/swap.py)
     fsdp: bool = False  # under a launcher, shard the frozen weights across the processes (FSDP2; see pipeline/shard.py)
     tensorboard: bool = False  # also log to <output_dir>/tensorboard (pip install 'prior-lora[tensorboard]')
-    loss_weighting: str = "none"  # "none" | "sigma_sqrt" | "cosmap" (flow models) | "min_snr" (SDXL)
+    loss_weighting: str = "none"  # "none" | "sigma_sqrt" | "cosmap" (flow models) | "min_snr" (epsilon/v models)
     min_snr_gamma: float = 5.0
 
 
@@ -372,8 +373,6 @@ def validate(cfg: Config) -> None:
     if cfg.model.denoiser_file and not cfg.model.denoiser_file.endswith(".safetensors"):
         raise UserError("config key 'model.denoiser_file' must name a .safetensors file (pickle checkpoints are not loaded)")
     if cfg.embedded is not None:
-        from pipeline.families import FAMILIES, tiny_module  # the one list of families (imports no model library)
-
         _choice(cfg.embedded.family, FAMILIES, "embedded.family")
         _choice(cfg.embedded.preset, tuple(tiny_module(cfg.embedded.family).PRESETS), "embedded.preset")
     for key, value in (("data.flip_probability", cfg.data.flip_probability),

@@ -122,7 +122,7 @@ def cover_size(width: int, height: int, bucket: tuple[int, int]) -> tuple[int, i
 def prepare_image(path: Path, size: int | tuple[int, int], flip: bool = False) -> tuple[torch.Tensor, dict]:
     """Decode, apply the EXIF rotation, resize to cover `size` = (height, width) (an int: a square) and
     centre-crop to it, then mirror if `flip`. Returns the (3, h, w) float32 tensor in [-1, 1] and the
-    geometry SDXL-style conditioning needs: original (height, width) and the crop's (top, left) in the
+    geometry a UNet family's micro-conditioning needs: original (height, width) and the crop's (top, left) in the
     resized image. Raises BadImage."""
     height, width = (size, size) if isinstance(size, int) else size
     try:
@@ -143,7 +143,7 @@ def prepare_image(path: Path, size: int | tuple[int, int], flip: bool = False) -
     im = im.crop((left, top, left + width, top + height))
     if flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = resized[0] - left - width  # where the crop sits in the mirrored image (as diffusers' SDXL script)
+        left = resized[0] - left - width  # where the crop sits in the mirrored image (as diffusers' UNet training scripts)
     array = np.asarray(im, dtype=np.float32)
     pixels = torch.from_numpy(array.copy()).permute(2, 0, 1) / 127.5 - 1.0
     return pixels, {"original_size": original, "crop_top_left": (top, left)}

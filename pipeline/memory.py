@@ -438,7 +438,7 @@ def plan_memory(cfg, cache: bool = True, shards: int = 1) -> Estimate:
     """The estimate for a config's model folder; without `cache`, training's only (the VAE and the text
     encoders are not built, not even on the meta device: the train stage touches none of them).
     shards: training sharded across this many processes (train.fsdp): one GPU's share."""
-    from pipeline.families import get_family
+    from pipeline.families.load import get_family
 
     family = get_family(cfg.model)
     from diffusers import AutoencoderKL

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.families import get_family
+from pipeline.families.load import get_family
 from pipeline.families.base import load_full_pipeline
 from pipeline.settings import TORCH_DTYPES, pick_device
 from pipeline.train.validation import save_grid

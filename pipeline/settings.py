@@ -19,7 +19,7 @@ import torch
 from pipeline import quantize
 from pipeline.config import Config
 from pipeline.errors import UserError, note
-from pipeline.families import get_family
+from pipeline.families.load import get_family
 from pipeline.families.base import Family
 from pipeline.processes import launched_sharded, launched_size
 

@@ -121,7 +121,7 @@ def test_portable_config_has_no_absolute_paths(project):
 def test_a_hub_id_without_network_says_to_download_it(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
-    from pipeline.families import resolve_model
+    from pipeline.families.load import resolve_model
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on a machine with no network
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # and nothing downloaded

@@ -18,7 +18,7 @@ from pipeline.cache.store import Store
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.data import load_image
 from pipeline.errors import UserError
-from pipeline.families import get_family
+from pipeline.families.load import get_family
 from pipeline.families.hidream.tiny import build as build_tiny_hidream
 from pipeline.lora import add_lora, diffusers_weights
 from pipeline.plan import make_plan

@@ -19,7 +19,8 @@ from pipeline.cache.store import Store
 from pipeline.config import LoraConfig, ModelConfig, TrainConfig, check_paths, load_config
 from pipeline.data import prepare_image
 from pipeline.errors import UserError
-from pipeline.families import detect_family, family_class
+from pipeline.families import family_class
+from pipeline.families.load import detect_family
 from pipeline.families.sdxl.adapter import SDXLFamily
 from pipeline.families.sdxl.kohya import ldm_unet_name, peft_names
 from pipeline.families.sdxl.tiny import build as build_tiny_sdxl
