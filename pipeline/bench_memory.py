@@ -4,7 +4,7 @@ For each family, the public full-size denoiser config (its planning capability) 
 one block of each kind, is saved with random weights as a normal diffusers folder; a config points
 model.path at it and the real `python -m pipeline plan-memory --config F --json` estimates it. Each
 measurement then runs in a fresh subprocess, which loads the folder as the stages do
-(pipeline.swap.load_denoiser; for training with the train stage's prepare_model: the LoRA, gradient
+(pipeline.swap.load_denoiser; for training with the stages' prepare_model: the LoRA, gradient
 checkpointing, and its build_optimizer) and measures:
 - vae: the second of two encodes of cache.batch_size images by the family's full-size VAE (random weights,
   model.encoder_dtype), with the cache stage's encode_images, against the planner's VAE working set;
@@ -71,7 +71,7 @@ def measure_peaks(config_path: str, kind: str) -> dict:
     from pipeline.settings import TORCH_DTYPES
     from pipeline.swap import load_denoiser
     from pipeline.train.optim import build_optimizer
-    from pipeline.train.setup import prepare_model
+    from pipeline.denoiser.build import prepare_model
 
     torch.set_num_threads(2)
     cfg = load_config(config_path)

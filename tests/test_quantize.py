@@ -176,7 +176,7 @@ def test_the_lora_of_a_quantized_base_is_a_normal_diffusers_lora(project):
 def test_nf4_priors_equal_the_training_forward(project):
     """On a GPU: nf4's cached prior equals a fresh forward of the model as training holds it, the step-0
     prior loss is zero up to rounding, and switching to nf4 recomputes only priors."""
-    from pipeline.train.setup import build_denoiser
+    from pipeline.denoiser.build import build_denoiser
 
     path, cfg = project(cache_batch=1, max_steps=1, batch=4)
     run_cache(cfg, progress=False)
@@ -187,7 +187,7 @@ def test_nf4_priors_equal_the_training_forward(project):
     plan, store = make_plan(nf4), Store(nf4.cache.dir)
     sample = next(x for x in plan.samples if x.prior)
     prior = store.read("prior/bf16-nf4", plan.prior_key(sample, 1))[0]["prediction"]
-    denoiser, _ = build_denoiser(plan, torch.device("cuda"), checks=False)
+    denoiser, _ = build_denoiser(plan.cfg, plan.family, torch.device("cuda"), torch.bfloat16, checks=False)
     inputs = load_inputs(plan, store, [(sample, 1)])
     fresh = plan.family.predict(denoiser.module, inputs.noisy, inputs.timesteps, inputs.cond, device=denoiser.device,
                                 dtype=denoiser.dtype).detach().cpu()

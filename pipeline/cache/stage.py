@@ -27,6 +27,7 @@ from diffusers.training_utils import free_memory
 from tqdm import tqdm
 
 from pipeline.cache import owners
+from pipeline.cache.compute import COMPUTE
 from pipeline.cache.kinds import COMPUTED, Kind
 from pipeline.cache.lock import cache_lock
 from pipeline.cache.store import Entry, Store, access_error, os_errno
@@ -85,7 +86,8 @@ class Phase:
         if not self.chunks:
             return
         store, name = self.store, self.name
-        model = self.kind.load(self.plan, device)
+        load, compute = COMPUTE[self.kind.name]
+        model = load(self.plan, device)
         chunks = self.chunks
         mine = sum(not store.has(name, k) for c in chunks for k in c)
         self._pending, self._bytes, self._since = {}, 0, 0.0
@@ -94,7 +96,7 @@ class Phase:
                 for chunk in chunks:
                     if not self._pending:
                         self._since = time.monotonic()  # the age of the waiting work: what a crash would lose
-                    entries = self.kind.compute(self.plan, store, model, [self.needed[k] for k in chunk])
+                    entries = compute(self.plan, store, model, [self.needed[k] for k in chunk])
                     # entries may lack keys whose input turned out unusable (a bad image)
                     fresh = {k: e for k, e in entries.items() if not store.has(name, k)}
                     self._add(fresh)

@@ -14,12 +14,10 @@ import torch
 
 from pipeline.batches import Denoiser
 from pipeline.cache.store import Store
-from pipeline.errors import warn
-from pipeline.lora import add_lora, kohya_weights
+from pipeline.denoiser.build import build_denoiser
 from pipeline.plan import Plan
 from pipeline.processes import OneProcess
-from pipeline.settings import TORCH_DTYPES
-from pipeline.swap import load_denoiser, swap_blocks
+from pipeline.swap import swap_blocks
 from pipeline.train import checkpoint
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.optim import build_optimizer, build_scheduler
@@ -45,49 +43,13 @@ class Run:
         return self.procs.optimizer_state(self.optimizer)
 
 
-def prepare_model(model: torch.nn.Module, cfg, family, checks: bool = True) -> list[torch.nn.Parameter]:
-    """What training does to the loaded denoiser: add the LoRA (its parameters are returned), check the
-    output format, turn on gradient checkpointing. `make bench-memory` measures a step after this too.
-    checks: refuse what the LoRA file's format cannot hold, warn about DoRA (the train stage; the cache
-    stage saves no LoRA)."""
-    params = add_lora(model, cfg.lora, family.target_presets)
-    if cfg.train.lora_format == "kohya" and checks:
-        kohya_weights(model, family, cfg.lora)  # refuse now, not after training, what kohya's layout cannot hold
-    elif cfg.lora.use_dora and checks:
-        # ComfyUI has no reader for peft's magnitude vectors (its DoRA normalises the other axis of the weight)
-        warn("lora.use_dora = true: the LoRA file loads in diffusers, but ComfyUI would load it without DoRA's "
-             "magnitudes, so its images would differ")
-    if cfg.train.gradient_checkpointing:
-        model.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
-    return params
-
-
-def build_denoiser(plan: Plan, device: torch.device, checks: bool = True,
-                   place: bool = True) -> tuple[Denoiser, list]:
-    """The denoiser as training holds it: loaded (quantized with model.quantize), the LoRA added with B = 0,
-    gradient checkpointing as configured, placed with train.blocks_to_swap blocks swapped, in train mode.
-    The cache stage computes priors on this same model, so a prior is the training forward's step-0 output
-    whatever the backend's kernels do in each mode. Returns it with the LoRA's parameters.
-    place: false leaves it on the CPU, unswapped, for the process setup to place on `device` (FSDP shards
-    it from there)."""
-    cfg, t = plan.cfg, plan.cfg.train
-    dtype = TORCH_DTYPES[t.dtype]
-    found: list[torch.nn.Parameter] = []
-    # before the model is placed: the LoRA goes where its block's weights go
-    prepare = lambda model: found.extend(prepare_model(model, cfg, plan.family, checks))  # noqa: E731
-    model, swap = load_denoiser(plan.family, device if place else torch.device("cpu"), dtype,
-                                t.blocks_to_swap if place else 0, prepare)
-    model.train()
-    return Denoiser(model, device, dtype, swap), found
-
-
-def setup(plan: Plan, store: Store, device: torch.device, procs: OneProcess,
+def setup(plan: Plan, store: Store, device: torch.device, dtype: torch.dtype, procs: OneProcess,
           resume_from: Path | None = None) -> tuple[Run, TrainState]:
     """The run, and where it starts: a fresh TrainState, or with `resume_from` the checkpoint's, its LoRA,
     optimizer and schedule state loaded into what is built here."""
     cfg, t = plan.cfg, plan.cfg.train
     torch.manual_seed(t.seed)  # the LoRA's initial weights: the same on every rank
-    denoiser, _ = build_denoiser(plan, device, place=not procs.places_weights)
+    denoiser, _ = build_denoiser(cfg, plan.family, device, dtype, place=not procs.places_weights)
     state, saved = TrainState(), None
     if resume_from is not None:
         checkpoint.restore_lora(resume_from, denoiser.module)  # into the whole model, before it is placed

@@ -107,7 +107,7 @@ def _train_lora(settings: Settings, progress: bool, resume: bool, overwrite: boo
     practice_warnings(plan)
     # the run built in dependency order, a checkpoint's state loaded into it (under FSDP the ranks of a
     # machine take turns, so that it holds one unsharded copy at a time)
-    run, state = procs.one_by_one(lambda: setup(plan, store, device, procs, found), "loading the denoiser")
+    run, state = procs.one_by_one(lambda: setup(plan, store, device, settings.dtype, procs, found), "loading the denoiser")
     batch_size_warning(epoch_batches(plan, run.shapes, 0), t.batch_size)
     state.run_id = procs.broadcast(state.run_id)  # a fresh run's id: rank 0's
     resumed_at = state.step if resume else None

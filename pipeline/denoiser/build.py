@@ -1,0 +1,47 @@
+"""The denoiser as both stages hold it: loaded (quantized with model.quantize), the LoRA added, gradient
+checkpointing as configured, placed with train.blocks_to_swap blocks swapped, in train mode. The cache
+stage computes priors on this same model, so a prior is the training forward's step-0 output."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.batches import Denoiser
+from pipeline.config import Config
+from pipeline.errors import warn
+from pipeline.lora import add_lora, kohya_weights
+from pipeline.swap import load_denoiser
+
+
+def prepare_model(model: torch.nn.Module, cfg, family, checks: bool = True) -> list[torch.nn.Parameter]:
+    """What training does to the loaded denoiser: add the LoRA (its parameters are returned), check the
+    output format, turn on gradient checkpointing. `make bench-memory` measures a step after this too.
+    checks: refuse what the LoRA file's format cannot hold, warn about DoRA (the train stage; the cache
+    stage saves no LoRA)."""
+    params = add_lora(model, cfg.lora, family.target_presets)
+    if cfg.train.lora_format == "kohya" and checks:
+        kohya_weights(model, family, cfg.lora)  # refuse now, not after training, what kohya's layout cannot hold
+    elif cfg.lora.use_dora and checks:
+        # ComfyUI has no reader for peft's magnitude vectors (its DoRA normalises the other axis of the weight)
+        warn("lora.use_dora = true: the LoRA file loads in diffusers, but ComfyUI would load it without DoRA's "
+             "magnitudes, so its images would differ")
+    if cfg.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
+    return params
+
+
+def build_denoiser(cfg: Config, family, device: torch.device, dtype: torch.dtype, checks: bool = True,
+                   place: bool = True) -> tuple[Denoiser, list]:
+    """The denoiser as training holds it: loaded (quantized with model.quantize), the LoRA added with B = 0,
+    gradient checkpointing as configured, placed with train.blocks_to_swap blocks swapped, in train mode.
+    The cache stage computes priors on this same model, so a prior is the training forward's step-0 output
+    whatever the backend's kernels do in each mode. Returns it with the LoRA's parameters.
+    place: false leaves it on the CPU, unswapped, for the process setup to place on `device` (FSDP shards
+    it from there)."""
+    found: list[torch.nn.Parameter] = []
+    # before the model is placed: the LoRA goes where its block's weights go
+    prepare = lambda model: found.extend(prepare_model(model, cfg, family, checks))  # noqa: E731
+    model, swap = load_denoiser(family, device if place else torch.device("cpu"), dtype,
+                                cfg.train.blocks_to_swap if place else 0, prepare)
+    model.train()
+    return Denoiser(model, device, dtype, swap), found
