@@ -62,19 +62,19 @@ bench: $(SETUP)
 	$(PY) -m pipeline.bench
 
 bench-scale: $(SETUP)
-	$(PY) -m pipeline.bench_scale $(ARGS)
+	$(PY) -m pipeline.tools.bench_scale $(ARGS)
 
 plan-memory: $(SETUP)
 	$(PY) -m pipeline plan-memory --config $(CONFIG) $(DTYPE_ARG)
 
 memory-table: $(SETUP)
-	$(PY) -m pipeline.memory_table
+	$(PY) -m pipeline.tools.memory_table
 
 bench-memory: $(SETUP)
-	$(PY) -m pipeline.bench_memory $(ARGS)
+	$(PY) -m pipeline.tools.bench_memory $(ARGS)
 
 bench-gpu: $(SETUP)
-	$(PY) -m pipeline.bench_gpu $(ARGS)
+	$(PY) -m pipeline.tools.bench_gpu $(ARGS)
 
 test-gpu: $(SETUP)
 	$(PY) -m pytest -q -m gpu

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.cache.store import Store
-from pipeline.plan import Plan, Sample
+from pipeline.data.plan import Plan, Sample
 
 
 @dataclass

@@ -68,7 +68,7 @@ def main(steps, warmup, batch_size, resolution, dtype, device, threads):
     from pipeline.cache.store import Store
     from pipeline.config import load_config
     from pipeline.families.flux import tiny as flux_tiny
-    from pipeline.plan import make_plan
+    from pipeline.data.plan import make_plan
     from pipeline.settings import pick_device
     from pipeline.train.setup import setup
     from pipeline.train.step import optimizer_step

@@ -110,7 +110,7 @@ def cache(ctx, config_path, dtype, quiet):
 
     def go():
         cfg = load_config(config_path, dtype)
-        from pipeline.cache.kinds import in_words
+        from pipeline.data.kinds import in_words
         from pipeline.cache.stage import run_cache
 
         _quiet_libraries()

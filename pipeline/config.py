@@ -131,8 +131,8 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the newest this many are kept (0: all)
     gradient_accumulation: int = 1  # batches per optimizer step
     gradient_checkpointing: bool = False
-    blocks_to_swap: int = 0  # transformer blocks whose frozen weights wait in CPU memory (both stages; see pipeline/swap.py)
-    fsdp: bool = False  # under a launcher, shard the frozen weights across the processes (FSDP2; see pipeline/shard.py)
+    blocks_to_swap: int = 0  # transformer blocks whose frozen weights wait in CPU memory (both stages; see pipeline/denoiser/swap.py)
+    fsdp: bool = False  # under a launcher, shard the frozen weights across the processes (FSDP2; see pipeline/denoiser/shard.py)
     tensorboard: bool = False  # also log to <output_dir>/tensorboard (pip install 'prior-lora[tensorboard]')
     loss_weighting: str = "none"  # "none" | "sigma_sqrt" | "cosmap" (flow models) | "min_snr" (epsilon/v models)
     min_snr_gamma: float = 5.0

@@ -8,7 +8,7 @@ start of both stages).
   an fp32 absmax per 64 weights (bitsandbytes' block size). Other tensors stay in the train dtype.
 - **Swapped blocks** (train.blocks_to_swap): their frozen weights leave the device, except the two
   largest swapped blocks, which can be resident at once (the one computing and the one being prefetched).
-- **Sharded training** (train.fsdp over N processes, pipeline/shard.py): 1/N of the weights and of the
+- **Sharded training** (train.fsdp over N processes, pipeline/denoiser/shard.py): 1/N of the weights and of the
   LoRA's parameters, gradients and optimizer state, plus what is gathered whole at once: the root (the
   weights outside the blocks, kept gathered from the forward to the backward) and the two largest blocks
   (the one computing and the next, prefetched). The cache stage does not shard.
@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from pipeline.families.capabilities import require
-from pipeline.lora import resolve_targets
+from pipeline.denoiser.lora import resolve_targets
 
 GiB = 2**30
 OVERHEAD = int(0.75 * GiB)
@@ -296,7 +296,7 @@ def activations(family, config: dict, lora_cfg, batch: int, resolution: int, dty
     (family.planning.block_depths): blocks of a kind save the same, so the whole is the one-block model plus, per
     kind, (count - 1) times what a second block adds. Exact (tests/test_memory.py compares it with the
     uncut dry run) and fast: a full-size Flux's 57 blocks cost two dry runs of three blocks."""
-    from pipeline.lora import add_lora
+    from pipeline.denoiser.lora import add_lora
 
     def run(cfg):
         previous = torch.get_default_dtype()
@@ -361,7 +361,7 @@ def estimate(family, config: dict, lora_cfg, s: Settings, encoders: dict[str, in
     """The peak GPU memory for a denoiser config (dict) of `family` under settings `s`; `encoders` gives
     the parameter count of the VAE ("vae") and of each text encoder, when known, and `vae_config` the
     VAE's config, for its encode's working set."""
-    from pipeline.swap import swap_blocks, swapped_indices
+    from pipeline.denoiser.swap import swap_blocks, swapped_indices
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.dtype]
     model = meta_denoiser(family, config)  # counted in s.dtype: no need to cast it

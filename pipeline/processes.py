@@ -1,5 +1,5 @@
 """The process setup a command runs under, chosen once by `start`: one process, data-parallel (DDP through
-accelerate) or sharded (FSDP2, pipeline/shard.py). The stages call its methods and never ask which one it
+accelerate) or sharded (FSDP2, pipeline/denoiser/shard.py). The stages call its methods and never ask which one it
 is: every method of the one-process setup is today's single-process behaviour (a collective is a no-op).
 
 Under a launcher (`accelerate launch`, `torchrun`) accelerate starts the process group from the launcher's
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pipeline import shard
+from pipeline.denoiser import shard
 from pipeline.atomic import HOST
 from pipeline.errors import UserError
 
@@ -239,7 +239,7 @@ class DataParallel(OneProcess):
 
 
 class Sharded(DataParallel):
-    """Several processes sharing one sharded model (FSDP2, pipeline/shard.py): each transformer block one unit."""
+    """Several processes sharing one sharded model (FSDP2, pipeline/denoiser/shard.py): each transformer block one unit."""
 
     sharded = places_weights = True  # each rank loads on the CPU and keeps only its shard
 

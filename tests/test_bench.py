@@ -29,7 +29,7 @@ def test_bench_reports_medians_and_ratios():
 
 def test_bench_scale_reports_each_command_under_a_low_open_file_limit():
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench_scale", "--images", "24", "--captions", "4", "--segment-mb", "0", "--batch-size", "1",
+        [sys.executable, "-m", "pipeline.tools.bench_scale", "--images", "24", "--captions", "4", "--segment-mb", "0", "--batch-size", "1",
          "--nofile", "64"],
         capture_output=True, text=True, timeout=600,
     )

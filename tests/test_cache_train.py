@@ -12,7 +12,7 @@ from diffusers import FluxTransformer2DModel
 from pipeline.cache.stage import run_cache
 from pipeline.cache.store import Store
 from pipeline.errors import UserError
-from pipeline.plan import make_plan
+from pipeline.data.plan import make_plan
 from pipeline.train.stage import run_train
 
 COMPUTED = ("latents_encoded", "texts_encoded", "noise_computed", "priors_computed")
@@ -55,7 +55,7 @@ def test_cached_prior_equals_a_fresh_forward(project):
     """Recompute one prior by hand with diffusers alone (no cache code) from the stored seed and timestep."""
     from diffusers import AutoencoderKL, FluxPipeline
 
-    from pipeline.data import load_image
+    from pipeline.data.images import load_image
 
     _, cfg = project(cache_batch=1)  # batch composition 1 everywhere, so equality is bitwise
     run_cache(cfg, progress=False)

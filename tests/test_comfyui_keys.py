@@ -28,7 +28,7 @@ from pipeline.config import LoraConfig, ModelConfig
 from pipeline.families import family_class
 from pipeline.families.base import load_full_pipeline
 from pipeline.families.sdxl.kohya import ldm_unet_name
-from pipeline.lora import LORA_LAYERS, add_lora, diffusers_weights, lora_file, save_lora
+from pipeline.denoiser.lora import LORA_LAYERS, add_lora, diffusers_weights, lora_file, save_lora
 
 # the public configs of the full-size denoisers (transformer/ or unet/config.json of each repository)
 FLUX1_DEV = dict(attention_head_dim=128, axes_dims_rope=[16, 56, 56], guidance_embeds=True, in_channels=64,

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from pipeline.cache import lock
-from pipeline.cache.lock import cache_lock
+from pipeline.store import lock
+from pipeline.store.lock import cache_lock
 from pipeline.cache.stage import run_cache
 from pipeline.errors import UserError
 from pipeline.train import checkpoint

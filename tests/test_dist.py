@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from conftest import configure
 from pipeline import processes
-from pipeline.cache.lock import cache_lock
+from pipeline.store.lock import cache_lock
 from pipeline.cache.stage import run_cache
 from pipeline.cache.store import HOST, writer_gone
 from pipeline.errors import UserError

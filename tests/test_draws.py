@@ -15,10 +15,10 @@ from pipeline.batches import load_inputs
 from pipeline.cache.stage import run_cache
 from pipeline.cache.store import Store
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.draws import fresh_seeds
+from pipeline.data.draws import fresh_seeds
 from pipeline.errors import UserError
 from pipeline.families import family_class
-from pipeline.plan import make_plan
+from pipeline.data.plan import make_plan
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.stage import run_train
 

@@ -15,7 +15,7 @@ from pipeline.cache.stage import run_cache
 from pipeline.cache.store import Store
 from pipeline.config import load_config
 from pipeline.families.base import load_full_pipeline
-from pipeline.plan import make_plan
+from pipeline.data.plan import make_plan
 from pipeline.settings import TORCH_DTYPES
 from pipeline.train.stage import train_lora
 

@@ -16,12 +16,12 @@ from pipeline import tiny
 from pipeline.cache.stage import run_cache
 from pipeline.cache.store import Store
 from pipeline.config import LoraConfig, ModelConfig
-from pipeline.data import load_image
+from pipeline.data.images import load_image
 from pipeline.errors import UserError
 from pipeline.families.load import get_family
 from pipeline.families.hidream.tiny import build as build_tiny_hidream
-from pipeline.lora import add_lora, diffusers_weights
-from pipeline.plan import make_plan
+from pipeline.denoiser.lora import add_lora, diffusers_weights
+from pipeline.data.plan import make_plan
 from pipeline.train.stage import run_train, train_lora
 
 from conftest import CPU32

@@ -3,7 +3,7 @@ still writing, and a prune/repair never deletes what a training run reads. Confl
 
 import pytest
 
-from pipeline.cache.lock import cache_lock
+from pipeline.store.lock import cache_lock
 from pipeline.errors import UserError
 
 

@@ -18,8 +18,8 @@ from pipeline.cache.stage import run_cache
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.errors import UserError
 from pipeline.families.flux.adapter import FluxFamily
-from pipeline.lora import diffusers_weights, resolve_targets
-from pipeline.plan import make_plan
+from pipeline.denoiser.lora import diffusers_weights, resolve_targets
+from pipeline.data.plan import make_plan
 from pipeline.train.stage import train_lora
 
 PRESETS = FluxFamily.target_presets

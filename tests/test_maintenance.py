@@ -10,12 +10,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.cache.kinds import check_complete
+from pipeline.data.kinds import check_complete
 from pipeline.cache.maintenance import needed_keys, prune, status, verify
 from pipeline.cache.stage import run_cache
 from pipeline.cache.store import Store
 from pipeline.cli import main
-from pipeline.plan import make_plan
+from pipeline.data.plan import make_plan
 
 COMPUTED = ("latents_encoded", "texts_encoded", "noise_computed", "priors_computed")
 

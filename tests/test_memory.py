@@ -11,10 +11,10 @@ import torch
 
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.families import family_class
-from pipeline.lora import add_lora
+from pipeline.denoiser.lora import add_lora
 from pipeline.memory import (Settings, activations, estimate, lora_bytes, meta_denoiser, prior_working,
                              weight_bytes)
-from pipeline.swap import swap_blocks, swapped_indices
+from pipeline.denoiser.swap import swap_blocks, swapped_indices
 
 
 def built(tiny_family_model, name, dtype=torch.float32):
@@ -143,7 +143,7 @@ def test_sdxl_checkpointing_keeps_less(tiny_family_model):
 
 @pytest.mark.parametrize("name", ["flux", "sdxl", "hidream"])
 def test_cut_public_configs_keep_the_public_widths(name):
-    from pipeline.public_configs import ENCODERS, cut_config
+    from pipeline.tools.public_configs import ENCODERS, cut_config
 
     cls = family_class(name)
     model = meta_denoiser(cls, cut_config(name, 1))

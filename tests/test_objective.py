@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from pipeline.cache.keys import derive_seed, digest
+from pipeline.store.keys import derive_seed, digest
 from pipeline.objective import draw_timestep_index, flow_noisy, flow_target, draw_noise, per_sample_mse
 
 

@@ -21,7 +21,7 @@ from pipeline.cache.maintenance import status
 from pipeline.cache.stage import run_cache
 from pipeline.cache.store import Store
 from pipeline.errors import UserError
-from pipeline.plan import make_plan
+from pipeline.data.plan import make_plan
 from pipeline.train.stage import run_train, train_lora
 
 CPU = torch.device("cpu")

@@ -19,8 +19,8 @@ from pipeline.cache.store import Store
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.families.base import load_full_pipeline
-from pipeline.lora import CHECKPOINT_LORA
-from pipeline.plan import make_plan
+from pipeline.denoiser.lora import CHECKPOINT_LORA
+from pipeline.data.plan import make_plan
 from pipeline.train.stage import run_train
 
 from conftest import CPU32, configure

@@ -11,7 +11,7 @@ from test_lora_format import predictions
 
 from pipeline.cache.stage import run_cache
 from pipeline.config import load_config
-from pipeline.plan import make_plan
+from pipeline.data.plan import make_plan
 from pipeline.train.stage import train_lora
 
 COMPUTED = ("latents_encoded", "texts_encoded", "noise_computed", "priors_computed")

@@ -17,15 +17,15 @@ from pipeline import tiny
 from pipeline.cache.stage import run_cache
 from pipeline.cache.store import Store
 from pipeline.config import LoraConfig, ModelConfig, TrainConfig, check_paths, load_config
-from pipeline.data import prepare_image
+from pipeline.data.images import prepare_image
 from pipeline.errors import UserError
 from pipeline.families import family_class
 from pipeline.families.load import detect_family
 from pipeline.families.sdxl.adapter import SDXLFamily
 from pipeline.families.sdxl.kohya import ldm_unet_name, peft_names
 from pipeline.families.sdxl.tiny import build as build_tiny_sdxl
-from pipeline.lora import add_lora, diffusers_weights, save_lora
-from pipeline.plan import make_plan
+from pipeline.denoiser.lora import add_lora, diffusers_weights, save_lora
+from pipeline.data.plan import make_plan
 from pipeline.train.stage import train_lora
 
 from conftest import CPU32

@@ -46,7 +46,7 @@ def test_a_family_without_a_capability_is_refused_in_one_line():
     import torch
 
     from pipeline.families.base import load_full_pipeline
-    from pipeline.lora import kohya_weights
+    from pipeline.denoiser.lora import kohya_weights
     from pipeline.memory import activations
 
     bare = SimpleNamespace(name="bare", planning=None, lora_layout=None, sampling=None)

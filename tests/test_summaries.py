@@ -8,7 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cache.kinds import in_words
+from pipeline.data.kinds import in_words
 from pipeline.cache.stage import run_cache
 from pipeline.cli import _human, main
 from pipeline.train.sinks import ProgressSink

@@ -1,4 +1,4 @@
-"""Block swap (train.blocks_to_swap, pipeline/swap.py): training and the cached priors are bit for bit those
+"""Block swap (train.blocks_to_swap, pipeline/denoiser/swap.py): training and the cached priors are bit for bit those
 without swap, and every computation reads a swapped block's weights only while they are resident: the
 tests park swapped weights as NaN copies, so a missed onload (forward,
 backward, or checkpointing's recomputation) fails the run instead of silently reading CPU memory."""
@@ -10,8 +10,8 @@ from pipeline.cache.stage import run_cache
 from pipeline.cache.store import Store
 from pipeline.errors import UserError
 from pipeline.families import family_class
-from pipeline.plan import make_plan
-from pipeline.swap import BlockSwap, apply_block_swap, swapped_indices
+from pipeline.data.plan import make_plan
+from pipeline.denoiser.swap import BlockSwap, apply_block_swap, swapped_indices
 from pipeline.train.stage import train_lora
 
 from conftest import configure

@@ -16,7 +16,7 @@ from pipeline.cache.stage import run_cache
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.plan import make_plan
+from pipeline.data.plan import make_plan
 from pipeline.train.stage import run_train
 
 from conftest import configure

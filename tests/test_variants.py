@@ -7,8 +7,8 @@ import torch
 from pipeline.batches import load_inputs
 from pipeline.cache.stage import run_cache
 from pipeline.cache.store import Store
-from pipeline.data import load_image
-from pipeline.plan import make_plan
+from pipeline.data.images import load_image
+from pipeline.data.plan import make_plan
 from pipeline.settings import TORCH_DTYPES
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.stage import run_train

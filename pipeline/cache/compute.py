@@ -1,4 +1,4 @@
-"""How the cache stage computes each kind of entry (the registry is pipeline/cache/kinds.py): the model that
+"""How the cache stage computes each kind of entry (the registry is pipeline/data/kinds.py): the model that
 computes it, loaded once per phase, and one chunk of entries from it. COMPUTE holds one entry per kind
 that a model computes."""
 
@@ -12,9 +12,9 @@ import torch
 from pipeline import quantize
 from pipeline.batches import Denoiser, forward, load_inputs
 from pipeline.cache.store import Entry, Store
-from pipeline.data import BadImage, prepare_image
+from pipeline.data.images import BadImage, prepare_image
 from pipeline.denoiser.build import build_denoiser
-from pipeline.plan import BAD_IMAGE, Plan, Sample
+from pipeline.data.plan import BAD_IMAGE, Plan, Sample
 from pipeline.settings import TORCH_DTYPES
 
 

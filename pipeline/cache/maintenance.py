@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cache.kinds import COMPUTED, KINDS, computed, fix_command, needed_keys, numerics_words, why_priors_missing
-from pipeline.cache.lock import cache_lock
+from pipeline.data.kinds import COMPUTED, KINDS, computed, fix_command, needed_keys, numerics_words, why_priors_missing
+from pipeline.store.lock import cache_lock
 from pipeline.cache.owners import other_configs
 from pipeline.cache.store import Store
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.plan import Plan, open_plan
+from pipeline.data.plan import Plan, open_plan
 
 
 def _open(cfg: Config) -> tuple[Plan, Store]:

@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 
 from pipeline.atomic import replacing
-from pipeline.cache.keys import digest
-from pipeline.cache.kinds import KINDS, needed_keys
-from pipeline.plan import Plan
+from pipeline.store.keys import digest
+from pipeline.data.kinds import KINDS, needed_keys
+from pipeline.data.plan import Plan
 
 DIR = "configs"
 

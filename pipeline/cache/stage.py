@@ -28,13 +28,13 @@ from tqdm import tqdm
 
 from pipeline.cache import owners
 from pipeline.cache.compute import COMPUTE
-from pipeline.cache.kinds import COMPUTED, Kind
-from pipeline.cache.lock import cache_lock
+from pipeline.data.kinds import COMPUTED, Kind
+from pipeline.store.lock import cache_lock
 from pipeline.cache.store import Entry, Store, access_error, os_errno
 from pipeline.config import Config
 from pipeline.errors import UserError, note
 from pipeline.memory import say_estimate
-from pipeline.plan import Plan, open_plan
+from pipeline.data.plan import Plan, open_plan
 from pipeline.processes import OneProcess, start
 from pipeline.settings import processes_kind, resolve
 

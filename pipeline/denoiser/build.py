@@ -9,8 +9,8 @@ import torch
 from pipeline.batches import Denoiser
 from pipeline.config import Config
 from pipeline.errors import warn
-from pipeline.lora import add_lora, kohya_weights
-from pipeline.swap import load_denoiser
+from pipeline.denoiser.lora import add_lora, kohya_weights
+from pipeline.denoiser.swap import load_denoiser
 
 
 def prepare_model(model: torch.nn.Module, cfg, family, checks: bool = True) -> list[torch.nn.Parameter]:

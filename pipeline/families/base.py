@@ -47,7 +47,7 @@ class Family(Protocol):
     max_sequence_length: int  # text tokens per caption: model.max_sequence_length, or the family's own
     # Optional members, with their defaults:
     # names of the denoiser's ModuleLists of transformer blocks, in forward order: what train.blocks_to_swap
-    # swaps (pipeline/swap.py); empty: the family refuses the key
+    # swaps (pipeline/denoiser/swap.py); empty: the family refuses the key
     swap_blocks: tuple[str, ...] = ()
     denoiser_kwargs: Mapping[str, Any] = MappingProxyType({})  # passed to the denoiser class when it is built
     # the capabilities (capabilities.py); None: the family lacks it

@@ -22,8 +22,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from pipeline.errors import UserError, warn
-from pipeline.lora import CHECKPOINT_LORA, save_file_or_oserror, save_run_lora
-from pipeline.cache.keys import sha256_file
+from pipeline.denoiser.lora import CHECKPOINT_LORA, save_file_or_oserror, save_run_lora
+from pipeline.store.keys import sha256_file
 from pipeline.atomic import writer_gone, writer_tag
 from pipeline.train.state import TrainState
 

@@ -7,8 +7,8 @@ from collections import Counter
 
 import torch
 
-from pipeline.cache.keys import derive_seed
-from pipeline.plan import Plan, Sample
+from pipeline.store.keys import derive_seed
+from pipeline.data.plan import Plan, Sample
 from pipeline.train.practice import epoch_counts
 
 

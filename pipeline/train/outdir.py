@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.cache.lock import take
+from pipeline.store.lock import take
 from pipeline.errors import UserError, note
 from pipeline.train import checkpoint
 

@@ -4,7 +4,7 @@ training: each a one-line warning, since each is advice, not an error."""
 from __future__ import annotations
 
 from pipeline.errors import warn
-from pipeline.plan import Plan
+from pipeline.data.plan import Plan
 from pipeline.train.optim import ADAPTIVE
 
 

@@ -15,9 +15,9 @@ import torch
 from pipeline.batches import Denoiser
 from pipeline.cache.store import Store
 from pipeline.denoiser.build import build_denoiser
-from pipeline.plan import Plan
+from pipeline.data.plan import Plan
 from pipeline.processes import OneProcess
-from pipeline.swap import swap_blocks
+from pipeline.denoiser.swap import swap_blocks
 from pipeline.train import checkpoint
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.optim import build_optimizer, build_scheduler

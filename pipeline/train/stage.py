@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache.kinds import check_complete
-from pipeline.cache.lock import cache_lock
+from pipeline.data.kinds import check_complete
+from pipeline.store.lock import cache_lock
 from pipeline.config import Config, check_output_dir
 from pipeline.errors import Interrupted, UserError, note, warn
-from pipeline.lora import save_run_lora
+from pipeline.denoiser.lora import save_run_lora
 from pipeline.memory import say_estimate
-from pipeline.plan import open_plan
+from pipeline.data.plan import open_plan
 from pipeline.processes import OneProcess, start
 from pipeline.settings import Settings, resolve
 from pipeline.train import checkpoint

@@ -10,12 +10,12 @@ import time
 import torch
 
 from pipeline.batches import Denoiser, Inputs, forward, load_inputs
-from pipeline.cache.keys import derive_seed
+from pipeline.store.keys import derive_seed
 from pipeline.cache.store import Store
-from pipeline.draws import fresh_seeds
-from pipeline.lora import target_key
+from pipeline.data.draws import fresh_seeds
+from pipeline.denoiser.lora import target_key
 from pipeline.objective import per_sample_mse
-from pipeline.plan import Plan, Sample
+from pipeline.data.plan import Plan, Sample
 
 class NonFinite(Exception):
     """A step whose loss or gradient is not finite: training stops there (train.stage says so in one line)."""

@@ -21,7 +21,7 @@ from pipeline.batches import Denoiser, forward, load_inputs
 from pipeline.cache.store import Store
 from pipeline.families.base import render_cached
 from pipeline.objective import per_sample_mse
-from pipeline.plan import Plan
+from pipeline.data.plan import Plan
 from pipeline.processes import OneProcess
 from pipeline.atomic import replacing
 from pipeline.train.step import targets

@@ -4,7 +4,7 @@ For each family, the public full-size denoiser config (its planning capability) 
 one block of each kind, is saved with random weights as a normal diffusers folder; a config points
 model.path at it and the real `python -m pipeline plan-memory --config F --json` estimates it. Each
 measurement then runs in a fresh subprocess, which loads the folder as the stages do
-(pipeline.swap.load_denoiser; for training with the stages' prepare_model: the LoRA, gradient
+(pipeline.denoiser.swap.load_denoiser; for training with the stages' prepare_model: the LoRA, gradient
 checkpointing, and its build_optimizer) and measures:
 - vae: the second of two encodes of cache.batch_size images by the family's full-size VAE (random weights,
   model.encoder_dtype), with the cache stage's encode_images, against the planner's VAE working set;
@@ -33,7 +33,7 @@ from pathlib import Path
 import click
 
 from pipeline.families import FAMILIES, family_class
-from pipeline.public_configs import planning
+from pipeline.tools.public_configs import planning
 
 GiB = 2**30
 MiB = 2**20
@@ -69,7 +69,7 @@ def measure_peaks(config_path: str, kind: str) -> dict:
     from pipeline.config import load_config
     from pipeline.families.load import get_family
     from pipeline.settings import TORCH_DTYPES
-    from pipeline.swap import load_denoiser
+    from pipeline.denoiser.swap import load_denoiser
     from pipeline.train.optim import build_optimizer
     from pipeline.denoiser.build import prepare_model
 
@@ -179,7 +179,7 @@ def _measured(work: Path, cfg: Path, kind: str, fresh: bool, conv: bool) -> dict
     # a conv denoiser is measured without oneDNN (see measure_peaks): the key says so
     key = f"{MEASUREMENT}\n{kind}{' no-onednn' if conv and kind != 'vae' else ''}\n{cfg.read_text()}"
     if fresh or key not in known:
-        known[key] = _run(["-m", "pipeline.bench_memory", "--measure", kind, "--config", str(cfg)])
+        known[key] = _run(["-m", "pipeline.tools.bench_memory", "--measure", kind, "--config", str(cfg)])
         tmp = store.with_suffix(".tmp")
         tmp.write_text(json.dumps(known, indent=1))
         tmp.replace(store)  # atomic
@@ -187,7 +187,7 @@ def _measured(work: Path, cfg: Path, kind: str, fresh: bool, conv: bool) -> dict
 
 
 def rows(name: str, work: Path, resolutions: list[int], dtype: str, seq: int, blocks: int, fresh: bool) -> list[dict]:
-    from pipeline.public_configs import save_cut_model
+    from pipeline.tools.public_configs import save_cut_model
 
     import torch
 

@@ -10,7 +10,7 @@ import click
 from pipeline.config import LoraConfig
 from pipeline.families import FAMILIES, family_class
 from pipeline.memory import GiB, Settings, estimate
-from pipeline.public_configs import ENCODERS, public_family
+from pipeline.tools.public_configs import ENCODERS, public_family
 
 
 @click.command()

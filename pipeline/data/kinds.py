@@ -17,7 +17,7 @@ from pipeline import quantize
 from pipeline.cache.store import Store
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.plan import BAD_IMAGE, Plan
+from pipeline.data.plan import BAD_IMAGE, Plan
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Kind:
     computed: bool = False  # computed by a model (pipeline/cache/compute.py); else a by-product of another kind
     chunk: Callable[[Config], int] = lambda cfg: cfg.cache.batch_size  # entries per batch (the unit of work)
     # computed by the denoiser in the train dtype (and model.quantize): one set of entries per dtype and
-    # quantization, side by side; the denoiser runs on the device type training uses (pipeline.plan.prior_device)
+    # quantization, side by side; the denoiser runs on the device type training uses (pipeline.settings.prior_device)
     per_dtype: bool = False
 
     def store_kind(self, plan: Plan) -> str:

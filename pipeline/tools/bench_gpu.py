@@ -1,5 +1,5 @@
 """`make bench-gpu`: each family's full-size public denoiser (its planning capability's configs, built by
-pipeline/public_configs.py) with random weights built directly on the GPU, at 1024 px: the cache stage's
+pipeline/tools/public_configs.py) with random weights built directly on the GPU, at 1024 px: the cache stage's
 latents/s (the family's full-size VAE encoding cache.batch_size images, in model.encoder_dtype) and, for each
 model.quantize (none = bf16, int8, fp8, nf4), priors/s of the cache stage's no-grad forward, training
 s/step for a standard and a cached-prior batch (one forward) and an online-prior batch (the peers' extra
@@ -55,7 +55,7 @@ def bench_vae(name: str, resolution: int, steps: int, batch: int, dtype: torch.d
     from diffusers import AutoencoderKL
 
     from pipeline.memory import GiB
-    from pipeline.public_configs import planning, public_family
+    from pipeline.tools.public_configs import planning, public_family
 
     family, dev = public_family(name), torch.device("cuda")
     torch.cuda.empty_cache()
@@ -80,9 +80,9 @@ def bench_one(name: str, quantize: str, resolution: int, steps: int, batch: int)
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipeline.config import LoraConfig
-    from pipeline.lora import add_lora
+    from pipeline.denoiser.lora import add_lora
     from pipeline.memory import GiB, Settings, estimate
-    from pipeline.public_configs import planning, public_family
+    from pipeline.tools.public_configs import planning, public_family
 
     family, config = public_family(name), dict(planning(name).denoiser_config)
     dev, dtype = torch.device("cuda"), torch.bfloat16

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.cache.keys import derive_seed
+from pipeline.store.keys import derive_seed
 from pipeline.config import Config
 from pipeline.objective import draw_noise, draw_timestep_index
 

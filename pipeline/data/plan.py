@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from pipeline.cache.keys import Fingerprints, derive_seed, digest, sha256_bytes
+from pipeline.store.keys import Fingerprints, derive_seed, digest, sha256_bytes
 from pipeline.config import Config, check_paths
-from pipeline.data import PREPARE, BadImage, buckets, check_header, cover_size, nearest_bucket, scan_concept
-from pipeline.draws import Draws, draw_settings
+from pipeline.data.images import PREPARE, BadImage, buckets, check_header, cover_size, nearest_bucket, scan_concept
+from pipeline.data.draws import Draws, draw_settings
 from pipeline.errors import UserError, warn
 from pipeline.families.base import Family
 from pipeline.settings import Settings, resolve
@@ -122,7 +122,7 @@ class Plan:
 
     def cached_draws(self) -> list[tuple[Sample, int]]:
         """Every (sample, variant) whose draw is cached: prior samples (one cached prediction each) and
-        held-out images. Standard samples draw afresh at every step (pipeline/draws.py)."""
+        held-out images. Standard samples draw afresh at every step (pipeline/data/draws.py)."""
         return [(s, v) for s in self.samples if s.prior or s.validation for v in range(self.cfg.cache.variants)]
 
     def noise_jobs(self) -> dict[str, tuple[Sample, int]]:
