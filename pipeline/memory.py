@@ -44,7 +44,10 @@ from pathlib import Path
 import torch
 
 from pipeline.families.capabilities import require
-from pipeline.denoiser.lora import resolve_targets
+from pipeline.denoiser.lora import add_lora, resolve_targets
+from pipeline.denoiser.swap import swap_blocks, swapped_indices
+from pipeline.errors import note
+from pipeline.families.load import get_family
 
 GiB = 2**30
 OVERHEAD = int(0.75 * GiB)
@@ -296,8 +299,6 @@ def activations(family, config: dict, lora_cfg, batch: int, resolution: int, dty
     (family.planning.block_depths): blocks of a kind save the same, so the whole is the one-block model plus, per
     kind, (count - 1) times what a second block adds. Exact (tests/test_memory.py compares it with the
     uncut dry run) and fast: a full-size Flux's 57 blocks cost two dry runs of three blocks."""
-    from pipeline.denoiser.lora import add_lora
-
     def run(cfg):
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # built in the train dtype (a .to() would warn for some models)
@@ -361,8 +362,6 @@ def estimate(family, config: dict, lora_cfg, s: Settings, encoders: dict[str, in
     """The peak GPU memory for a denoiser config (dict) of `family` under settings `s`; `encoders` gives
     the parameter count of the VAE ("vae") and of each text encoder, when known, and `vae_config` the
     VAE's config, for its encode's working set."""
-    from pipeline.denoiser.swap import swap_blocks, swapped_indices
-
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.dtype]
     model = meta_denoiser(family, config)  # counted in s.dtype: no need to cast it
     weights = weight_bytes(model, s.dtype, s.quantize)
@@ -438,8 +437,6 @@ def plan_memory(cfg, cache: bool = True, shards: int = 1) -> Estimate:
     """The estimate for a config's model folder; without `cache`, training's only (the VAE and the text
     encoders are not built, not even on the meta device: the train stage touches none of them).
     shards: training sharded across this many processes (train.fsdp): one GPU's share."""
-    from pipeline.families.load import get_family
-
     family = get_family(cfg.model)
     from diffusers import AutoencoderKL
 
@@ -464,8 +461,6 @@ def say_estimate(cfg, device, cache: bool = True, shards: int = 1) -> None:
     """The one line both stages print at their start (on stderr) when they run on a GPU: the cache
     stage's says both stages' peaks, the train stage's (cache=False) training's. On a CPU a GPU's figure
     says nothing, so nothing is printed (plan-memory still tells). A planner failure never stops a stage."""
-    from pipeline.errors import note
-
     if device.type != "cuda":
         return
     try:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.families import FAMILIES, tiny_module
+
 SIZES = [(80, 80), (96, 72), (72, 96)]  # not all square, all > 64 px: resize + centre crop get exercised
 COLOURS = {"red": (200, 40, 40), "blue": (50, 80, 200), "green": (50, 160, 70), "yellow": (230, 200, 40),
            "purple": (130, 60, 170), "white": (235, 235, 230), "black": (30, 30, 35), "brown": (120, 75, 40)}
@@ -104,8 +106,6 @@ def ensure_embedded(
     """Build the tiny model at `model_path` and the synthetic data set where they are missing. Returns one
     line per thing built (nothing: everything was there). FileExistsError, before anything is built, when
     that would mean building into a folder the builder did not make."""
-    from pipeline.families import FAMILIES, tiny_module
-
     if family not in FAMILIES:
         raise ValueError(f"unknown embedded model family '{family}' (known: {', '.join(FAMILIES)})")
     missing = [Path(p) for p in concept_folders if not Path(p).exists()]

@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline.data.kinds import COMPUTED, KINDS, computed, fix_command, needed_keys, numerics_words, why_priors_missing
 from pipeline.store.lock import cache_lock
 from pipeline.cache.owners import other_configs
+from pipeline.cache.stage import ensure_embedded, run_cache
 from pipeline.cache.store import Store
 from pipeline.config import Config
 from pipeline.errors import UserError
@@ -21,7 +22,6 @@ from pipeline.data.plan import Plan, open_plan
 
 
 def _open(cfg: Config) -> tuple[Plan, Store]:
-    from pipeline.cache.stage import ensure_embedded  # the embedded demo's files, as the stages build them
 
     ensure_embedded(cfg)
     return open_plan(cfg)
@@ -67,7 +67,6 @@ def verify(cfg: Config, repair: bool = False) -> dict:
     with cache_lock(cfg.cache.dir, "delete" if repair else "read"):
         result = _verify(cfg, repair)
     if result.pop("needs_recompute"):
-        from pipeline.cache.stage import run_cache  # takes the write lock itself, so after ours is released
 
         s = run_cache(cfg, progress=False)
         result["repaired"] = computed(s)

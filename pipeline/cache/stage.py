@@ -26,6 +26,7 @@ from pathlib import Path
 from diffusers.training_utils import free_memory
 from tqdm import tqdm
 
+from pipeline import tiny
 from pipeline.cache import owners
 from pipeline.cache.compute import COMPUTE
 from pipeline.data.kinds import COMPUTED, Kind
@@ -44,8 +45,6 @@ def ensure_embedded(cfg: Config) -> None:
     (one line each, on stderr) what was built."""
     if cfg.embedded is None:
         return
-    from pipeline import tiny  # only the embedded configs need it
-
     if not Path(cfg.model.path).is_absolute():  # load_config resolves every local path: this is a hub id
         raise UserError(f"[embedded]: model.path '{cfg.model.path}' is a hub id, and [embedded] builds a local tiny "
                         "model: remove the [embedded] table to use that model, or set model.path to a new folder")

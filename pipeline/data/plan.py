@@ -22,6 +22,7 @@ from pathlib import Path
 
 
 from pipeline.store.keys import Fingerprints, derive_seed, digest, sha256_bytes
+from pipeline.cache.store import Store
 from pipeline.config import Config, check_paths
 from pipeline.data.images import PREPARE, BadImage, buckets, check_header, cover_size, nearest_bucket, scan_concept
 from pipeline.data.draws import Draws, draw_settings
@@ -180,8 +181,6 @@ def open_plan(cfg: Config, settings: Settings | None = None):
     cache holds undecodable verdicts for left out (plan.bad). check_paths comes first: with a missing model
     or image folder the plan would have other keys, and a prune would take every entry for unused.
     settings: what the stage resolved (settings.resolve); else resolved here."""
-    from pipeline.cache.store import Store
-
     check_paths(cfg)
     plan = make_plan(cfg, settings)
     store = Store(cfg.cache.dir)

@@ -19,7 +19,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-from pipeline import objective
+from pipeline import objective, quantize
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.families.capabilities import LoraLayout, Planning, Sampling, require
@@ -142,8 +142,6 @@ class FolderFamily(Family):
         cls, sub, kwargs = self.denoiser_class, self.denoiser_component, dict(self.denoiser_kwargs)
         scheme = self.cfg.quantize
         if scheme != "none":  # model.quantize: diffusers quantizes the Linear weights as it loads them
-            from pipeline import quantize
-
             skip = quantize.unquantizable(cls, self.root, sub, scheme)
             kwargs["quantization_config"] = quantize.diffusers_config(scheme, skip)
         if self.denoiser_file is not None:  # weights from one file, the config from the folder
