@@ -1,11 +1,13 @@
 """The training step. `targets` is the one definition of what each sample should predict, which the
 step and held-out validation both use; `optimizer_step` is one update from a group of batches (gradient
-accumulation), the unit the training loop and `make bench` both run."""
+accumulation), the unit the training loop and `make bench` both run. A step's reading (`read_batch`) is
+apart from its compute, so that train.prefetch can read the next step's batches while this one computes."""
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -30,18 +32,15 @@ TIMESTEP_BINS = 4  # loss by quarter of the 0..1000 timestep range: a cheap view
 
 
 def targets(plan: Plan, store: Store, denoiser: Denoiser, batch: list[tuple[Sample, int]], inputs: Inputs,
-            prior_mode: str) -> torch.Tensor:
+            prior_mode: str, read_ahead: torch.Tensor | None = None) -> torch.Tensor:
     """What the denoiser should predict for each sample (float32, on the CPU): the family's target (flow:
     noise - x0; epsilon; v) for a standard sample, the base model's own prediction for a prior sample.
     That prediction is read from the cache ("cached"), or computed by a second, adapter-disabled forward
-    ("online": what every peer does, kept for comparison and the benchmark)."""
-    target = plan.family.target(inputs.latents, inputs.noise, inputs.timesteps)
+    ("online": what every peer does, kept for comparison and the benchmark). `read_ahead`: what read_targets
+    gave for this batch, when it was read ahead."""
+    target = read_targets(plan, store, batch, inputs, prior_mode) if read_ahead is None else read_ahead
     is_prior = torch.tensor([s.prior for s, _ in batch])
-    if not is_prior.any():
-        return target
-    if prior_mode == "cached":
-        cached = [store.read(plan.prior_kind(), plan.prior_key(s, v))[0]["prediction"] for s, v in batch if s.prior]
-        target[is_prior] = torch.stack(cached).float()
+    if prior_mode == "cached" or not is_prior.any():
         return target
     with torch.no_grad():
         denoiser.module.disable_adapters()
@@ -52,22 +51,61 @@ def targets(plan: Plan, store: Store, denoiser: Denoiser, batch: list[tuple[Samp
     return target
 
 
+def read_targets(plan: Plan, store: Store, batch: list[tuple[Sample, int]], inputs: Inputs,
+                 prior_mode: str) -> torch.Tensor:
+    """The part of `targets` that reads: the family's target, and with prior_mode "cached" each prior
+    sample's cached prediction in its place (an online prior's is computed by `targets`)."""
+    target = plan.family.target(inputs.latents, inputs.noise, inputs.timesteps)
+    if prior_mode == "cached" and any(s.prior for s, _ in batch):
+        is_prior = torch.tensor([s.prior for s, _ in batch])
+        cached = [store.read(plan.prior_kind(), plan.prior_key(s, v))[0]["prediction"] for s, v in batch if s.prior]
+        target[is_prior] = torch.stack(cached).float()
+    return target
+
+
+@dataclass
+class Read:
+    """One batch as train_step reads it from the cache, for the step, first position and prior mode named."""
+
+    batch: list[tuple[Sample, int]]
+    step: int
+    first: int
+    prior_mode: str
+    inputs: Inputs
+    target: torch.Tensor  # read_targets'
+
+
+def read_batch(plan: Plan, store: Store, batch: list[tuple[Sample, int]], prior_mode: str, step: int = 0,
+               first: int = 0) -> Read:
+    """The reading half of train_step (same arguments): the inputs and the targets as far as the cache gives
+    them. Raises what the store raises (UserError for a damaged entry)."""
+    fresh = [None if s.prior else fresh_seeds(plan.cfg, step, first + i) for i, (s, _) in enumerate(batch)]
+    inputs = load_inputs(plan, store, batch, fresh)
+    return Read(batch, step, first, prior_mode, inputs, read_targets(plan, store, batch, inputs, prior_mode))
+
+
 def train_step(plan: Plan, store: Store, denoiser: Denoiser, batch: list[tuple[Sample, int]], prior_mode: str,
                loss_scale: float = 1.0, step: int = 0, first: int = 0, trained: Denoiser | None = None,
-               summed: bool = False) -> dict:
+               summed: bool = False, read: Read | None = None) -> dict:
     """Forward and backward for one batch of (sample, variant) items (the optimizer steps in optimizer_step);
     returns its losses. Standard samples draw fresh noise and timesteps, seeded by (train seed, `step`,
     position in the step's batches, counted from `first`); prior samples use their variant's cached draw.
     The backward is of loss_scale times the batch's mean loss (summed: its sum, for a rank's share of a
-    batch). `trained`: the forward that trains, when a wrapper (DDP) must see it; else `denoiser`."""
-    fresh = [None if s.prior else fresh_seeds(plan.cfg, step, first + i) for i, (s, _) in enumerate(batch)]
-    inputs = load_inputs(plan, store, batch, fresh)
-    target = targets(plan, store, denoiser, batch, inputs, prior_mode)
+    batch). `trained`: the forward that trains, when a wrapper (DDP) must see it; else `denoiser`.
+    `read`: this batch as read_batch read it ahead (else it is read here)."""
+    if read is None:
+        read = read_batch(plan, store, batch, prior_mode, step, first)
+    elif (read.batch, read.step, read.first, read.prior_mode) != (batch, step, first, prior_mode):
+        raise RuntimeError(f"step {step}: the batch read ahead is another one (read for step {read.step}, "
+                           f"position {read.first}, prior_mode {read.prior_mode}): the reader and the step disagree")
+    inputs = read.inputs
+    target = targets(plan, store, denoiser, batch, inputs, prior_mode, read.target)
     pred = forward(plan.family, trained or denoiser, inputs)
     is_prior = torch.tensor([s.prior for s, _ in batch])
     weights = torch.tensor([s.loss_weight for s, _ in batch]) * plan.family.loss_weights(plan.cfg.train,
                                                                                          inputs.timesteps, inputs.sigmas)
-    losses = per_sample_mse(pred, target.to(pred.device)) * weights.to(pred.device)
+    # non_blocking: from pinned memory (train.prefetch, on CUDA) the copy need not hold up the host
+    losses = per_sample_mse(pred, target.to(pred.device, non_blocking=True)) * weights.to(pred.device)
     loss = losses.mean()
     ((losses.sum() if summed else loss) * loss_scale).backward()
     losses = losses.detach().cpu()
@@ -90,7 +128,8 @@ def batch_record(timesteps: list[float], losses: list[float], is_prior: list[boo
     }
 
 
-def _shared_step(run, plan: Plan, store: Store, group, starts: list[int], step: int, mode: str) -> list[dict]:
+def _shared_step(run, plan: Plan, store: Store, group, starts: list[int], step: int, mode: str,
+                 reads: list[Read] | None = None) -> list[dict]:
     """Forward and backward of a group of batches across the ranks: each takes its contiguous share of every
     batch, scaled so that DDP's mean of the ranks' gradients is one process's gradient of the whole batch,
     and gradients are all-reduced on the last batch only. A rank whose share of a batch is empty runs one
@@ -103,7 +142,7 @@ def _shared_step(run, plan: Plan, store: Store, group, starts: list[int], step: 
         scale = world.size / (len(batch) * len(group)) if share else 0.0
         with world.no_sync(run.trained.module, last=j == len(group) - 1):
             r = train_step(plan, store, run.denoiser, share or batch[:1], mode, scale, step, first + lo,
-                           trained=run.trained, summed=True)
+                           trained=run.trained, summed=True, read=reads[j] if reads else None)
         mine.append((r["per_sample"], r["is_prior"]) if share else ([], []))
     records = []
     for j, parts in enumerate(zip(*world.gather(mine))):  # per batch: every rank's share, in rank order
@@ -127,11 +166,12 @@ def check_gradients(run, targets_key: str) -> None:
 
 
 def optimizer_step(run, plan: Plan, store: Store, group: list[list[tuple[Sample, int]]], step: int,
-                   prior_mode: str | None = None, check: bool = False) -> dict:
+                   prior_mode: str | None = None, check: bool = False, reads: list[Read] | None = None) -> dict:
     """Optimizer step number `step` on a group of batches (gradient accumulation): forward and backward for
     each, then clip, step, advance the schedule and clear the gradients. `run` is what train.setup built.
     Under a launcher the ranks share the group (_shared_step); `check`: refuse layers without a gradient
-    first (the first step a run takes). Returns the step's record for the metrics (without step/epoch)."""
+    first (the first step a run takes). `reads`: each batch as this rank's train_step takes it, read ahead
+    (train.prefetch); None: read here. Returns the step's record for the metrics (without step/epoch)."""
     t0, lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
     mode = prior_mode or plan.cfg.train.prior_mode
     # LoRA dropout draws from the global RNG: seeded by (seed, step, rank), so a resumed run draws what an
@@ -139,10 +179,11 @@ def optimizer_step(run, plan: Plan, store: Store, group: list[list[tuple[Sample,
     torch.manual_seed(derive_seed("dropout", plan.cfg.train.seed, step, run.world.rank))
     starts = [sum(len(b) for b in group[:i]) for i in range(len(group))]
     if run.world.size == 1:
-        record = merge([train_step(plan, store, run.denoiser, b, mode, 1 / len(group), step, first)
-                        for b, first in zip(group, starts)])
+        record = merge([train_step(plan, store, run.denoiser, b, mode, 1 / len(group), step, first,
+                                   read=reads[j] if reads else None)
+                        for j, (b, first) in enumerate(zip(group, starts))])
     else:
-        record = merge(_shared_step(run, plan, store, group, starts, step, mode))
+        record = merge(_shared_step(run, plan, store, group, starts, step, mode, reads))
         if check:
             check_gradients(run, target_key(plan.cfg.lora))
     max_norm = plan.cfg.optimizer.max_grad_norm
