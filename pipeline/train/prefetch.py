@@ -77,7 +77,8 @@ class Prefetcher:
         self.mode = prior_mode or plan.cfg.train.prior_mode
         self.pin = device.type == "cuda"
         self._steps = iter(steps)
-        self._queue: queue.Queue = queue.Queue(maxsize=1)  # depth 1: one step read ahead, no more
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._room = threading.Semaphore(1)  # one step ahead: the next is read once this one is taken
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name="prefetch", daemon=True)
 
@@ -106,7 +107,8 @@ class Prefetcher:
                 break
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError(f"step {step}: the prefetch reader has stopped") from None
+                    raise RuntimeError(f"step {step}: the prefetch reader has stopped (it had no such step)") from None
+        self._room.release()
         if error is not None:
             raise error
         if (got_step, got_group) != (step, group):
@@ -117,16 +119,21 @@ class Prefetcher:
     def _read(self) -> None:
         try:
             for step, group in self._steps:
-                if self._stop.is_set():
+                if not self._wait_for_room():
                     return
                 reads = [read_batch(self.plan, self.store, items, self.mode, step, first)
                          for items, first in shares(self.world, group)]
                 if self.pin:
                     reads = [_pinned(r) for r in reads]
                 self._put((step, group, reads, None))
-            self._put((None, None, None, None))  # the end: a take beyond it says the orders disagree
         except BaseException as e:  # noqa: BLE001 - raised in the main thread by take, as it is
             self._put((None, None, None, e))
+
+    def _wait_for_room(self) -> bool:
+        while not self._stop.is_set():
+            if self._room.acquire(timeout=POLL_SECONDS):
+                return True
+        return False
 
     def _put(self, item) -> None:
         while not self._stop.is_set():
