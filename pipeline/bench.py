@@ -1,9 +1,13 @@
 """`make bench`: median seconds per training step on a small Flux-architecture model (random weights)
 for a batch of standard samples, a batch of prior samples with cached targets, and the same prior batch
-with its target computed online (the peers' extra no-grad, adapter-disabled forward)."""
+with its target computed online (the peers' extra no-grad, adapter-disabled forward), each as the train
+loop runs it: its batches read one step ahead (train.prefetch). Against them: the standard step reading
+its batch itself, and its bare compute (forward, backward and optimizer step on a batch held in memory):
+`ratio_step_to_bare` is what reading still costs a step (goal: at most 1.02)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import tempfile
@@ -40,17 +44,29 @@ device = "{device}"
 """
 
 
+CHUNK = 5  # timed steps a mode runs in a row
+
+
 def _median_step_seconds(modes: dict, steps: int, warmup: int) -> dict[str, float]:
-    """Round-robin over the modes, so that any drift in machine load hits all of them alike."""
-    times = {name: [] for name in modes}
-    for i in range(warmup + steps):
-        for name, run_step in modes.items():
-            t0 = time.perf_counter()
-            run_step(i)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+    """Round-robin over the modes, CHUNK steps each in turn, so that any drift in machine load hits all of
+    them alike. A mode is `mode(numbers)`: a context (a prefetcher, for the loop's modes) giving the function
+    that runs step i of those numbers. Untimed: the first `warmup` steps, and the first step of each later
+    chunk (like a run's first step, it waits for its own read)."""
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    start, done = 0, 0
+    while done < steps:
+        lead, n = (warmup if start == 0 else 1), min(CHUNK, steps - done)
+        numbers = range(start, start + lead + n)
+        for name, mode in modes.items():
+            with mode(numbers) as run_step:
+                for i in numbers:
+                    t0 = time.perf_counter()
+                    run_step(i)
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    if i >= start + lead:
+                        times[name].append(time.perf_counter() - t0)
+        start, done = start + lead + n, done + n
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -69,9 +85,11 @@ def main(steps, warmup, batch_size, resolution, dtype, device, threads):
     from pipeline.config import load_config
     from pipeline.families.flux import tiny as flux_tiny
     from pipeline.data.plan import make_plan
-    from pipeline.settings import pick_device
+    from pipeline.processes import OneProcess
+    from pipeline.settings import TORCH_DTYPES, pick_device
+    from pipeline.train.prefetch import Prefetcher
     from pipeline.train.setup import setup
-    from pipeline.train.step import optimizer_step
+    from pipeline.train.step import optimizer_step, read_batch
 
     if threads:
         torch.set_num_threads(threads)
@@ -86,17 +104,40 @@ def main(steps, warmup, batch_size, resolution, dtype, device, threads):
         run_cache(cfg, progress=False)
         plan, store = make_plan(cfg), Store(cfg.cache.dir)
         torch.manual_seed(0)
-        run = setup(plan, store, dev)  # what the train stage builds, and below the step it runs
+        run, _ = setup(plan, store, dev, TORCH_DTYPES[dtype], OneProcess())  # what the train stage builds
         n_params = sum(p.numel() for p in run.denoiser.module.parameters())
         standard = [s for s in plan.samples if not s.prior][:batch_size]
         prior = [s for s in plan.samples if s.prior][:batch_size]
 
-        def mode(samples, prior_mode):
-            return lambda i: optimizer_step(run, plan, store, [[(s, i % cfg.cache.variants) for s in samples]], i,
-                                            prior_mode)
+        def group(samples, i):
+            return [[(s, i % cfg.cache.variants) for s in samples]]
+
+        def loop(samples, prior_mode):
+            """Steps as the train loop runs them: the next one's batch read while this one computes."""
+            @contextlib.contextmanager
+            def mode(numbers):
+                # one step more than are taken: the last timed step, too, computes while a read runs
+                ahead = [(i, group(samples, i)) for i in [*numbers, numbers[-1] + 1]]
+                with Prefetcher(plan, store, run.procs, dev, ahead, prior_mode) as prefetch:
+                    yield lambda i: optimizer_step(run, plan, store, group(samples, i), i, prior_mode,
+                                                   reads=prefetch.take(i, group(samples, i)))
+            return mode
+
+        def in_step(samples, prior_mode):
+            """Each step reads its own batch (no prefetch)."""
+            return lambda numbers: contextlib.nullcontext(
+                lambda i: optimizer_step(run, plan, store, group(samples, i), i, prior_mode))
+
+        held = read_batch(plan, store, group(standard, 0)[0], "cached")  # read once, before any timing
+
+        def bare(numbers):
+            """Forward, backward and optimizer step only: step 0's batch, held in memory, every time."""
+            return contextlib.nullcontext(lambda i: optimizer_step(run, plan, store, group(standard, 0), 0, "cached",
+                                                                  reads=[held]))
 
         medians = _median_step_seconds(
-            {"standard": mode(standard, "cached"), "prior_cached": mode(prior, "cached"), "prior_online": mode(prior, "online")},
+            {"standard": loop(standard, "cached"), "prior_cached": loop(prior, "cached"),
+             "prior_online": loop(prior, "online"), "standard_in_step": in_step(standard, "cached"), "bare": bare},
             steps, warmup,
         )
         store.close()
@@ -106,14 +147,18 @@ def main(steps, warmup, batch_size, resolution, dtype, device, threads):
         "median_seconds": {k: round(v, 5) for k, v in medians.items()},
         "ratio_prior_to_standard": round(medians["prior_cached"] / medians["standard"], 3),
         "ratio_online_to_cached": round(medians["prior_online"] / medians["prior_cached"], 3),
+        "ratio_step_to_bare": round(medians["standard"] / medians["bare"], 3),
     }
     click.echo(f"\nseconds per training step (median of {steps}; {n_params:,}-parameter Flux-architecture denoiser, "
                f"{dtype}, {dev}, batch {batch_size}, {resolution}px)")
-    click.echo(f"  {'batch':<38}{'median s/step':>14}")
+    click.echo(f"  {'batch':<42}{'median s/step':>14}")
     for name, label in [("standard", "standard samples"), ("prior_cached", "prior samples, cached target"),
-                        ("prior_online", "prior samples, online target (peers)")]:
-        click.echo(f"  {label:<38}{medians[name]:>14.4f}")
-    click.echo(f"  prior/standard {result['ratio_prior_to_standard']:.3f}   online/cached {result['ratio_online_to_cached']:.3f}")
+                        ("prior_online", "prior samples, online target (peers)"),
+                        ("standard_in_step", "standard, read in the step (no prefetch)"),
+                        ("bare", "standard, bare compute (batch in memory)")]:
+        click.echo(f"  {label:<42}{medians[name]:>14.4f}")
+    click.echo(f"  prior/standard {result['ratio_prior_to_standard']:.3f}   online/cached {result['ratio_online_to_cached']:.3f}"
+               f"   step/bare {result['ratio_step_to_bare']:.3f} (goal <= 1.02)")
     click.echo(json.dumps(result))
 
 

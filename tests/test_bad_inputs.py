@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import images as data
+from pipeline.data.images import images as data
 from pipeline.cache.stage import run_cache
 from pipeline.cache.store import Store
 from pipeline.data.images import load_image

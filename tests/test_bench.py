@@ -18,13 +18,14 @@ def test_bench_reports_medians_and_ratios():
     )
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(result["median_seconds"]) == {"standard", "prior_cached", "prior_online"}
+    assert set(result["median_seconds"]) == {"standard", "prior_cached", "prior_online", "standard_in_step", "bare"}
     assert all(v > 0 for v in result["median_seconds"].values())
     ms = result["median_seconds"]
     # the medians are printed rounded, the ratios computed before rounding
     assert abs(result["ratio_prior_to_standard"] - ms["prior_cached"] / ms["standard"]) < 2e-3
     assert abs(result["ratio_online_to_cached"] - ms["prior_online"] / ms["prior_cached"]) < 2e-3
-    assert "prior samples, cached target" in r.stdout
+    assert abs(result["ratio_step_to_bare"] - ms["standard"] / ms["bare"]) < 2e-3
+    assert "prior samples, cached target" in r.stdout and "bare compute" in r.stdout
 
 
 def test_bench_scale_reports_each_command_under_a_low_open_file_limit():

@@ -21,6 +21,11 @@ ones are closed), so a cache of thousands of segments works under a small `ulimi
 operating system reports (an errno: the open-file limit, permissions, a read-only, full or failing disk)
 says nothing about a file's bytes, so it is raised as AccessError and never counted as damage: only a
 checksum mismatch or a file that is not a segment of ours (not HDF5, truncated, no `kind`) is damage.
+
+Reading is safe from several threads (training reads the next step's batches in a background thread while
+validation reads in the main one): the set of open handles is guarded by one lock, held for a whole read so
+that no thread closes a handle another is reading from. h5py serialises its calls anyway, so the lock costs
+nothing a second thread could have gained. Writing and removing are for one thread.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import os
 import re
 import resource
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -135,6 +141,7 @@ class Store:
         self._index: dict[tuple[str, str], Path] = {}
         self._segs: dict[Path, tuple[str, list[str]]] = {}  # segment -> (kind, its keys)
         self._open: OrderedDict[Path, h5py.File] = OrderedDict()  # least recently used first
+        self._lock = threading.RLock()  # over _open and every read through it (see the module docstring)
         self.unreadable: list[Path] = []  # files with a final name that are not segments of ours
         self.refresh()
 
@@ -143,6 +150,10 @@ class Store:
         """Rebuild the index from the complete segment files on disk. Each file is closed again at once,
         so indexing any number of segments holds at most one open. Raises AccessError when the OS
         refuses a file: counting it unreadable would let prune and repair delete a healthy file."""
+        with self._lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
         self.close()
         self._index.clear()
         self._segs.clear()
@@ -215,7 +226,7 @@ class Store:
         path = self._index.get((kind, key))
         if path is None:
             raise KeyError(f"{kind}/{key}")
-        with _reading(path):
+        with self._lock, _reading(path):
             group = self._file(path)[key]
             tensors = {n: from_numpy(d[()], d.attrs.get("dtype", "")) for n, d in group.items()}
             return tensors, dict(group.attrs)
@@ -223,7 +234,7 @@ class Store:
     def attrs(self, kind: str, key: str) -> dict:
         """An entry's attributes, without reading its datasets."""
         path = self._index[(kind, key)]
-        with _reading(path):
+        with self._lock, _reading(path):
             return dict(self._file(path)[key].attrs)
 
     def check(self, kind: str, key: str) -> str | None:
@@ -233,10 +244,11 @@ class Store:
         if path is None:
             return "missing"
         try:
-            for name, ds in self._file(path)[key].items():
-                raw = np.asarray(ds[()]).tobytes()
-                if hashlib.sha256(raw).hexdigest() != ds.attrs.get("sha256"):
-                    return f"sha256 mismatch in dataset '{name}'"
+            with self._lock:
+                for name, ds in self._file(path)[key].items():
+                    raw = np.asarray(ds[()]).tobytes()
+                    if hashlib.sha256(raw).hexdigest() != ds.attrs.get("sha256"):
+                        return f"sha256 mismatch in dataset '{name}'"
         except AccessError:
             raise
         except Exception as e:  # noqa: BLE001 - a read failure the OS did not report: the file is broken
@@ -247,7 +259,8 @@ class Store:
 
     def shape(self, kind: str, key: str, name: str) -> tuple[int, ...]:
         """A dataset's shape without reading its data."""
-        return tuple(self._file(self._index[(kind, key)])[key][name].shape)
+        with self._lock:
+            return tuple(self._file(self._index[(kind, key)])[key][name].shape)
 
     def bytes_on_disk(self) -> int:
         if not self.segments.is_dir():
@@ -256,14 +269,16 @@ class Store:
 
     def release(self, path: Path) -> None:
         """Close a segment's handle now (a reader done with that file)."""
-        f = self._open.pop(path, None)
-        if f is not None:
-            f.close()
+        with self._lock:
+            f = self._open.pop(path, None)
+            if f is not None:
+                f.close()
 
     def close(self) -> None:
-        for f in self._open.values():
-            f.close()
-        self._open.clear()
+        with self._lock:
+            for f in self._open.values():
+                f.close()
+            self._open.clear()
 
     # -- writing -------------------------------------------------------------------------------
     def write(self, kind: str, entries: dict[str, Entry]) -> Path | None:

@@ -1,9 +1,10 @@
 """Stage 2: load only the denoiser, add a LoRA and train on the cache. One denoiser forward per batch:
 a prior sample's target is its cached base-model prediction, read from disk, not recomputed.
 
-The loop: setup (train.setup) builds the run, each optimizer step is train.step.optimizer_step, its
-record goes to the sinks (train.sinks), validation runs at chosen steps (train.validation), and a
-checkpoint of the TrainState is written every train.checkpoint_every steps (train.checkpoint).
+The loop: setup (train.setup) builds the run, each optimizer step is train.step.optimizer_step on batches
+read one step ahead in a background thread (train.prefetch), its record goes to the sinks (train.sinks),
+validation runs at chosen steps (train.validation), and a checkpoint of the TrainState is written every
+train.checkpoint_every steps (train.checkpoint).
 
 Under a launcher (pipeline/processes.py) every rank runs this loop over the same global batches (epoch_batches is a
 pure function of seed and epoch) and takes its share of each (train.step); rank 0 alone writes: the LoRA,
@@ -32,6 +33,7 @@ from pipeline.train import checkpoint
 from pipeline.train.outdir import check_fresh_start, output_lock
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.practice import batch_size_warning, practice_warnings, prior_share
+from pipeline.train.prefetch import Prefetcher, upcoming
 from pipeline.train.setup import setup
 from pipeline.train.sinks import JsonlSink, ProgressSink, Sinks, TensorBoardSink, loss_summary, summary_window
 from pipeline.train.state import TrainState
@@ -119,7 +121,9 @@ def _train_lora(settings: Settings, progress: bool, resume: bool, overwrite: boo
     model = run.denoiser.module
     lora_path = out_dir / t.lora_name
     try:
-        _loop(run, plan, store, state, sinks, validator, data_fp)
+        # the next step's batches are read while this one computes (stopped on any way out of the loop)
+        with Prefetcher(plan, store, procs, run.denoiser.device, upcoming(run, plan, state)) as prefetch:
+            _loop(run, plan, store, state, sinks, validator, data_fp, prefetch)
         with procs.whole_lora(model):  # under FSDP, every rank gathers the LoRA; rank 0 writes
             if procs.is_main:
                 save_run_lora(lora_path, model, plan, state.step)  # first: everything after it is optional
@@ -169,8 +173,10 @@ def _train_lora(settings: Settings, progress: bool, resume: bool, overwrite: boo
     }
 
 
-def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validator, data_fp: str) -> None:
-    """The optimizer steps from `state` to the run's end, with validation and checkpoints between them."""
+def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validator, data_fp: str,
+          prefetch: Prefetcher) -> None:
+    """The optimizer steps from `state` to the run's end, with validation and checkpoints between them;
+    `prefetch` has read each step's batches ahead, in this order."""
     cfg, t = plan.cfg, plan.cfg.train
     first_step = state.step
     if state.step == 0:
@@ -182,9 +188,10 @@ def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validato
             if state.step >= run.total_steps:
                 break
             # variant: that of the samples seen once this epoch (see epoch_batches)
+            group = batches[first : first + accum]
             record = {"step": state.step, "epoch": state.epoch, "variant": state.epoch % cfg.cache.variants,
-                      **optimizer_step(run, plan, store, batches[first : first + accum], state.step,
-                                       check=state.step == first_step)}
+                      **optimizer_step(run, plan, store, group, state.step, check=state.step == first_step,
+                                       reads=prefetch.take(state.step, group))}
             sinks.step(record)
             state.step, state.next_batch = state.step + 1, first + accum
             if cfg.validation.every and state.step % cfg.validation.every == 0:

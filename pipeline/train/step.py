@@ -1,11 +1,13 @@
 """The training step. `targets` is the one definition of what each sample should predict, which the
 step and held-out validation both use; `optimizer_step` is one update from a group of batches (gradient
-accumulation), the unit the training loop and `make bench` both run."""
+accumulation), the unit the training loop and `make bench` both run. A step's reading (`read_batch`) is
+apart from its compute, so that train.prefetch can read the next step's batches while this one computes."""
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -29,18 +31,15 @@ TIMESTEP_BINS = 4  # loss by quarter of the 0..1000 timestep range: a cheap view
 
 
 def targets(plan: Plan, store: Store, denoiser: Denoiser, batch: list[tuple[Sample, int]], inputs: Inputs,
-            prior_mode: str) -> torch.Tensor:
+            prior_mode: str, read_ahead: torch.Tensor | None = None) -> torch.Tensor:
     """What the denoiser should predict for each sample (float32, on the CPU): the family's target (flow:
     noise - x0; epsilon; v) for a standard sample, the base model's own prediction for a prior sample.
     That prediction is read from the cache ("cached"), or computed by a second, adapter-disabled forward
-    ("online": what every peer does, kept for comparison and the benchmark)."""
-    target = plan.family.target(inputs.latents, inputs.noise, inputs.timesteps)
+    ("online": what every peer does, kept for comparison and the benchmark). `read_ahead`: what read_targets
+    gave for this batch, when it was read ahead."""
+    target = read_targets(plan, store, batch, inputs, prior_mode) if read_ahead is None else read_ahead
     is_prior = torch.tensor([s.prior for s, _ in batch])
-    if not is_prior.any():
-        return target
-    if prior_mode == "cached":
-        cached = [store.read(plan.prior_kind(), plan.prior_key(s, v))[0]["prediction"] for s, v in batch if s.prior]
-        target[is_prior] = torch.stack(cached).float()
+    if prior_mode == "cached" or not is_prior.any():
         return target
     with torch.no_grad():
         denoiser.module.disable_adapters()
@@ -51,19 +50,59 @@ def targets(plan: Plan, store: Store, denoiser: Denoiser, batch: list[tuple[Samp
     return target
 
 
+def read_targets(plan: Plan, store: Store, batch: list[tuple[Sample, int]], inputs: Inputs,
+                 prior_mode: str) -> torch.Tensor:
+    """The part of `targets` that reads: the family's target, and with prior_mode "cached" each prior
+    sample's cached prediction in its place (an online prior's is computed by `targets`)."""
+    target = plan.family.target(inputs.latents, inputs.noise, inputs.timesteps)
+    if prior_mode == "cached" and any(s.prior for s, _ in batch):
+        is_prior = torch.tensor([s.prior for s, _ in batch])
+        cached = [store.read(plan.prior_kind(), plan.prior_key(s, v))[0]["prediction"] for s, v in batch if s.prior]
+        target[is_prior] = torch.stack(cached).float()
+    return target
+
+
+@dataclass
+class Read:
+    """One batch as train_step reads it from the cache, for the step, first position and prior mode named."""
+
+    batch: list[tuple[Sample, int]]
+    step: int
+    first: int
+    prior_mode: str
+    inputs: Inputs
+    target: torch.Tensor  # read_targets'
+
+
+def read_batch(plan: Plan, store: Store, batch: list[tuple[Sample, int]], prior_mode: str, step: int = 0,
+               first: int = 0) -> Read:
+    """The reading half of train_step (same arguments): the inputs and the targets as far as the cache gives
+    them. Raises what the store raises (UserError for a damaged entry)."""
+    fresh = [None if s.prior else fresh_seeds(plan.cfg, step, first + i) for i, (s, _) in enumerate(batch)]
+    inputs = load_inputs(plan, store, batch, fresh)
+    return Read(batch, step, first, prior_mode, inputs, read_targets(plan, store, batch, inputs, prior_mode))
+
+
 def train_step(plan: Plan, store: Store, run, batch: list[tuple[Sample, int]], prior_mode: str, step: int,
-               first: int) -> tuple[torch.Tensor, torch.Tensor]:
+               first: int, read: Read | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward of one batch of (sample, variant) items: its per-sample losses (weighted; the backward is
     the caller's) and its timesteps. Standard samples draw fresh noise and timesteps, seeded by (train seed,
     `step`, position in the step's batches: `first` is the batch's first); prior samples use their variant's
-    cached draw. `run` is what train.setup built: its `trained` model runs the forward."""
-    fresh = [None if s.prior else fresh_seeds(plan.cfg, step, first + i) for i, (s, _) in enumerate(batch)]
-    inputs = load_inputs(plan, store, batch, fresh)
-    target = targets(plan, store, run.denoiser, batch, inputs, prior_mode)
+    cached draw. `run` is what train.setup built: its `trained` model runs the forward. `read`: this batch
+    as read_batch read it ahead (train.prefetch); else it is read here."""
+    if read is None:
+        read = read_batch(plan, store, batch, prior_mode, step, first)
+    elif (read.batch, read.step, read.first, read.prior_mode) != (batch, step, first, prior_mode):
+        raise RuntimeError(f"step {step}: the batch read ahead is another one (read for step {read.step}, "
+                           f"position {read.first}, prior_mode {read.prior_mode}): the reader and the step disagree")
+    inputs = read.inputs
+    target = targets(plan, store, run.denoiser, batch, inputs, prior_mode, read.target)
     pred = forward(plan.family, run.trained, inputs)
     weights = torch.tensor([s.loss_weight for s, _ in batch]) * plan.family.loss_weights(plan.cfg.train,
                                                                                          inputs.timesteps, inputs.sigmas)
-    return per_sample_mse(pred, target.to(pred.device)) * weights.to(pred.device), inputs.timesteps
+    # non_blocking: from pinned memory (train.prefetch, on CUDA) the copy need not hold up the host
+    losses = per_sample_mse(pred, target.to(pred.device, non_blocking=True)) * weights.to(pred.device)
+    return losses, inputs.timesteps
 
 
 def batch_record(timesteps: list[float], losses: list[float], is_prior: list[bool]) -> dict:
@@ -83,12 +122,13 @@ def batch_record(timesteps: list[float], losses: list[float], is_prior: list[boo
 
 
 def optimizer_step(run, plan: Plan, store: Store, group: list[list[tuple[Sample, int]]], step: int,
-                   prior_mode: str | None = None, check: bool = False) -> dict:
+                   prior_mode: str | None = None, check: bool = False, reads: list[Read] | None = None) -> dict:
     """Optimizer step number `step` on a group of batches (gradient accumulation): forward and backward for
     each, then clip, step, advance the schedule and clear the gradients. `run` is what train.setup built.
     Under a launcher each rank takes its contiguous share of every batch, and the process setup scales its
     backward so that the ranks' gradients add up to one process's (run.procs); `check`: refuse layers without
-    a gradient first (the first step a run takes). Returns the step's record for the metrics (without
+    a gradient first (the first step a run takes). `reads`: each batch as this rank's train_step takes it,
+    read ahead (train.prefetch); None: read here. Returns the step's record for the metrics (without
     step/epoch), every rank's samples in it, as one process would have it."""
     t0, lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
     mode = prior_mode or plan.cfg.train.prior_mode
@@ -102,7 +142,8 @@ def optimizer_step(run, plan: Plan, store: Store, group: list[list[tuple[Sample,
         share = batch[lo:hi]
         # a rank whose share is empty runs one sample at weight zero: every rank takes part in each all-reduce
         with procs.no_sync(run.trained.module, last=j == len(group) - 1):
-            losses, timesteps = train_step(plan, store, run, share or batch[:1], mode, step, first + lo)
+            losses, timesteps = train_step(plan, store, run, share or batch[:1], mode, step, first + lo,
+                                           reads[j] if reads else None)
             procs.backward_loss(losses, len(batch), len(group), empty=not share).backward()
         losses = losses.detach().cpu()
         mine.append((list(zip(timesteps.float().tolist(), losses.tolist())), [s.prior for s, _ in share])
