@@ -59,7 +59,7 @@ test-fast: $(SETUP)
 	$(PY) -m pytest -q -m "not e2e and not slow"
 
 bench: $(SETUP)
-	$(PY) -m pipeline.bench
+	$(PY) -m pipeline.tools.bench
 
 bench-scale: $(SETUP)
 	$(PY) -m pipeline.tools.bench_scale $(ARGS)

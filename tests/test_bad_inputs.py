@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.images import images as data
+from pipeline.data import images as data
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.data.images import load_image
 from pipeline.errors import UserError
 from pipeline.train.stage import run_train

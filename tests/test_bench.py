@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_bench_reports_medians_and_ratios():
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench", "--steps", "1", "--warmup", "0", "--resolution", "64", "--batch-size", "2"],
+        [sys.executable, "-m", "pipeline.tools.bench", "--steps", "1", "--warmup", "0", "--resolution", "64", "--batch-size", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-2000:]

@@ -10,7 +10,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.errors import UserError
 from pipeline.data.plan import make_plan
 from pipeline.train.stage import run_train

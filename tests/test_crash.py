@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,7 @@ from conftest import configure
 from pipeline import processes
 from pipeline.store.lock import cache_lock
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import HOST, writer_gone
+from pipeline.store.store import HOST, writer_gone
 from pipeline.errors import UserError
 from pipeline.train import checkpoint
 

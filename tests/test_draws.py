@@ -11,9 +11,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from pipeline.batches import load_inputs
+from pipeline.data.batches import load_inputs
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.data.draws import fresh_seeds
 from pipeline.errors import UserError

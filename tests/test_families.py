@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.batches import load_inputs
+from pipeline.data.batches import load_inputs
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.config import load_config
 from pipeline.families.base import load_full_pipeline
 from pipeline.data.plan import make_plan

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.errors import UserError
 
 

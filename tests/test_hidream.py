@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from pipeline import tiny
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.data.images import load_image
 from pipeline.errors import UserError

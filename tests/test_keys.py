@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.train.stage import run_train
 
 pytestmark = pytest.mark.e2e

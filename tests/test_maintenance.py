@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline.data.kinds import check_complete
 from pipeline.cache.maintenance import needed_keys, prune, status, verify
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.cli import main
 from pipeline.data.plan import make_plan
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import configure
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.errors import UserError
 from pipeline.train import prefetch as prefetch_module
 from pipeline.train import step as step_module

@@ -16,10 +16,10 @@ from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, q
 
 from conftest import configure
 from pipeline import quantize
-from pipeline.batches import load_inputs
+from pipeline.data.batches import load_inputs
 from pipeline.cache.maintenance import status
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.errors import UserError
 from pipeline.data.plan import make_plan
 from pipeline.train.stage import run_train, train_lora

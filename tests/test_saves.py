@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipeline.batches import load_inputs
+from pipeline.data.batches import load_inputs
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.families.base import load_full_pipeline

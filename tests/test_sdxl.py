@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import tiny
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.config import LoraConfig, ModelConfig, TrainConfig, check_paths, load_config
 from pipeline.data.images import prepare_image
 from pipeline.errors import UserError

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.cache import stage
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 
 
 def _files(cache_dir):

@@ -7,7 +7,7 @@ import h5py
 import pytest
 import torch
 
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 
 
 def _entry(x):

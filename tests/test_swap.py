@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.errors import UserError
 from pipeline.families import family_class
 from pipeline.data.plan import make_plan

@@ -4,9 +4,9 @@ prior is the base model's prediction for exactly the input the training step fee
 import pytest
 import torch
 
-from pipeline.batches import load_inputs
+from pipeline.data.batches import load_inputs
 from pipeline.cache.stage import run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.data.images import load_image
 from pipeline.data.plan import make_plan
 from pipeline.settings import TORCH_DTYPES

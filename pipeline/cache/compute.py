@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from pipeline import quantize
-from pipeline.batches import Denoiser, forward, load_inputs
-from pipeline.cache.store import Entry, Store
+from pipeline.data.batches import load_inputs
+from pipeline.denoiser.model import Denoiser, forward
+from pipeline.store.store import Entry, Store
 from pipeline.data.images import BadImage, prepare_image
 from pipeline.denoiser.build import build_denoiser
 from pipeline.data.plan import BAD_IMAGE, Plan, Sample

@@ -15,7 +15,7 @@ from pipeline.data.kinds import COMPUTED, KINDS, computed, fix_command, needed_k
 from pipeline.store.lock import cache_lock
 from pipeline.cache.owners import other_configs
 from pipeline.cache.stage import ensure_embedded, run_cache
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.data.plan import Plan, open_plan

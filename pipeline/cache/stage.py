@@ -31,7 +31,7 @@ from pipeline.cache import owners
 from pipeline.cache.compute import COMPUTE
 from pipeline.data.kinds import COMPUTED, Kind
 from pipeline.store.lock import cache_lock
-from pipeline.cache.store import Entry, Store, access_error, os_errno
+from pipeline.store.store import Entry, Store, access_error, os_errno
 from pipeline.config import Config
 from pipeline.errors import UserError, note
 from pipeline.memory import say_estimate

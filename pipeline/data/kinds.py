@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import quantize
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.data.plan import BAD_IMAGE, Plan

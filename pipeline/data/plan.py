@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 from pipeline.store.keys import Fingerprints, derive_seed, digest, sha256_bytes
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.config import Config, check_paths
 from pipeline.data.images import PREPARE, BadImage, buckets, check_header, cover_size, nearest_bucket, scan_concept
 from pipeline.data.draws import Draws, draw_settings

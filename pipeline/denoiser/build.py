@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.batches import Denoiser
+from pipeline.denoiser.model import Denoiser
 from pipeline.config import Config
 from pipeline.errors import warn
 from pipeline.denoiser.lora import add_lora, kohya_weights

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from pipeline.batches import Inputs
+from pipeline.data.batches import Inputs
 from pipeline.data.plan import Plan, Sample
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.step import Read, read_batch

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.batches import Denoiser
-from pipeline.cache.store import Store
+from pipeline.denoiser.model import Denoiser
+from pipeline.store.store import Store
 from pipeline.denoiser.build import build_denoiser
 from pipeline.data.plan import Plan
 from pipeline.processes import OneProcess

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.batches import Denoiser, Inputs, forward, load_inputs
+from pipeline.data.batches import Inputs, load_inputs
+from pipeline.denoiser.model import Denoiser, forward
 from pipeline.store.keys import derive_seed
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.data.draws import fresh_seeds
 from pipeline.denoiser.lora import target_key
 from pipeline.objective import per_sample_mse

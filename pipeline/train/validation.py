@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import free_memory
 
-from pipeline.batches import Denoiser, forward, load_inputs
-from pipeline.cache.store import Store
+from pipeline.data.batches import load_inputs
+from pipeline.denoiser.model import Denoiser, forward
+from pipeline.store.store import Store
 from pipeline.families.base import render_cached
 from pipeline.objective import per_sample_mse
 from pipeline.data.plan import Plan

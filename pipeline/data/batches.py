@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.cache.store import Store
+from pipeline.store.store import Store
 from pipeline.data.plan import Plan, Sample
 
 
@@ -27,23 +27,6 @@ class Inputs:
         """The samples where `mask` is true."""
         return Inputs(self.latents[mask], self.noise[mask], self.noisy[mask], self.timesteps[mask], self.sigmas[mask],
                       {k: t[mask] for k, t in self.cond.items()})
-
-
-@dataclass
-class Denoiser:
-    """The denoiser as a stage holds it (possibly wrapped by peft, DDP or FSDP), with where it runs: the
-    family's forward is given these rather than reading them off a module a wrapper may hide."""
-
-    module: torch.nn.Module
-    device: torch.device
-    dtype: torch.dtype
-    swap: object = None  # the BlockSwap placing its swapped blocks (train.blocks_to_swap), or None
-
-
-def forward(family, denoiser: Denoiser, inputs: Inputs) -> torch.Tensor:
-    """One denoiser forward on a batch: the prior computed at cache time and the training step both call this."""
-    return family.predict(denoiser.module, inputs.noisy, inputs.timesteps, inputs.cond, device=denoiser.device,
-                          dtype=denoiser.dtype)
 
 
 def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]],

@@ -81,7 +81,7 @@ def _median_step_seconds(modes: dict, steps: int, warmup: int) -> dict[str, floa
 def main(steps, warmup, batch_size, resolution, dtype, device, threads):
     from pipeline import tiny
     from pipeline.cache.stage import run_cache
-    from pipeline.cache.store import Store
+    from pipeline.store.store import Store
     from pipeline.config import load_config
     from pipeline.families.flux import tiny as flux_tiny
     from pipeline.data.plan import make_plan
