@@ -70,17 +70,16 @@ def test_cut_short_while_batches_wait_the_rerun_gives_the_same_cache(project, re
     target = batch_bytes[0] + batch_bytes[1]
     assert batch_bytes[0] < target and batch_bytes[2] < target
     _, cfg = project(segment_mb=target / 2**20)
-    prior = next(k for k in stage.COMPUTED if k.name == "prior")
+    load, prior_compute = stage.COMPUTE["prior"]
     calls = []
 
     def compute(*args):
         calls.append(1)
         if len(calls) == 4:  # batches 1, 2 are written, 3 waits: a crash loses it, Ctrl-C writes it first
             raise fault("cut short")
-        return prior.compute(*args)
+        return prior_compute(*args)
 
-    monkeypatch.setattr(stage, "COMPUTED", tuple(dataclasses.replace(k, compute=compute) if k is prior else k
-                                                 for k in stage.COMPUTED))
+    monkeypatch.setitem(stage.COMPUTE, "prior", (load, compute))
     with pytest.raises(fault):
         run_cache(cfg, progress=False)
     monkeypatch.undo()

@@ -1,3 +1,4 @@
-"""Stage 1 and the cache it writes: the stage (`stage.py`), the registry of entry kinds (`kinds.py`: what
-each kind needs and how it is computed), the HDF5 store (`store.py`), keys and fingerprints (`keys.py`),
-locks (`lock.py`) and upkeep (`maintenance.py`: status, verify, prune)."""
+"""Stage 1: the cache stage (`stage.py`: each kind's missing chunks, one model resident at a time), how each
+kind of entry is computed (`compute.py`), which configs use which entries (`owners.py`) and upkeep
+(`maintenance.py`: status, verify, prune). It shares the store, the plan and the denoiser's builder with
+the train stage, and never imports it."""

@@ -144,7 +144,7 @@ def optimizer_step(run, plan: Plan, store: Store, group: list[list[tuple[Sample,
         # a rank whose share is empty runs one sample at weight zero: every rank takes part in each all-reduce
         with procs.no_sync(run.trained.module, last=j == len(group) - 1):
             losses, timesteps = train_step(plan, store, run, share or batch[:1], mode, step, first + lo,
-                                           reads[j] if reads else None)
+                                           read=reads[j] if reads else None)
             procs.backward_loss(losses, len(batch), len(group), empty=not share).backward()
         losses = losses.detach().cpu()
         mine.append((list(zip(timesteps.float().tolist(), losses.tolist())), [s.prior for s, _ in share])
