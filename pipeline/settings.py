@@ -21,6 +21,7 @@ from pipeline.config import Config
 from pipeline.errors import UserError, note
 from pipeline.families.load import get_family
 from pipeline.families.base import Family
+from pipeline.families.capabilities import require
 from pipeline.processes import launched_sharded, launched_size
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -118,6 +119,10 @@ def _refuse(cfg: Config, family: Family, processes: str) -> None:
                         "has no list of blocks to swap: set it to 0")
     if cfg.optimizer.name == "adamw8bit" and pick_device(t.device).type != "cuda":
         raise UserError("optimizer.name = \"adamw8bit\" needs a CUDA GPU (bitsandbytes); use \"adamw\" here")
+    if t.lora_format == "kohya":  # a family without a kohya/ComfyUI layout cannot write one
+        require(family, "lora_layout", 'config key \'train.lora_format\' = "kohya"')
+    if cfg.validation.prompts:  # the sample grids render through the family's own pipeline
+        require(family, "sampling", "config key 'validation.prompts'")
     if t.lora_format == "kohya" and cfg.lora.use_dora:
         raise UserError("config key 'train.lora_format' = \"kohya\" cannot hold a DoRA (lora.use_dora = true): "
                         "use train.lora_format = \"diffusers\"")

@@ -8,7 +8,9 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.config import load_config
 from pipeline.errors import UserError
+from pipeline.families import family_class
 from pipeline.families.base import FolderFamily
 from pipeline.settings import resolve
 
@@ -75,3 +77,17 @@ def test_under_a_launcher_the_process_setup_is_chosen_once(project, monkeypatch)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(UserError, match="'train.device' is 'cuda:1', but 2 processes each need their own GPU"):
         resolve(configure(path, optimizer={"name": "adamw"}, train={"device": "cuda:1"}), "train")
+
+
+def test_a_family_without_a_capability_a_key_needs_is_refused_by_resolve(project, monkeypatch):
+    path, _ = project()
+    flux = family_class("flux")
+    monkeypatch.setattr(flux, "lora_layout", None)
+    monkeypatch.setattr(flux, "sampling", None)
+    resolve(configure(path), "train")  # neither key asks for them
+    with pytest.raises(UserError, match="'train.lora_format' = \"kohya\": the flux family has no"):
+        resolve(configure(path, train={"lora_format": "kohya"}), "train")
+    configure(path, train={"lora_format": "diffusers"})
+    path.write_text(path.read_text() + '[validation]\nprompts = ["a teapot"]\n')
+    with pytest.raises(UserError, match="'validation.prompts': the flux family has no"):
+        resolve(load_config(path), "train")
