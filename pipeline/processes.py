@@ -56,7 +56,7 @@ def launched_sharded() -> bool:
 class OneProcess:
     """No launcher, or a launcher with one process: no process group, every collective a no-op."""
 
-    rank, size, sharded = 0, 1, False
+    rank, size = 0, 1
     places_weights = False  # whether `place` moves the weights itself (then the model is built on the CPU)
     device: torch.device | None = None  # this rank's device under a launcher (None: the config's)
 
@@ -69,13 +69,13 @@ class OneProcess:
 
     @property
     def renders(self) -> bool:
-        """Whether this rank renders the sample grids (rank 0; under FSDP every rank: each forward is a collective)."""
-        return self.is_main or self.sharded
+        """Whether this rank renders the sample grids: rank 0 alone, on the unwrapped model (no collective)."""
+        return self.is_main
 
     @property
     def shards(self) -> int:
         """How many processes the model is sharded across (1: each holds the whole model)."""
-        return self.size if self.sharded else 1
+        return 1
 
     def where(self, rank: int) -> str:
         return f"rank {rank} (host {self.hosts[rank]})"
@@ -241,7 +241,15 @@ class DataParallel(OneProcess):
 class Sharded(DataParallel):
     """Several processes sharing one sharded model (FSDP2, pipeline/denoiser/shard.py): each transformer block one unit."""
 
-    sharded = places_weights = True  # each rank loads on the CPU and keeps only its shard
+    places_weights = True  # each rank loads on the CPU and keeps only its shard
+
+    @property
+    def renders(self) -> bool:
+        return True  # each forward is a collective: every rank renders, rank 0 saves
+
+    @property
+    def shards(self) -> int:
+        return self.size
 
     def __init__(self, *args):
         super().__init__(*args)

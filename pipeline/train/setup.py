@@ -50,10 +50,10 @@ def setup(plan: Plan, store: Store, device: torch.device, dtype: torch.dtype, pr
     cfg, t = plan.cfg, plan.cfg.train
     torch.manual_seed(t.seed)  # the LoRA's initial weights: the same on every rank
     denoiser, _ = build_denoiser(cfg, plan.family, device, dtype, place=not procs.places_weights)
-    state, saved = TrainState(), None
+    state, optimizer_state, schedule_state = TrainState(), None, None
     if resume_from is not None:
         checkpoint.restore_lora(resume_from, denoiser.module)  # into the whole model, before it is placed
-        state, *saved = checkpoint.restore_state(resume_from)
+        state, optimizer_state, schedule_state = checkpoint.restore_state(resume_from)
     model = procs.place(denoiser.module, swap_blocks(denoiser.module, plan.family))
     trained = denoiser if model is denoiser.module else Denoiser(model, device, denoiser.dtype)
     params = [p for p in model.parameters() if p.requires_grad]  # as they train: under FSDP their shards
@@ -64,7 +64,7 @@ def setup(plan: Plan, store: Store, device: torch.device, dtype: torch.dtype, pr
     # the schedule before the saved state: building one sets each group's lr to its step-0 value, which the
     # optimizer's saved state then replaces with the lr of the step the run is at
     scheduler = build_scheduler(optimizer, cfg.optimizer, total)
-    if saved:
-        procs.load_optimizer_state(optimizer, saved[0], params)
-        scheduler.load_state_dict(saved[1])
+    if resume_from is not None:
+        procs.load_optimizer_state(optimizer, optimizer_state, params)
+        scheduler.load_state_dict(schedule_state)
     return Run(denoiser, trained, params, optimizer, scheduler, shapes, steps_per_epoch, total, procs), state
