@@ -1,10 +1,11 @@
-"""The prefetcher (train.prefetch): the next step's batches read in a background thread change nothing in a
-run, its errors surface at the step that needed the batch, as they were raised, and it leaves no thread
+"""The prefetcher (train.prefetch): the next step's batches read in a worker process change nothing in a
+run, its errors surface at the step that needed the batch, as they were raised, and it leaves no worker
 behind. Also the Store it reads from: safe to read from two threads at once."""
 
 import json
 import threading
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,8 +19,9 @@ from pipeline.train import step as step_module
 from pipeline.train.stage import run_train
 
 
-def _readers() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "prefetch"]
+def _readers() -> list:
+    """The prefetch workers still alive: child processes of this one (torch's DataLoader forks them)."""
+    return [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != "zombie"]
 
 
 def test_store_reads_from_two_threads_at_once(tmp_path):

@@ -274,6 +274,13 @@ class Store:
             if f is not None:
                 f.close()
 
+    def forget_handles(self) -> None:
+        """In a forked process: leave the parent's open files alone (they are the parent's, and HDF5's state
+        of them is not this process's to use) and open its own from here on. The index stays."""
+        self._inherited = list(self._open.values())  # kept, never used: nothing here touches the parent's
+        self._open = OrderedDict()
+        self._lock = threading.RLock()  # a lock the parent held while forking would stay held here
+
     def close(self) -> None:
         with self._lock:
             for f in self._open.values():

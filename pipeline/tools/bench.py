@@ -77,7 +77,8 @@ def _median_step_seconds(modes: dict, steps: int, warmup: int) -> dict[str, floa
 @click.option("--resolution", default=128, show_default=True, help="Pixels; latents are resolution/8.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Default: bf16 on CUDA, fp32 on CPU.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
+@click.option("--threads", default=0, help="torch CPU threads (0: on a CPU one core fewer than torch's default, "
+              "left to the prefetch worker as a GPU machine leaves it; on CUDA torch's default).")
 def main(steps, warmup, batch_size, resolution, dtype, device, threads):
     from pipeline import tiny
     from pipeline.cache.stage import run_cache
@@ -91,9 +92,13 @@ def main(steps, warmup, batch_size, resolution, dtype, device, threads):
     from pipeline.train.setup import setup
     from pipeline.train.step import optimizer_step, read_batch
 
+    dev = pick_device(device)
+    if not threads and dev.type == "cpu":
+        # the step computes on the CPU here; on a GPU machine it computes on the GPU and the reader has the
+        # host's cores. A reader that has to share the step's cores measures the machine, not the overlap.
+        threads = max(1, torch.get_num_threads() - 1)
     if threads:
         torch.set_num_threads(threads)
-    dev = pick_device(device)
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
