@@ -1,7 +1,7 @@
 # make train: cache what is missing, then train (default: the embedded tiny Flux config)
 # make test:  the test suite: the unit tier first (make test-fast, a few minutes: a broken build stops
 #             there), then the end-to-end and subprocess tiers
-# make bench: seconds per training step, cached vs online priors
+# make bench: seconds per training step, cached vs online priors, and the step against its bare compute
 # make bench-scale: cache status, verify and a training start on 10,000 images under ulimit -n 1024
 #                   (not part of make test: minutes; ARGS="--images 2000" for a smaller run)
 # make plan-memory: the estimated peak GPU memory of both stages for CONFIG (pipeline/memory.py)
