@@ -31,7 +31,7 @@ The cache stage holds one model at a time: the VAE (weights and its encode's wor
 encoders (weights only: their activations on a caption are small beside them), then the denoiser's
 no-grad prior forward at cache.batch_size. A no-grad forward's working set (the VAE's encode, the prior
 forward) is the peak of the bytes its ops' outputs hold at once on meta tensors (`live_peak`).
-Checked against measured peaks on a CPU (`make bench-memory`, README "Memory and quantization");
+Checked against measured peaks on a CPU (`make bench-memory`, docs/memory.md);
 `make bench-gpu` prints the planner's figure beside the measured peak on a GPU."""
 
 from __future__ import annotations

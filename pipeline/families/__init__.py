@@ -11,7 +11,7 @@ A new family is one package here plus its name in FAMILIES:
   from the shared parts in `tiny_parts.py`. tests/test_families.py runs the conformance suite on it.
 - Its capabilities (`capabilities.py`), each one attribute of the family, None where it lacks it:
   - `planning` (`<name>/planning.py`): the memory planner's dry run, its public full-size configs (from
-    `public_parts.py` where shared) and its rows of the README's memory table; without it plan-memory
+    `public_parts.py` where shared) and its rows of the memory table of docs/memory.md; without it plan-memory
     refuses the family and the memory table leaves it out.
   - `lora_layout` (`<name>/kohya.py`): the kohya/ComfyUI layout; without it train.lora_format = "kohya"
     is refused and the diffusers file keeps peft's names.

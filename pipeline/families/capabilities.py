@@ -2,7 +2,7 @@
 attribute of the family, None where the family lacks it:
 
 - `family.planning` (`Planning`): the memory planner's dry run, and the family's full-size public configs
-  and rows of the README's memory table (plan-memory, make memory-table, make bench-memory, bench-gpu).
+  and rows of the memory table of docs/memory.md (plan-memory, make memory-table, make bench-memory, bench-gpu).
   It is a class attribute: the tables use it before any model folder exists.
 - `family.lora_layout` (`LoraLayout`): the LoRA under the names other tools load (kohya's layout for
   train.lora_format = "kohya"; the diffusers file's names ComfyUI maps).
@@ -30,12 +30,12 @@ class Planning(Protocol):
     """What the memory planner (pipeline/memory.py) and the tables built from it ask of a family."""
 
     label: str  # how the benches' text names the family
-    # the public full-size model (its repositories' config.json, non-default keys): what the README's
+    # the public full-size model (its repositories' config.json, non-default keys): what docs/memory.md's
     # memory table and the benches build with random weights, without a download
     denoiser_config: Mapping[str, Any]
     vae_config: Mapping[str, Any]  # diffusers AutoencoderKL
     text_encoder_configs: Mapping[str, tuple[str, Mapping[str, Any]]]  # component -> (transformers class, config)
-    # the README's memory table: (model.quantize, train.blocks_to_swap, processes train.fsdp shards across)
+    # the memory table of docs/memory.md: (model.quantize, train.blocks_to_swap, processes train.fsdp shards across)
     table_rows: tuple[tuple[str, int, int], ...]
     sequence_length_applies: bool  # model.max_sequence_length sets the text tokens (False: a fixed length)
     conv_denoiser: bool  # the denoiser convolves (a CPU measurement holds im2col columns, see bench_memory)

@@ -1,4 +1,4 @@
-"""`make memory-table`: the README's "Memory and quantization" table from the planner (pipeline/memory.py)
+"""`make memory-table`: the table of docs/memory.md from the planner (pipeline/memory.py)
 for each family's public full-size configs and table rows (its planning capability) at 1024 px, batch 1,
 LoRA rank 16 on attention, AdamW, bf16, with gradient checkpointing (without it, activations alone are
 tens of GiB for the large transformers)."""

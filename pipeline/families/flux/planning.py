@@ -1,5 +1,5 @@
 """What the memory planner asks of Flux (`FluxFamily.planning`): the dry run's shapes and block counts, and
-the public FLUX.1-dev model's full-size configs and rows of the README's memory table."""
+the public FLUX.1-dev model's full-size configs and rows of the memory table of docs/memory.md."""
 
 from __future__ import annotations
 

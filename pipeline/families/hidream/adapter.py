@@ -88,7 +88,7 @@ class HiDreamFamily(FlowMatchingFamily):
             raise UserError(
                 f"model.path: '{self.root}' has no text_encoder_4 (HiDream's Llama-3.1-8B-Instruct): download it "
                 f"into that folder (hf download meta-llama/Meta-Llama-3.1-8B-Instruct --local-dir {llama} "
-                f"--exclude 'original/*'), see the README's HiDream section"
+                f"--exclude 'original/*'), see docs/families/hidream.md"
             )
         index = json.loads((self.root / "model_index.json").read_text())
         listed = lambda name: bool((index.get(name) or [None])[0])  # noqa: E731

@@ -1,6 +1,6 @@
 """What the memory planner asks of HiDream (`HiDreamFamily.planning`): the dry run's shapes, block counts
-and meta-tensor patches, and the public HiDream-I1-Full model's full-size configs and rows of the README's
-memory table."""
+and meta-tensor patches, and the public HiDream-I1-Full model's full-size configs and rows of the memory
+table of docs/memory.md."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """What the memory planner asks of SDXL (`SDXLFamily.planning`): the dry run's shapes and the UNet's
-transformer depths, and the public SDXL base model's full-size configs and rows of the README's memory table."""
+transformer depths, and the public SDXL base model's full-size configs and rows of the memory table of docs/memory.md."""
 
 from __future__ import annotations
 
