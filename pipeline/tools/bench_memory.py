@@ -124,7 +124,7 @@ def measure_peaks(config_path: str, kind: str) -> dict:
         static = _reset_peak() - start
         return {"static": static, "peak": _peak_of(prior)}
     model.train()
-    optimizer = build_optimizer(params, cfg.optimizer, cpu)
+    optimizer = build_optimizer(params, cfg.optimizer)
 
     def step():
         loss = ((predict().float() - torch.randn(latent)) ** 2).mean()

@@ -14,13 +14,12 @@ from pipeline.errors import UserError
 ADAPTIVE = ("prodigy",)
 
 
-def build_optimizer(params, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer over `params` (settings.resolve has refused AdamW8bit without CUDA)."""
     betas = tuple(cfg.betas)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas, eps=cfg.eps)
     if cfg.name == "adamw8bit":
-        if device.type != "cuda":
-            raise UserError("optimizer.name = \"adamw8bit\" needs a CUDA GPU (bitsandbytes); use \"adamw\" here")
         try:
             import bitsandbytes as bnb
         except ImportError:

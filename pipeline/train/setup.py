@@ -57,7 +57,7 @@ def setup(plan: Plan, store: Store, device: torch.device, dtype: torch.dtype, pr
     model = procs.place(denoiser.module, swap_blocks(denoiser.module, plan.family))
     trained = denoiser if model is denoiser.module else Denoiser(model, device, denoiser.dtype)
     params = [p for p in model.parameters() if p.requires_grad]  # as they train: under FSDP their shards
-    optimizer = procs.prepare_optimizer(build_optimizer(params, cfg.optimizer, device))
+    optimizer = procs.prepare_optimizer(build_optimizer(params, cfg.optimizer))
     shapes = {s.latent_keys[0]: store.shape("latent", s.latent_keys[0], "latent") for s in plan.samples}
     steps_per_epoch = math.ceil(len(epoch_batches(plan, shapes, 0)) / t.gradient_accumulation)
     total = t.max_steps or t.epochs * steps_per_epoch
