@@ -6,6 +6,7 @@ BadImage naming the reason; the stages skip such a file with a warning or stop, 
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipeline.config import IMAGE_EXTS, ConceptConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, warn
 
 # Part of every latent's key: change how images are prepared and every latent is recomputed.
 PREPARE = "exif-transpose,16bit-to-8bit,rgb-on-white,resize-to-cover-lanczos,center-crop"
@@ -39,7 +40,8 @@ def scan_concept(concept: ConceptConfig, index: int) -> list[tuple[Path, str | B
         sidecar = path.with_suffix(concept.caption_ext) if concept.caption_ext else None
         if sidecar is not None and sidecar.is_file():
             try:
-                caption = sidecar.read_text(encoding="utf-8").strip()
+                # utf-8-sig: a byte-order mark some editors write at the start is not part of the caption
+                caption = sidecar.read_text(encoding="utf-8-sig").strip()
             except UnicodeDecodeError:
                 caption = BadImage(f"caption file '{sidecar.name}' is not UTF-8 text")
             except OSError as e:
@@ -47,10 +49,26 @@ def scan_concept(concept: ConceptConfig, index: int) -> list[tuple[Path, str | B
             if isinstance(caption, str) and len(caption) > MAX_CAPTION:
                 caption = BadImage(f"caption file '{sidecar.name}' has {len(caption):,} characters, over the limit "
                                    f"of {MAX_CAPTION:,}")
+            elif isinstance(caption, str) and "\0" in caption:
+                # HDF5 stores the caption beside its embedding as a string, which cannot hold a NUL
+                caption = BadImage(f"caption file '{sidecar.name}' holds a NUL byte (not text)")
+        elif sidecar is not None and sidecar.is_symlink():  # is_file is false for a link that dangles or loops
+            warn(f"caption file '{sidecar}' is a link to no file ({_link_trouble(sidecar)}): "
+                 f"'{path.name}' gets {'the default caption' if concept.default_caption else 'an empty caption'}")
         items.append((path, caption))
     if not items:
         raise UserError(f"concepts[{index}].folder: '{folder}' has no images ({', '.join(IMAGE_EXTS)})")
     return items
+
+
+def _link_trouble(link: Path) -> str:
+    try:
+        link.resolve(strict=True)
+    except RuntimeError:  # Python 3.11's resolve raises this for a loop
+        return "it loops"
+    except OSError as e:
+        return "it loops" if e.errno == errno.ELOOP else "it dangles"
+    return "it is not a file"
 
 
 def check_header(path: Path) -> tuple[int, int]:
