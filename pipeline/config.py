@@ -193,6 +193,23 @@ class Config:
         return json.dumps(d, sort_keys=True)
 
 
+def changed_keys(old: dict, new: dict, prefixes: tuple[str, ...]) -> list[str]:
+    """Each dotted key under `prefixes` whose value differs between two configs as dicts (to_dict or
+    portable_json's), as "key old -> new" (JSON values; "(absent)" where one has no such key)."""
+    def flat(value, key=""):
+        if isinstance(value, dict):
+            return {k: v for name, item in value.items()
+                    for k, v in flat(item, f"{key}.{name}" if key else name).items()}
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):  # [[concepts]]
+            return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{key}[{i}]").items()}
+        return {key: value}
+
+    a, b = flat(old), flat(new)
+    shown = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"  # noqa: E731
+    return [f"{k} {shown(a, k)} -> {shown(b, k)}" for k in sorted(a.keys() | b.keys())
+            if k.startswith(prefixes) and a.get(k, ...) != b.get(k, ...)]
+
+
 def _check_type(value, hint, key: str):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):

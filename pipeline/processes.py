@@ -101,6 +101,11 @@ class OneProcess:
         one message, whatever each machine's view would have been."""
         return fn()
 
+    def refuse_unlike(self, mine: Callable[[], dict], differ: Callable[[dict], list[str]], what: str) -> None:
+        """Refuse, on every rank alike, a job whose processes would do different work: every rank's `mine()`
+        (its config, data...) is compared with rank 0's by `differ` (what differs, as "key its -> rank 0's"),
+        and the first rank that differs is named with `what` it would do. One process: nothing to compare."""
+
     @contextlib.contextmanager
     def main_holds(self, make: Callable[[], contextlib.AbstractContextManager]) -> Iterator[None]:
         """Rank 0 enters the context (a lock) for the whole job; a refusal is raised on every rank alike."""
@@ -210,6 +215,18 @@ class DataParallel(OneProcess):
         if error is not None:
             raise UserError(error)
         return result
+
+    def refuse_unlike(self, mine, differ, what):
+        every = self.gather(mine())
+
+        def check() -> None:
+            for rank, theirs in enumerate(every):
+                found = differ(theirs)
+                if found:
+                    raise UserError(f"{self.where(rank)} {what} than rank 0 ({'; '.join(found)}; its value -> rank "
+                                    "0's): give every process the same config file and data")
+
+        self.from_main(check)
 
     def place(self, model, blocks):
         return self.accelerator.prepare_model(model)

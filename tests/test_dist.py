@@ -167,6 +167,17 @@ def test_a_second_job_is_refused_on_every_rank(project):
     assert f"pid {os.getpid()}" in refusals[0]
 
 
+@pytest.mark.slow
+def test_cache_ranks_with_another_config_are_refused_before_any_work(project):
+    path, cfg = project(dtype="bf16")
+    done = _run(2, WORKER.with_name("dist_cache.py"), path, "--skew")
+    assert done.returncode != 0
+    refusals = re.findall(r"error: .*? would cache another config than rank 0 .*?config file and data", done.stderr)
+    assert len(refusals) == 2 and len(set(refusals)) == 1, done.stderr[-3000:]
+    assert "rank 1 (host" in refusals[0] and 'train.dtype "fp32" -> "bf16"' in refusals[0]
+    assert not (Path(cfg.cache.dir) / "segments").exists() or not any((Path(cfg.cache.dir) / "segments").iterdir())
+
+
 def _train(n: int, path, out: Path, *extra) -> dict[int, dict]:
     out.mkdir(exist_ok=True)
     done = _run(n, WORKER, path, out, *extra)

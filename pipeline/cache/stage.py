@@ -19,6 +19,7 @@ those of one process whatever the number of ranks.
 from __future__ import annotations
 
 import errno
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,10 +30,11 @@ from tqdm import tqdm
 from pipeline import tiny
 from pipeline.cache import owners
 from pipeline.cache.compute import COMPUTE
-from pipeline.data.kinds import COMPUTED, Kind
+from pipeline.data.kinds import COMPUTED, Kind, needed_keys
+from pipeline.store.keys import digest
 from pipeline.store.lock import cache_lock
 from pipeline.store.store import Entry, Store, access_error, os_errno
-from pipeline.config import Config
+from pipeline.config import Config, changed_keys
 from pipeline.errors import UserError, note
 from pipeline.memory import say_estimate
 from pipeline.data.plan import Plan, open_plan
@@ -159,11 +161,39 @@ def run_cache(cfg: Config, progress: bool = True) -> dict:
             return _run_cache(cfg, progress and procs.is_main, procs)
 
 
+# Config keys (dotted, a prefix covers a table) that change which entries a cache run computes, or how its
+# work is cut into chunks: under a launcher, ranks that differ in any of them are refused.
+CACHE_KEYS = (
+    "model.", "concepts", "data.", "validation.prompts", "train.dtype", "train.prior_mode", "train.device",
+    "cache.dir", "cache.variants", "cache.seed", "cache.batch_size", "cache.timestep_sampling", "cache.logit_mean",
+    "cache.logit_std", "cache.mode_scale", "cache.shift", "cache.dynamic_shift", "cache.noise_offset",
+    "cache.input_perturbation",
+)
+
+
+def _cache_identity(plan: Plan) -> dict:
+    return {"config": json.loads(plan.cfg.portable_json()), "entries": _entries_digest(plan)}
+
+
+def _entries_digest(plan: Plan) -> str:
+    """What the plan needs from the cache, by content: every needed key of every kind."""
+    return digest(sorted((kind, sorted(keys)) for kind, keys in needed_keys(plan).items()))
+
+
+def _cache_changes(theirs: dict, plan: Plan) -> list[str]:
+    changed = changed_keys(theirs["config"], json.loads(plan.cfg.portable_json()), CACHE_KEYS)
+    if theirs["entries"] != _entries_digest(plan) and not changed:
+        changed.append("the images, captions or model weights (their content)")
+    return changed
+
+
 def _run_cache(cfg: Config, progress: bool, procs: OneProcess) -> dict:
     start_time = time.perf_counter()
     procs.from_main(lambda: ensure_embedded(cfg))  # one rank builds; the others read what it built
     settings = resolve(cfg, "cache")  # every refusal, before any model loads
     plan, store = open_plan(cfg, settings)
+    # every rank cuts the work from rank 0's index, so all of them must need the same entries
+    procs.refuse_unlike(lambda: _cache_identity(plan), lambda theirs: _cache_changes(theirs, plan), "would cache another config")
     if procs.is_main:
         owners.record(plan)  # before computing: what a run that is cut short wrote is claimed too
     device = settings.stage_device(procs)

@@ -21,6 +21,7 @@ import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from pipeline.config import changed_keys
 from pipeline.errors import UserError, warn
 from pipeline.denoiser.lora import CHECKPOINT_LORA, save_file_or_oserror, save_run_lora
 from pipeline.store.keys import sha256_file
@@ -230,20 +231,9 @@ def changes(saved: dict, cfg, plan, data_fp: str) -> list[str]:
     """What differs, in what changes results, between the run that wrote the checkpoint state `saved`
     and this config and plan: each changed config key with its old and new value, then the data and the
     base model's weights (compared by content)."""
-    def flat(value, key=""):
-        if isinstance(value, dict):
-            return {k: v for name, item in value.items()
-                    for k, v in flat(item, f"{key}.{name}" if key else name).items()}
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):  # [[concepts]]
-            return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{key}[{i}]").items()}
-        return {key: value}
-
     if saved.get("config") is None:  # written before checkpoints recorded their config: nothing to compare
         return []
-    old, new = flat(saved["config"]), flat(json.loads(cfg.portable_json()))
-    shown = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"  # noqa: E731
-    changed = [f"{k} {shown(old, k)} -> {shown(new, k)}" for k in sorted(old.keys() | new.keys())
-               if k.startswith(RESULT_KEYS) and old.get(k, ...) != new.get(k, ...)]
+    changed = changed_keys(saved["config"], json.loads(cfg.portable_json()), RESULT_KEYS)
     if saved.get("data", data_fp) != data_fp:
         changed.append("the training images or captions (their content)")
     if saved.get("base_model", plan.denoiser_fp) != plan.denoiser_fp:

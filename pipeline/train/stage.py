@@ -97,7 +97,10 @@ def _train_lora(settings: Settings, progress: bool, resume: bool, overwrite: boo
     t = cfg.train
     out_dir = Path(t.output_dir)
     data_fp = plan.data_fp()
-    _same_on_every_rank(procs, cfg, plan, data_fp)
+    # another config file or data on one machine: the keys that change results, the data and the base model
+    procs.refuse_unlike(lambda: {"config": json.loads(cfg.portable_json()), "data": data_fp,
+                                 "base_model": plan.denoiser_fp},
+                        lambda theirs: checkpoint.changes(theirs, cfg, plan, data_fp), "would train another run")
     # refusals before the model is loaded; rank 0's view of the output folder decides for every rank
     if resume:
         found = procs.from_main(lambda: _resume_point(cfg, plan, data_fp, out_dir, procs.size))
@@ -202,23 +205,6 @@ def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validato
                     if run.procs.is_main:
                         checkpoint.save(Path(t.output_dir), state, run, plan, data_fp, optimizer_state)
         state.epoch, state.next_batch = state.epoch + 1, 0
-
-
-def _same_on_every_rank(procs: OneProcess, cfg: Config, plan, data_fp: str) -> None:
-    """Refuse, on every rank, a job whose processes would train different runs (another config file or data
-    on one machine): the keys that change results, the data and the base model, compared with rank 0's."""
-    if procs.size == 1:
-        return
-    every = procs.gather({"config": json.loads(cfg.portable_json()), "data": data_fp, "base_model": plan.denoiser_fp})
-
-    def check() -> None:
-        for rank, theirs in enumerate(every):
-            differ = checkpoint.changes(theirs, cfg, plan, data_fp)
-            if differ:
-                raise UserError(f"{procs.where(rank)} would train another run than rank 0 ({'; '.join(differ)}; "
-                                "its value -> rank 0's): give every process the same config file and data")
-
-    procs.from_main(check)
 
 
 def _resume_point(cfg: Config, plan, data_fp: str, out_dir: Path, world_size: int = 1) -> Path:
