@@ -2,7 +2,7 @@
 so the train stage finds exactly what the cache stage wrote, and a stale entry is never found.
 
 Key recipes (documented in docs/cache-format.md):
-  content   = digest("image", sha256(image bytes), bucket (height, width), PREPARE)
+  content   = digest("image", sha256(image file), bucket (height, width), PREPARE)
   latent[v] = digest("latent", content, vae fingerprint, encoder dtype, flip[v])
   text[v]   = digest("text", caption[v], text-encoder fingerprint, max_sequence_length, encoder dtype)
   noise[v]  = digest("noise", content, v, cache seed, timestep sampling settings, scheduler table)
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from pipeline.store.keys import Fingerprints, derive_seed, digest, sha256_bytes
+from pipeline.store.keys import Fingerprints, derive_seed, digest, sha256_file
 from pipeline.store.store import Store
 from pipeline.config import Config, check_paths
 from pipeline.data.images import PREPARE, BadImage, buckets, check_header, cover_size, nearest_bucket, scan_concept
@@ -211,7 +211,9 @@ def make_plan(cfg: Config, settings: Settings | None = None) -> Plan:
             try:
                 if isinstance(caption, BadImage):
                     raise caption
-                image_bytes = path.read_bytes()
+                # hashed as it streams: a file is never held whole in memory (a valid header may carry a
+                # tail of gigabytes); the decoder opens the file and reads what it needs
+                image_sha = sha256_file(path)
                 width, height = check_header(path)
             except OSError as e:
                 plan.skip(path, f"cannot be read ({e.strerror})")
@@ -227,7 +229,7 @@ def make_plan(cfg: Config, settings: Settings | None = None) -> Plan:
                 continue
             if width < bucket[1] or height < bucket[0]:
                 warn(f"'{path}' is {width}x{height}, smaller than its {bucket[1]}x{bucket[0]} bucket: upscaled")
-            content = digest("image", sha256_bytes(image_bytes), bucket, PREPARE)
+            content = digest("image", image_sha, bucket, PREPARE)
             variants = range(c.variants)
             flips = tuple(chance("flip", content, v) < d.flip_probability for v in variants)
             captions = tuple("" if chance("caption-dropout", content, v) < d.caption_dropout else caption
