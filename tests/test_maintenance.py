@@ -192,3 +192,11 @@ def test_prune_in_a_cache_shared_with_another_config_needs_all_configs(project):
     run_cache(other_cfg, progress=False)
     other.unlink()  # a config that no longer exists uses nothing
     assert prune(cfg)["entries_removed"] == {"noise": 16, "prior/bf16": 16}
+
+
+@pytest.mark.e2e
+def test_status_on_a_new_cache_dir_creates_nothing(project):
+    _, cfg = project()
+    report = status(cfg)
+    assert not (project.root / "cache").exists()  # neither the folder, nor its lock or fingerprints
+    assert report is not None

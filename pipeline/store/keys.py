@@ -68,10 +68,11 @@ class Fingerprints:
         return digest([[str(p.relative_to(folder)), self.file(p)] for p in files])
 
     def save(self) -> None:
-        if not self.dirty:
+        # only into a cache folder that exists: a command that reads (cache status) must not create one,
+        # and the cache stage has created it, taking its lock, before it plans
+        if not self.dirty or not self.memo_path.parent.is_dir():
             return
         try:
-            self.memo_path.parent.mkdir(parents=True, exist_ok=True)
             with replacing(self.memo_path) as tmp:
                 tmp.write_text(json.dumps(self.memo, indent=0))
         except OSError:  # a read-only or full cache folder: the memo only saves time, so go on without it

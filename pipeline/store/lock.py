@@ -44,6 +44,8 @@ def take(path: Path, exclusive: bool, refusal: str, job: str = ""):
     """Take the lock without waiting, or raise UserError(refusal + who holds it). A shared lock on a
     folder where the lock file cannot be made: None (see the module's docstring). job: who takes it, for
     another job's refusal (a job of several processes: rank 0 holds the lock for all of them)."""
+    if not exclusive and not path.parent.is_dir():
+        return None  # no cache there yet: nothing to read, and a reader must not create the folder
     try:
         fh = open(path) if not exclusive and path.is_file() else _create(path)
     except OSError as e:
