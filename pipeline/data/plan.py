@@ -204,6 +204,7 @@ def make_plan(cfg: Config, settings: Settings | None = None) -> Plan:
 
     def chance(what: str, content: str, v: int) -> float:
         return derive_seed(what, c.seed, content, v) / 2**63
+    upscaled: list[str] = []  # said once, with a count: a data set of small images would print a line each
     for i, concept in enumerate(cfg.concepts):
         if any(p.is_dir() for p in Path(concept.folder).iterdir()):
             warn(f"concepts[{i}].folder: subfolders of '{concept.folder}' are not read (make each a concept)")
@@ -228,7 +229,7 @@ def make_plan(cfg: Config, settings: Settings | None = None) -> Plan:
                 plan.skip(path, str(e))
                 continue
             if width < bucket[1] or height < bucket[0]:
-                warn(f"'{path}' is {width}x{height}, smaller than its {bucket[1]}x{bucket[0]} bucket: upscaled")
+                upscaled.append(f"'{path}' is {width}x{height}, smaller than its {bucket[1]}x{bucket[0]} bucket")
             content = digest("image", image_sha, bucket, PREPARE)
             variants = range(c.variants)
             flips = tuple(chance("flip", content, v) < d.flip_probability for v in variants)
@@ -254,6 +255,9 @@ def make_plan(cfg: Config, settings: Settings | None = None) -> Plan:
                     timestep_seeds=tuple(derive_seed("timestep", c.seed, content, v) for v in variants),
                 )
             )
+    if upscaled:
+        more = f" (and {len(upscaled) - 1} more image(s) smaller than their bucket)" if len(upscaled) > 1 else ""
+        warn(f"{upscaled[0]}: upscaled{more}")
     check_usable(plan)
     return plan
 
