@@ -13,9 +13,16 @@ from pipeline.cache.stage import run_cache
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import UserError
+from pipeline.store.keys import sha256_file
 from pipeline.train.stage import run_train
 
 from conftest import configure
+
+
+def _reseal(checkpoint_dir):
+    """checksums.json rewritten for the checkpoint's files as they now are."""
+    sums = {p.name: sha256_file(p) for p in sorted(checkpoint_dir.iterdir()) if p.name != "checksums.json"}
+    (checkpoint_dir / "checksums.json").write_text(json.dumps(sums))
 
 
 def cli(*args):
@@ -74,12 +81,13 @@ def test_resume_with_a_changed_rank_names_the_changed_keys(project):
     # a checkpoint from before configs were recorded: peft's size mismatch becomes one line too
     state_file = project.root / "out" / "checkpoints" / "step-00000002" / "state.json"
     state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "config"}))
-    (state_file.parent / "checksums.json").unlink()  # such a checkpoint had no checksums either
+    _reseal(state_file.parent)  # an intact checkpoint of that format (a checkpoint without checksums is damaged)
     with pytest.raises(UserError, match="does not fit this LoRA"):
         run_train(configure(path, lora={"rank": 8}, optimizer={"lr": 0.001}), progress=False, resume=True)
 
     # the run's length is not a result key: resuming to train longer is allowed
     state_file.write_text(json.dumps(state))
+    _reseal(state_file.parent)
     longer = configure(path, lora={"rank": 4}, train={"max_steps": 6})
     assert run_train(longer, progress=False, resume=True)["steps"] == 6
 

@@ -13,6 +13,8 @@ from pipeline.errors import UserError
 from pipeline.train import step as train_step_module
 from pipeline.train.stage import run_train
 
+from conftest import configure
+
 pytestmark = pytest.mark.e2e
 
 
@@ -67,3 +69,26 @@ def test_interrupted_and_resumed_equals_uninterrupted(project, monkeypatch):
     assert [x["loss"] for x in lines] == [x["loss"] for x in expected_metrics]
     scores = lambda run: [(x["step"], x["prior_drift"]) for x in map(json.loads, open(project.root / run / "validation.jsonl"))]  # noqa: E731
     assert scores("cut") == scores("full") and [s for s, _ in scores("full")] == [0, 4, 8, 12, 16, 20, 24]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("sums, why", [
+    (None, "checksums.json is missing"), ("", "checksums.json does not parse"), ("null", "is not a table of file checksums"),
+    ("[1, 2]", "is not a table of file checksums"), ("{}", "checksums.json has no checksum for"),
+    ('{"state.json": "00"}', "checksums.json has no checksum for"),
+])
+def test_a_checkpoint_without_a_sound_checksum_list_is_not_trusted(project, capsys, sums, why):
+    path, _ = project(dtype="fp32", max_steps=4)
+    cfg = configure(path, train={"checkpoint_every": 2, "keep_checkpoints": 0})
+    run_cache(cfg, progress=False)
+    run_train(cfg, progress=False)
+    newest = project.root / "out" / "checkpoints" / "step-00000002"
+    capsys.readouterr()
+    if sums is None:
+        (newest / "checksums.json").unlink()
+    else:
+        (newest / "checksums.json").write_text(sums)
+    with pytest.raises(UserError, match="no intact checkpoint"):  # the only one is not trusted
+        run_train(cfg, progress=False, resume=True)
+    err = capsys.readouterr().err
+    assert f"checkpoint '{newest}' is damaged (" in err and why in err and "state.json does not parse" not in err

@@ -137,19 +137,34 @@ def latest(out_dir: Path) -> Path | None:
 
 
 def damage(path: Path) -> str | None:
-    """What is wrong with a checkpoint (None: intact): a file whose sha256 differs from checksums.json,
-    a missing file, or a state.json that does not parse. A checkpoint from before checksums were written
-    is checked for its files only."""
+    """What is wrong with a checkpoint (None: intact), naming the file: a checksums.json that is missing,
+    does not parse or is not a table of checksums, a file it lists no checksum for, a missing file, a file
+    whose sha256 differs, or a state.json that does not parse. Without a complete checksum list a
+    checkpoint is not trusted: a flipped byte would be resumed silently."""
+    sums_file = path / CHECKSUMS
     try:
-        json.loads((path / "state.json").read_text())
-        sums_file = path / CHECKSUMS
-        sums = json.loads(sums_file.read_text()) if sums_file.is_file() else {}
-        for name in ["state.json", "state.safetensors", "lora.safetensors", *sums]:
+        text = sums_file.read_text()
+    except FileNotFoundError:
+        return f"{CHECKSUMS} is missing"
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{CHECKSUMS} is unreadable ({getattr(e, 'strerror', None) or type(e).__name__})"
+    try:
+        sums = json.loads(text)
+    except ValueError:
+        return f"{CHECKSUMS} does not parse"
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        return f"{CHECKSUMS} is not a table of file checksums"
+    try:
+        files = {p.name for p in path.iterdir() if p.is_file()} - {CHECKSUMS}
+        unlisted = sorted((files | {"state.json", "state.safetensors", "lora.safetensors"}) - sums.keys())
+        if unlisted:
+            return f"{CHECKSUMS} has no checksum for {unlisted[0]}"
+        for name, want in sums.items():
             if not (path / name).is_file():
                 return f"{name} is missing"
-        for name, want in sums.items():
             if sha256_file(path / name) != want:
                 return f"{name} does not match its checksum"
+        json.loads((path / "state.json").read_text())
     except OSError as e:
         return f"{Path(e.filename or path).name} is unreadable ({e.strerror})"
     except ValueError:
