@@ -2,6 +2,7 @@
 the reason (data.on_bad_image = "skip"), never a crash; "fail" stops with a one-line error instead."""
 
 import io
+import builtins
 import os
 import shutil
 from pathlib import Path
@@ -81,6 +82,14 @@ def bad_project(project, monkeypatch):
             return real(self)
 
         monkeypatch.setattr(Path, "read_bytes", read_bytes)
+        real_open = builtins.open
+
+        def open_(file, *args, **kwargs):  # what hashes an image as it streams, and the decoder
+            if isinstance(file, (str, Path)) and Path(file).name == "unreadable.png":
+                raise PermissionError(13, "Permission denied", str(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", open_)
     return project, expected
 
 
