@@ -19,7 +19,8 @@ class Denoiser:
     swap: object = None  # the BlockSwap placing its swapped blocks (train.blocks_to_swap), or None
 
 
-def forward(family, denoiser: Denoiser, inputs: Inputs) -> torch.Tensor:
-    """One denoiser forward on a batch: the prior computed at cache time and the training step both call this."""
+def forward(family, denoiser: Denoiser, inputs) -> torch.Tensor:
+    """One denoiser forward on a batch (`inputs`: a data.batches.Inputs): the prior computed at cache time and
+    the training step both call this."""
     return family.predict(denoiser.module, inputs.noisy, inputs.timesteps, inputs.cond, device=denoiser.device,
                           dtype=denoiser.dtype)
