@@ -20,13 +20,14 @@ import datetime
 import os
 import re
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from pipeline.denoiser import shard
-from pipeline.atomic import HOST
+from pipeline.atomic import HOST, pid_alive
 from pipeline.errors import UserError
 
 TRAIN_TIMEOUT = datetime.timedelta(minutes=30)  # training's collectives: rank 0 alone may render sample grids meanwhile
@@ -177,7 +178,7 @@ class DataParallel(OneProcess):
         self.accelerator, self.group, self.timeout, self.timeout_key = accelerator, group, timeout, timeout_key
         self.rank, self.size, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
         self.hosts = [HOST]
-        self.hosts = self.gather(HOST)
+        self.hosts, self.pids = map(list, zip(*self.gather((HOST, os.getpid()))))
 
     def job(self) -> str:
         return (f"a job of {self.size} processes on {len(set(self.hosts))} machine(s), rank 0: "
@@ -194,11 +195,20 @@ class DataParallel(OneProcess):
         return out
 
     def barrier(self, what: str, kept: str = "every finished cache segment is kept") -> None:
+        began = time.monotonic()
         try:
             torch.distributed.monitored_barrier(group=self.group, timeout=self.timeout, wait_all_ranks=True)
         except RuntimeError as e:
             late = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
-            who = ", ".join(self.where(int(r)) for r in late.group(1).split(",")) if late else "another rank"
+            ranks = [int(r) for r in late.group(1).split(",")] if late else []
+            # gloo reports a rank whose process ended (its connection closed) as late too, at once: a failure
+            # well before the timeout, or a process of this machine that is gone, is a rank that stopped
+            gone = [r for r in range(self.size) if self.hosts[r] == HOST and not pid_alive(self.pids[r])]
+            if gone or time.monotonic() - began < 0.9 * self.timeout.total_seconds():
+                who = ", ".join(self.where(r) for r in (gone or ranks)) or "another rank"
+                raise UserError(f"{who} stopped before finishing {what} (it failed or was killed: see its "
+                                f"output); {kept}: fix that and run the same command again") from None
+            who = ", ".join(self.where(r) for r in ranks) or "another rank"
             minutes = f"{self.timeout.total_seconds() / 60:g} minutes"
             limit = f"{self.timeout_key} = {minutes}" if self.timeout_key else minutes
             raise UserError(f"{who} did not finish {what} within {limit} (stuck, or it died: see its "

@@ -178,6 +178,16 @@ def test_cache_ranks_with_another_config_are_refused_before_any_work(project):
     assert not (Path(cfg.cache.dir) / "segments").exists() or not any((Path(cfg.cache.dir) / "segments").iterdir())
 
 
+@pytest.mark.slow
+def test_a_rank_that_dies_is_named_at_once(project):
+    path, cfg = project(dtype="bf16")
+    done = _run(2, WORKER.with_name("dist_cache.py"), path, "--die")
+    assert done.returncode != 0, done.stderr[-3000:]
+    said = re.findall(r"error: (.*? stopped before finishing .*?run the same command again)", done.stderr)
+    assert said and "rank 1 (host" in said[0] and "the latent phase" in said[0], done.stderr[-3000:]
+    assert "did not finish" not in done.stderr
+
+
 def _train(n: int, path, out: Path, *extra) -> dict[int, dict]:
     out.mkdir(exist_ok=True)
     done = _run(n, WORKER, path, out, *extra)
