@@ -1,6 +1,7 @@
 """Training and inputs a user can trust: a non-finite loss stops the run in one line with nothing written
 after it; config values that are not finite or overflow, a BOM, `~` and `$VARS`; captions over the limit,
-extreme aspect ratios, pickle weights and a damaged fingerprint memo; Ctrl-C after the LoRA is written."""
+extreme aspect ratios, pickle weights and a damaged fingerprint memo; Ctrl-C after the LoRA is written; a
+damaged prior stops training before any step trains on it."""
 
 import json
 import re
@@ -8,11 +9,14 @@ import shutil
 import subprocess
 import sys
 
+import h5py
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from pipeline.cache.maintenance import verify
 from pipeline.cache.stage import run_cache
+from pipeline.store.store import Store
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import UserError
@@ -149,3 +153,25 @@ def test_a_torn_metrics_line_and_leftover_temporaries_do_not_stop_a_resume(proje
     assert summary["steps"] == 6 and summary["resumed_from_step"] == 2
     assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == list(range(6))
     assert not any(p.exists() for p in leftovers)
+
+
+@pytest.mark.e2e
+def test_a_damaged_prior_stops_training_before_it_is_trained_on(project):
+    path, cfg = project(dtype="fp32", max_steps=4)
+    run_cache(cfg, progress=False)
+    store = Store(cfg.cache.dir)
+    segment = {store.segment_of("prior/fp32", k) for k in store.keys("prior/fp32")}.pop()
+    store.close()
+    with h5py.File(segment, "r+") as f:  # finite wrong values written into every prior of that file
+        keys = list(f)
+        for key in keys:
+            f[key]["prediction"][0, 0, 0] += 1.0
+
+    r = CliRunner().invoke(main, ["train", "--config", str(path), "--quiet"])
+    assert r.exit_code == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cache entry prior/fp32/") and f"in '{segment}' is damaged" in line
+    assert line.split("/")[2].split(" ")[0] in keys and "cache verify --repair" in line
+    assert not (project.root / "out" / cfg.train.lora_name).exists()
+    assert verify(cfg, repair=True)["repaired"] == len(keys)
+    assert CliRunner().invoke(main, ["train", "--config", str(path), "--quiet"]).exit_code == 0

@@ -86,6 +86,10 @@ _HINTS = {
 }
 
 
+class DamagedEntry(UserError):
+    """An entry whose bytes no longer match their checksum."""
+
+
 class AccessError(UserError):
     """The OS refused a cache file. Not damage: nothing is deleted because of it."""
 
@@ -223,13 +227,23 @@ class Store:
         return f
 
     def read(self, kind: str, key: str) -> Entry:
+        """An entry's tensors and attributes, each dataset checked against the sha256 it was written with:
+        nothing damaged on disk since (a flipped bit, bytes written into it) is ever returned. A mismatch is
+        DamagedEntry, naming the file and the entry."""
         path = self._index.get((kind, key))
         if path is None:
             raise KeyError(f"{kind}/{key}")
         with self._lock, _reading(path):
             group = self._file(path)[key]
-            tensors = {n: from_numpy(d[()], d.attrs.get("dtype", "")) for n, d in group.items()}
-            return tensors, dict(group.attrs)
+            raw = {n: (np.asarray(d[()]), d.attrs.get("dtype", ""), d.attrs.get("sha256")) for n, d in group.items()}
+            attrs = dict(group.attrs)
+        # hashed outside the lock (hashlib lets go of the GIL): another thread's read need not wait for it
+        for name, (array, _, sha) in raw.items():
+            if hashlib.sha256(array.tobytes() if not array.flags.c_contiguous else array).hexdigest() != sha:
+                raise DamagedEntry(f"cache entry {kind}/{key} in '{path}' is damaged (dataset '{name}' does not match "
+                                   "its sha256): nothing was computed from it; run `python -m pipeline cache verify "
+                                   "--repair` with this config, which recomputes exactly the damaged entries")
+        return {n: from_numpy(a, dtype) for n, (a, dtype, _) in raw.items()}, attrs
 
     def attrs(self, kind: str, key: str) -> dict:
         """An entry's attributes, without reading its datasets."""
