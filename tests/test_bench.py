@@ -26,6 +26,9 @@ def test_bench_reports_medians_and_ratios():
     assert abs(result["ratio_online_to_cached"] - ms["prior_online"] / ms["prior_cached"]) < 2e-3
     assert abs(result["ratio_step_to_bare"] - ms["standard"] / ms["bare"]) < 2e-3
     assert "prior samples, cached target" in r.stdout and "bare compute" in r.stdout
+    # 2 items of latent (4x8x8 floats), text, noise (3 scalars) and prior: every byte a prior step reads is hashed
+    assert result["checksum_bytes"] > 2 * 2 * 4 * 8 * 8 * 4 and result["checksum_seconds"] > 0
+    assert abs(result["checksum_share"] - result["checksum_seconds"] / ms["prior_cached"]) < 1e-4 + 1e-2 * result["checksum_share"]
 
 
 def test_bench_scale_reports_each_command_under_a_low_open_file_limit():

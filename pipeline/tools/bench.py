@@ -3,7 +3,9 @@ for a batch of standard samples, a batch of prior samples with cached targets, a
 with its target computed online (the peers' extra no-grad, adapter-disabled forward), each as the train
 loop runs it: its batches read one step ahead (train.prefetch). Against them: the standard step reading
 its batch itself, and its bare compute (forward, backward and optimizer step on a batch held in memory):
-`ratio_step_to_bare` is what reading still costs a step (goal: at most 1.02)."""
+`ratio_step_to_bare` is what reading still costs a step (goal: at most 1.02). `checksum_share` is the sha256
+check of every entry a prior step reads (Store.read checks each one) against that step: an upper bound of
+what the check costs, since the reader does it beside the step (goal: under 1%)."""
 
 from __future__ import annotations
 
@@ -68,6 +70,27 @@ def _median_step_seconds(modes: dict, steps: int, warmup: int) -> dict[str, floa
                         times[name].append(time.perf_counter() - t0)
         start, done = start + lead + n, done + n
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _checksum_seconds(plan, store, items, repeats: int = 50) -> tuple[float, int]:
+    """Median seconds Store.read spends hashing one batch's entries (latent, text, noise and prior of each
+    item), and their bytes: the hashes alone, over the arrays as they are stored."""
+    import hashlib
+
+    from pipeline.store.store import to_numpy
+
+    arrays = []
+    for s, v in items:
+        for kind, key in (("latent", s.latent_keys[v]), ("text", s.text_keys[v]), ("noise", s.noise_keys[v]),
+                          (plan.prior_kind(), plan.prior_key(s, v))):
+            arrays += [to_numpy(t)[0] for t in store.read(kind, key)[0].values()]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for a in arrays:
+            hashlib.sha256(a).hexdigest()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), sum(a.nbytes for a in arrays)
 
 
 @click.command()
@@ -145,6 +168,7 @@ def main(steps, warmup, batch_size, resolution, dtype, device, threads):
              "prior_online": loop(prior, "online"), "standard_in_step": in_step(standard, "cached"), "bare": bare},
             steps, warmup,
         )
+        check_seconds, check_bytes = _checksum_seconds(plan, store, group(prior, 0)[0])
         store.close()
     result = {
         "device": str(dev), "dtype": dtype, "denoiser_params": n_params, "batch_size": batch_size,
@@ -153,6 +177,8 @@ def main(steps, warmup, batch_size, resolution, dtype, device, threads):
         "ratio_prior_to_standard": round(medians["prior_cached"] / medians["standard"], 3),
         "ratio_online_to_cached": round(medians["prior_online"] / medians["prior_cached"], 3),
         "ratio_step_to_bare": round(medians["standard"] / medians["bare"], 3),
+        "checksum_seconds": round(check_seconds, 6), "checksum_bytes": check_bytes,
+        "checksum_share": round(check_seconds / medians["prior_cached"], 5),
     }
     click.echo(f"\nseconds per training step (median of {steps}; {n_params:,}-parameter Flux-architecture denoiser, "
                f"{dtype}, {dev}, batch {batch_size}, {resolution}px)")
@@ -164,6 +190,8 @@ def main(steps, warmup, batch_size, resolution, dtype, device, threads):
         click.echo(f"  {label:<42}{medians[name]:>14.4f}")
     click.echo(f"  prior/standard {result['ratio_prior_to_standard']:.3f}   online/cached {result['ratio_online_to_cached']:.3f}"
                f"   step/bare {result['ratio_step_to_bare']:.3f} (goal <= 1.02)")
+    click.echo(f"  sha256 check of a prior step's {check_bytes:,} bytes read: {check_seconds * 1e3:.3f} ms, "
+               f"{100 * result['checksum_share']:.2f}% of its step (goal < 1%)")
     click.echo(json.dumps(result))
 
 
