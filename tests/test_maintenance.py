@@ -200,3 +200,35 @@ def test_status_on_a_new_cache_dir_creates_nothing(project):
     report = status(cfg)
     assert not (project.root / "cache").exists()  # neither the folder, nor its lock or fingerprints
     assert report is not None
+
+
+@pytest.mark.e2e
+def test_a_foreign_entry_under_a_right_key_is_found_by_verify_and_refused_by_training(project):
+    path, cfg = project(dtype="fp32")  # one epoch: every sample's variant 0 is read
+    run_cache(cfg, progress=False)
+    plan = make_plan(cfg)
+    store = Store(cfg.cache.dir)
+    key = plan.training[0].latent_keys[0]
+    tensors, attrs = store.read("latent", key)
+    store.drop("latent", [key])
+    # another model's latent under this key: 16 channels, intact bytes with a valid sha256
+    store.write("latent", {key: ({**tensors, "latent": torch.zeros(16, *tensors["latent"].shape[1:])}, attrs)})
+    text_key = plan.training[-1].text_keys[0]
+    text, text_attrs = store.read("text", text_key)
+    store.drop("text", [text_key])
+    store.write("text", {text_key: ({n: t[:-1] for n, t in text.items()}, text_attrs)})  # one token short
+    store.close()
+
+    found = verify(cfg)
+    reasons = {(d["kind"], d["key"]): d["reason"] for d in found["damaged"]}
+    assert set(reasons) == {("latent", key), ("text", text_key)}, reasons
+    assert reasons[("latent", key)].startswith("not this config's: its 'latent' is [16, ") and "needs [4, " in reasons[("latent", key)]
+    assert "differ from the other text entries'" in reasons[("text", text_key)]
+
+    r = cli("train", "--config", path, "--quiet")
+    assert r.exit_code == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cache entry ") and "is not this config's: its " in line and "cache verify --repair" in line
+
+    assert verify(cfg, repair=True)["repaired"] == 2 and verify(cfg)["damaged"] == []
+    assert cli("train", "--config", path, "--quiet").exit_code == 0

@@ -18,6 +18,7 @@ from pipeline.cache.stage import ensure_embedded, run_cache
 from pipeline.store.store import Store
 from pipeline.config import Config
 from pipeline.errors import UserError
+from pipeline.data import schema
 from pipeline.data.plan import Plan, open_plan
 
 
@@ -87,12 +88,25 @@ def _verify(cfg: Config, repair: bool) -> dict:
     # segment by segment, each closed when done: one file open at a time, however many there are, and
     # HDF5 holds the metadata of one file's entries, not of every file's
     present.sort()
+    owner = _samples_by_key(plan)
+    texts: list[tuple[str, str, schema.Layout]] = []  # judged together once all are read
     for i, (segment, kind, key) in enumerate(present):
         why = store.check(kind, key)
+        if not why:  # intact: but is it this config's? (a foreign entry under the right key)
+            layout = store.layout(kind, key)
+            want = schema.expected(plan, kind, owner.get((kind, key)))
+            if want is None:
+                texts.append((segment, key, layout))
+            elif bad := schema.mismatch(want, layout):
+                why = f"not this config's: {bad}"
         if why:
             damaged.append({"kind": kind, "key": key, "segment": segment, "reason": why})
         if i + 1 == len(present) or present[i + 1][0] != segment:
             store.release(Path(segment))
+    reference = schema.text_reference(plan, [x for _, _, x in texts])
+    for segment, key, layout in texts:
+        if bad := schema.text_mismatch(plan, layout, reference):
+            damaged.append({"kind": "text", "key": key, "segment": segment, "reason": f"not this config's: {bad}"})
     order = list(needed)
     damaged.sort(key=lambda d: (order.index(d["kind"]), d["key"]))
     needs_recompute = bool(repair and (damaged or store.unreadable or missing))
@@ -105,6 +119,16 @@ def _verify(cfg: Config, repair: bool) -> dict:
         store.remove_unreadable()
     store.close()
     return result
+
+
+def _samples_by_key(plan: Plan) -> dict:
+    """(kind, key) -> the sample whose latent or prior it is: what its expected shape depends on."""
+    out = {}
+    for s in plan.samples:
+        for v, key in enumerate(s.latent_keys):
+            out[("latent", key)] = s
+            out[(plan.prior_kind(), plan.prior_key(s, v))] = s
+    return out
 
 
 def prune(cfg: Config, dry_run: bool = False, keep_dtypes: bool = False, all_configs: bool = False) -> dict:

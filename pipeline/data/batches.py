@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.data import schema
 from pipeline.store.store import Store
 from pipeline.data.plan import Plan, Sample
 
@@ -35,11 +36,11 @@ def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]],
     cached one (the variant's noise entry), or where `fresh` gives (noise seed, timestep seed), a new one."""
     latents, noises, inputs, timesteps, sigmas, texts = [], [], [], [], [], []
     for i, (s, v) in enumerate(items):
-        entry = store.read("latent", s.latent_keys[v])[0]
+        entry = schema.read(plan, store, "latent", s.latent_keys[v], s)[0]
         lat = entry.pop("latent")
         seeds = fresh[i] if fresh else None
         if seeds is None:
-            n = store.read("noise", s.noise_keys[v])[0]
+            n = schema.read(plan, store, "noise", s.noise_keys[v])[0]
             seed, timestep, sigma = int(n["seed"]), n["timestep"], n["sigma"]
         else:
             seed, (timestep, sigma) = seeds[0], plan.draws.timestep(tuple(lat.shape[1:]), seeds[1])
@@ -51,7 +52,7 @@ def load_inputs(plan: Plan, store: Store, items: list[tuple[Sample, int]],
         sigmas.append(sigma)
         # read per step, not memoised: a Flux caption at 512 tokens is 8 MiB, and reading costs
         # milliseconds against a step of a second, while a memo of all captions could be gigabytes
-        texts.append({**store.read("text", s.text_keys[v])[0], **{k: t.float() for k, t in entry.items()}})
+        texts.append({**schema.read(plan, store, "text", s.text_keys[v])[0], **{k: t.float() for k, t in entry.items()}})
     x0, noise = torch.stack(latents), torch.stack(noises)
     sigmas, timesteps = torch.stack(sigmas), torch.stack(timesteps)
     noisy = plan.family.noisy_input(x0, torch.stack(inputs), timesteps, sigmas)

@@ -10,6 +10,8 @@ the denoiser's config it reads from the model folder.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -49,6 +51,9 @@ class Family(Protocol):
     # names of the denoiser's ModuleLists of transformer blocks, in forward order: what train.blocks_to_swap
     # swaps (pipeline/denoiser/swap.py); empty: the family refuses the key
     swap_blocks: tuple[str, ...] = ()
+    # captions encode to as many tokens as they have (no padding to max_sequence_length): the text entries'
+    # first axis differs between captions (pipeline/data/schema.py checks the rest of their shapes)
+    text_lengths_vary: bool = False
     denoiser_kwargs: Mapping[str, Any] = MappingProxyType({})  # passed to the denoiser class when it is built
     # the capabilities (capabilities.py); None: the family lacks it
     planning: Planning | None = None
@@ -59,6 +64,10 @@ class Family(Protocol):
 
     def encode_images(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (B,3,H,W) in [-1,1] -> latents (B,C,h,w) float32 as the denoiser sees them (deterministic)."""
+
+    def latent_shape(self, bucket: tuple[int, int]) -> tuple[int, ...]:
+        """The shape (C,h,w) encode_images gives an image of this bucket (height, width) in pixels: what a
+        cached latent, and a cached prior, of that bucket must have (pipeline/data/schema.py)."""
 
     def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> Any: ...
 
@@ -128,6 +137,15 @@ class FolderFamily(Family):
         from diffusers import AutoencoderKL
 
         return AutoencoderKL.from_pretrained(self.root, subfolder="vae", dtype=dtype).to(device).eval()
+
+    @functools.cached_property
+    def _vae_config(self) -> dict:
+        return json.loads((self.root / "vae" / "config.json").read_text())
+
+    def latent_shape(self, bucket):
+        # AutoencoderKL halves the sides once per block after the first
+        factor = 2 ** (len(self._vae_config["block_out_channels"]) - 1)
+        return (self._vae_config["latent_channels"], bucket[0] // factor, bucket[1] // factor)
 
     @torch.no_grad()
     def encode_images(self, vae, pixels):

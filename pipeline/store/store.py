@@ -271,6 +271,12 @@ class Store:
             return f"read error: {e}"
         return None
 
+    def layout(self, kind: str, key: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Each dataset's (shape, stored dtype name) without reading its data."""
+        path = self._index[(kind, key)]
+        with self._lock, _reading(path):
+            return {n: (tuple(d.shape), str(d.attrs.get("dtype", d.dtype))) for n, d in self._file(path)[key].items()}
+
     def shape(self, kind: str, key: str, name: str) -> tuple[int, ...]:
         """A dataset's shape without reading its data."""
         with self._lock:

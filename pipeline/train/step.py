@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.data import schema
 from pipeline.data.batches import Inputs, load_inputs
 from pipeline.denoiser.model import Denoiser, forward
 from pipeline.store.keys import derive_seed
@@ -59,7 +60,8 @@ def read_targets(plan: Plan, store: Store, batch: list[tuple[Sample, int]], inpu
     target = plan.family.target(inputs.latents, inputs.noise, inputs.timesteps)
     if prior_mode == "cached" and any(s.prior for s, _ in batch):
         is_prior = torch.tensor([s.prior for s, _ in batch])
-        cached = [store.read(plan.prior_kind(), plan.prior_key(s, v))[0]["prediction"] for s, v in batch if s.prior]
+        cached = [schema.read(plan, store, plan.prior_kind(), plan.prior_key(s, v), s)[0]["prediction"]
+                  for s, v in batch if s.prior]
         target[is_prior] = torch.stack(cached).float()
     return target
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from diffusers.training_utils import free_memory
 
+from pipeline.data import schema
 from pipeline.data.batches import load_inputs
 from pipeline.denoiser.model import Denoiser, forward
 from pipeline.store.store import Store
@@ -105,9 +106,9 @@ def render_prompts(plan: Plan, store: Store, denoiser: Denoiser) -> list:
     model.eval()
     try:
         images = []
-        empty = {k: t[None] for k, t in store.read("text", plan.text_key(""))[0].items()}
+        empty = {k: t[None] for k, t in schema.read(plan, store, "text", plan.text_key(""))[0].items()}
         for prompt in v.prompts:  # one at a time: peak memory of one image, and each image its own seed
-            cond = store.read("text", plan.text_key(prompt))[0]
+            cond = schema.read(plan, store, "text", plan.text_key(prompt))[0]
             generator = torch.Generator("cpu").manual_seed(v.seed)
             images += render_cached(
                 plan.family, model, vae, {k: t[None] for k, t in cond.items()}, device=denoiser.device,
