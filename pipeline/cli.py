@@ -174,15 +174,24 @@ def cache_status(ctx, config_path, dtype, as_json):
 @SUB_CONFIG
 @DTYPE
 @click.option("--repair", is_flag=True, help="Drop damaged entries and recompute them.")
+@click.option("--rehash", is_flag=True, help="First hash the model's weight files again from their contents (after "
+              "weights were rewritten in place), then verify.")
 @click.pass_context
-def cache_verify(ctx, config_path, dtype, repair):
-    """Re-hash every entry this config uses against its stored sha256; exit 2 if any is damaged."""
+def cache_verify(ctx, config_path, dtype, repair, rehash):
+    """Re-hash every entry this config uses against its stored sha256, and check it is this config's (shapes,
+    dtypes); exit 2 if any is damaged."""
     def go():
-        from pipeline.cache.maintenance import verify
+        from pipeline.cache.maintenance import rehash as rehash_model, verify
 
         path, dt, cfg = _config(ctx, config_path, dtype)
         if repair:
             _quiet_libraries()
+        if rehash:
+            r = rehash_model(cfg)
+            changed = ", ".join(r["changed"])
+            click.echo(f"rehash: {r['files_rehashed']} model files hashed from their contents; "
+                       + (f"changed: {changed} (their entries are now missing: make cache recomputes them)"
+                          if changed else "no fingerprint changed"))
         v = verify(cfg, repair=repair)
         for d in v["damaged"]:
             click.echo(f"damaged: {d['kind']} {d['key']} in {d['segment']}: {d['reason']}")

@@ -19,7 +19,7 @@ from pipeline.store.store import Store
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.data import schema
-from pipeline.data.plan import Plan, open_plan
+from pipeline.data.plan import Plan, make_plan, open_plan
 
 
 def _open(cfg: Config) -> tuple[Plan, Store]:
@@ -58,6 +58,31 @@ def status(cfg: Config) -> dict:
     }
     store.close()
     return result
+
+
+def rehash(cfg: Config) -> dict:
+    """Hash the model's files again from their contents, not trusting the fingerprint memo, whose stamp (size,
+    mtime, inode) misses weights rewritten in place with all three unchanged. Returns which components'
+    fingerprints changed: entries keyed by the old ones are then no longer this config's (missing for it)."""
+    from pipeline.settings import resolve
+    from pipeline.store.keys import Fingerprints
+
+    ensure_embedded(cfg)
+    before = make_plan(cfg)
+    family = before.family
+    mine = [family.root.resolve()] + ([family.denoiser_file.resolve()] if family.denoiser_file else [])
+    memo = Path(cfg.cache.dir) / "fingerprints.json"
+    with cache_lock(cfg.cache.dir, "read"):
+        fps = Fingerprints(memo)
+        dropped = [k for k in fps.memo if any(Path(k) == m or Path(k).is_relative_to(m) for m in mine)]
+        for k in dropped:
+            del fps.memo[k]
+        fps.dirty = True
+        fps.save()
+    after = make_plan(cfg, resolve(cfg))
+    names = {"vae": "vae_fp", "text encoders": "text_fp", "denoiser": "denoiser_fp"}
+    return {"files_rehashed": len(dropped),
+            "changed": [n for n, a in names.items() if getattr(before, a) != getattr(after, a)]}
 
 
 def verify(cfg: Config, repair: bool = False) -> dict:
