@@ -157,10 +157,11 @@ def cache_status(ctx, config_path, dtype, as_json):
         quantized = f", model.quantize = {s['quantize']}" if s["quantize"] != "none" else ""
         click.echo(f"cache {s['cache_dir']} for train dtype {s['dtype']}{quantized}")
         w = max(12, *(len(kind) + 1 for kind in s["kinds"]))  # "prior/bf16-int8" is wider than the rest
-        click.echo(f"  {'kind':<{w}}{'needed':>8}{'present':>9}{'missing':>9}{'stale':>8}{'MiB':>9}")
+        # "others": entries other configs of this cache dir use; "stale": entries no config uses (prune's)
+        click.echo(f"  {'kind':<{w}}{'needed':>8}{'present':>9}{'missing':>9}{'others':>8}{'stale':>8}{'MiB':>9}")
         for kind, k in s["kinds"].items():
-            click.echo(f"  {kind:<{w}}{k['needed']:>8}{k['present']:>9}{k['missing']:>9}{k['stale']:>8}"
-                       f"{_mib(k['bytes']):>9}")
+            click.echo(f"  {kind:<{w}}{k['needed']:>8}{k['present']:>9}{k['missing']:>9}{k['other_configs']:>8}"
+                       f"{k['stale']:>8}{_mib(k['bytes']):>9}")
         click.echo(f"  priors cached for: {', '.join(s['dtypes_with_priors']) or 'no dtype'}")
         if s["priors_missing"]:
             click.echo(f"  {s['priors_missing']}")

@@ -50,7 +50,8 @@ def test_status_and_prune_across_dtypes(project):
     assert all(k["missing"] == 0 for k in s["kinds"].values())
     for kind in ("latent", "text", "noise", "prior/bf16"):
         assert s["kinds"][kind]["stale"] == 0 and s["kinds"][kind]["present"] == s["kinds"][kind]["needed"] > 0
-    assert s["kinds"]["prior/fp32"] == {**s["kinds"]["prior/fp32"], "needed": 0, "stale": 16}
+    # the same config in another dtype is no other config: its priors are what prune removes (--keep-dtypes keeps)
+    assert s["kinds"]["prior/fp32"] == {**s["kinds"]["prior/fp32"], "needed": 0, "other_configs": 0, "stale": 16}
     assert s["total_bytes"] == sum(k["bytes"] for k in s["kinds"].values())
 
     r = cli("cache", "status", "--config", path, "--json")
@@ -66,6 +67,22 @@ def test_status_and_prune_across_dtypes(project):
     assert r.exit_code == 0 and "prior/fp32        16 entries" in r.stdout
     assert status(cfg)["dtypes_with_priors"] == ["bf16"]
     assert status(fp32)["kinds"]["prior/fp32"]["missing"] == 16
+
+
+@pytest.mark.e2e
+def test_status_tells_entries_of_other_configs_from_entries_nobody_uses(project):
+    _, cfg = project()
+    run_cache(cfg, progress=False)
+    other_path, other = project(name="other.toml", resolution=48)  # the same cache dir, other latents
+    run_cache(other, progress=False)
+    theirs = {k: status(other)["kinds"][k]["needed"] for k in ("latent", "noise", "prior/bf16")}
+    kinds = status(cfg)["kinds"]
+    for kind, n in theirs.items():
+        assert (kinds[kind]["other_configs"], kinds[kind]["stale"]) == (n, 0), kind
+    r = cli("cache", "status", "--config", project.root / "config.toml")
+    assert r.exit_code == 0 and "  others   stale" in r.stdout
+    other_path.unlink()  # a config file that is gone uses nothing: its entries are stale now
+    assert all(status(cfg)["kinds"][k]["stale"] == n for k, n in theirs.items())
 
 
 @pytest.mark.e2e

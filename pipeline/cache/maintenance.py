@@ -34,14 +34,20 @@ def status(cfg: Config) -> dict:
     segs = store.segments_by_kind()
     first = [k.store_kind(plan) for k in COMPUTED if not k.per_dtype]  # then the rest, sorted
     always = {k.store_kind(plan) for k in COMPUTED}
+    theirs: dict[str, set[str]] = {}  # kind -> keys other configs recorded using (cache/owners.py)
+    for used in other_configs(plan).values():
+        for kind, keys in used.items():
+            theirs.setdefault(kind, set()).update(keys)
     kinds = {}
     for kind in (*first, *sorted((set(segs) | store.kinds() | set(needed)) - set(first))):
         have, need = store.keys(kind), needed.get(kind, set())
         if kind not in always and not (have or need):
             continue  # a verdicts row only when some image was found undecodable
+        others = (have - need) & theirs.get(kind, set())
         kinds[kind] = {
             "needed": len(need), "present": len(need & have), "missing": len(need - have),
-            "stale": len(have - need), "bytes": sum(_size(p) for p in segs.get(kind, [])),
+            "other_configs": len(others), "stale": len(have - need - others),
+            "bytes": sum(_size(p) for p in segs.get(kind, [])),
         }
     prior = kinds.get(plan.prior_kind(), {})
     lacking = None  # the priors this config lacks, why, and the fix, in words
