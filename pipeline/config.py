@@ -65,6 +65,10 @@ class DataConfig:
     caption_dropout: float = 0.0  # per variant, drawn at cache time: the caption is replaced by ""
     on_bad_image: str = "skip"  # "skip": warn, leave the image out, list it in the summary; "fail": stop
     prior_ratio: float = 0.0  # share of prior samples per epoch; 0: as the data (with repeats) gives
+    on_missing_caption: str = "warn"  # an image with no caption file nor default_caption: "warn" (once, for all), "fail"
+    # with no held-out prior images (a validation concept with prior = true), this share of each prior concept
+    # (at least 2 images, while 10 are left to train) is held out to score prior drift; 0: none
+    auto_hold_out: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -333,6 +337,9 @@ def validate(cfg: Config) -> None:
         except re.error as e:
             raise UserError(f"config key 'lora.target_regex' is not a valid regular expression: {e}") from None
     _choice(cfg.data.on_bad_image, ("skip", "fail"), "data.on_bad_image")
+    _choice(cfg.data.on_missing_caption, ("warn", "fail"), "data.on_missing_caption")
+    if not 0 <= cfg.data.auto_hold_out < 1:
+        raise UserError(f"config key 'data.auto_hold_out' must be a share from 0 (off) to below 1, got {cfg.data.auto_hold_out}")
     _choice(cfg.cache.timestep_sampling, ("auto", "uniform", "logit_normal", "mode"), "cache.timestep_sampling")
     if cfg.cache.shift and cfg.cache.dynamic_shift:
         raise UserError("config keys 'cache.shift' and 'cache.dynamic_shift' exclude each other: set one")

@@ -69,6 +69,25 @@ def test_example_configs_checkpoint_and_sample(tmp_path):
         assert cfg.validation.prompts and cfg.validation.every > 0, path.name
 
 
+def test_a_long_label_is_wrapped_whole():
+    from PIL import ImageDraw, ImageFont
+
+    from pipeline.train.validation import label, wrap
+
+    text = "step 64: a photo of sks teapot on a wooden table in the golden afternoon light, photographed from above"
+    font = ImageFont.load_default(size=12)
+    draw = ImageDraw.Draw(Image.new("RGB", (200, 200)))
+    fits = lambda t: draw.textlength(t, font=font) <= 196  # noqa: E731
+    lines = wrap(text, fits)
+    assert len(lines) > 1 and " ".join(lines) == text and all(fits(line) for line in lines)
+    # a word wider than a line is broken where it fills one, nothing dropped
+    assert "".join(wrap("x" * 80, fits)) == "x" * 80 and all(fits(line) for line in wrap("x" * 80, fits))
+    # drawn: the dark band holds several lines of text, not one line cut with "…"
+    drawn = np.asarray(label(Image.new("RGB", (200, 200), (255, 255, 255)), text).convert("L"))
+    dark_rows = int((np.median(drawn, axis=1) < 128).sum())
+    assert dark_rows > 2 * 12 and dark_rows <= 100  # at least two lines; at most half the image
+
+
 @pytest.mark.e2e
 def test_sample_grids_are_labelled_with_prompt_and_step(project):
     path, _ = project(dtype="fp32", max_steps=2)

@@ -228,6 +228,7 @@ def _run_cache(cfg: Config, progress: bool, procs: OneProcess) -> dict:
         # files that could not be read (damaged or foreign); their entries, if needed, were recomputed
         "unreadable_segments": [str(p) for p in store.unreadable],
         "skipped_images": plan.skipped,
+        "missing_captions": len(plan.missing_captions),  # images trained with an empty caption (one warning names them)
         "seconds": round(time.perf_counter() - start_time, 2),
     }
     if procs.size > 1:  # what each rank computed (the totals above are their sums)

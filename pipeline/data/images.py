@@ -1,7 +1,8 @@
 """Concept folders -> (image, caption) pairs, and image decoding to the training resolution.
 
-A problem with one file (unreadable, not an image, truncated, too large, caption not UTF-8) raises
-BadImage naming the reason; the stages skip such a file with a warning or stop, per data.on_bad_image.
+A problem with one file (unreadable, not an image, truncated, caption not UTF-8) raises BadImage naming
+the reason; the stages skip such a file with a warning or stop, per data.on_bad_image. An image over
+MAX_PIXELS is not refused but decoded at a reduced size (a JPEG by its decoder's DCT scaling, never whole).
 """
 
 from __future__ import annotations
@@ -18,19 +19,25 @@ from pipeline.errors import UserError, warn
 
 # Part of every latent's key: change how images are prepared and every latent is recomputed.
 PREPARE = "exif-transpose,16bit-to-8bit,rgb-on-white,resize-to-cover-lanczos,center-crop"
-MAX_PIXELS = 80_000_000  # larger images are refused: decoding one would take gigabytes of memory
+MAX_PIXELS = 80_000_000  # larger images are decoded at a reduced size, not whole (a 100 MP RGB photo is 300 MB)
+# PNG, WebP and BMP have no reduced decoding in Pillow: over MAX_PIXELS they are decoded whole, then reduced,
+# up to Pillow's own decompression-bomb limit (2 x its 89.5 MP warning); larger ones are refused
+MAX_WHOLE_DECODE = 2 * 89_478_485
+REDUCIBLE = ("L", "LA", "PA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr")  # modes Image.reduce takes
 MAX_CAPTION = 10_000  # characters; a caption is stored whole beside its embedding, so a runaway file is refused
-Image.MAX_IMAGE_PIXELS = None  # we enforce MAX_PIXELS ourselves, from the header, before decoding
+Image.MAX_IMAGE_PIXELS = None  # we enforce our limits ourselves, from the header, before decoding
 
 
 class BadImage(Exception):
     """One image (or its caption) cannot be used; the message is the reason."""
 
 
-def scan_concept(concept: ConceptConfig, index: int) -> list[tuple[Path, str | BadImage]]:
+def scan_concept(concept: ConceptConfig, index: int,
+                 missing: list[Path] | None = None) -> list[tuple[Path, str | BadImage]]:
     """The images of a concept folder (not its subfolders), sorted by name, each with its caption:
     the sidecar file `<stem><caption_ext>` when it exists, else the concept's default caption.
-    A caption that cannot be read comes back as a BadImage instead of a string."""
+    A caption that cannot be read comes back as a BadImage instead of a string. Images with no caption
+    file and no default caption to fall back on are appended to `missing` (the caller says so once)."""
     folder = Path(concept.folder)
     if not folder.is_dir():
         raise UserError(f"concepts[{index}].folder: '{folder}' does not exist")
@@ -55,6 +62,8 @@ def scan_concept(concept: ConceptConfig, index: int) -> list[tuple[Path, str | B
         elif sidecar is not None and sidecar.is_symlink():  # is_file is false for a link that dangles or loops
             warn(f"caption file '{sidecar}' is a link to no file ({_link_trouble(sidecar)}): "
                  f"'{path.name}' gets {'the default caption' if concept.default_caption else 'an empty caption'}")
+        elif sidecar is not None and not concept.default_caption and missing is not None:
+            missing.append(path)
         items.append((path, caption))
     if not items:
         raise UserError(f"concepts[{index}].folder: '{folder}' has no images ({', '.join(IMAGE_EXTS)})")
@@ -77,11 +86,7 @@ def check_header(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             width, height = _check_size(im)
-            try:
-                rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)  # Orientation: a quarter turn
-            except Exception:  # noqa: BLE001 - a damaged EXIF block: decoding will tell
-                rotated = False
-            return (height, width) if rotated else (width, height)
+            return (height, width) if _rotated(im) else (width, height)
     except OSError as e:  # PIL's UnidentifiedImageError is an OSError too
         raise BadImage(f"not a readable image ({type(e).__name__})") from None
 
@@ -104,9 +109,40 @@ def nearest_bucket(width: int, height: int, options: list[tuple[int, int]]) -> t
 
 def _check_size(im: Image.Image) -> tuple[int, int]:
     width, height = im.size  # from the header: nothing is decoded yet
-    if width * height > MAX_PIXELS:
-        raise BadImage(f"{width}x{height} is over the {MAX_PIXELS // 1_000_000} megapixel limit")
+    if width * height > MAX_PIXELS and im.format == "JPEG":  # decoded at 1/8 scale at most
+        if -(-width // 8) * -(-height // 8) > MAX_PIXELS:
+            raise BadImage(f"{width}x{height} is over the {MAX_PIXELS // 1_000_000} megapixel limit even at the "
+                           "decoder's 1/8 scale")
+    elif width * height > MAX_WHOLE_DECODE:
+        raise BadImage(f"{width}x{height} is over the {MAX_WHOLE_DECODE // 1_000_000} megapixel limit of a "
+                       f"{im.format or 'non-JPEG'} image, which is decoded whole: save it as JPEG (decoded at a "
+                       "reduced size) or downscale it")
     return width, height
+
+
+def _rotated(im: Image.Image) -> bool:
+    """Whether the EXIF orientation is a quarter turn (width and height swap when shown)."""
+    try:
+        return im.getexif().get(0x0112) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: decoding will tell
+        return False
+
+
+def _decode_reduced(im: Image.Image, cover: tuple[int, int], rotated: bool) -> Image.Image:
+    """An image over MAX_PIXELS, decoded no larger than needed to cover (width, height) as shown: a JPEG
+    decodes at 1/2, 1/4 or 1/8 scale (Image.draft: libjpeg's scaled decoding, the full size never in
+    memory), then any format is reduced by a whole factor (box averaging) that keeps it at least `cover`.
+    The Lanczos resize that follows goes from this smaller image to exactly the size a full decode would."""
+    need = (cover[1], cover[0]) if rotated else cover  # as stored, before the EXIF rotation
+    if im.format == "JPEG":
+        im.draft(None, need)
+    im.load()
+    factor = min(im.width // need[0], im.height // need[1])
+    if factor < 2:
+        return im
+    if im.mode not in REDUCIBLE:  # palette, 1-bit, 16-bit greyscale: to 8-bit first
+        im = _to_rgb(im)
+    return im.reduce(factor)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -141,7 +177,8 @@ def prepare_image(path: Path, size: int | tuple[int, int], flip: bool = False) -
     """Decode, apply the EXIF rotation, resize to cover `size` = (height, width) (an int: a square) and
     centre-crop to it, then mirror if `flip`. Returns the (3, h, w) float32 tensor in [-1, 1] and the
     geometry a UNet family's micro-conditioning needs: original (height, width) and the crop's (top, left) in the
-    resized image. Raises BadImage."""
+    resized image. An image over MAX_PIXELS is decoded at a reduced size first (_decode_reduced); its original
+    size is still its own. Raises BadImage."""
     height, width = (size, size) if isinstance(size, int) else size
     try:
         im = Image.open(path)
@@ -149,13 +186,18 @@ def prepare_image(path: Path, size: int | tuple[int, int], flip: bool = False) -
         raise BadImage(f"not a readable image ({type(e).__name__})") from None
     try:
         with im:
-            _check_size(im)  # before decoding, which is what would take the memory
-            im.load()  # decode fully here, so a truncated file fails here and not later
+            stored = _check_size(im)  # before decoding, which is what would take the memory
+            rotated = _rotated(im)
+            shown = (stored[1], stored[0]) if rotated else stored  # (width, height)
+            resized = cover_size(*shown, (height, width))
+            if stored[0] * stored[1] > MAX_PIXELS:
+                im = _decode_reduced(im, resized, rotated)
+            else:
+                im.load()  # decode fully here, so a truncated file fails here and not later
             im = _to_rgb(ImageOps.exif_transpose(im))
     except (OSError, ValueError, SyntaxError) as e:
         raise BadImage(f"cannot be decoded: {e}") from None
-    original = (im.height, im.width)
-    resized = cover_size(im.width, im.height, (height, width))
+    original = (shown[1], shown[0])
     im = im.resize(resized, Image.Resampling.LANCZOS)
     left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
     im = im.crop((left, top, left + width, top + height))

@@ -13,11 +13,15 @@ Key recipes (documented in docs/cache-format.md):
   caption[v] = "" if derive_seed("caption-dropout", cache seed, content, v) / 2^63 < data.caption_dropout
 Flip and caption dropout are decided here, per variant, so a prior's cached prediction is always for
 exactly the input the training step feeds: the key names the flipped latent and the dropped caption.
+
+The plan also refuses, before any cache work, a prior concept that repeats the subject (same images, same
+captions), says once which images have no caption, and holds out a few prior images for the prior drift
+score when the config holds out none (data.auto_hold_out).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -26,7 +30,7 @@ from pipeline.store.store import Store
 from pipeline.config import Config, check_paths
 from pipeline.data.images import PREPARE, BadImage, buckets, check_header, cover_size, nearest_bucket, scan_concept
 from pipeline.data.draws import Draws, draw_settings
-from pipeline.errors import UserError, warn
+from pipeline.errors import UserError, note, warn
 from pipeline.families.base import Family
 from pipeline.settings import Settings, resolve
 
@@ -67,6 +71,7 @@ class Plan:
     bad: set[str] = field(default_factory=set)  # content keys the cache holds an undecodable verdict for
     # what else decides the denoiser's output (pipeline/quantize.py): scheme, library versions, device type
     numerics: dict = field(default_factory=dict)
+    missing_captions: list[str] = field(default_factory=list)  # images with no caption file (nor default caption)
 
     def skip(self, path: Path, reason: str) -> None:
         """Leave one image out (data.on_bad_image = "skip") or stop with a one-line error ("fail")."""
@@ -205,10 +210,18 @@ def make_plan(cfg: Config, settings: Settings | None = None) -> Plan:
     def chance(what: str, content: str, v: int) -> float:
         return derive_seed(what, c.seed, content, v) / 2**63
     upscaled: list[str] = []  # said once, with a count: a data set of small images would print a line each
+    missing: list[tuple[int, Path]] = []  # (concept, image) without a caption file: said once, before any hashing
+    scanned = []
+    for i, concept in enumerate(cfg.concepts):
+        found: list[Path] = []
+        scanned.append(scan_concept(concept, i, found))
+        missing += [(i, p) for p in found]
+    _say_missing_captions(plan, missing)
+    image_shas: dict[Path, str] = {}
     for i, concept in enumerate(cfg.concepts):
         if any(p.is_dir() for p in Path(concept.folder).iterdir()):
             warn(f"concepts[{i}].folder: subfolders of '{concept.folder}' are not read (make each a concept)")
-        for path, caption in scan_concept(concept, i):
+        for path, caption in scanned[i]:
             try:
                 if isinstance(caption, BadImage):
                     raise caption
@@ -231,6 +244,7 @@ def make_plan(cfg: Config, settings: Settings | None = None) -> Plan:
             if width < bucket[1] or height < bucket[0]:
                 upscaled.append(f"'{path}' is {width}x{height}, smaller than its {bucket[1]}x{bucket[0]} bucket")
             content = digest("image", image_sha, bucket, PREPARE)
+            image_shas[path] = image_sha
             variants = range(c.variants)
             flips = tuple(chance("flip", content, v) < d.flip_probability for v in variants)
             captions = tuple("" if chance("caption-dropout", content, v) < d.caption_dropout else caption
@@ -258,6 +272,8 @@ def make_plan(cfg: Config, settings: Settings | None = None) -> Plan:
     if upscaled:
         more = f" (and {len(upscaled) - 1} more image(s) smaller than their bucket)" if len(upscaled) > 1 else ""
         warn(f"{upscaled[0]}: upscaled{more}")
+    refuse_prior_like_subject(plan)
+    hold_out_priors(plan, image_shas)
     check_usable(plan)
     return plan
 
@@ -268,3 +284,68 @@ def check_usable(plan: Plan) -> None:
     if all(s.prior for s in plan.training):
         raise UserError("no usable images in any standard concept (see the warnings above): training would learn "
                         "nothing; fix or replace the standard concept's images")
+
+
+SHOWN = 3  # images named in a warning about many; the rest are counted
+
+
+def _say_missing_captions(plan: Plan, missing: list[tuple[int, Path]]) -> None:
+    """Images with no caption file (and no default_caption) train with an empty caption: one warning naming
+    the first few and counting all (data.on_missing_caption = "warn"), or a one-line error ("fail")."""
+    if not missing:
+        return
+    plan.missing_captions = [str(p) for _, p in missing]
+    (i, first), more = missing[0], len(missing) - 1
+    ext = plan.cfg.concepts[i].caption_ext
+    if plan.cfg.data.on_missing_caption == "fail":
+        others = f" and {more} more image(s) have none" if more else ""
+        raise UserError(f"image '{first}' has no caption file ('{first.stem}{ext}'){others}: write them, set "
+                        f"concepts[{i}].default_caption, or data.on_missing_caption = \"warn\" to train them uncaptioned")
+    shown = ", ".join(f"'{p}'" for _, p in missing[:SHOWN])
+    rest = f" and {len(missing) - SHOWN} more" if len(missing) > SHOWN else ""
+    warn(f"{len(missing)} image(s) have no caption file and train with an empty caption: {shown}{rest} (write "
+         f"'<name>{ext}' beside each, or set the concept's default_caption; data.on_missing_caption = \"fail\" stops)")
+
+
+def refuse_prior_like_subject(plan: Plan) -> None:
+    """A prior concept whose every image, with the same caption, is also in a standard concept would pull
+    those samples toward the base model while the standard one pulls them toward the subject: contradictory
+    targets, and priors computed for nothing. Refused here, before the cache stage computes anything."""
+    pairs: dict[int, set] = {}
+    for s in plan.samples:
+        pairs.setdefault(s.concept, set()).add((s.content_key, s.caption))
+    concepts = plan.cfg.concepts
+    for p, prior in enumerate(concepts):
+        for i, subject in enumerate(concepts):
+            if prior.type == "prior" and subject.type == "standard" and p in pairs and pairs[p] <= pairs.get(i, set()):
+                raise UserError(
+                    f"concepts[{p}] (type = \"prior\", folder '{prior.folder}') holds the same images with the same "
+                    f"captions as concepts[{i}] (folder '{subject.folder}'): its targets would hold the subject at the "
+                    "base model; make the prior concept other images of the class with their own simple captions")
+
+
+HOLD_OUT_LEAST = 2  # images held out of a prior concept by data.auto_hold_out
+HOLD_OUT_LEFT = 10  # ... only while this many are left to train on
+
+
+def hold_out_priors(plan: Plan, image_shas: dict[Path, str]) -> None:
+    """Without held-out prior images in the config (a validation concept with prior = true), hold out
+    data.auto_hold_out of each prior concept's images (at least HOLD_OUT_LEAST, and only while HOLD_OUT_LEFT
+    remain), so that a run reports its prior drift. The images are chosen by their content's hash, not by
+    name or listing order, so every run of the config holds out the same ones and finds them cached: a
+    held-out prior image needs the same cached draws and prediction as a trained one."""
+    cfg = plan.cfg
+    if not cfg.data.auto_hold_out or any(c.type == "validation" and c.prior for c in cfg.concepts):
+        return
+    said = []
+    for i, concept in enumerate(cfg.concepts):
+        mine = [s for s in plan.samples if s.concept == i and concept.type == "prior"]
+        count = max(HOLD_OUT_LEAST, round(cfg.data.auto_hold_out * len(mine)))
+        if len(mine) - count < HOLD_OUT_LEFT:
+            continue
+        chosen = {id(s) for s in sorted(mine, key=lambda s: (image_shas[s.path], str(s.path)))[:count]}
+        plan.samples = [replace(s, validation=True) if id(s) in chosen else s for s in plan.samples]
+        said.append(f"{count} of the {len(mine)} images of concepts[{i}] ('{concept.folder}')")
+    if said:
+        note(f"data.auto_hold_out: held out {' and '.join(said)} to score prior drift; they are not trained on "
+             "(data.auto_hold_out = 0 trains on all)")

@@ -123,25 +123,47 @@ def render_prompts(plan: Plan, store: Store, denoiser: Denoiser) -> list:
     return images
 
 
+def wrap(text: str, fits) -> list[str]:
+    """`text` in lines that each pass fits(line) (a width check), broken at spaces, and inside a word only
+    where a word alone does not fit. Nothing is left out: " ".join of the lines is the text, spaces
+    collapsed (a word broken inside is joined without one)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and fits(f"{lines[-1]} {word}"):
+            lines[-1] = f"{lines[-1]} {word}"
+            continue
+        while not fits(word) and len(word) > 1:  # a word wider than the image: cut where it fills a line
+            cut = next((n for n in range(len(word) - 1, 0, -1) if fits(word[:n])), 1)
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines
+
+
 def label(image, text: str):
-    """A copy of the image with `text` on a dark band along its bottom edge (cut with "…" to fit): the size
-    stays the image's, so a grid is the images side by side, as without labels."""
+    """A copy of the image with `text` on a dark band along its bottom edge, wrapped onto as many lines as it
+    takes (the font shrinks when they would cover more than half the image): the size stays the image's, so
+    a grid is the images side by side, as without labels."""
     from PIL import ImageDraw, ImageFont
 
     image = image.convert("RGB")
     w, h = image.size
-    size = max(9, h // 28)  # legible on a 64 px tile and on a 1024 px one
-    try:
-        font = ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        font = ImageFont.load_default()
     draw = ImageDraw.Draw(image, "RGBA")
-    fitted = text
-    while fitted and draw.textlength(fitted, font=font) > w - 4:
-        fitted = fitted[:-2] + "…" if len(fitted) > 1 else ""
-    band = round(size * 1.4)
+    size = max(9, h // 28)  # legible on a 64 px tile and on a 1024 px one
+    while True:
+        try:
+            font = ImageFont.load_default(size=size)
+        except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font, one size only
+            font, size = ImageFont.load_default(), 11
+        lines = wrap(text, lambda t: draw.textlength(t, font=font) <= w - 4)
+        step = round(size * 1.2)
+        if len(lines) * step <= h // 2 or size <= 6 or not hasattr(font, "font_variant"):
+            break
+        size -= 1
+    band = len(lines) * step + round(size * 0.3)
     draw.rectangle([0, h - band, w, h], fill=(0, 0, 0, 170))
-    draw.text((2, h - band + (band - size) // 2 - 1), fitted, font=font, fill=(255, 255, 255, 255))
+    for n, line in enumerate(lines):
+        draw.text((2, h - band + n * step + 1), line, font=font, fill=(255, 255, 255, 255))
     return image
 
 
