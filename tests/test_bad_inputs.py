@@ -50,7 +50,9 @@ def make_bad_set(folder: Path, prior_folder: Path) -> dict[str, str | None]:
         "rgba.png": (_png(Image.new("RGBA", (80, 80), (255, 0, 0, 0))), None),
         "exif-rotated.jpg": (_jpeg(photo, exif=exif), None),
         "small.png": (_png(photo.resize((20, 24))), None),
-        "huge.png": (_png(Image.new("RGB", (130, 130), (1, 2, 3))), "megapixel limit"),
+        "huge.png": (_png(Image.new("RGB", (130, 130), (1, 2, 3))), None),  # over MAX_PIXELS: decoded, then reduced
+        "huge.jpg": (_jpeg(Image.new("RGB", (170, 170), (1, 2, 3))), None),  # over MAX_PIXELS: decoded at a reduced size
+        "too-huge.png": (_png(Image.new("RGB", (170, 170), (1, 2, 3))), "megapixel limit of a PNG image"),
         "unreadable.png": (_png(photo), "cannot be read"),
         "bad-caption.png": (_png(photo.rotate(90)), "is not UTF-8"),
         "empty-caption.png": (_png(photo.rotate(180)), None),
@@ -73,6 +75,7 @@ def bad_project(project, monkeypatch):
     standard, prior = project.root / "data" / "standard", project.root / "data" / "prior"
     expected = make_bad_set(standard, prior)
     monkeypatch.setattr(data, "MAX_PIXELS", 128 * 128)  # so "huge.png" need not be 80 megapixels
+    monkeypatch.setattr(data, "MAX_WHOLE_DECODE", 160 * 160)  # nor "too-huge.png" 179
     if os.geteuid() == 0:  # root reads mode-000 files: make the permission error happen as for a user
         real = Path.read_bytes
 

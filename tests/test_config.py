@@ -57,6 +57,9 @@ CASES = [
     (GOOD + "\n[lora]\ntarget_regex = 'to_(q'\n", "config key 'lora.target_regex' is not a valid regular expression"),
     (GOOD + "\n[train]\nlora_format = 'comfy'\n", "config key 'train.lora_format' must be one of diffusers, kohya"),
     (GOOD.replace('type = "prior"', 'type = "regularization"'), "config key 'concepts[1].type' must be one of"),
+    (GOOD + "\n[data]\non_missing_caption = 'skip'\n", "config key 'data.on_missing_caption' must be one of warn, fail"),
+    (GOOD + "\n[data]\nauto_hold_out = 1.0\n", "config key 'data.auto_hold_out' must be a share from 0"),
+    (GOOD + "\n[data]\nauto_hold_out = -0.1\n", "config key 'data.auto_hold_out' must be a share"),
     ("[[concepts]]\nfolder = 'a'\n", "missing config key 'model'"),
     ("[model\npath=1", "not valid TOML"),
 ]

@@ -141,3 +141,19 @@ def test_training_over_an_earlier_run_says_it_replaces_it(project, capsys):
 
     run_train(shorter, progress=False, resume=True)  # going on with the run is not replacing it
     assert "replacing" not in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_a_prior_concept_equal_to_the_subject_is_refused_before_anything_is_cached(project):
+    import shutil
+
+    path, _ = project()
+    copy = project.root / "data" / "copy"
+    shutil.copytree(project.root / "data" / "standard", copy)
+    path.write_text(path.read_text().replace(str(project.root / "data" / "prior"), str(copy)))
+    r = cli("cache", "--config", path)
+    one_line_error(r, f"concepts[1] (type = \"prior\", folder '{copy}')", "the same images with the same captions",
+                   "concepts[0]")
+    # refused while planning: no model loaded, no segment written (before, its priors were computed and
+    # training only warned about the shared captions)
+    assert not list((project.root / "cache").rglob("*.h5"))

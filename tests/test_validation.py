@@ -83,3 +83,22 @@ def test_sample_command_renders_with_the_saved_lora(project, tmp_path):
     assert Image.open(out).size == (3 * 64, 64)
     with pytest.raises(UserError, match="--lora: '.*missing.safetensors' does not exist"):
         sample(cfg, str(tmp_path / "missing.safetensors"), ["x"], None)
+
+
+def test_auto_held_out_prior_images_report_drift_from_the_cache_as_it_was(project):
+    from conftest import configure
+    from test_plan_warnings import more_priors
+
+    path, _ = project(dtype="fp32", max_steps=2)
+    more_priors(project, 20)
+    before = run_cache(configure(path, data={"auto_hold_out": 0}), progress=False)
+    assert before["validation_samples"] == 0 and before["prior_samples"] == 20
+    cfg = configure(path, data={"auto_hold_out": 0.05})
+    cached = run_cache(cfg, progress=False)
+    # the held-out images are prior images the cache already holds: nothing new is computed
+    assert cached["validation_samples"] == 2 and cached["prior_samples"] == 18
+    assert all(cached[k] == 0 for k in ("latents_encoded", "texts_encoded", "noise_computed", "priors_computed"))
+    trained = run_train(cfg, progress=False)
+    assert trained["prior_drift"] is not None and trained["val_loss"] is None
+    rows = [json.loads(x) for x in open(Path(cfg.train.output_dir) / "validation.jsonl")]
+    assert rows[0]["step"] == 0 and rows[0]["prior_drift"] < 1e-8  # the base model's own prediction at step 0
