@@ -4,6 +4,7 @@ behind. Also the Store it reads from: safe to read from two threads at once."""
 
 import json
 import threading
+from pathlib import Path
 
 import psutil
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import configure
 from pipeline.cache.stage import run_cache
-from pipeline.store.store import Store
+from pipeline.store.store import AccessError, Store
 from pipeline.errors import UserError
 from pipeline.train import prefetch as prefetch_module
 from pipeline.train import step as step_module
@@ -73,15 +74,24 @@ def test_prefetched_run_equals_reading_in_the_step(project, monkeypatch):
     assert all(torch.equal(lora[k], lora_in_step[k]) for k in lora)
 
 
+def _damaged(kind, key):
+    return UserError(f"cache file 'x.h5' is damaged ({kind}/{key}): delete it and run make cache")
+
+
+def _refused(kind, key):  # an error with more than a message: it must cross from the worker whole
+    return AccessError(f"cannot read cache file 'x.h5' ({kind}/{key}): too many open files", Path("x.h5"), 24)
+
+
 @pytest.mark.e2e
-def test_a_read_error_surfaces_at_its_step_and_stops_the_reader(project, monkeypatch):
+@pytest.mark.parametrize("error", [_damaged, _refused])
+def test_a_read_error_surfaces_at_its_step_and_stops_the_reader(project, monkeypatch, error):
     _, cfg = project(dtype="fp32")
     run_cache(cfg, progress=False)
     real_read, real_step, computed = prefetch_module.read_batch, step_module.train_step, []
 
     class Damaged:
         def read(self, kind, key):
-            raise UserError(f"cache file 'x.h5' is damaged ({kind}/{key}): delete it and run make cache")
+            raise error(kind, key)
 
     def read_batch(plan, store, items, mode, step, first):  # step 3's batch: its first read fails
         return real_read(plan, Damaged() if step == 3 else store, items, mode, step, first)
@@ -92,9 +102,11 @@ def test_a_read_error_surfaces_at_its_step_and_stops_the_reader(project, monkeyp
 
     monkeypatch.setattr(prefetch_module, "read_batch", read_batch)
     monkeypatch.setattr(step_module, "train_step", train_step)
-    with pytest.raises(UserError, match="is damaged") as raised:
+    with pytest.raises(UserError, match="is damaged|cannot read") as raised:
         run_train(cfg, progress=False)
-    assert type(raised.value) is UserError
+    assert type(raised.value) is type(error("k", "k"))
+    if error is _refused:
+        assert (raised.value.path, raised.value.errno) == (Path("x.h5"), 24)
     assert computed == [0, 1, 2]  # steps 0-2 ran; step 3 stopped where it needed its batch
     assert _readers() == []
 

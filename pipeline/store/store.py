@@ -97,6 +97,9 @@ class AccessError(UserError):
         super().__init__(message)
         self.path, self.errno = path, errno_
 
+    def __reduce__(self):  # rebuilt whole where the prefetch worker's error is raised (pickle passes only args)
+        return type(self), (str(self), self.path, self.errno)
+
 
 def os_errno(e: BaseException) -> int | None:
     """The errno of an error the operating system reported, else None. h5py sets it when a system call
