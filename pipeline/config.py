@@ -69,6 +69,12 @@ class DataConfig:
     # with no held-out prior images (a validation concept with prior = true), this share of each prior concept
     # (at least 2 images, while 10 are left to train) is held out to score prior drift; 0: none
     auto_hold_out: float = 0.05
+    # several resolutions at once: each image cached (and trained on) at each, with its buckets; instead
+    # of `resolution`, which then reads as the largest (memory estimate, sample size)
+    resolutions: list[int] = field(default_factory=list)
+    shuffle_tags: bool = False  # per variant, drawn at cache time: the caption's comma-separated tags shuffled
+    keep_tokens: int = 0  # with shuffle_tags: this many leading tags keep their place (kohya's keep_tokens)
+    random_crop: bool = False  # per variant, drawn at cache time: a random crop instead of the centre crop
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,8 @@ class TrainConfig:
     tensorboard: bool = False  # also log to <output_dir>/tensorboard (pip install 'prior-lora[tensorboard]')
     loss_weighting: str = "none"  # "none" | "sigma_sqrt" | "cosmap" (flow models) | "min_snr" (epsilon/v models)
     min_snr_gamma: float = 5.0
+    ema: bool = False  # also keep an EMA of the LoRA weights (diffusers' EMAModel), saved as <lora stem>-ema
+    ema_decay: float = 0.999  # its largest decay; diffusers' EMAModel ramps up to it: (1+n)/(10+n) at step n
 
 
 @dataclass(frozen=True)
@@ -264,6 +272,16 @@ def _positive(value, key, zero_ok=False):
         raise UserError(f"config key '{key}' must be {'>= 0' if zero_ok else '> 0'}, got {value}")
 
 
+def _one_resolution_key(cfg: Config, data: dict) -> Config:
+    """data.resolutions replaces data.resolution, which then reads as the largest of them (what the memory
+    estimate and sample grids use): a file giving both is refused, as it is unclear which it means."""
+    if not cfg.data.resolutions:
+        return cfg
+    if "resolution" in data:
+        raise UserError("config keys 'data.resolution' and 'data.resolutions' exclude each other: set one")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resolution=max(cfg.data.resolutions)))
+
+
 def _resolve(base: Path, p: str, key: str = "path") -> str:
     """A path from the config: `~` and `$VAR`/`${VAR}` expanded, then relative to the config's folder."""
     expanded = os.path.expandvars(os.path.expanduser(p))
@@ -285,6 +303,7 @@ def load_config(path: str | Path, dtype: str | None = None) -> Config:
         raise UserError(f"{path}: not valid TOML: {e}") from None
     try:
         cfg = _build(Config, raw)
+        cfg = _one_resolution_key(cfg, raw.get("data", {}))
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     base = path.resolve().parent
@@ -384,6 +403,8 @@ def validate(cfg: Config) -> None:
         ("validation.height", cfg.validation.height, True),
         ("train.min_snr_gamma", cfg.train.min_snr_gamma, False),
         ("train.blocks_to_swap", cfg.train.blocks_to_swap, True),
+        ("data.keep_tokens", cfg.data.keep_tokens, True),
+        *((f"data.resolutions[{i}]", r, False) for i, r in enumerate(cfg.data.resolutions)),
     ]:
         _positive(value, key, zero_ok)
     for key, value in (("cache.device", cfg.cache.device), ("train.device", cfg.train.device)):
@@ -403,6 +424,10 @@ def validate(cfg: Config) -> None:
                        ("data.caption_dropout", cfg.data.caption_dropout)):
         if not 0 <= value <= 1:
             raise UserError(f"config key '{key}' must be a probability between 0 and 1, got {value}")
+    if len(set(cfg.data.resolutions)) != len(cfg.data.resolutions):
+        raise UserError(f"config key 'data.resolutions' lists a resolution twice: {cfg.data.resolutions}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise UserError(f"config key 'train.ema_decay' must be at least 0 and below 1, got {cfg.train.ema_decay}")
     if cfg.data.prior_ratio >= 1:
         raise UserError(f"config key 'data.prior_ratio' must be below 1 (a share of each epoch), got {cfg.data.prior_ratio}")
     if len(cfg.optimizer.betas) != 2:

@@ -107,8 +107,12 @@ def processes_kind(cfg: Config, stage: str, quiet: bool = False) -> str:
 def _refuse(cfg: Config, family: Family, processes: str) -> None:
     """Every refusal that combines keys, or a key with the family, the machine or the process setup."""
     t = cfg.train
-    if cfg.data.resolution % family.pixel_multiple:
+    if cfg.data.resolution % family.pixel_multiple and not cfg.data.resolutions:
         raise UserError(f"config key 'data.resolution' must be a multiple of {family.pixel_multiple} for {family.name}")
+    for r in cfg.data.resolutions:
+        if r % family.pixel_multiple:
+            raise UserError(f"config key 'data.resolutions' must hold multiples of {family.pixel_multiple} for "
+                            f"{family.name}, got {r}")
     if cfg.cache.shift or cfg.cache.dynamic_shift:  # a family without a shifted table refuses the key
         family.shifted_table(cfg.cache.shift, (2, 2) if cfg.cache.dynamic_shift else None)
     if t.loss_weighting not in family.loss_weightings:
@@ -145,3 +149,7 @@ def refuse_sharding(cfg: Config, family) -> None:
     if cfg.optimizer.name != "adamw":
         raise UserError(f"config key 'train.fsdp' works with optimizer.name = \"adamw\" only (got "
                         f"{cfg.optimizer.name!r}): its state is sharded like the LoRA's weights")
+    if cfg.train.ema:
+        # each rank would average its shard alone, and saving the average needs the whole LoRA
+        raise UserError("config key 'train.fsdp' works with train.ema = false only: the EMA is of the whole LoRA; "
+                        "set one of them")

@@ -103,13 +103,13 @@ def project(tiny_assets, tmp_path):
 
 
 def configure(path, **tables):
-    """Add keys to tables of a written config: configure(path, train={"x": 1})."""
+    """Add keys to tables of a written config: configure(path, train={"x": 1}); a key given as None is removed."""
     out, table = [], None
     for line in path.read_text().splitlines():
         if line.startswith("["):
             table = line.strip("[] ")
             out.append(line)
-            out += [f"{k} = {json.dumps(v)}" for k, v in tables.get(table, {}).items()]
+            out += [f"{k} = {json.dumps(v)}" for k, v in tables.get(table, {}).items() if v is not None]
         elif not (table in tables and line.split("=")[0].strip() in tables[table]):
             out.append(line)  # a key given anew replaces the template's
     path.write_text("\n".join(out) + "\n")

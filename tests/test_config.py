@@ -36,6 +36,11 @@ def _write(root: Path, text: str) -> Path:
     return path
 
 
+def test_resolutions_replace_resolution_which_reads_as_the_largest(project):
+    cfg = load_config(_write(project, GOOD + "\n[data]\nresolutions = [768, 1024, 512]\n"))
+    assert cfg.data.resolutions == [768, 1024, 512] and cfg.data.resolution == 1024
+
+
 def test_good_config_resolves_paths_against_its_folder(project):
     cfg = load_config(_write(project, GOOD))
     assert cfg.model.path == str(project / "model")
@@ -62,6 +67,12 @@ CASES = [
     (GOOD + "\n[data]\nauto_hold_out = -0.1\n", "config key 'data.auto_hold_out' must be a share"),
     ("[[concepts]]\nfolder = 'a'\n", "missing config key 'model'"),
     ("[model\npath=1", "not valid TOML"),
+    (GOOD + "\n[data]\nresolution = 512\nresolutions = [512, 768]\n",
+     "config keys 'data.resolution' and 'data.resolutions' exclude each other"),
+    (GOOD + "\n[data]\nresolutions = [512, 0]\n", "config key 'data.resolutions[1]' must be > 0"),
+    (GOOD + "\n[data]\nresolutions = [512, 512]\n", "config key 'data.resolutions' lists a resolution twice"),
+    (GOOD + "\n[data]\nkeep_tokens = -1\n", "config key 'data.keep_tokens' must be >= 0"),
+    (GOOD + "\n[train]\nema_decay = 1.0\n", "config key 'train.ema_decay' must be at least 0 and below 1"),
 ]
 
 

@@ -39,6 +39,7 @@ def test_resolve_gives_the_devices_dtypes_numerics_and_processes(project):
     ({"train": {"lora_format": "kohya"}, "lora": {"use_dora": True}}, ["train.lora_format", "DoRA"]),
     ({"optimizer": {"name": "adamw8bit"}}, ["adamw8bit", "CUDA"]),
     ({"data": {"resolution": 72}}, ["data.resolution", "multiple of 16"]),
+    ({"data": {"resolution": None, "resolutions": [64, 72]}}, ["data.resolutions", "multiples of 16", "72"]),
 ])
 def test_cross_key_refusals_come_before_any_model_or_cache_work(project, monkeypatch, tables, words):
     path, _ = project()
@@ -72,6 +73,9 @@ def test_under_a_launcher_the_process_setup_is_chosen_once(project, monkeypatch)
     assert resolve(configure(path, train={"fsdp": False}), "train").processes == "fsdp"
     with pytest.raises(UserError, match="'train.fsdp' works with optimizer.name"):
         resolve(configure(path, optimizer={"name": "prodigy"}), "train")
+    with pytest.raises(UserError, match="'train.fsdp' works with train.ema = false only"):
+        resolve(configure(path, optimizer={"name": "adamw"}, train={"ema": True}), "train")
+    configure(path, train={"ema": False})
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

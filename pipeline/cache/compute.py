@@ -19,13 +19,14 @@ from pipeline.data.plan import BAD_IMAGE, Plan, Sample
 from pipeline.settings import TORCH_DTYPES
 
 
-def _latent_entries(plan: Plan, store: Store, vae, jobs: list[tuple[Sample, bool]]) -> dict:
+def _latent_entries(plan: Plan, store: Store, vae, jobs: list[tuple[Sample, int]]) -> dict:
     by_size: dict[tuple, list] = {}  # a VAE batch needs one size; chunks are cut from sorted keys
     bad = {}
-    for s, flip in jobs:
+    for s, v in jobs:
         try:
-            pixels, geometry = prepare_image(s.path, s.bucket, flip)
-            by_size.setdefault(s.bucket, []).append((s, flip, pixels, geometry))
+            # the variant's flip and crop (data.random_crop); its geometry carries the crop's real offsets
+            pixels, geometry = prepare_image(s.path, s.bucket, s.flips[v], s.crops[v] if s.crops else None)
+            by_size.setdefault(s.bucket, []).append((s, v, pixels, geometry))
         except BadImage as e:
             if plan.cfg.data.on_bad_image == "fail":
                 plan.skip(s.path, str(e))  # raises UserError
@@ -36,11 +37,10 @@ def _latent_entries(plan: Plan, store: Store, vae, jobs: list[tuple[Sample, bool
     out = {}
     for group in by_size.values():
         latents = plan.family.encode_images(vae, torch.stack([g[2] for g in group]))
-        for (s, flip, _, geometry), z in zip(group, latents):
-            key = s.latent_keys[s.flips.index(flip)]
-            datasets = {"latent": z, **{k: torch.tensor(v, dtype=torch.int64) for k, v in geometry.items()}}
-            out[key] = (datasets, {"image": str(s.path), "content_key": s.content_key, "flipped": flip,
-                                   "bucket": list(s.bucket)})
+        for (s, v, _, geometry), z in zip(group, latents):
+            datasets = {"latent": z, **{k: torch.tensor(g, dtype=torch.int64) for k, g in geometry.items()}}
+            out[s.latent_keys[v]] = (datasets, {"image": str(s.path), "content_key": s.content_key,
+                                                "flipped": s.flips[v], "bucket": list(s.bucket)})
     return out
 
 

@@ -2,17 +2,22 @@
 so the train stage finds exactly what the cache stage wrote, and a stale entry is never found.
 
 Key recipes (documented in docs/cache-format.md):
-  content   = digest("image", sha256(image file), bucket (height, width), PREPARE)
+  content   = digest("image", sha256(image file), bucket (height, width), PREPARE)   # one per resolution
   latent[v] = digest("latent", content, vae fingerprint, encoder dtype, flip[v])
+              with data.random_crop: digest("latent", content, vae fingerprint, encoder dtype, flip[v], crop[v])
   text[v]   = digest("text", caption[v], text-encoder fingerprint, max_sequence_length, encoder dtype)
   noise[v]  = digest("noise", content, v, cache seed, timestep sampling settings, scheduler table)
   prior[v]  = digest("prior", latent[v], text[v], noise[v], denoiser fingerprint, train dtype, prediction settings,
                      numerics)   # numerics: quantization scheme and settings, library versions, device type
   seed[v]   = derive_seed("noise", cache seed, content, v);  timestep draw seed: derive_seed("timestep", ...)
   flip[v]   = derive_seed("flip", cache seed, content, v) / 2^63 < data.flip_probability
-  caption[v] = "" if derive_seed("caption-dropout", cache seed, content, v) / 2^63 < data.caption_dropout
-Flip and caption dropout are decided here, per variant, so a prior's cached prediction is always for
-exactly the input the training step feeds: the key names the flipped latent and the dropped caption.
+  caption[v] = "" if derive_seed("caption-dropout", cache seed, content, v) / 2^63 < data.caption_dropout,
+               else with data.shuffle_tags: shuffle_tags(caption, data.keep_tokens, derive_seed("shuffle-tags", ...))
+  crop[v]   = crop_offsets(resized size, bucket, derive_seed("crop", cache seed, content, v))  (data.random_crop)
+Flip, caption dropout, tag shuffling and the crop are decided here, per variant (pipeline/data/variants.py),
+so a prior's cached prediction is always for exactly the input the training step feeds: the key names the
+flipped or cropped latent and the dropped or shuffled caption. With data.resolutions each image is a sample
+per resolution (its bucket, so its content key, differs).
 
 The plan also refuses, before any cache work, a prior concept that repeats the subject (same images, same
 captions), says once which images have no caption, and holds out a few prior images for the prior drift
@@ -30,6 +35,7 @@ from pipeline.store.store import Store
 from pipeline.config import Config, check_paths
 from pipeline.data.images import PREPARE, BadImage, buckets, check_header, cover_size, nearest_bucket, scan_concept
 from pipeline.data.draws import Draws, draw_settings
+from pipeline.data.variants import crop_offsets, shuffle_tags
 from pipeline.errors import UserError, note, warn
 from pipeline.families.base import Family
 from pipeline.settings import Settings, resolve
@@ -56,6 +62,7 @@ class Sample:
     noise_keys: tuple[str, ...]
     seeds: tuple[int, ...]  # noise seed
     timestep_seeds: tuple[int, ...]
+    crops: tuple[tuple[int, int] | None, ...] = ()  # (top, left) in the resized image; None: centred
 
 
 @dataclass
@@ -82,10 +89,12 @@ class Plan:
 
     def drop_bad(self, store) -> None:
         """Leave out images the cache stage found it cannot decode (its verdict is cached by content)."""
-        keep = []
+        keep, said = [], set()  # said: an image of several resolutions (data.resolutions) is named once
         for s in self.samples:
             if store.has(BAD_IMAGE, s.content_key):
-                self.skip(s.path, store.read(BAD_IMAGE, s.content_key)[1]["reason"])
+                if s.path not in said:
+                    self.skip(s.path, store.read(BAD_IMAGE, s.content_key)[1]["reason"])
+                said.add(s.path)
                 self.bad.add(s.content_key)
             else:
                 keep.append(s)
@@ -134,9 +143,9 @@ class Plan:
     def noise_jobs(self) -> dict[str, tuple[Sample, int]]:
         return {s.noise_keys[v]: (s, v) for s, v in self.cached_draws()}
 
-    def latent_jobs(self) -> dict[str, tuple[Sample, bool]]:
-        """latent key -> (sample, flipped): each distinct latent once."""
-        return {k: (s, f) for s in self.samples for k, f in zip(s.latent_keys, s.flips)}
+    def latent_jobs(self) -> dict[str, tuple[Sample, int]]:
+        """latent key -> (sample, a variant with that latent): each distinct latent once."""
+        return {k: (s, v) for s in self.samples for v, k in reversed(list(enumerate(s.latent_keys)))}
 
     def text_jobs(self) -> dict[str, str]:
         """text key -> caption: each distinct caption once (the empty one too), validation prompts included."""
@@ -205,10 +214,16 @@ def make_plan(cfg: Config, settings: Settings | None = None) -> Plan:
     timestep_settings = [draw_settings(cfg, family), family.timestep_spec()]
     enc = cfg.model.encoder_dtype
     plan = Plan(cfg, family, [], vae_fp, text_fp, denoiser_fp, [], Draws(cfg, family), numerics=settings.numerics)
-    sizes = buckets(d.resolution, family.pixel_multiple, d.buckets)
+    sizes = [buckets(r, family.pixel_multiple, d.buckets) for r in d.resolutions or [d.resolution]]
 
     def chance(what: str, content: str, v: int) -> float:
         return derive_seed(what, c.seed, content, v) / 2**63
+
+    def caption_of(caption: str, content: str, v: int) -> str:
+        if chance("caption-dropout", content, v) < d.caption_dropout:
+            return ""
+        seed = derive_seed("shuffle-tags", c.seed, content, v)
+        return shuffle_tags(caption, d.keep_tokens, seed) if d.shuffle_tags else caption
     upscaled: list[str] = []  # said once, with a count: a data set of small images would print a line each
     missing: list[tuple[int, Path]] = []  # (concept, image) without a caption file: said once, before any hashing
     scanned = []
@@ -235,40 +250,45 @@ def make_plan(cfg: Config, settings: Settings | None = None) -> Plan:
             except BadImage as e:
                 plan.skip(path, str(e))
                 continue
-            bucket = nearest_bucket(width, height, sizes)
-            try:
-                cover_size(width, height, bucket)  # refused here, by name, before anything is decoded
+            # one bucket per resolution (data.resolutions), each once
+            chosen = list(dict.fromkeys(nearest_bucket(width, height, options) for options in sizes))
+            try:  # refused here, by name, before anything is decoded
+                resized = {bucket: cover_size(width, height, bucket) for bucket in chosen}
             except BadImage as e:
                 plan.skip(path, str(e))
                 continue
-            if width < bucket[1] or height < bucket[0]:
-                upscaled.append(f"'{path}' is {width}x{height}, smaller than its {bucket[1]}x{bucket[0]} bucket")
-            content = digest("image", image_sha, bucket, PREPARE)
             image_shas[path] = image_sha
-            variants = range(c.variants)
-            flips = tuple(chance("flip", content, v) < d.flip_probability for v in variants)
-            captions = tuple("" if chance("caption-dropout", content, v) < d.caption_dropout else caption
-                             for v in variants)
-            plan.samples.append(
-                Sample(
-                    path=path,
-                    concept=i,
-                    prior=concept.type == "prior" or concept.prior,
-                    validation=concept.type == "validation",
-                    loss_weight=concept.loss_weight,
-                    repeats=concept.repeats,
-                    caption=caption,
-                    bucket=bucket,
-                    content_key=content,
-                    flips=flips,
-                    captions=captions,
-                    latent_keys=tuple(digest("latent", content, vae_fp, enc, f) for f in flips),
-                    text_keys=tuple(plan.text_key(t) for t in captions),
-                    noise_keys=tuple(digest("noise", content, v, c.seed, timestep_settings) for v in variants),
-                    seeds=tuple(derive_seed("noise", c.seed, content, v) for v in variants),
-                    timestep_seeds=tuple(derive_seed("timestep", c.seed, content, v) for v in variants),
+            for bucket in chosen:
+                if width < bucket[1] or height < bucket[0]:
+                    upscaled.append(f"'{path}' is {width}x{height}, smaller than its {bucket[1]}x{bucket[0]} bucket")
+                content = digest("image", image_sha, bucket, PREPARE)
+                variants = range(c.variants)
+                flips = tuple(chance("flip", content, v) < d.flip_probability for v in variants)
+                captions = tuple(caption_of(caption, content, v) for v in variants)
+                crops = tuple(crop_offsets(resized[bucket], bucket, derive_seed("crop", c.seed, content, v))
+                              if d.random_crop else None for v in variants)
+                plan.samples.append(
+                    Sample(
+                        path=path,
+                        concept=i,
+                        prior=concept.type == "prior" or concept.prior,
+                        validation=concept.type == "validation",
+                        loss_weight=concept.loss_weight,
+                        repeats=concept.repeats,
+                        caption=caption,
+                        bucket=bucket,
+                        content_key=content,
+                        flips=flips,
+                        captions=captions,
+                        latent_keys=tuple(digest("latent", content, vae_fp, enc, f, *([] if crop is None else [crop]))
+                                          for f, crop in zip(flips, crops)),
+                        text_keys=tuple(plan.text_key(t) for t in captions),
+                        noise_keys=tuple(digest("noise", content, v, c.seed, timestep_settings) for v in variants),
+                        seeds=tuple(derive_seed("noise", c.seed, content, v) for v in variants),
+                        timestep_seeds=tuple(derive_seed("timestep", c.seed, content, v) for v in variants),
+                        crops=crops,
+                    )
                 )
-            )
     if upscaled:
         more = f" (and {len(upscaled) - 1} more image(s) smaller than their bucket)" if len(upscaled) > 1 else ""
         warn(f"{upscaled[0]}: upscaled{more}")
@@ -339,12 +359,14 @@ def hold_out_priors(plan: Plan, image_shas: dict[Path, str]) -> None:
         return
     said = []
     for i, concept in enumerate(cfg.concepts):
-        mine = [s for s in plan.samples if s.concept == i and concept.type == "prior"]
+        # by image, not sample: with data.resolutions an image is a sample per resolution, held out in all
+        mine = sorted({s.path for s in plan.samples if s.concept == i and concept.type == "prior"},
+                      key=lambda p: (image_shas[p], str(p)))
         count = max(HOLD_OUT_LEAST, round(cfg.data.auto_hold_out * len(mine)))
         if len(mine) - count < HOLD_OUT_LEFT:
             continue
-        chosen = {id(s) for s in sorted(mine, key=lambda s: (image_shas[s.path], str(s.path)))[:count]}
-        plan.samples = [replace(s, validation=True) if id(s) in chosen else s for s in plan.samples]
+        chosen = set(mine[:count])
+        plan.samples = [replace(s, validation=True) if s.concept == i and s.path in chosen else s for s in plan.samples]
         said.append(f"{count} of the {len(mine)} images of concepts[{i}] ('{concept.folder}')")
     if said:
         note(f"data.auto_hold_out: held out {' and '.join(said)} to score prior drift; they are not trained on "

@@ -26,6 +26,7 @@ from pipeline.errors import UserError, warn
 from pipeline.denoiser.lora import CHECKPOINT_LORA, save_file_or_oserror, save_run_lora
 from pipeline.store.keys import sha256_file
 from pipeline.atomic import writer_gone, writer_tag
+from pipeline.train.ema import save_ema_lora
 from pipeline.train.state import TrainState
 
 PREFIX = "step-"
@@ -75,6 +76,8 @@ def save(out_dir: Path, state: TrainState, run, plan, data_fp: str, optimizer_st
         save_file_or_oserror({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
                              tmp / "lora.safetensors")
         save_run_lora(tmp / CHECKPOINT_LORA, model, plan, state.step)
+        if run.ema is not None:  # train.ema: its LoRA file beside the checkpoint's, its state in state.*
+            save_ema_lora(tmp / CHECKPOINT_LORA, run.ema, run.params, model, plan, state.step)
         tensors: dict = {}
         saved = {
             "step": state.step,
@@ -86,6 +89,7 @@ def save(out_dir: Path, state: TrainState, run, plan, data_fp: str, optimizer_st
             "data": data_fp,
             "base_model": plan.denoiser_fp,
             "world_size": run.procs.size,
+            **({"ema": _split(run.ema.state_dict(), "ema", tensors)} if run.ema is not None else {}),
         }
         save_file_or_oserror(tensors, tmp / "state.safetensors")
         (tmp / "state.json").write_text(json.dumps(saved))
@@ -214,6 +218,15 @@ def restore_state(path: Path) -> tuple[TrainState, dict, dict]:
     return state, _join(saved["optimizer"], tensors), _join(saved["scheduler"], tensors)
 
 
+def restore_ema(path: Path) -> dict:
+    """The checkpoint's EMA state (train.ema), as EMAModel.state_dict gave it."""
+    saved = saved_state(path)
+    if saved.get("ema") is None:  # RESULT_KEYS has train.ema: only a checkpoint that records no config
+        raise UserError(f"checkpoint '{path}' holds no EMA of the LoRA (train.ema was off when it was written): "
+                        "set train.ema = false to go on, or train without --resume to start over")
+    return _join(saved["ema"], load_file(str(path / "state.safetensors")))
+
+
 def check_world(path: Path, cfg, size: int) -> str | None:
     """Resuming with another number of processes than the checkpoint's run had: refused (UserError) when the
     result depends on it, else the note that says why it does not."""
@@ -238,7 +251,7 @@ RESULT_KEYS = (
     "cache.variants", "cache.seed", "cache.timestep_sampling", "cache.logit_mean", "cache.logit_std", "cache.mode_scale",
     "cache.shift", "cache.dynamic_shift", "cache.noise_offset", "cache.input_perturbation",
     "train.dtype", "train.batch_size", "train.seed", "train.gradient_accumulation", "train.prior_mode",
-    "train.loss_weighting", "train.min_snr_gamma",
+    "train.loss_weighting", "train.min_snr_gamma", "train.ema",  # train.ema covers train.ema_decay
 )
 
 

@@ -18,7 +18,7 @@ from pipeline.denoiser.build import build_denoiser
 from pipeline.data.plan import Plan
 from pipeline.processes import OneProcess
 from pipeline.denoiser.swap import swap_blocks
-from pipeline.train import checkpoint
+from pipeline.train import checkpoint, ema
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.state import TrainState
@@ -37,6 +37,7 @@ class Run:
     steps_per_epoch: int  # optimizer steps
     total_steps: int
     procs: OneProcess  # the processes training together
+    ema: object | None = None  # train.ema: diffusers' EMAModel over `params` (train.ema)
 
     def optimizer_state(self) -> dict:
         """The optimizer's state as one process holds it (under FSDP gathered: every rank calls this)."""
@@ -67,4 +68,7 @@ def setup(plan: Plan, store: Store, device: torch.device, dtype: torch.dtype, pr
     if resume_from is not None:
         procs.load_optimizer_state(optimizer, optimizer_state, params)
         scheduler.load_state_dict(schedule_state)
-    return Run(denoiser, trained, params, optimizer, scheduler, shapes, steps_per_epoch, total, procs), state
+    average = ema.build(params, t.ema_decay) if t.ema else None
+    if average is not None and resume_from is not None:
+        ema.load(average, checkpoint.restore_ema(resume_from), device)
+    return Run(denoiser, trained, params, optimizer, scheduler, shapes, steps_per_epoch, total, procs, average), state

@@ -31,6 +31,7 @@ from pipeline.processes import OneProcess, start
 from pipeline.settings import Settings, resolve
 from pipeline.train import checkpoint
 from pipeline.train.outdir import check_fresh_start, output_lock
+from pipeline.train.ema import ema_path, save_ema_lora
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.practice import batch_size_warning, practice_warnings, prior_share
 from pipeline.train.prefetch import Prefetcher, upcoming
@@ -130,6 +131,8 @@ def _train_lora(settings: Settings, progress: bool, resume: bool, overwrite: boo
         with procs.whole_lora(model):  # under FSDP, every rank gathers the LoRA; rank 0 writes
             if procs.is_main:
                 save_run_lora(lora_path, model, plan, state.step)  # first: everything after it is optional
+                if run.ema is not None:
+                    save_ema_lora(lora_path, run.ema, run.params, model, plan, state.step)
         procs.barrier("the LoRA's save", "the checkpoints, if any, are kept (--resume goes on from the newest)")
     except BaseException as e:
         sinks.close(quiet=True)  # an error is on its way: a failed last metrics write must not replace it
@@ -170,6 +173,7 @@ def _train_lora(settings: Settings, progress: bool, resume: bool, overwrite: boo
         **validator.last,
         "skipped_images": plan.skipped,
         "lora": str(lora_path),
+        **({"lora_ema": str(ema_path(lora_path))} if run.ema is not None else {}),
         "metrics": str(jsonl.metrics_path),
         "plot": str(plot) if plot else None,
         "seconds": round(time.perf_counter() - start_time, 2),

@@ -174,6 +174,8 @@ def optimizer_step(run, plan: Plan, store: Store, group: list[list[tuple[Sample,
         what = f"loss {record['loss']}" if not math.isfinite(record["loss"]) else f"gradient norm {norm}"
         raise NonFinite(step, what, [str(s.path) for batch in group for s, _ in batch])
     run.optimizer.step()
+    if run.ema is not None:  # train.ema: the average follows each update
+        run.ema.step(run.params)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {**record, "lr": lr, "grad_norm": norm, "seconds": round(time.perf_counter() - t0, 4)}
