@@ -1,5 +1,6 @@
-"""Checkpoints and resume: a run interrupted at step k and resumed ends with a LoRA bitwise equal to an
-uninterrupted run's (CPU, same config), with LoRA dropout on, so the RNG state is part of the test."""
+"""Checkpoints and resume: a run interrupted at step k and resumed ends with a LoRA (and its EMA, train.ema)
+bitwise equal to an uninterrupted run's (CPU, same config), with LoRA dropout on, so the RNG state is part of
+the test."""
 
 import json
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.e2e
 def _config(project, name, out):
     path, _ = project(name=name, out=out, epochs=3, dtype="fp32")
     text = path.read_text()
-    text = text.replace("[train]\n", "[train]\ncheckpoint_every = 5\nkeep_checkpoints = 2\n")
+    text = text.replace("[train]\n", "[train]\ncheckpoint_every = 5\nkeep_checkpoints = 2\nema = true\nema_decay = 0.9\n")
     # validation in between steps must not change the run: held-out images and a prompt, every 4 steps
     held_out = f'[[concepts]]\nfolder = "{project.root}/data/heldout-prior"\ntype = "validation"\nprior = true\n\n'
     text = text.replace("[cache]\n", held_out + "[cache]\n")
@@ -35,7 +36,8 @@ def _config(project, name, out):
 def test_interrupted_and_resumed_equals_uninterrupted(project, monkeypatch):
     full = _config(project, "full.toml", project.root / "full")
     run_cache(full, progress=False)
-    expected = load_file(run_train(full, progress=False)["lora"])
+    summary = run_train(full, progress=False)
+    expected, expected_ema = load_file(summary["lora"]), load_file(summary["lora_ema"])
     expected_metrics = [json.loads(x) for x in open(project.root / "full" / "metrics.jsonl")]
     assert len(expected_metrics) == 24
 
@@ -64,6 +66,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(project, monkeypatch):
     assert got.keys() == expected.keys()
     for k in expected:
         assert torch.equal(got[k], expected[k]), k
+    got_ema = load_file(resumed["lora_ema"])  # the average's state came back from the checkpoint
+    assert got_ema.keys() == expected_ema.keys() and any(not torch.equal(got_ema[k], got[k]) for k in got)
+    for k in expected_ema:
+        assert torch.equal(got_ema[k], expected_ema[k]), k
     lines = [json.loads(x) for x in open(project.root / "cut" / "metrics.jsonl")]
     assert [x["step"] for x in lines] == list(range(24))
     assert [x["loss"] for x in lines] == [x["loss"] for x in expected_metrics]
