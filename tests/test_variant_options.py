@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.cache.stage import run_cache
+from pipeline.data.batches import load_inputs
 from pipeline.data.images import prepare_image
 from pipeline.data.plan import make_plan
 from pipeline.data.variants import crop_offsets, shuffle_tags
@@ -140,3 +141,18 @@ def test_step0_prior_loss_is_zero_with_every_variant_option_on(project):
     assert first["n_prior"] == 2 * N_PRIOR and first["n_standard"] == 2 * (N - N_PRIOR)
     assert first["loss_standard"] > 0.1
     assert first["loss_prior"] <= 1e-10 * first["loss_standard"], first
+
+
+@pytest.mark.e2e
+def test_sdxl_is_conditioned_on_each_variants_random_crop_and_starts_at_zero_prior_loss(project, tiny_family_model):
+    path, _ = project(model=tiny_family_model("sdxl"), variants=K, dtype="fp32", batch=4, max_steps=1)
+    cfg = configure(path, data={"random_crop": True}, train={"gradient_accumulation": 8})
+    run_cache(cfg, progress=False)
+    plan, store = make_plan(cfg), Store(cfg.cache.dir)
+    sample = next(s for s in plan.samples if s.prior and len(set(s.crops)) > 1)
+    for v in range(K):  # the micro-conditioning the UNet gets: the variant's real crop offsets
+        cond = load_inputs(plan, store, [(sample, v)]).cond
+        assert tuple(cond["crop_top_left"][0].tolist()) == sample.crops[v]
+    run_train(cfg, progress=False)
+    first = json.loads(open(cfg.train.output_dir + "/metrics.jsonl").readline())
+    assert first["n_prior"] == N_PRIOR and first["loss_prior"] <= 1e-10 * first["loss_standard"], first
