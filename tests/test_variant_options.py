@@ -79,7 +79,8 @@ def test_shuffling_tags_recomputes_only_texts_and_the_priors_whose_caption_chang
             for v in range(K):
                 shuffled = store.read("text", s.text_keys[v])[1]["caption"]
                 assert shuffled == s.captions[v] and sorted(shuffled.split(", ")) == sorted(s.caption.split(", "))
-                assert shuffled.split(", ")[:data.get("keep_tokens", 0)] == s.caption.split(", ")[:data.get("keep_tokens", 0)]
+                kept = data.get("keep_tokens", 0)
+                assert shuffled.split(", ")[:kept] == s.caption.split(", ")[:kept]
         old_texts |= new_texts
         old_priors |= new_priors
     assert any(s.captions[0] != s.caption for s in plan.samples)
@@ -156,3 +157,15 @@ def test_sdxl_is_conditioned_on_each_variants_random_crop_and_starts_at_zero_pri
     run_train(cfg, progress=False)
     first = json.loads(open(cfg.train.output_dir + "/metrics.jsonl").readline())
     assert first["n_prior"] == N_PRIOR and first["loss_prior"] <= 1e-10 * first["loss_standard"], first
+
+
+def test_with_several_resolutions_an_image_is_held_out_at_every_resolution_or_none(project):
+    from test_plan_warnings import more_priors
+
+    path, _ = project()
+    more_priors(project, 20)
+    cfg = configure(path, data={"resolution": None, "resolutions": [48, 64], "auto_hold_out": 0.15})
+    plan = make_plan(cfg)
+    held = {s.path for s in plan.held_out}
+    assert len(held) == 3 and len(plan.held_out) == 6  # 15% of 20 images, each at both resolutions
+    assert not any(s.path in held for s in plan.training)

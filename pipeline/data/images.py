@@ -177,10 +177,10 @@ def prepare_image(path: Path, size: int | tuple[int, int], flip: bool = False,
                   crop: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
     """Decode, apply the EXIF rotation, resize to cover `size` = (height, width) (an int: a square) and
     crop to it (centred, or at `crop` = (top, left) in the resized image: data.random_crop's per-variant
-    draw, see pipeline/data/variants.py), then mirror if `flip`. Returns the (3, h, w) float32 tensor in [-1, 1] and the
-    geometry a UNet family's micro-conditioning needs: original (height, width) and the crop's (top, left) in the
-    resized image. An image over MAX_PIXELS is decoded at a reduced size first (_decode_reduced); its original
-    size is still its own. Raises BadImage."""
+    draw, see pipeline/data/variants.py), then mirror if `flip`. Returns the (3, h, w) float32 tensor in
+    [-1, 1] and the geometry a UNet family's micro-conditioning needs: original (height, width) and the
+    crop's (top, left) in the resized image. An image over MAX_PIXELS is decoded at a reduced size first
+    (_decode_reduced); its original size is still its own. Raises BadImage."""
     height, width = (size, size) if isinstance(size, int) else size
     try:
         im = Image.open(path)
@@ -202,7 +202,7 @@ def prepare_image(path: Path, size: int | tuple[int, int], flip: bool = False,
     original = (shown[1], shown[0])
     im = im.resize(resized, Image.Resampling.LANCZOS)
     left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
-    if crop is not None:  # kept inside the image: the plan drew it from the header's size, the same one
+    if crop is not None:  # the plan drew it for this same size (the header's); kept inside it all the same
         top, left = min(max(crop[0], 0), resized[1] - height), min(max(crop[1], 0), resized[0] - width)
     im = im.crop((left, top, left + width, top + height))
     if flip:
