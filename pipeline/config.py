@@ -217,9 +217,37 @@ def changed_keys(old: dict, new: dict, prefixes: tuple[str, ...]) -> list[str]:
         return {key: value}
 
     a, b = flat(old), flat(new)
+    # a key the old config lacks (written before the key existed) had its default's behaviour then
+    a.update({k: d for k in b.keys() - a.keys() if (d := field_default(k)) is not dataclasses.MISSING})
     shown = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"  # noqa: E731
     return [f"{k} {shown(a, k)} -> {shown(b, k)}" for k in sorted(a.keys() | b.keys())
             if k.startswith(prefixes) and a.get(k, ...) != b.get(k, ...)]
+
+
+def field_default(key: str):
+    """The default of a dotted config key ("train.ema", "concepts[2].repeats") as to_dict gives it, or
+    dataclasses.MISSING where it has none."""
+    cls = Config
+    parts = re.sub(r"\[\d+\]", "", key).split(".")
+    for i, part in enumerate(parts):
+        field = next((f for f in dataclasses.fields(cls) if f.name == part), None)
+        if field is None:
+            return dataclasses.MISSING
+        if i == len(parts) - 1:
+            if field.default is not dataclasses.MISSING:
+                value = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                value = field.default_factory()
+            else:
+                return dataclasses.MISSING
+            return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else json.loads(json.dumps(value))
+        hint = typing.get_type_hints(cls)[part]
+        while typing.get_origin(hint) in (list, typing.Union, types.UnionType):
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if not dataclasses.is_dataclass(hint):
+            return dataclasses.MISSING
+        cls = hint
+    return dataclasses.MISSING
 
 
 def _check_type(value, hint, key: str):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import check_paths, load_config
+from pipeline.config import changed_keys, check_paths, load_config
 from pipeline.errors import UserError
 
 GOOD = """
@@ -144,3 +144,11 @@ def test_a_hub_id_without_network_says_to_download_it(monkeypatch, tmp_path):
     message = str(e.value)
     assert "\n" not in message and "model.path" in message
     assert "hf download black-forest-labs/FLUX.1-dev --local-dir DIR" in message and 'model.path = "DIR"' in message
+
+
+def test_a_key_added_since_a_checkpoint_was_written_is_compared_as_its_default():
+    # a checkpoint written before train.ema existed trained as ema = false: resuming it with the default goes on
+    assert changed_keys({"train": {"lr": 1}}, {"train": {"lr": 1, "ema": False}}, ("train.",)) == []
+    assert changed_keys({"train": {}}, {"train": {"ema": True}}, ("train.",)) == ["train.ema false -> true"]
+    assert changed_keys({"concepts": [{"folder": "a"}]}, {"concepts": [{"folder": "a", "repeats": 1}]}, ("concepts",)) == []
+    assert changed_keys({}, {"model": {"path": "m"}}, ("model.",)) == ['model.path (absent) -> "m"']  # no default
