@@ -10,8 +10,12 @@
 #                    (not part of make test: about 15 minutes on 2 cores)
 # make bench-gpu: full-size denoisers on a CUDA GPU (one line and exit 0 without one); test-gpu: pytest -m gpu
 # make cache-status: what the cache holds, lacks and stores unused for CONFIG (DTYPE)
-# Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32  RESUME=1 (train: go on from the newest checkpoint)
-#            OVERWRITE=1 (train: start over where another run's checkpoints are)
+# Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32
+#            RESTART=1 (train: start over at step 0; OVERWRITE=1 is its former name). Without it, train
+#            goes on with an interrupted or shorter run of the same settings in train.output_dir from its
+#            newest checkpoint, does nothing when that run is complete, and moves any other run there to
+#            train.output_dir/previous/ (nothing is deleted; see docs/checkpoints.md)
+#            RESUME=1 (train: go on from the newest checkpoint, or refuse: never starts over)
 #            GPUS=N (cache, train: N processes on this machine under torchrun; see
 #            docs/multi-gpu.md)  PYTHON=/path/to/python (an env with the project installed)
 
@@ -27,9 +31,11 @@ SETUP := $(VENV)/.installed
 endif
 DTYPE_ARG := $(if $(DTYPE),--dtype $(DTYPE),)
 RESUME_ARG := $(if $(RESUME),--resume,)
-OVERWRITE_ARG := $(if $(OVERWRITE),--overwrite,)
+RESTART_ARG := $(if $(or $(RESTART),$(OVERWRITE)),--restart,)
+# on the commands that run the pipeline: its messages then name make's variables (RESUME=1), not --resume
+VIA_MAKE := PIPELINE_VIA_MAKE=1
 # torchrun's --standalone picks a free port on this machine; without GPUS, one plain process as before
-LAUNCH = $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS),$(PY))
+LAUNCH = $(VIA_MAKE) $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS),$(PY))
 
 .PHONY: cache cache-status train test test-fast bench bench-scale plan-memory memory-table bench-memory bench-gpu test-gpu
 
@@ -46,11 +52,11 @@ cache: $(SETUP)
 	$(LAUNCH) -m pipeline cache --config $(CONFIG) $(DTYPE_ARG)
 
 cache-status: $(SETUP)
-	$(PY) -m pipeline cache status --config $(CONFIG) $(DTYPE_ARG)
+	$(VIA_MAKE) $(PY) -m pipeline cache status --config $(CONFIG) $(DTYPE_ARG)
 
 train: $(SETUP)
 	$(LAUNCH) -m pipeline cache --config $(CONFIG) $(DTYPE_ARG)
-	$(LAUNCH) -m pipeline train --config $(CONFIG) $(DTYPE_ARG) $(RESUME_ARG) $(OVERWRITE_ARG)
+	$(LAUNCH) -m pipeline train --config $(CONFIG) $(DTYPE_ARG) $(RESUME_ARG) $(RESTART_ARG)
 
 test: test-fast
 	$(PY) -m pytest -q -m "e2e or slow"
@@ -65,7 +71,7 @@ bench-scale: $(SETUP)
 	$(PY) -m pipeline.tools.bench_scale $(ARGS)
 
 plan-memory: $(SETUP)
-	$(PY) -m pipeline plan-memory --config $(CONFIG) $(DTYPE_ARG)
+	$(VIA_MAKE) $(PY) -m pipeline plan-memory --config $(CONFIG) $(DTYPE_ARG)
 
 memory-table: $(SETUP)
 	$(PY) -m pipeline.tools.memory_table

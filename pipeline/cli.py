@@ -223,9 +223,10 @@ def cache_prune(ctx, config_path, dtype, dry_run, keep_dtypes, all_configs):
     configs sharing the cache dir use are removed only with --all-configs."""
     def go():
         from pipeline.cache.maintenance import prune
+        from pipeline.data.kinds import fix_command
 
-        p = prune(_config(ctx, config_path, dtype)[2], dry_run=dry_run, keep_dtypes=keep_dtypes,
-                  all_configs=all_configs)
+        cfg = _config(ctx, config_path, dtype)[2]
+        p = prune(cfg, dry_run=dry_run, keep_dtypes=keep_dtypes, all_configs=all_configs)
         click.echo("prune: would remove (dry run, nothing changed)" if dry_run else "prune: removed")
         for kind, n in p["entries_removed"].items():
             click.echo(f"  {kind:<12}{n:>8} entries")
@@ -237,7 +238,8 @@ def cache_prune(ctx, config_path, dtype, dry_run, keep_dtypes, all_configs):
         freed = "would free about" if dry_run else "freed"
         click.echo(f"prune: {freed} {_mib(p['bytes_freed'])} MiB ({p['bytes_freed']} bytes)")
         if p["lost"]:
-            click.echo(f"prune: {len(p['lost'])} kept entries were unreadable and are gone: run make cache", err=True)
+            click.echo(f"prune: {len(p['lost'])} kept entries were unreadable and are gone: run {fix_command(cfg)}",
+                       err=True)
 
     _run(go, "every segment is complete and every used entry is kept; run the same command again")
 
@@ -247,24 +249,29 @@ def cache_prune(ctx, config_path, dtype, dry_run, keep_dtypes, all_configs):
 @DTYPE
 @QUIET
 @click.option("--resume", is_flag=True,
-              help="Go on from the newest intact checkpoint in train.output_dir/checkpoints.")
-@click.option("--overwrite", is_flag=True,
-              help="Start over in train.output_dir even where it holds another run's checkpoints (they are removed).")
-def train(config_path, dtype, quiet, resume, overwrite):
-    """Train a LoRA on the cache (one denoiser forward per batch). Refuses when the cache lacks
-    anything this run needs, naming the command that fixes it."""
+              help="Go on from the newest intact checkpoint in train.output_dir/checkpoints, or refuse.")
+@click.option("--restart", is_flag=True,
+              help="Start over at step 0 even where train.output_dir holds a run to go on with (that run is "
+                   "moved to train.output_dir/previous/).")
+@click.option("--overwrite", is_flag=True, hidden=True, help="The former name of --restart.")
+def train(config_path, dtype, quiet, resume, restart, overwrite):
+    """Train a LoRA on the cache (one denoiser forward per batch). A run of the same settings in
+    train.output_dir goes on from its newest checkpoint (nothing to do when it is complete); another run
+    there is moved to train.output_dir/previous/. Refuses when the cache lacks anything this run needs,
+    naming the command that fixes it."""
     def go():
         cfg = load_config(config_path, dtype)
         from pipeline.train.stage import run_train
 
         _quiet_libraries()
 
-        s = run_train(cfg, progress=not quiet, resume=resume, overwrite=overwrite)
+        s = run_train(cfg, progress=not quiet, resume=resume, restart=restart or overwrite)
         if _is_main():
-            _print_summary("train: done", s)
+            _print_summary("train: complete already, nothing done" if s.get("complete_already") else "train: done", s)
             click.echo(json.dumps({"train_summary": s}))
 
-    _run(go, "no LoRA was written; the cache is untouched and checkpoints, if any, are kept (--resume goes on from the newest)")
+    _run(go, "no LoRA was written; the cache is untouched and checkpoints, if any, are kept (training again with "
+             "the same settings goes on from the newest)")
 
 
 @main.command()

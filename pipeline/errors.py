@@ -29,6 +29,24 @@ def note(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def via_make() -> bool:
+    """Whether make runs this command: the Makefile sets PIPELINE_VIA_MAKE=1 on the commands it runs, so that
+    messages name its variables (RESUME=1) rather than options the user never typed (--resume)."""
+    return os.environ.get("PIPELINE_VIA_MAKE") == "1"
+
+
+# The Makefile's variable for each command-line option it passes on
+MAKE_VARIABLES = {"--config": "CONFIG", "--dtype": "DTYPE", "--resume": "RESUME", "--restart": "RESTART"}
+
+
+def option(name: str, value: str | None = None) -> str:
+    """An option as the user gives it: `--resume`, `--dtype fp32` on the command line; `RESUME=1`,
+    `DTYPE=fp32` under make."""
+    if via_make():
+        return f"{MAKE_VARIABLES[name]}={1 if value is None else value}"
+    return name if value is None else f"{name} {value}"
+
+
 class UserError(Exception):
     """A problem with the user's config, files or cache; the message is one line and says what to do."""
 

@@ -1,9 +1,14 @@
-"""Runs never mix (issue 13, items 3 and 4): checkpoints record a run id, the config and what the data and
-the base model are; a fresh run into a folder holding another run's checkpoints is refused unless
---overwrite; two trainings into one folder cannot run at once; a damaged newest checkpoint is reported
-and resume goes on from the newest intact one, with the LoRA an uninterrupted run gives."""
+"""Runs never mix, and nothing is lost (issues 13 and 24): checkpoints record a run id, the config and what
+the data and the base model are; a run into a folder holding another run (another dtype, an added image,
+no checkpoint to go on from, or --restart) moves every file of that run to previous/ and deletes nothing;
+two trainings into one folder cannot run at once; a damaged newest checkpoint is reported and resume goes
+on from the newest intact one, with the LoRA an uninterrupted run gives."""
 
+import hashlib
 import json
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.cache.stage import run_cache
+from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.train import checkpoint
 from pipeline.train.outdir import output_lock
@@ -25,45 +31,110 @@ def _run_ids(out):
     return {p.name: json.loads((p / "state.json").read_text())["run_id"] for p in checkpoint.all_checkpoints(out)}
 
 
-def test_a_fresh_run_over_another_runs_checkpoints_needs_overwrite(project, capsys):
+def _files(folder):
+    """Every file under `folder` (relative path -> bytes), the lock and earlier runs left out."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock" and "previous" not in p.relative_to(folder).parts}
+
+
+def _moved_to(err, out):
+    """The folder the one "moved the earlier run" line names."""
+    lines = [x for x in err.splitlines() if "moved the earlier run" in x]
+    assert len(lines) == 1, err
+    match = re.search(rf"train: moved the earlier run in '{re.escape(str(out))}' to '([^']+)' \((.*)\)$", lines[0])
+    assert match, lines[0]
+    return Path(match.group(1)), match.group(2)
+
+
+def test_another_dtype_moves_the_earlier_run_aside_and_deletes_nothing(project, capsys):
     path, _ = project(max_steps=4, dtype="fp32")
     first = configure(path, train={"checkpoint_every": 2, "keep_checkpoints": 0})
     run_cache(first, progress=False)
     run_train(first, progress=False)
     out = project.root / "out"
-    ids = _run_ids(out)
-    assert list(ids) == ["step-00000002"] and len(set(ids.values())) == 1
+    before, ids = _files(out), _run_ids(out)
+    assert list(ids) == ["step-00000002", "step-00000004"] and len(set(ids.values())) == 1  # the last step too
 
-    # the same settings again (`make train` twice): allowed, and its checkpoints replace the old ones
+    # `make train DTYPE=bf16` after `make train DTYPE=fp32`: no refusal, no flag, nothing deleted
+    bf16 = configure(path, train={"dtype": "bf16"})
+    run_cache(bf16, progress=False)
     capsys.readouterr()
+    summary = run_train(bf16, progress=False)
+    moved, why = _moved_to(capsys.readouterr().err, out)
+    assert summary["resumed_from_step"] is None and summary["steps"] == 4
+    assert why == 'it differs in train.dtype "fp32" -> "bf16"'
+    old_id = next(iter(ids.values()))
+    assert moved.parent == out / "previous" and re.fullmatch(rf"\d{{8}}T\d{{6}}Z-{old_id[:8]}", moved.name)
+    assert _files(moved) == before  # the whole earlier run, byte for byte: LoRA, metrics, checkpoints
+    now = _run_ids(out)
+    assert list(now) == ["step-00000002", "step-00000004"] and set(now.values()).isdisjoint(ids.values())
+    assert checkpoint.saved_state(out / "checkpoints" / "step-00000004")["config"]["train"]["dtype"] == "bf16"
+    assert sorted(p.name for p in (out / "previous").iterdir()) == [moved.name]
+
+    # and back: the bf16 run goes aside beside the fp32 one
     run_train(first, progress=False)
-    assert "train: replacing the run in" in capsys.readouterr().err
-    again = _run_ids(out)
-    assert list(again) == ["step-00000002"] and again != ids
+    assert len(list((out / "previous").iterdir())) == 2
 
-    # another run's settings: refused in one line naming what differs; nothing is removed
-    other = configure(path, lora={"rank": 8}, train={"checkpoint_every": 2, "keep_checkpoints": 0})
-    with pytest.raises(UserError) as e:
-        run_train(other, progress=False)
-    message = str(e.value)
-    assert "\n" not in message and "holds the checkpoints of another run" in message
-    assert "lora.rank 4 -> 8" in message and "--overwrite" in message
-    assert _run_ids(out) == again
 
-    # --overwrite: the other run's checkpoints go first, so no --resume can pick up its step
-    run_train(other, progress=False, overwrite=True)
-    assert "removed the checkpoints of the earlier run" in capsys.readouterr().err
-    final = _run_ids(out)
-    assert list(final) == ["step-00000002"] and set(final.values()).isdisjoint(again.values())
-    saved = checkpoint.saved_state(out / "checkpoints" / "step-00000002")
-    assert saved["config"]["lora"]["rank"] == 8 and saved["data"] and saved["base_model"]
+def test_an_added_image_moves_the_earlier_run_aside(project, capsys):
+    path, _ = project(max_steps=2)
+    cfg = configure(path, train={"checkpoint_every": 1})
+    run_cache(cfg, progress=False)
+    run_train(cfg, progress=False)
+    out = project.root / "out"
+    before = _files(out)
+    standard = project.root / "data" / "standard"
+    image = sorted(standard.glob("*.png"))[0]
+    Image.open(image).transpose(Image.FLIP_TOP_BOTTOM).save(standard / "added.png")
+    (standard / "added.txt").write_text(image.with_suffix(".txt").read_text())
+    run_cache(cfg, progress=False)
+    capsys.readouterr()
+    assert run_train(cfg, progress=False)["resumed_from_step"] is None
+    moved, why = _moved_to(capsys.readouterr().err, out)
+    assert why == "it differs in the training images or captions (their content)"
+    assert _files(moved) == before
 
-    # a resumed run keeps the run id of the checkpoint it goes on from
-    longer = configure(path, lora={"rank": 8}, train={"checkpoint_every": 2, "keep_checkpoints": 0, "max_steps": 6})
-    run_train(longer, progress=False, resume=True)
-    assert set(_run_ids(out).values()) == set(final.values()) and len(_run_ids(out)) == 2
+
+def test_restart_starts_over_and_keeps_the_earlier_run(project, capsys):
+    path, _ = project(max_steps=4, dtype="fp32")
+    cfg = configure(path, train={"checkpoint_every": 2, "keep_checkpoints": 0})
+    run_cache(cfg, progress=False)
+    run_train(cfg, progress=False)
+    out = project.root / "out"
+    before, ids = _files(out), _run_ids(out)
+    capsys.readouterr()
+    summary = run_train(cfg, progress=False, restart=True)  # the same settings, yet from step 0
+    moved, why = _moved_to(capsys.readouterr().err, out)
+    assert why == "starting over (--restart)" and summary["resumed_from_step"] is None
+    assert _files(moved) == before and set(_run_ids(out).values()).isdisjoint(ids.values())
     with pytest.raises(UserError, match="give one"):
-        run_train(longer, progress=False, resume=True, overwrite=True)
+        run_train(cfg, progress=False, resume=True, restart=True)
+
+
+def test_a_run_without_checkpoints_is_moved_aside_by_the_next(project, capsys):
+    path, cfg = project(max_steps=2)  # train.checkpoint_every = 0: no checkpoint, not even of the last step
+    run_cache(cfg, progress=False)
+    run_train(cfg, progress=False)
+    out = project.root / "out"
+    assert not (out / "checkpoints").exists()
+    before = _files(out)
+    capsys.readouterr()
+    run_train(cfg, progress=False)
+    moved, why = _moved_to(capsys.readouterr().err, out)
+    assert why == "it has no intact checkpoint to go on from" and _files(moved) == before
+    lora_sha = hashlib.sha256(before[cfg.train.lora_name]).hexdigest()
+    assert moved.name.endswith("-" + lora_sha[:8])  # without a recorded run id: its LoRA's sha256
+
+
+def test_a_folder_holding_the_config_is_not_moved(project):
+    path, _ = project(max_steps=1, out=project.root)  # output_dir: the project's own folder
+    cfg = load_config(path)
+    run_cache(cfg, progress=False)
+    run_train(cfg, progress=False)
+    with pytest.raises(UserError) as e:
+        run_train(cfg, progress=False, restart=True)
+    assert "holds the config file" in str(e.value) and "\n" not in str(e.value)
+    assert path.is_file() and not (project.root / "previous").exists()
 
 
 def test_resume_refuses_changed_data(project):
@@ -97,7 +168,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(project
     run_cache(cfg, progress=False)
     expected = load_file(run_train(cfg, progress=False)["lora"])
     root = project.root / "out" / "checkpoints"
-    assert [p.name for p in checkpoint.all_checkpoints(project.root / "out")] == ["step-00000002", "step-00000004"]
+    assert [p.name for p in checkpoint.all_checkpoints(project.root / "out")] == [
+        "step-00000002", "step-00000004", "step-00000006"]
+    shutil.rmtree(root / "step-00000006")  # as a run stopped after step 5 leaves it
 
     state = root / "step-00000004" / "state.safetensors"
     data = bytearray(state.read_bytes())
@@ -113,5 +186,5 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(project
 
     for p in checkpoint.all_checkpoints(project.root / "out"):
         (p / "lora.safetensors").unlink()
-    with pytest.raises(UserError, match=r"no intact checkpoint in .* \(all 2 are damaged\)"):
+    with pytest.raises(UserError, match=r"no intact checkpoint in .* \(all 3 are damaged\)"):
         run_train(cfg, progress=False, resume=True)

@@ -16,7 +16,7 @@ from typing import Any
 from pipeline import quantize
 from pipeline.store.store import Store
 from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.errors import UserError, via_make
 from pipeline.data.plan import BAD_IMAGE, Plan
 
 
@@ -115,12 +115,13 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-flux.to
 
 
 def fix_command(cfg: Config, dtype: str | None = None) -> str:
-    """The commands that cache what this config lacks: make's, and the plain CLI's."""
+    """The command that caches what this config lacks, as the user runs commands: make's under make, else
+    the plain CLI's."""
     source = Path(cfg.source)
     shown = source.relative_to(Path.cwd()) if source.is_relative_to(Path.cwd()) else source
-    make = "make cache" + ("" if source == DEFAULT_CONFIG else f" CONFIG={shown}") + (f" DTYPE={dtype}" if dtype else "")
-    cli = f"python -m pipeline cache --config {shown}" + (f" --dtype {dtype}" if dtype else "")
-    return f"{make} (or: {cli})"
+    if via_make():
+        return "make cache" + ("" if source == DEFAULT_CONFIG else f" CONFIG={shown}") + (f" DTYPE={dtype}" if dtype else "")
+    return f"python -m pipeline cache --config {shown}" + (f" --dtype {dtype}" if dtype else "")
 
 
 def check_complete(plan: Plan, store: Store) -> None:

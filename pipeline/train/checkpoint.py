@@ -4,10 +4,12 @@ a folder written under a temporary name and renamed into place (so a crash never
 A checkpoint holds what a bitwise-identical continuation needs: the LoRA weights (float32, as trained),
 the optimizer's state, the schedule's state and the data position (epoch and index of the next batch;
 batch order is a pure function of the epoch, and LoRA dropout is seeded per step), and the run's id,
-config, data fingerprint and number of processes, so that --resume can refuse a config, data set or
-world size that would give another run. Beside that state, each checkpoint holds the run's LoRA file as the final save
-writes it (lora.CHECKPOINT_LORA), and last, the sha256 of each of its files (checksums.json), so that a
-damaged checkpoint is found before it is trusted and --resume falls back to the newest intact one.
+config, data fingerprint and number of processes, so that resuming (--resume, or a rerun that goes on
+with the run: train.outdir) can refuse a config, data set or world size that would give another run.
+Beside that state, each checkpoint holds the run's LoRA file as the final save writes it
+(lora.CHECKPOINT_LORA), and last, the sha256 of each of its files (checksums.json), so that a damaged
+checkpoint is found before it is trusted and resuming falls back to the newest intact one. The run's last
+step is checkpointed too (train.stage), so that a longer run goes on from its end.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from pipeline.config import changed_keys
-from pipeline.errors import UserError, warn
+from pipeline.errors import UserError, option, warn
 from pipeline.denoiser.lora import CHECKPOINT_LORA, save_file_or_oserror, save_run_lora
 from pipeline.store.keys import sha256_file
 from pipeline.atomic import writer_gone, writer_tag
@@ -31,6 +33,11 @@ from pipeline.train.state import TrainState
 
 PREFIX = "step-"
 CHECKSUMS = "checksums.json"
+
+
+def start_over() -> str:
+    """How the user starts a run over, as they run commands (the earlier run is kept, see train.outdir)."""
+    return f"train with {option('--restart')} to start over (the run is moved aside)"
 
 
 def _split(value, path: str, tensors: dict) -> object:
@@ -107,14 +114,15 @@ def save(out_dir: Path, state: TrainState, run, plan, data_fp: str, optimizer_st
     # from: before, --resume could still go on with the old run
     ours, others = [], []
     for p in sorted(root.glob(f"{PREFIX}*")):
-        (ours if p == final or _run_id(p) == state.run_id else others).append(p)
+        (ours if p == final or run_id(p) == state.run_id else others).append(p)
     keep = plan.cfg.train.keep_checkpoints
     for old in others + (ours[:-keep] if keep else []):
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _run_id(path: Path) -> str | None:
+def run_id(path: Path) -> str | None:
+    """The run id a checkpoint's state.json records (None: unreadable, or none recorded)."""
     try:
         return json.loads((path / "state.json").read_text()).get("run_id")
     except (OSError, ValueError, AttributeError):
@@ -186,7 +194,7 @@ def resume_point(out_dir: Path) -> Path | None:
         warn(f"checkpoint '{path}' is damaged ({why}); going on from the one before it")
     if found:
         raise UserError(f"no intact checkpoint in '{Path(out_dir) / 'checkpoints'}' to resume from (all "
-                        f"{len(found)} are damaged): train without --resume to start over")
+                        f"{len(found)} are damaged): {start_over()}")
     return None
 
 
@@ -202,10 +210,10 @@ def restore_lora(path: Path, model: torch.nn.Module) -> None:
         result = set_peft_model_state_dict(model, load_file(str(path / "lora.safetensors")))
     except RuntimeError as e:  # a checkpoint from before configs were recorded: peft's size mismatch
         raise UserError(f"checkpoint '{path}' does not fit this LoRA ({str(e).splitlines()[-1].strip()}): "
-                        "set lora.* back as it was, or train without --resume to start over") from None
+                        f"set lora.* back as it was, or {start_over()}") from None
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"checkpoint '{path}' does not fit this LoRA (e.g. {result.unexpected_keys[0]}): "
-                        "set lora.* back as it was, or train without --resume to start over")
+                        f"set lora.* back as it was, or {start_over()}")
 
 
 def restore_state(path: Path) -> tuple[TrainState, dict, dict]:
@@ -237,7 +245,7 @@ def check_world(path: Path, cfg, size: int) -> str | None:
     if cfg.lora.dropout > 0:
         raise UserError(f"cannot resume: {were}, and with lora.dropout = {cfg.lora.dropout} each process draws "
                         f"the dropout masks of its share of the batch, so the result depends on it: resume with {old} "
-                        "process(es), or train without --resume to start over")
+                        f"process(es), or {start_over()}")
     return (f"train: resuming with {size} process(es) a run of {old}: the same global batches and draws, and "
             "lora.dropout = 0, so only the rounding of the gradients' sums can differ")
 
@@ -275,4 +283,5 @@ def check_same_run(saved: dict, cfg, plan, data_fp: str, path: Path) -> None:
     changed = changes(saved, cfg, plan, data_fp)
     if changed:
         raise UserError(f"cannot resume from '{path}': what it was trained with changed since it was written "
-                        f"({'; '.join(changed)}): set these back to go on, or train without --resume to start over")
+                        f"({'; '.join(changed)}): set these back to go on, or train without {option('--resume')} to start "
+                        "over (the run is moved aside)")

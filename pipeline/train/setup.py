@@ -44,12 +44,29 @@ class Run:
         return self.procs.optimizer_state(self.optimizer)
 
 
+@dataclass(frozen=True)
+class Length:
+    shapes: dict[str, tuple]  # latent key -> shape, read from the cache once per run
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+
+
+def run_length(plan: Plan, store: Store) -> Length:
+    """How many optimizer steps the run has (read before any model loads: the output folder's decision
+    whether a run there is complete needs it)."""
+    t = plan.cfg.train
+    shapes = {s.latent_keys[0]: store.shape("latent", s.latent_keys[0], "latent") for s in plan.samples}
+    steps_per_epoch = math.ceil(len(epoch_batches(plan, shapes, 0)) / t.gradient_accumulation)
+    return Length(shapes, steps_per_epoch, t.max_steps or t.epochs * steps_per_epoch)
+
+
 def setup(plan: Plan, store: Store, device: torch.device, dtype: torch.dtype, procs: OneProcess,
-          resume_from: Path | None = None) -> tuple[Run, TrainState]:
+          resume_from: Path | None = None, length: Length | None = None) -> tuple[Run, TrainState]:
     """The run, and where it starts: a fresh TrainState, or with `resume_from` the checkpoint's, its LoRA,
-    optimizer and schedule state loaded into what is built here."""
-    cfg, t = plan.cfg, plan.cfg.train
-    torch.manual_seed(t.seed)  # the LoRA's initial weights: the same on every rank
+    optimizer and schedule state loaded into what is built here. `length`: run_length's, when the caller
+    has read it already."""
+    cfg = plan.cfg
+    torch.manual_seed(cfg.train.seed)  # the LoRA's initial weights: the same on every rank
     denoiser, _ = build_denoiser(cfg, plan.family, device, dtype, place=not procs.places_weights)
     state, optimizer_state, schedule_state = TrainState(), None, None
     if resume_from is not None:
@@ -59,16 +76,15 @@ def setup(plan: Plan, store: Store, device: torch.device, dtype: torch.dtype, pr
     trained = denoiser if model is denoiser.module else Denoiser(model, device, denoiser.dtype)
     params = [p for p in model.parameters() if p.requires_grad]  # as they train: under FSDP their shards
     optimizer = procs.prepare_optimizer(build_optimizer(params, cfg.optimizer))
-    shapes = {s.latent_keys[0]: store.shape("latent", s.latent_keys[0], "latent") for s in plan.samples}
-    steps_per_epoch = math.ceil(len(epoch_batches(plan, shapes, 0)) / t.gradient_accumulation)
-    total = t.max_steps or t.epochs * steps_per_epoch
+    length = length or run_length(plan, store)
     # the schedule before the saved state: building one sets each group's lr to its step-0 value, which the
     # optimizer's saved state then replaces with the lr of the step the run is at
-    scheduler = build_scheduler(optimizer, cfg.optimizer, total)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, length.total_steps)
     if resume_from is not None:
         procs.load_optimizer_state(optimizer, optimizer_state, params)
         scheduler.load_state_dict(schedule_state)
-    average = ema.build(params, t.ema_decay) if t.ema else None
+    average = ema.build(params, cfg.train.ema_decay) if cfg.train.ema else None
     if average is not None and resume_from is not None:
         ema.load(average, checkpoint.restore_ema(resume_from), device)
-    return Run(denoiser, trained, params, optimizer, scheduler, shapes, steps_per_epoch, total, procs, average), state
+    return Run(denoiser, trained, params, optimizer, scheduler, length.shapes, length.steps_per_epoch,
+               length.total_steps, procs, average), state

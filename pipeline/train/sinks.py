@@ -59,6 +59,11 @@ def _records(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
+def read_records(path: Path) -> list[dict]:
+    """Every record of a JSON-lines file (metrics.jsonl: every step of the run, those before a resume too)."""
+    return [record for _, record in _records(path)]
+
+
 def _kept_lines(path: Path, resumed_at: int | None) -> list[str]:
     """On resume, the lines of the steps before the checkpoint; the later ones are redone."""
     if resumed_at is None or not path.is_file():
@@ -94,7 +99,7 @@ class JsonlSink:
 
     def read_all(self) -> list[dict]:
         """Every step's record of the run, the ones before a resume included."""
-        return [record for _, record in _records(self.metrics_path)]
+        return read_records(self.metrics_path)
 
 
 class TensorBoardSink:

@@ -4,7 +4,8 @@ a prior sample's target is its cached base-model prediction, read from disk, not
 The loop: setup (train.setup) builds the run, each optimizer step is train.step.optimizer_step on batches
 read one step ahead in a background thread (train.prefetch), its record goes to the sinks (train.sinks),
 validation runs at chosen steps (train.validation), and a checkpoint of the TrainState is written every
-train.checkpoint_every steps (train.checkpoint).
+train.checkpoint_every steps and at the last (train.checkpoint). Where the run starts (step 0, a checkpoint
+of the run in train.output_dir, or nothing to do) is train.outdir's decision.
 
 Under a launcher (pipeline/processes.py) every rank runs this loop over the same global batches (epoch_batches is a
 pure function of seed and epoch) and takes its share of each (train.step); rank 0 alone writes: the LoRA,
@@ -23,44 +24,50 @@ import torch
 from pipeline.data.kinds import check_complete
 from pipeline.store.lock import cache_lock
 from pipeline.config import Config, check_output_dir
-from pipeline.errors import Interrupted, UserError, note, warn
+from pipeline.errors import Interrupted, UserError, option, warn
 from pipeline.denoiser.lora import save_run_lora
 from pipeline.memory import say_estimate
 from pipeline.data.plan import open_plan
 from pipeline.processes import OneProcess, start
 from pipeline.settings import Settings, resolve
 from pipeline.train import checkpoint
-from pipeline.train.outdir import check_fresh_start, output_lock
+from pipeline.train.outdir import output_lock, starting_point
 from pipeline.train.ema import ema_path, save_ema_lora
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.practice import batch_size_warning, practice_warnings, prior_share
 from pipeline.train.prefetch import Prefetcher, upcoming
-from pipeline.train.setup import setup
-from pipeline.train.sinks import JsonlSink, ProgressSink, Sinks, TensorBoardSink, loss_summary, summary_window
+from pipeline.train.setup import Length, run_length, setup
+from pipeline.train.sinks import (JsonlSink, ProgressSink, Sinks, TensorBoardSink, loss_summary, read_records,
+                                  summary_window)
 from pipeline.train.state import TrainState
 from pipeline.train.step import NonFinite, optimizer_step
 from pipeline.train.validation import Validator
 
 
-def run_train(cfg: Config, progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train a LoRA on the cache and save it; with resume, go on from the newest intact checkpoint; with
-    overwrite, replace another run's checkpoints in train.output_dir (else refused, see train.outdir).
-    Raises UserError when the cache lacks anything needed."""
-    return train_lora(cfg, progress, resume, overwrite)[1]
+def run_train(cfg: Config, progress: bool = True, resume: bool = False, restart: bool = False,
+              overwrite: bool = False) -> dict:
+    """Train a LoRA on the cache and save it. Where it starts is train.outdir's decision: a run of the same
+    settings in train.output_dir goes on from its newest checkpoint, another is moved aside; with resume,
+    go on from the newest intact checkpoint or refuse; with restart (overwrite: its former name), start
+    over, the earlier run moved aside. Raises UserError when the cache lacks anything needed."""
+    return train_lora(cfg, progress, resume, restart, overwrite)[1]
 
 
-def train_lora(cfg: Config, progress: bool = True, resume: bool = False,
-               overwrite: bool = False) -> tuple[torch.nn.Module, dict]:
-    """run_train, returning the trained model too (the tests compare it with the saved LoRA)."""
-    if resume and overwrite:
-        raise UserError("--resume goes on with the run in train.output_dir and --overwrite replaces it: give one")
+def train_lora(cfg: Config, progress: bool = True, resume: bool = False, restart: bool = False,
+               overwrite: bool = False) -> tuple[torch.nn.Module | None, dict]:
+    """run_train, returning the trained model too (the tests compare it with the saved LoRA; None when the
+    run in train.output_dir was complete already)."""
+    restart = restart or overwrite
+    if resume and restart:
+        raise UserError(f"{option('--resume')} goes on with the run in train.output_dir and {option('--restart')} "
+                        "starts over: give one")
     check_output_dir(cfg)
     settings = resolve(cfg, "train")  # every refusal, before any process group, model or cache work
     with start(settings.processes, cfg.train.device) as procs:
         # rank 0 holds the locks for the whole job; a refusal is raised on every rank alike
         with procs.main_holds(lambda: cache_lock(cfg.cache.dir, "read", procs.job())), \
                 procs.main_holds(lambda: output_lock(Path(cfg.train.output_dir), procs.job())):
-            return _train_lora(settings, progress and procs.is_main, resume, overwrite, procs)
+            return _train_lora(settings, progress and procs.is_main, resume, restart, procs)
 
 
 def _non_finite(e: NonFinite, out_dir: Path) -> str:
@@ -85,12 +92,12 @@ def _write_failed(e: OSError, out_dir: Path, step: int, what: str) -> Exception:
 
 def _last_checkpoint(out_dir: Path) -> str:
     last = checkpoint.latest(out_dir)
-    return (f"the last good checkpoint is '{last}' (--resume goes on from it)" if last is not None
-            else "there is no checkpoint (train.checkpoint_every)")
+    return (f"the last good checkpoint is '{last}' (training again with the same settings goes on from it)"
+            if last is not None else "there is no checkpoint (train.checkpoint_every)")
 
 
-def _train_lora(settings: Settings, progress: bool, resume: bool, overwrite: bool,
-                procs: OneProcess) -> tuple[torch.nn.Module, dict]:
+def _train_lora(settings: Settings, progress: bool, resume: bool, restart: bool,
+                procs: OneProcess) -> tuple[torch.nn.Module | None, dict]:
     start_time = time.perf_counter()
     cfg = settings.cfg
     plan, store = open_plan(cfg, settings)
@@ -102,21 +109,23 @@ def _train_lora(settings: Settings, progress: bool, resume: bool, overwrite: boo
     procs.refuse_unlike(lambda: {"config": json.loads(cfg.portable_json()), "data": data_fp,
                                  "base_model": plan.denoiser_fp},
                         lambda theirs: checkpoint.changes(theirs, cfg, plan, data_fp), "would train another run")
+    length = run_length(plan, store)
     # refusals before the model is loaded; rank 0's view of the output folder decides for every rank
-    if resume:
-        found = procs.from_main(lambda: _resume_point(cfg, plan, data_fp, out_dir, procs.size))
-    else:
-        found = procs.from_main(lambda: check_fresh_start(out_dir, cfg, plan, data_fp, overwrite))
+    found, complete = procs.from_main(lambda: starting_point(out_dir, cfg, plan, data_fp, length.total_steps,
+                                                             procs.size, resume, restart))
+    if complete:
+        return None, (_complete(out_dir, cfg, found, length, start_time) if procs.is_main else {})
     device = settings.stage_device(procs)
     # builds no VAE or text encoder, not even on the meta device; under FSDP, one rank's share
     say_estimate(cfg, device, cache=False, shards=procs.shards)
     practice_warnings(plan)
     # the run built in dependency order, a checkpoint's state loaded into it (under FSDP the ranks of a
     # machine take turns, so that it holds one unsharded copy at a time)
-    run, state = procs.one_by_one(lambda: setup(plan, store, device, settings.dtype, procs, found), "loading the denoiser")
+    run, state = procs.one_by_one(lambda: setup(plan, store, device, settings.dtype, procs, found, length),
+                                  "loading the denoiser")
     batch_size_warning(epoch_batches(plan, run.shapes, 0), t.batch_size)
     state.run_id = procs.broadcast(state.run_id)  # a fresh run's id: rank 0's
-    resumed_at = state.step if resume else None
+    resumed_at = state.step if found is not None else None
     window = summary_window(run.steps_per_epoch)
     jsonl = JsonlSink(out_dir, resumed_at, Validator.enabled(plan)) if procs.is_main else None
     sinks = Sinks([jsonl, ProgressSink(run.total_steps, state.step, progress, window, jsonl.kept)]
@@ -133,7 +142,8 @@ def _train_lora(settings: Settings, progress: bool, resume: bool, overwrite: boo
                 save_run_lora(lora_path, model, plan, state.step)  # first: everything after it is optional
                 if run.ema is not None:
                     save_ema_lora(lora_path, run.ema, run.params, model, plan, state.step)
-        procs.barrier("the LoRA's save", "the checkpoints, if any, are kept (--resume goes on from the newest)")
+        procs.barrier("the LoRA's save", "the checkpoints, if any, are kept (training again with the same "
+                      "settings goes on from the newest)")
     except BaseException as e:
         sinks.close(quiet=True)  # an error is on its way: a failed last metrics write must not replace it
         if isinstance(e, NonFinite):
@@ -166,7 +176,7 @@ def _train_lora(settings: Settings, progress: bool, resume: bool, overwrite: boo
         "steps": state.step,
         "epochs": math.ceil(state.step / max(run.steps_per_epoch, 1)),
         "resumed_from_step": resumed_at,
-        # the whole run's numbers, from metrics.jsonl: after --resume it holds the steps before it too
+        # the whole run's numbers, from metrics.jsonl: after a resume it holds the steps before it too
         **loss_summary(jsonl.read_all(), window),
         "prior_share": prior_share(plan),
         "images_per_bucket": plan.bucket_counts(),
@@ -203,7 +213,8 @@ def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validato
             state.step, state.next_batch = state.step + 1, first + accum
             if cfg.validation.every and state.step % cfg.validation.every == 0:
                 validator.run(state.step)
-            if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < run.total_steps:
+            # the last step too: a longer run of these settings goes on from the end of this one
+            if t.checkpoint_every and (state.step % t.checkpoint_every == 0 or state.step == run.total_steps):
                 with run.procs.whole_lora(run.denoiser.module):  # under FSDP every rank gathers; rank 0 writes
                     optimizer_state = run.optimizer_state()
                     if run.procs.is_main:
@@ -211,14 +222,18 @@ def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validato
         state.epoch, state.next_batch = state.epoch + 1, 0
 
 
-def _resume_point(cfg: Config, plan, data_fp: str, out_dir: Path, world_size: int = 1) -> Path:
-    """The newest intact checkpoint, if this config continues its run with this many processes (else a
-    one-line refusal naming what changed, or why the number of processes matters)."""
-    found = checkpoint.resume_point(out_dir)
-    if found is None:
-        raise UserError(f"no checkpoint in '{out_dir / 'checkpoints'}' to resume from: train without --resume")
-    checkpoint.check_same_run(checkpoint.saved_state(found), cfg, plan, data_fp, found)
-    why = checkpoint.check_world(found, cfg, world_size)
-    if why:
-        note(why)
-    return found
+def _complete(out_dir: Path, cfg: Config, found: Path, length: Length, start_time: float) -> dict:
+    """The summary of a run that was complete already (nothing trained): its numbers, from its files."""
+    step = checkpoint.saved_state(found)["step"]
+    metrics, plot = out_dir / "metrics.jsonl", out_dir / "loss.png"
+    return {
+        "steps": step,
+        "epochs": math.ceil(step / max(length.steps_per_epoch, 1)),
+        "resumed_from_step": None,
+        "complete_already": True,
+        **loss_summary(read_records(metrics) if metrics.is_file() else [], summary_window(length.steps_per_epoch)),
+        "lora": str(out_dir / cfg.train.lora_name),
+        "metrics": str(metrics),
+        "plot": str(plot) if plot.is_file() else None,
+        "seconds": round(time.perf_counter() - start_time, 2),
+    }
