@@ -148,7 +148,7 @@ def test_dtype_change_recomputes_priors_only_and_training_refuses_a_missing_dtyp
     store = Store(cfg.cache.dir)
     assert len(store.keys("prior/bf16")) == len(store.keys("prior/fp32")) == 16  # side by side
     _, fp16 = project(dtype="fp16")
-    with pytest.raises(UserError, match="priors for fp16 are not cached .* run make cache CONFIG=.* DTYPE=fp16"):
+    with pytest.raises(UserError, match="priors for fp16 are not cached .* run python -m pipeline cache --config .* --dtype fp16"):
         run_train(fp16, progress=False)
     r = subprocess.run([sys.executable, "-m", "pipeline", "train", "--config", str(path), "--dtype", "fp16"],
                        capture_output=True, text=True)

@@ -44,12 +44,13 @@ def test_default_config_end_to_end(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(lora.stat().st_mode) == 0o666 & ~umask  # a file to share: the user's usual permissions
 
-    # what `make train RESUME=1` runs on the default config: it checkpoints, so there is a step to go on from
+    # what `make train RESUME=1` runs on the default config: it checkpoints, the last step too, so --resume
+    # goes on from the end (nothing left to train)
     resumed = _cli("train", "--config", str(config), "--quiet", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = json.loads(trained.stdout.strip().splitlines()[-1])["train_summary"]["steps"]
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])["train_summary"]
-    assert summary["steps"] == steps and 0 < summary["resumed_from_step"] < steps
+    assert summary["steps"] == steps and summary["resumed_from_step"] == steps
 
 
 def test_missing_cache_refuses_with_the_fix(tmp_path):
@@ -61,5 +62,5 @@ def test_missing_cache_refuses_with_the_fix(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == (
         "error: priors for bf16 are not cached (40 of 40 missing for this model and data): "
-        f"run make cache CONFIG={config} DTYPE=bf16 (or: python -m pipeline cache --config {config} --dtype bf16)"
+        f"run python -m pipeline cache --config {config} --dtype bf16"
     )

@@ -58,7 +58,7 @@ def test_training_never_shows_an_hdf5_traceback(project, damage):
                        capture_output=True, text=True)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
-    assert "missing" in r.stderr and "run make cache CONFIG=" in r.stderr
+    assert "missing" in r.stderr and "run python -m pipeline cache --config " in r.stderr
     if damage == "truncated":
         assert f"cache file '{os.path.join(seg, victim)}' cannot be read" in r.stderr
 
@@ -77,6 +77,6 @@ def test_ctrl_c_while_training_exits_cleanly_and_quickly(project):
     _, err = proc.communicate(timeout=60)  # a guard against a hang, not a speed check
     assert proc.returncode == 130 and err.strip() == (
         "interrupted: no LoRA was written; the cache is untouched and checkpoints, if any, are kept "
-        "(--resume goes on from the newest)"
+        "(training again with the same settings goes on from the newest)"
     )
     assert all(json.loads(line)["step"] >= 0 for line in open(metrics))  # complete lines only

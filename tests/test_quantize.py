@@ -121,7 +121,7 @@ def test_changing_quantize_recomputes_only_priors_and_status_says_why(project, m
     with pytest.raises(UserError) as e:  # training refuses, naming the numerics and the fix
         run_train(int8, progress=False)
     assert str(e.value).startswith("priors for bf16 with model.quantize = int8 are not cached (16 of 16 missing")
-    assert "run make cache CONFIG=" in str(e.value)
+    assert "run python -m pipeline cache --config " in str(e.value)
     s = status(int8)
     assert s["kinds"]["prior/bf16-int8"]["missing"] == 16 and s["kinds"]["prior/bf16"]["stale"] == 16
     assert s["priors_missing"].startswith("16 of 16 priors for bf16 with model.quantize = int8 are missing")
@@ -137,10 +137,10 @@ def test_changing_quantize_recomputes_only_priors_and_status_says_why(project, m
     s = status(back)
     assert s["kinds"]["prior/bf16"]["missing"] == 16
     assert "other numerics: torch " in s["priors_missing"] and "-> 2.99.0" in s["priors_missing"]
-    assert "run make cache" in s["priors_missing"]
+    assert "run python -m pipeline cache" in s["priors_missing"]
     monkeypatch.undo()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(UserError, match=r"other numerics: device cpu -> cuda\): run make cache"):
+    with pytest.raises(UserError, match=r"other numerics: device cpu -> cuda\): run python -m pipeline cache"):
         run_train(back, progress=False)
 
 

@@ -1,6 +1,7 @@
 """What used to be a traceback or a silent trap is a one-line error (exit 2) or a one-line notice: an output
 dir that is a file, a CUDA device torch does not have, --resume with a config that changes results, a
-config without a standard concept, a batch size no bucket fills, and a run over an earlier run's output."""
+config without a standard concept, a batch size no bucket fills, and a shorter run over a longer one's
+output (moved aside)."""
 
 import json
 import re
@@ -66,20 +67,20 @@ def test_resume_with_a_changed_rank_names_the_changed_keys(project):
     cfg = configure(path, train={"checkpoint_every": 2})
     run_cache(cfg, progress=False)
     run_train(cfg, progress=False)
-    state = json.loads((project.root / "out" / "checkpoints" / "step-00000002" / "state.json").read_text())
+    state = json.loads((project.root / "out" / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert state["config"]["lora"]["rank"] == 4  # the run's config, recorded for this check
 
     changed = configure(path, lora={"rank": 8}, optimizer={"lr": 0.01})
     with pytest.raises(UserError) as e:
         run_train(changed, progress=False, resume=True)
     message = str(e.value)
-    assert "\n" not in message and "step-00000002" in message
+    assert "\n" not in message and "step-00000004" in message
     assert "lora.rank 4 -> 8" in message and "optimizer.lr 0.001 -> 0.01" in message
-    assert "train without --resume" in message and "lora.alpha" not in message
+    assert "train without --resume to start over" in message and "lora.alpha" not in message
     one_line_error(cli("train", "--config", path, "--resume"), "lora.rank 4 -> 8")
 
     # a checkpoint from before configs were recorded: peft's size mismatch becomes one line too
-    state_file = project.root / "out" / "checkpoints" / "step-00000002" / "state.json"
+    state_file = project.root / "out" / "checkpoints" / "step-00000004" / "state.json"
     state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "config"}))
     _reseal(state_file.parent)  # an intact checkpoint of that format (a checkpoint without checksums is damaged)
     with pytest.raises(UserError, match="does not fit this LoRA"):
@@ -122,25 +123,26 @@ def test_a_batch_size_no_bucket_fills_is_one_warning_with_the_real_sizes(project
 
 
 @pytest.mark.e2e
-def test_training_over_an_earlier_run_says_it_replaces_it(project, capsys):
+def test_a_shorter_run_moves_the_longer_one_aside(project, capsys):
     path, _ = project(dtype="fp32", max_steps=6)
     cfg = configure(path, train={"checkpoint_every": 2})
     run_cache(cfg, progress=False)
     capsys.readouterr()
     run_train(cfg, progress=False)
-    assert "replacing" not in capsys.readouterr().err  # nothing there yet
-    checkpoints = project.root / "out" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004"]
+    assert "moved the earlier run" not in capsys.readouterr().err  # nothing there yet
+    out = project.root / "out"
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004", "step-00000006"]
 
     shorter = configure(path, train={"max_steps": 4})
     run_train(shorter, progress=False)
-    err = capsys.readouterr().err
-    assert f"train: replacing the run in '{project.root / 'out'}'" in err and "its checkpoints go" in err
-    # the replaced run's later checkpoint went when this run wrote its own: --resume finds this run's
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002"]
-
-    run_train(shorter, progress=False, resume=True)  # going on with the run is not replacing it
-    assert "replacing" not in capsys.readouterr().err
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("train: moved the earlier run")]
+    assert len(lines) == 1 and lines[0].endswith("(it went on to step 6, and this run ends at step 4)")
+    # its checkpoints are this run's alone: a later run goes on from them, never from the longer run's step
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004"]
+    (moved,) = (out / "previous").iterdir()
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir())[-1] == "step-00000006"
+    assert (moved / cfg.train.lora_name).is_file() and (moved / "metrics.jsonl").is_file()
 
 
 @pytest.mark.e2e

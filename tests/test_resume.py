@@ -1,6 +1,8 @@
-"""Checkpoints and resume: a run interrupted at step k and resumed ends with a LoRA (and its EMA, train.ema)
-bitwise equal to an uninterrupted run's (CPU, same config), with LoRA dropout on, so the RNG state is part of
-the test."""
+"""Checkpoints and resume: a run interrupted at step k and run again (no flag: it goes on from its newest
+checkpoint) ends with a LoRA (and its EMA, train.ema) bitwise equal to an uninterrupted run's (CPU, same
+config), with LoRA dropout on, so the RNG state is part of the test; a finished run made longer goes on
+from its last step, which is checkpointed, to the LoRA of an uninterrupted longer run; run again as it
+is, it has nothing to do."""
 
 import json
 
@@ -33,7 +35,7 @@ def _config(project, name, out):
     return load_config(path)
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(project, monkeypatch):
+def test_interrupted_and_run_again_equals_uninterrupted(project, monkeypatch, capsys):
     full = _config(project, "full.toml", project.root / "full")
     run_cache(full, progress=False)
     summary = run_train(full, progress=False)
@@ -60,8 +62,13 @@ def test_interrupted_and_resumed_equals_uninterrupted(project, monkeypatch):
     assert checkpoints == ["step-00000010", "step-00000015"]
     assert not (project.root / "cut" / "pytorch_lora_weights.safetensors").exists()
 
-    resumed = run_train(cut, progress=False, resume=True)
-    assert resumed["steps"] == 24
+    capsys.readouterr()
+    resumed = run_train(cut, progress=False)  # the same command again: no flag to know
+    assert resumed["steps"] == 24 and resumed["resumed_from_step"] == 15
+    err = capsys.readouterr().err
+    assert (f"train: going on with the run in '{project.root / 'cut'}' from its checkpoint at step 15 (of 24), "
+            "'step-00000015'; train with --restart to start over (the run is moved to previous/)") in err
+    assert not (project.root / "cut" / "previous").exists()
     got = load_file(resumed["lora"])
     assert got.keys() == expected.keys()
     for k in expected:
@@ -85,10 +92,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(project, monkeypatch):
 ])
 def test_a_checkpoint_without_a_sound_checksum_list_is_not_trusted(project, capsys, sums, why):
     path, _ = project(dtype="fp32", max_steps=4)
-    cfg = configure(path, train={"checkpoint_every": 2, "keep_checkpoints": 0})
+    cfg = configure(path, train={"checkpoint_every": 2, "keep_checkpoints": 1})
     run_cache(cfg, progress=False)
     run_train(cfg, progress=False)
-    newest = project.root / "out" / "checkpoints" / "step-00000002"
+    newest = project.root / "out" / "checkpoints" / "step-00000004"  # the last step's, the only one kept
     capsys.readouterr()
     if sums is None:
         (newest / "checksums.json").unlink()
@@ -98,3 +105,42 @@ def test_a_checkpoint_without_a_sound_checksum_list_is_not_trusted(project, caps
         run_train(cfg, progress=False, resume=True)
     err = capsys.readouterr().err
     assert f"checkpoint '{newest}' is damaged (" in err and why in err and "state.json does not parse" not in err
+
+
+def _length(project, name, max_steps):
+    path, _ = project(name=f"{name}.toml", out=project.root / name, max_steps=max_steps, dtype="fp32")
+    return configure(path, lora={"dropout": 0.1}, optimizer={"scheduler": "constant_with_warmup", "warmup_steps": 3},
+                     train={"checkpoint_every": 3, "keep_checkpoints": 1})
+
+
+def test_a_finished_run_made_longer_goes_on_from_its_last_step(project, capsys):
+    longer = _length(project, "whole", 7)
+    run_cache(longer, progress=False)
+    expected = load_file(run_train(longer, progress=False)["lora"])
+    expected_losses = [json.loads(x)["loss"] for x in open(project.root / "whole" / "metrics.jsonl")]
+
+    short = _length(project, "run", 4)  # 4 is no multiple of checkpoint_every: the last step is checkpointed alone
+    run_train(short, progress=False)
+    out = project.root / "run"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]
+
+    capsys.readouterr()
+    summary = run_train(_length(project, "run", 7), progress=False)  # more steps, no flag
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == 7
+    assert "from its checkpoint at step 4 (of 7)" in capsys.readouterr().err
+    got = load_file(summary["lora"])
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert [json.loads(x)["loss"] for x in open(out / "metrics.jsonl")] == expected_losses
+    assert not (out / "previous").exists()
+
+    # the same again: complete, nothing to do, nothing written
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    again = run_train(_length(project, "run", 7), progress=False)
+    err = capsys.readouterr().err
+    assert again["complete_already"] and again["steps"] == 7 and again["final_loss"] == summary["final_loss"]
+    assert (f"train: the run in '{out}' is complete (step 7 of 7): nothing to do; raise train.max_steps to train on, "
+            "or train with --restart to start over (the run is moved to previous/)") in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+    # --resume still goes on from the newest checkpoint (here the last step's: nothing left to train)
+    assert run_train(_length(project, "run", 7), progress=False, resume=True)["resumed_from_step"] == 7

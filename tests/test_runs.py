@@ -15,7 +15,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from click.testing import CliRunner
+
 from pipeline.cache.stage import run_cache
+from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.train import checkpoint
@@ -188,3 +191,30 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(project
         (p / "lora.safetensors").unlink()
     with pytest.raises(UserError, match=r"no intact checkpoint in .* \(all 3 are damaged\)"):
         run_train(cfg, progress=False, resume=True)
+
+
+def test_messages_name_makes_variables_under_make_and_options_on_the_command_line(project):
+    path, cfg = project(max_steps=2)
+    configure(path, train={"checkpoint_every": 1})
+    make = {"PIPELINE_VIA_MAKE": "1"}  # what the Makefile sets on the commands it runs
+
+    def train(*args, env=None, code=2):
+        r = CliRunner().invoke(main, ["train", "--config", str(path), "--quiet", *args], env=env)
+        assert r.exit_code == code, r.output
+        return r.stderr
+
+    # nothing cached yet: the command that caches it
+    assert train(env=make).endswith(f"for this config: run make cache CONFIG={path}\n")
+    assert train().endswith(f"for this config: run python -m pipeline cache --config {path}\n")
+    assert train("--resume", "--restart", env=make) == (
+        "error: RESUME=1 goes on with the run in train.output_dir and RESTART=1 starts over: give one\n")
+    assert "error: --resume goes on with the run in train.output_dir and --restart" in train("--resume", "--restart")
+    run_cache(configure(path), progress=False)
+    out = project.root / "out"
+    assert train("--resume", env=make).endswith("to resume from: train without RESUME=1\n")
+    assert train("--resume").endswith("to resume from: train without --resume\n")
+    train(env=make, code=0)
+    assert "nothing to do; raise train.max_steps to train on, or train with RESTART=1 to start over" in train(env=make, code=0)
+    assert "or train with --restart to start over" in train(code=0)
+    moved = train("--overwrite", code=0)  # the former name of --restart
+    assert f"train: moved the earlier run in '{out}' to '{out / 'previous'}" in moved and "(starting over (--restart))" in moved

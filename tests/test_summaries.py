@@ -4,6 +4,7 @@ as text (sizes in MB, no Python reprs) while the JSON line keeps the values; the
 it computed."""
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -57,6 +58,7 @@ def test_the_summary_after_resume_covers_the_whole_run(project):
     run_cache(cfg, progress=False)
     whole = run_train(cfg, progress=False)
     assert whole["resumed_from_step"] is None
+    shutil.rmtree(project.root / "out" / "checkpoints" / "step-00000006")  # as a run stopped after step 5 leaves it
     resumed = run_train(cfg, progress=False, resume=True)  # goes on from step 4: steps 4 and 5 again
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 6 and resumed["epochs"] == whole["epochs"]
     assert {k: resumed[k] for k in LOSS_KEYS} == {k: whole[k] for k in LOSS_KEYS}

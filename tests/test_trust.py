@@ -150,7 +150,7 @@ def test_a_torn_metrics_line_and_leftover_temporaries_do_not_stop_a_resume(proje
         f.write('{"step": 4, "loss": 0.3')  # torn by a kill in mid-write
     longer = configure(path, train={"checkpoint_every": 2, "max_steps": 6})
     summary = run_train(longer, progress=False, resume=True)
-    assert summary["steps"] == 6 and summary["resumed_from_step"] == 2
+    assert summary["steps"] == 6 and summary["resumed_from_step"] == 4  # the 4-step run's last checkpoint
     assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == list(range(6))
     assert not any(p.exists() for p in leftovers)
 
