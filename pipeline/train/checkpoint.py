@@ -110,8 +110,8 @@ def save(out_dir: Path, state: TrainState, run, plan, data_fp: str, optimizer_st
         raise OSError(e.errno, e.strerror, str(final / Path(e.filename).relative_to(tmp))) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    # Another run's checkpoints (a run started over here) go once this run has one of its own to resume
-    # from: before, --resume could still go on with the old run
+    # A checkpoint of no run or another (a damaged one that resuming passed over; another run is moved to
+    # previous/ before a run starts over, train.outdir) goes once this run has one of its own to resume from
     ours, others = [], []
     for p in sorted(root.glob(f"{PREFIX}*")):
         (ours if p == final or run_id(p) == state.run_id else others).append(p)
