@@ -183,6 +183,7 @@ def cache_verify(ctx, config_path, dtype, repair, rehash):
     dtypes); exit 2 if any is damaged."""
     def go():
         from pipeline.cache.maintenance import rehash as rehash_model, verify
+        from pipeline.data.kinds import fix_command
 
         path, dt, cfg = _config(ctx, config_path, dtype)
         if repair:
@@ -191,7 +192,7 @@ def cache_verify(ctx, config_path, dtype, repair, rehash):
             r = rehash_model(cfg)
             changed = ", ".join(r["changed"])
             click.echo(f"rehash: {r['files_rehashed']} model files hashed from their contents; "
-                       + (f"changed: {changed} (their entries are now missing: make cache recomputes them)"
+                       + (f"changed: {changed} (their entries are now missing: {fix_command(cfg, dt)} recomputes them)"
                           if changed else "no fingerprint changed"))
         v = verify(cfg, repair=repair)
         for d in v["damaged"]:
