@@ -233,6 +233,7 @@ def _complete(out_dir: Path, cfg: Config, found: Path, length: Length, start_tim
         "complete_already": True,
         **loss_summary(read_records(metrics) if metrics.is_file() else [], summary_window(length.steps_per_epoch)),
         "lora": str(out_dir / cfg.train.lora_name),
+        **({"lora_ema": str(ema_path(out_dir / cfg.train.lora_name))} if cfg.train.ema else {}),
         "metrics": str(metrics),
         "plot": str(plot) if plot.is_file() else None,
         "seconds": round(time.perf_counter() - start_time, 2),
