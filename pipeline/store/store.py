@@ -137,7 +137,8 @@ def _reading(path: Path) -> Iterator[None]:
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         if os_errno(e):
             raise access_error(path, e) from None
-        raise UserError(f"cache file '{path}' is damaged ({e}): delete it and run make cache") from None
+        raise UserError(f"cache file '{path}' is damaged ({e}): run `python -m pipeline cache verify --repair` with "
+                        "this config, which removes the file and recomputes what this config used of it") from None
 
 
 class Store:
