@@ -1,0 +1,149 @@
+"""FLUX.2 klein (4B, 9B; base and distilled): Qwen3 hidden layers 9, 18 and 27 stacked as the text
+conditioning, 2x2-patchified latents normalised with the VAE's batch-norm statistics, 4-axis position ids,
+flow matching.
+
+Every call mirrors what diffusers' Flux2KleinPipeline does (diffusers/pipelines/flux2/pipeline_flux2_klein.py:
+encode_prompt and _get_qwen3_prompt_embeds for the text, _encode_vae_image for the latents, one step of the
+denoising loop for `predict`), so a cached prior is exactly what the base model predicts in that pipeline.
+FLUX.2 dev (Flux2Pipeline, a Mistral 3 text encoder and embedded guidance) is detected and refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+
+from pipeline.config import ModelConfig
+from pipeline.errors import UserError
+from pipeline.families.base import FlowMatchingFamily
+from pipeline.families.capabilities import PipelineSampling
+from pipeline.families.flux2.kohya import Flux2Layout
+from pipeline.families.flux2.planning import PLANNING, TEXT_LAYERS
+
+# the double blocks' attention (both streams), and the single blocks' fused q, k, v and MLP input with their
+# fused output: the layers diffusers' FLUX.2 LoRA scripts train by default
+_attention = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+              "to_qkv_mlp_proj", "single_transformer_blocks.*.attn.to_out"]
+_mlp = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"]
+_rest = ["double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
+         "single_stream_modulation.linear", "timestep_embedder.linear_1", "timestep_embedder.linear_2",
+         "guidance_embedder.linear_1", "guidance_embedder.linear_2", "x_embedder", "context_embedder", "proj_out",
+         "norm_out.linear"]
+PIPE = Flux2KleinPipeline  # its static helpers build the ids, the patches and the packing
+
+
+class Flux2Family(FlowMatchingFamily):
+    name = "flux2"
+    # Flux2Pipeline (dev) is listed so that its folders are recognised, and refused by name in __init__
+    pipeline_classes = ("Flux2KleinPipeline", "Flux2Pipeline")
+    vae_components = ("vae",)
+    text_components = ("text_encoder", "tokenizer")
+    denoiser_component = "transformer"
+    denoiser_class = Flux2Transformer2DModel
+    pixel_multiple = 16  # VAE downsamples by 8, the 2x2 patches by 2 more
+    default_max_sequence_length = 512  # Flux2KleinPipeline's default
+    target_presets = {"attention": _attention, "attention_mlp": _attention + _mlp,
+                      "all_linear": _attention + _mlp + _rest}
+    default_target_modules = target_presets["attention"]
+    swap_blocks = ("transformer_blocks", "single_transformer_blocks")  # klein 4B: 5 double, 20 single
+    planning = PLANNING
+    lora_layout = Flux2Layout("transformer")
+    # base klein's classifier-free guidance encodes "" as the negative prompt
+    sampling = PipelineSampling("Flux2KleinPipeline", negative_is_empty_caption=True)
+
+    def __init__(self, root: Path, cfg: ModelConfig):
+        super().__init__(root, cfg)
+        index = self.root / "model_index.json"
+        cls = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+        if cls == "Flux2Pipeline":
+            raise UserError(f"model.path: '{self.root}' is FLUX.2 dev (Flux2Pipeline in {index.name}, Mistral 3 "
+                            f"text encoder, embedded guidance); the flux2 family trains FLUX.2 klein "
+                            f"(Flux2KleinPipeline) only")
+
+    # -- cache stage: latents ------------------------------------------------------------------------
+    def load_vae(self, device, dtype):
+        return AutoencoderKLFlux2.from_pretrained(self.root, subfolder="vae", dtype=dtype).to(device).eval()
+
+    def latent_shape(self, bucket):
+        # the VAE halves the sides once per block after the first; the 2x2 patches halve them again and
+        # hold 4x the channels
+        factor = 2 ** (len(self._vae_config["block_out_channels"]) - 1) * 2
+        return (self._vae_config["latent_channels"] * 4, bucket[0] // factor, bucket[1] // factor)
+
+    @torch.no_grad()
+    def encode_images(self, vae, pixels):
+        # Flux2KleinPipeline._encode_vae_image (and the klein training script): the distribution's mode,
+        # 2x2 patches, then (z - running_mean) / sqrt(running_var + eps) of the VAE's batch norm, the inverse
+        # of what the pipeline does before decoding
+        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        z = PIPE._patchify_latents(z)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(z.device, z.dtype)
+        return ((z - mean) / std).float().cpu()
+
+    # -- cache stage: text ---------------------------------------------------------------------------
+    def load_text_encoders(self, device, dtype):
+        config = self.root / "text_encoder" / "config.json"
+        layers = json.loads(config.read_text()).get("num_hidden_layers", 0) if config.is_file() else 0
+        if layers < max(TEXT_LAYERS):  # hidden_states[0] is the embeddings, [k] the output of layer k
+            raise UserError(f"model.path: '{config}' has {layers} hidden layers; FLUX.2 klein stacks the "
+                            f"hidden states of layers {', '.join(map(str, TEXT_LAYERS))}, so it needs at least "
+                            f"{max(TEXT_LAYERS)} (is this klein's Qwen3?)")
+        # the pipeline itself, without transformer and VAE: its encode_prompt is the reference conditioning
+        pipe = Flux2KleinPipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype)
+        return pipe.to(device)
+
+    @torch.no_grad()
+    def encode_captions(self, encoders, captions):
+        # the chat template, padding to max_sequence_length and the stacked layers are the pipeline's own;
+        # text_ids depend only on the length and are rebuilt in predict
+        embeds, _ = encoders.encode_prompt(captions, device=encoders.device,
+                                           max_sequence_length=self.max_sequence_length,
+                                           text_encoder_out_layers=TEXT_LAYERS)
+        return [{"prompt_embeds": e.float().cpu()} for e in embeds]
+
+    # -- timesteps -----------------------------------------------------------------------------------
+    def shifted_table(self, shift, latent_hw):
+        """As FlowMatchingFamily's, but cache.dynamic_shift takes the pipeline's mu: compute_empirical_mu of
+        the number of image tokens (one per patchified latent position) at the pipeline's default 50 steps."""
+        if latent_hw is None:
+            return super().shifted_table(shift, None)
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        s = self.scheduler()
+        n = s.config.num_train_timesteps
+        base = torch.linspace(1, n, n).flip(0) / n
+        sigmas = s.time_shift(compute_empirical_mu(latent_hw[0] * latent_hw[1], 50), 1.0, base)
+        return (sigmas * n).float(), sigmas.float()
+
+    # -- denoiser ------------------------------------------------------------------------------------
+    def prediction_settings(self):
+        # Flux2KleinPipeline passes guidance=None to the transformer whatever its config's guidance_embeds
+        # says, and a guidance scale above 1 is classifier-free guidance outside it: model.guidance changes
+        # no prediction, and nothing beyond the weights and the inputs does
+        return {}
+
+    def predict(self, denoiser, noisy, timesteps, cond, *, device, dtype):
+        b, c, h, w = noisy.shape
+        x = noisy.to(device, dtype)
+        img_ids = PIPE._prepare_latent_ids(x).to(device)  # (t, h, w, l) = (0, row, column, 0)
+        embeds = cond["prompt_embeds"].to(device, dtype)
+        txt_ids = PIPE._prepare_text_ids(embeds).to(device)  # (0, 0, 0, token)
+        packed = PIPE._pack_latents(x)
+        out = denoiser(
+            hidden_states=packed,
+            timestep=timesteps.to(device, dtype) / 1000,  # the pipeline's order: cast, then scale
+            guidance=None,
+            encoder_hidden_states=embeds,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        return PIPE._unpack_latents_with_ids(out[:, : packed.size(1)], img_ids, h, w)
+
+
+FAMILY = Flux2Family
