@@ -119,7 +119,7 @@ def key_map(family: str, targets: dict[str, Target]) -> dict[str, Target]:
             p = d.replace(".to_", ".processor.to_")
             p = p.removesuffix(".0") if p.endswith(".to_out.0") else p
             stems[p] = stems[f"unet.{p}"] = t
-        elif family in ("flux", "hidream"):
+        elif family in ("flux", "hidream"):  # FLUX.2: the generic diffusion_model.<m> stems only
             stems[f"transformer.{d}"] = t
     return stems
 

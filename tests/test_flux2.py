@@ -1,0 +1,188 @@
+"""The FLUX.2 klein family on its tiny model: the conditioning is Flux2KleinPipeline's encode_prompt, the
+latents its _encode_vae_image (patchified, batch-norm normalised), `predict` the transformer call of one of
+its denoising steps; step-0 prior loss zero in bf16, bitwise resume and 2 processes on klein; the BFL file
+patched by ComfyUI's naming rules gives the weights diffusers loads; bad folders in one line."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import Flux2KleinPipeline
+from safetensors.torch import load_file
+
+import comfyui_rules as comfy
+from conftest import CPU32, configure
+from pipeline.cache.stage import run_cache
+from pipeline.config import LoraConfig, ModelConfig
+from pipeline.denoiser.lora import add_lora, save_lora
+from pipeline.errors import UserError
+from pipeline.families.base import load_full_pipeline
+from pipeline.families.flux2.kohya import bfl_name
+from pipeline.families.load import get_family
+from pipeline.train import step as train_step_module
+from pipeline.train.stage import run_train
+
+CAPTIONS = ["a photo of sks teapot on a blue table", "zebra xylophone!", ""]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_family_model):
+    return tiny_family_model("flux2")
+
+
+@pytest.fixture(scope="module")
+def family(model):
+    return get_family(ModelConfig(path=str(model), max_sequence_length=32))
+
+
+def test_detected_with_the_pipelines_layout(family, model):
+    assert family.name == "flux2" and family.prediction_settings() == {}
+    assert family.latent_shape((64, 96)) == (16, 4, 6)
+    # FLUX.2's scheduler shifts dynamically: the training table is unshifted
+    timesteps, sigmas = family.timestep_table()
+    assert torch.allclose(timesteps, sigmas * 1000) and abs(float(sigmas[len(sigmas) // 2]) - 0.5) < 0.01
+
+
+def test_text_and_latents_are_the_pipelines(family, model):
+    pipe = Flux2KleinPipeline.from_pretrained(model)
+    ours = family.encode_captions(family.load_text_encoders(**CPU32), CAPTIONS)
+    theirs, _ = pipe.encode_prompt(CAPTIONS, device=torch.device("cpu"), max_sequence_length=32)
+    assert torch.equal(torch.stack([e["prompt_embeds"] for e in ours]), theirs)
+    pixels = torch.rand(2, 3, 64, 96) * 2 - 1
+    latents = family.encode_images(family.load_vae(**CPU32), pixels)
+    assert latents.shape == (2, *family.latent_shape((64, 96)))
+    assert torch.equal(latents, pipe._encode_vae_image(pixels, generator=None))
+    # the pipeline's decode step (un-normalise, unpatchify) inverts it
+    bn = pipe.vae.bn
+    back = pipe._unpatchify_latents(latents * torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
+                                    + bn.running_mean.view(1, -1, 1, 1))
+    torch.testing.assert_close(back, pipe.vae.encode(pixels).latent_dist.mode())
+
+
+def test_predict_is_the_pipelines_denoising_step(family, model):
+    pipe = Flux2KleinPipeline.from_pretrained(model)
+    embeds = torch.stack([e["prompt_embeds"] for e in family.encode_captions(pipe, CAPTIONS[:2])])
+    latents = torch.randn(2, 16, 4, 6)
+    calls = []
+    real = pipe.transformer.forward
+    pipe.transformer.forward = lambda *a, **k: calls.append(real(*a, **k)) or calls[-1]
+    pipe(prompt_embeds=embeds, latents=latents, height=64, width=96,
+         num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+    theirs = Flux2KleinPipeline._unpack_latents_with_ids(calls[0][0], Flux2KleinPipeline._prepare_latent_ids(latents))
+    ours = family.predict(pipe.transformer, latents, torch.full((2,), float(pipe.scheduler.timesteps[0])),
+                          {"prompt_embeds": embeds}, **CPU32)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.e2e
+def test_step_zero_prior_loss_in_bf16_and_resume_is_bitwise(project, model, monkeypatch):
+    def config(name):
+        path, _ = project(name=f"{name}.toml", model=model, out=project.root / name, dtype="bf16", epochs=2)
+        return configure(path, train={"checkpoint_every": 3})
+
+    full = config("full")
+    run_cache(full, progress=False)
+    summary = run_train(full, progress=False)
+    first = json.loads(open(project.root / "full" / "metrics.jsonl").readline())
+    assert first["n_prior"] > 0 and first["loss_prior"] <= 1e-10 * first["loss_standard"]
+    cut, real, calls = config("cut"), train_step_module.train_step, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # Ctrl-C during step 4, after the checkpoint at 3
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_step_module, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cut, progress=False)
+    monkeypatch.undo()
+    resumed = run_train(cut, progress=False)
+    assert resumed["resumed_from_step"] == 3 and resumed["steps"] == summary["steps"]
+    want, got = load_file(summary["lora"]), load_file(resumed["lora"])
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_the_bfl_file_patched_by_comfyui_rules_gives_diffusers_weights(family, tmp_path):
+    model = family.load_denoiser(**CPU32)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    # ComfyUI's model: BFL names, q, k, v fused in rows of one weight per stream; stems diffusion_model.<m>
+    h = model.config.num_attention_heads * model.config.attention_head_dim
+    targets = {}
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and (place := bfl_name(n)) is not None:
+            rows = None if place[1] is None else (place[1] * h, h)
+            targets[n] = comfy.Target(f"diffusion_model.{place[0]}.weight", rows)
+    cfg = LoraConfig(rank=4, alpha=8.0, targets="attention_mlp")
+    add_lora(model, cfg, family.target_presets)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    path = tmp_path / "lora.safetensors"
+    save_lora(path, model, family, {}, cfg, "kohya")
+    written = load_file(path)
+    assert all(k.startswith("diffusion_model.") for k in written)
+    assert any(".img_attn.qkv." in k for k in written) and any(".txt_attn.qkv." in k for k in written)
+
+    patches, unloaded = comfy.load(written, comfy.key_map("flux2", targets))
+    assert patches and not unloaded
+    ours = comfy.merge(comfy.to_comfy(base, targets), patches)
+
+    pipe = load_full_pipeline(family, **CPU32)
+    pipe.load_lora_weights(str(path), adapter_name="file")
+    merged = dict(base)
+    for n, layer in pipe.transformer.named_modules():
+        if hasattr(layer, "get_delta_weight") and "file" in getattr(layer, "lora_A", {}):
+            merged[f"{n}.weight"] = layer.base_layer.weight + layer.get_delta_weight("file")
+    theirs = comfy.to_comfy(merged, targets)
+    for w in {p.target.weight for p in patches}:
+        assert not torch.equal(ours[w], comfy.to_comfy(base, targets)[w]), w
+        torch.testing.assert_close(ours[w], theirs[w], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.e2e
+def test_norm_out_in_the_bfl_layout_is_refused_before_training(project, model):
+    path, _ = project(model=model, max_steps=1)
+    cfg = configure(path, train={"lora_format": "kohya"}, lora={"targets": "all_linear"})
+    run_cache(cfg, progress=False)
+    with pytest.raises(UserError, match=r"train.lora_format.*norm_out.linear.*lora.targets = \"all_linear\""):
+        run_train(cfg, progress=False)
+    assert not (project.root / "out" / "metrics.jsonl").exists()
+
+
+def test_a_dev_folder_is_refused_in_one_line(model, tmp_path):
+    dev = tmp_path / "dev"
+    shutil.copytree(model, dev)
+    index = json.loads((dev / "model_index.json").read_text())
+    (dev / "model_index.json").write_text(json.dumps({**index, "_class_name": "Flux2Pipeline"}))
+    for family in ("auto", "flux2"):
+        with pytest.raises(UserError, match=r"^model.path: .* is FLUX.2 dev \(Flux2Pipeline") as e:
+            get_family(ModelConfig(path=str(dev), family=family))
+        assert "\n" not in str(e.value)
+
+
+def test_a_text_encoder_with_too_few_layers_is_refused_in_one_line(model, tmp_path):
+    short = tmp_path / "short"
+    shutil.copytree(model, short)
+    config = short / "text_encoder" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_hidden_layers": 12}))
+    family = get_family(ModelConfig(path=str(short)))
+    with pytest.raises(UserError, match=r"text_encoder/config.json' has 12 hidden layers.*needs at least 27") as e:
+        family.load_text_encoders(**CPU32)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_klein_lora_one_trains(project, model, tmp_path):
+    from test_dist import _train
+
+    path, cfg = project(model=model, dtype="fp32", epochs=1)
+    run_cache(cfg, progress=False)
+    one = _train(0, path, tmp_path / "one")[0]
+    two = _train(2, path, tmp_path / "two")
+    assert one.keys() == two[0].keys()
+    assert max(float((one[k] - two[0][k]).abs().max()) for k in one) <= 1e-6
+    assert all(torch.equal(two[0][k], two[1][k]) for k in one)
