@@ -1,5 +1,5 @@
 """What the memory planner asks of FLUX.2 klein (`Flux2Family.planning`): the dry run's shapes and block
-counts, and the public FLUX.2-klein-4B and -9B full-size configs and rows of the memory table of
+counts, and the public FLUX.2-klein-4B full-size configs and rows of the memory table of
 docs/memory.md."""
 
 from __future__ import annotations
@@ -15,19 +15,15 @@ KLEIN_4B = {"_class_name": "Flux2Transformer2DModel", "attention_head_dim": 128,
             "guidance_embeds": False, "in_channels": 128, "joint_attention_dim": 7680, "mlp_ratio": 3.0,
             "num_attention_heads": 24, "num_layers": 5, "num_single_layers": 20, "patch_size": 1,
             "rope_theta": 2000, "timestep_guidance_channels": 256}
-# black-forest-labs/FLUX.2-klein-9B: 8 double, 24 single, 4096 wide, 3 x 4096 (Qwen3-8B)
-KLEIN_9B = {**KLEIN_4B, "joint_attention_dim": 12288, "num_attention_heads": 32, "num_layers": 8,
-            "num_single_layers": 24}
 # the FLUX.2 VAE (vae/config.json of every FLUX.2 repository): 32 latent channels, 128 once patchified
 VAE = {"_class_name": "AutoencoderKLFlux2", "block_out_channels": [128, 256, 512, 512],
        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
        "layers_per_block": 2, "latent_channels": 32, "sample_size": 1024, "use_quant_conv": True,
        "use_post_quant_conv": True}
-# Qwen/Qwen3-4B and Qwen/Qwen3-8B config.json (klein's text_encoder)
+# Qwen/Qwen3-4B config.json (klein 4B's text_encoder)
 QWEN3_4B = {"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
             "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": True,
             "max_position_embeddings": 40960, "rope_theta": 1000000}
-QWEN3_8B = {**QWEN3_4B, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False}
 
 
 class Flux2Planning(Planning):
@@ -49,11 +45,4 @@ class Flux2Planning(Planning):
         return {"num_layers": config["num_layers"], "num_single_layers": config["num_single_layers"]}
 
 
-class Flux2Klein9BPlanning(Flux2Planning):
-    label = "FLUX.2 klein 9B"
-    denoiser_config = KLEIN_9B
-    text_encoder_configs = {"text_encoder": ("Qwen3ForCausalLM", QWEN3_8B)}
-
-
 PLANNING = Flux2Planning()
-KLEIN_9B_PLANNING = Flux2Klein9BPlanning()
