@@ -54,10 +54,10 @@ class ChromaFamily(FlowMatchingFamily):
 
     def __init__(self, root: Path, cfg: ModelConfig):
         super().__init__(root, cfg)
-        index = self.root / "model_index.json"
-        found = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
-        if found not in self.pipeline_classes:  # model.family = "chroma" on another model's folder
-            raise UserError(f"model.path: '{self.root}' holds a {found or 'folder without model_index.json'}, "
+        index = self.root / "model_index.json"  # absent in the planner's folders of public configs
+        found = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else None
+        if found is not None and found not in self.pipeline_classes:  # model.family = "chroma" on another folder
+            raise UserError(f"model.path: '{self.root}' holds a {found or 'pipeline without _class_name'}, "
                             f"not a Chroma model (model.family = \"chroma\")")
         if self.max_sequence_length > DEFAULT_MAX_SEQUENCE_LENGTH:
             raise UserError(f"config key 'model.max_sequence_length' must be at most {DEFAULT_MAX_SEQUENCE_LENGTH} "
