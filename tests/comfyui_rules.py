@@ -16,6 +16,8 @@ matrices apply) and comfy/utils.py (`unet_to_diffusers`, `flux_to_diffusers`: th
 - Flux: each diffusers transformer weight under `transformer.<d>`, onto BFL's layout: q, k, v (and a single
   block's MLP input) patch row ranges of one fused weight; norm_out.linear patches with its halves swapped.
 - HiDream: each model weight also under `transformer.<m>`.
+- Chroma: as Flux (its model class is a subclass of Flux's, so the same table maps it), on the Linears
+  Chroma has (no modulation Linears in its blocks, no norm_out.linear).
 - A stem is found with one of these (up, down) pairs: `.lora_up.weight`/`.lora_down.weight`,
   `_lora.up.weight`/`_lora.down.weight`, `.lora_B.weight`/`.lora_A.weight`, `.lora.up.weight`/
   `.lora.down.weight`. The scale is `<stem>.alpha` / rank (the down matrix's rows) where that key exists,
@@ -119,7 +121,7 @@ def key_map(family: str, targets: dict[str, Target]) -> dict[str, Target]:
             p = d.replace(".to_", ".processor.to_")
             p = p.removesuffix(".0") if p.endswith(".to_out.0") else p
             stems[p] = stems[f"unet.{p}"] = t
-        elif family in ("flux", "hidream"):  # FLUX.2: the generic diffusion_model.<m> stems only
+        elif family in ("flux", "hidream", "chroma"):  # Chroma: a subclass of ComfyUI's Flux model; FLUX.2: the generic stems
             stems[f"transformer.{d}"] = t
     return stems
 

@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, HiDreamImageTransformer2DModel, UNet2DConditionModel
+from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel, HiDreamImageTransformer2DModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     convert_flux_transformer_checkpoint_to_diffusers, convert_hidream_transformer_to_diffusers,
     convert_ldm_unet_checkpoint,
@@ -27,6 +27,7 @@ from conftest import CPU32
 from pipeline.config import LoraConfig, ModelConfig
 from pipeline.families import family_class
 from pipeline.families.base import load_full_pipeline
+from pipeline.families.chroma.planning import DENOISER as CHROMA1_HD
 from pipeline.families.sdxl.kohya import ldm_unet_name
 from pipeline.denoiser.lora import LORA_LAYERS, add_lora, diffusers_weights, lora_file, save_lora
 
@@ -54,10 +55,12 @@ HIDREAM_I1 = dict(attention_head_dim=128, axes_dims_rope=[64, 32, 32], caption_c
                   num_attention_heads=20, num_layers=16, num_routed_experts=4, num_single_layers=32, out_channels=16,
                   patch_size=2, text_emb_dim=2048)
 FULL_SIZE = {"flux": (FluxTransformer2DModel, FLUX1_DEV), "sdxl": (UNet2DConditionModel, SDXL_BASE),
-             "hidream": (HiDreamImageTransformer2DModel, HIDREAM_I1)}
-# every family, preset and format; Flux's kohya layout refuses all_linear (test_lora_format.py)
+             "hidream": (HiDreamImageTransformer2DModel, HIDREAM_I1),
+             "chroma": (ChromaTransformer2DModel, {k: v for k, v in CHROMA1_HD.items() if k != "_class_name"})}
+# every family, preset and format; Flux's kohya layout (Chroma's too) refuses all_linear (test_lora_format.py)
 PRESETS, FORMATS = ("attention", "attention_mlp", "all_linear"), ("diffusers", "kohya")
-CASES = [(f, p, fmt) for f in FULL_SIZE for p in PRESETS for fmt in FORMATS if (f, p, fmt) != ("flux", "all_linear", "kohya")]
+CASES = [(f, p, fmt) for f in FULL_SIZE for p in PRESETS for fmt in FORMATS
+         if (p, fmt) != ("all_linear", "kohya") or f not in ("flux", "chroma")]
 RANK, ALPHA = 4, 8.0  # alpha != rank: the strength must survive
 
 
@@ -74,6 +77,8 @@ def targets_of(name, model, config):
     modules = [n for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)]
     if name == "flux":
         return comfy.flux_targets(config)
+    if name == "chroma":  # FLUX.1's table, on the Linears Chroma has
+        return {d: t for d, t in comfy.flux_targets(config).items() if d in modules}
     if name == "sdxl":
         return comfy.sdxl_targets(modules, config)
     return comfy.hidream_targets(modules)
@@ -212,7 +217,9 @@ def test_comfyui_layouts_are_what_diffusers_reads_from_single_files():
     assert set(convert_hidream_transformer_to_diffusers({f"model.diffusion_model.{k}": v for k, v in sd.items()})) == set(sd)
 
 
-@pytest.mark.parametrize("name,fmt", [(f, fmt) for f in FULL_SIZE for fmt in FORMATS])
+# Chroma's kohya file on the tiny model: its double blocks load in test_chroma.py (diffusers splits a single
+# block's linear1 only at FLUX.1's widths); the full-size check above maps every key
+@pytest.mark.parametrize("name,fmt", [(f, fmt) for f in FULL_SIZE for fmt in FORMATS if (f, fmt) != ("chroma", "kohya")])
 def test_comfyui_rules_on_a_written_file_give_the_weights_diffusers_loads(
     name, fmt, tiny_family_model, tiny_flux_double_only, tmp_path
 ):

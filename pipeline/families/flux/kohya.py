@@ -50,7 +50,9 @@ def _fuse(parts: dict[int, tuple[torch.Tensor, torch.Tensor]], n: int) -> tuple[
     return torch.cat(downs), torch.block_diag(*ups)
 
 
-def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float, prefix: str) -> dict[str, torch.Tensor]:
+def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float, prefix: str, label: str = "Flux"
+             ) -> dict[str, torch.Tensor]:
+    """`label`: the model the refusal names (Chroma shares the layout)."""
     groups: dict[str, tuple[int, dict]] = {}  # kohya name -> (parts of its Linear, {part: (A, B)})
     unmapped = set()
     for key, down in state_dict.items():
@@ -70,7 +72,7 @@ def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float, prefix: str) -> 
         # kohya's layout names these too (img_in, txt_in, time_in, vector_in, guidance_in, final_layer), but
         # diffusers' kohya converter returns them without the transformer prefix, so load_lora_weights drops them
         raise UserError(
-            f"config key 'train.lora_format' = \"kohya\": a Flux LoRA on {', '.join(sorted(unmapped))} would not "
+            f"config key 'train.lora_format' = \"kohya\": a {label} LoRA on {', '.join(sorted(unmapped))} would not "
             f"load in diffusers from kohya's layout (only the double and single blocks' layers do)"
         )
     out = {}
