@@ -383,6 +383,10 @@ def _adapter_type(cfg: Config) -> None:
         if value != off:  # LoRA's own options: peft's LoKr and LoHa have no such thing
             raise UserError(f"config key '{key}' = {json.dumps(value)} is for lora.type = \"lora\" only "
                             f"(got lora.type = {kind!r}): set it back to {json.dumps(off)}")
+    if cfg.model.quantize == "nf4":
+        # peft wraps bitsandbytes' 4-bit Linear as a plain one for LoKr/LoHa: its packed weight has another shape
+        raise UserError(f"config key 'model.quantize' = \"nf4\" works with lora.type = \"lora\" only (got "
+                        f"{kind!r}): use \"int8\" or \"fp8\", or a LoRA")
     if cfg.train.lora_format == "kohya":
         raise UserError(f"config key 'train.lora_format' = \"kohya\" holds LoRA's down/up pairs only, no {kind} "
                         f"(lora.type = {kind!r}): use \"lycoris\" (ComfyUI) or \"diffusers\"")

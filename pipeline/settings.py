@@ -130,10 +130,6 @@ def _refuse(cfg: Config, family: Family, processes: str) -> None:
     if t.lora_format == "kohya" and cfg.lora.use_dora:
         raise UserError("config key 'train.lora_format' = \"kohya\" cannot hold a DoRA (lora.use_dora = true): "
                         "use train.lora_format = \"diffusers\"")
-    if cfg.lora.type != "lora" and cfg.model.quantize == "nf4":
-        # peft wraps bitsandbytes' 4-bit Linear as a plain one for LoKr/LoHa: its packed weight has another shape
-        raise UserError(f"config key 'model.quantize' = \"nf4\" works with lora.type = \"lora\" only (got "
-                        f"{cfg.lora.type!r}): use \"int8\" or \"fp8\", or a LoRA")
     if processes == "fsdp":
         refuse_sharding(cfg, family)
 

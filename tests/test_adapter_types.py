@@ -15,9 +15,7 @@ import json
 
 import pytest
 import torch
-from peft import LoHaConfig, inject_adapter_in_model
 from peft.tuners.lycoris_utils import LycorisLayer
-from peft.utils import set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -25,7 +23,7 @@ import comfyui_rules as comfy
 from conftest import CPU32, configure
 from pipeline.cache.stage import run_cache
 from pipeline.config import LoraConfig, ModelConfig, load_config
-from pipeline.denoiser.lora import ADAPTER_METADATA_KEY, add_lora, save_lora
+from pipeline.denoiser.lora import ADAPTER_METADATA_KEY, add_lora, load_into_pipeline, save_lora
 from pipeline.errors import UserError
 from pipeline.families import family_class
 from pipeline.families.base import load_full_pipeline
@@ -113,28 +111,35 @@ def test_the_diffusers_lokr_file_loads_with_load_lora_adapter_not_the_pipeline(n
     assert ours.keys() == theirs.keys()
     for k in ours:
         torch.testing.assert_close(theirs[k], ours[k], rtol=1e-5, atol=1e-6)
-    # what training says at the start: these families' pipelines do not read a LoKr file
+    # what training says at the start: these families' pipelines do not read a LoKr file; `sample` loads it
+    # into the pipeline's denoiser instead
     assert "lokr" not in fam.pipeline_adapter_types
+    pipe = load_full_pipeline(fam, **CPU32)
     with pytest.raises((ValueError, KeyError, RuntimeError)):
-        load_full_pipeline(fam, **CPU32).load_lora_weights(str(path))
+        pipe.load_lora_weights(str(path))
+    pipe = load_full_pipeline(fam, **CPU32)
+    load_into_pipeline(pipe, fam, path)
+    loaded = deltas(getattr(pipe, fam.denoiser_component))
+    for k in ours:
+        torch.testing.assert_close(loaded[k], ours[k], rtol=1e-5, atol=1e-6)
 
 
-def test_the_diffusers_loha_file_loads_with_peft(tiny_family_model, tmp_path):
+def test_the_diffusers_loha_file_loads_with_peft_and_the_lycoris_file_nowhere_in_diffusers(tiny_family_model, tmp_path):
     fam, model, cfg, base, _ = adapted("flux", tiny_family_model("flux"), "loha")
     path = tmp_path / "loha.safetensors"
     save_lora(path, model, fam, {}, cfg, "diffusers")
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()[ADAPTER_METADATA_KEY])
-    prefix = fam.denoiser_component + "."
-    config = LoHaConfig(**{k.removeprefix(prefix): v for k, v in meta.items()})
-    assert config.alpha == config.r == RANK  # the scale is in the tensors
-    denoiser = fam.load_denoiser(**CPU32)
-    inject_adapter_in_model(config, denoiser, adapter_name="file")
-    state = {k.removeprefix(prefix): v for k, v in load_file(path).items()}
-    assert not set_peft_model_state_dict(denoiser, state, adapter_name="file").unexpected_keys
-    ours, theirs = deltas(model), deltas(denoiser, "file")
+    assert meta["transformer.alpha"] == meta["transformer.r"] == RANK  # the scale is in the tensors
+    pipe = load_full_pipeline(fam, **CPU32)
+    load_into_pipeline(pipe, fam, path)
+    ours, theirs = deltas(model), deltas(pipe.transformer)
+    assert ours.keys() == theirs.keys()
     for k in ours:
         torch.testing.assert_close(theirs[k], ours[k], rtol=1e-5, atol=1e-6)
+    save_lora(tmp_path / "lycoris.safetensors", model, fam, {}, cfg, "lycoris")
+    with pytest.raises(UserError, match="is a LoHa in the LyCORIS layout, which ComfyUI reads and diffusers does not"):
+        load_into_pipeline(load_full_pipeline(fam, **CPU32), fam, tmp_path / "lycoris.safetensors")
 
 
 @pytest.mark.parametrize("kind", ["lokr", "loha"])
@@ -162,12 +167,23 @@ def test_the_planner_counts_the_adapter_as_peft_makes_it(name, kind, tiny_family
     ({"type": "lokr", "lokr_factor": -2}, {}, "config key 'lora.lokr_factor' must be -1"),
     ({"type": "loha", "lokr_factor": 4}, {}, "config key 'lora.lokr_factor' is for lora.type = \"lokr\""),
     ({"type": "oft"}, {}, "lora.type"),
+    ({"type": "lokr"}, {"quantize": "nf4"}, "config key 'model.quantize' = \"nf4\" works with lora.type = \"lora\""),
 ])
 def test_bad_adapter_keys_are_one_line(project, lora, train, message):
     path, _ = project()
+    model = {"quantize": train.pop("quantize")} if "quantize" in train else {}
     with pytest.raises(UserError) as e:
-        configure(path, lora=lora, train=train)
+        configure(path, lora=lora, train=train, model=model)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sharded_training_takes_a_lora_only(project):
+    from pipeline.settings import refuse_sharding
+
+    path, _ = project()
+    cfg = configure(path, lora={"type": "loha"}, train={"fsdp": True})
+    with pytest.raises(UserError, match="config key 'train.fsdp' works with lora.type = \"lora\" only \\(got 'loha'\\)"):
+        refuse_sharding(cfg, None)
 
 
 @pytest.mark.e2e

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 from diffusers.training_utils import cast_training_params
-from peft import LoHaConfig, LoKrConfig
+from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
 from peft import LoraConfig as PeftLoraConfig
 from peft.tuners.lokr.layer import factorization
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lycoris_utils import LycorisLayer
-from peft.utils import get_peft_model_state_dict
-from safetensors import SafetensorError
-from safetensors.torch import save_file
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import replacing, writer_gone
 from pipeline.config import LoraConfig
@@ -247,6 +247,30 @@ def adapter_file(model: torch.nn.Module, family, cfg: LoraConfig, lora_format: s
     adapter = {**adapter, "alpha": peft_cfg.r, "alpha_pattern": dict(peft_cfg.rank_pattern)}
     adapter = {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in adapter.items()}
     return folded_weights(model, prefix), {ADAPTER_METADATA_KEY: json.dumps(adapter, sort_keys=True, default=str)}
+
+
+def load_into_pipeline(pipe, family, path: Path) -> None:
+    """A saved adapter file into the family's pipeline, as its users load it: `load_lora_weights`; a LoKr
+    the pipeline does not read through its denoiser's `load_lora_adapter`; a LoHa (no diffusers loader)
+    through peft. UserError for a LoKr/LoHa file in the LyCORIS layout, which only ComfyUI reads."""
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata() or {}
+    kind = next((t for t, marker in (("lokr", ".lokr_"), ("loha", ".hada_")) if any(marker in k for k in keys)), "lora")
+    component = family.denoiser_component
+    if kind == "lora" or kind in family.pipeline_adapter_types:
+        pipe.load_lora_weights(str(path))
+        return
+    if ADAPTER_METADATA_KEY not in meta or not all(k.startswith(component + ".") for k in keys):
+        raise UserError(f"'{path}' is a {NAMES[kind]} in the LyCORIS layout, which ComfyUI reads and diffusers does "
+                        f"not: train with train.lora_format = \"diffusers\" for a file diffusers loads")
+    denoiser = getattr(pipe, component)
+    if kind == "lokr":
+        denoiser.load_lora_adapter(str(path), prefix=component)
+        return
+    config = {k.removeprefix(component + "."): v for k, v in json.loads(meta[ADAPTER_METADATA_KEY]).items()}
+    inject_adapter_in_model(LoHaConfig(**config), denoiser)
+    state = {k.removeprefix(component + "."): v for k, v in load_file(str(path)).items()}
+    set_peft_model_state_dict(denoiser, state)
 
 
 def save_lora(
