@@ -157,6 +157,19 @@ def test_the_planner_counts_the_adapter_as_peft_makes_it(name, kind, tiny_family
         assert planned == 4 * sum(p.numel() for p in params), cfg
 
 
+def test_plan_memory_plans_a_lokr_and_a_loha(project):
+    # peft builds a LoKr's and LoHa's whole update per layer in the forward: the dry run (the trainer's own
+    # add_lora on the meta device) counts what it keeps for the backward
+    from pipeline.memory import plan_memory
+
+    path, _ = project()
+    plans = {kind: plan_memory(configure(path, lora={"type": kind}), False) for kind in ("lora", "lokr", "loha")}
+    for kind, plan in plans.items():
+        assert plan.parts["lora"] > 0 and plan.parts["activations"] > 0, kind
+    assert plans["loha"].parts["lora"] == 2 * plans["lora"].parts["lora"]  # two LoRA-sized pairs per layer
+    assert plans["lokr"].parts["activations"] > plans["lora"].parts["activations"]
+
+
 @pytest.mark.parametrize("lora, train, message", [
     ({"type": "lokr"}, {"lora_format": "kohya"},
      "config key 'train.lora_format' = \"kohya\" holds LoRA's down/up pairs only, no lokr"),
