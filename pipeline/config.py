@@ -111,6 +111,9 @@ class LoraConfig:
     dropout: float = 0.0
     use_dora: bool = False  # weight-decomposed LoRA (peft)
     init: str = "default"  # "default" (B = 0, A Kaiming) | "gaussian" (B = 0, A Gaussian)
+    # the adapter (peft): "lora" | "lokr" (Kronecker product) | "loha" (Hadamard product); each starts at zero
+    type: str = "lora"
+    lokr_factor: int = -1  # lokr: one Kronecker factor's size where it divides the width; -1: near square
 
 
 @dataclass(frozen=True)
@@ -360,6 +363,35 @@ def load_config(path: str | Path, dtype: str | None = None) -> Config:
     return cfg
 
 
+def _adapter_type(cfg: Config) -> None:
+    """lora.type and the keys that only one adapter type takes."""
+    lora, kind = cfg.lora, cfg.lora.type
+    _choice(kind, ("lora", "lokr", "loha"), "lora.type")
+    if not isinstance(lora.lokr_factor, int) or isinstance(lora.lokr_factor, bool) or not (
+            lora.lokr_factor == -1 or lora.lokr_factor >= 1):
+        raise UserError(f"config key 'lora.lokr_factor' must be -1 (near-square factors) or a positive integer, "
+                        f"got {lora.lokr_factor!r}")
+    if lora.lokr_factor != -1 and kind != "lokr":
+        raise UserError(f"config key 'lora.lokr_factor' is for lora.type = \"lokr\" (got lora.type = {kind!r})")
+    if kind == "lora":
+        if cfg.train.lora_format == "lycoris":
+            raise UserError("config key 'train.lora_format' = \"lycoris\" is for lora.type = \"lokr\" or \"loha\"; "
+                            "a LoRA's ComfyUI layout is train.lora_format = \"kohya\"")
+        return
+    for key, off, value in (("lora.use_dora", False, lora.use_dora), ("lora.init", "default", lora.init),
+                            ("lora.dropout", 0.0, lora.dropout)):
+        if value != off:  # LoRA's own options: peft's LoKr and LoHa have no such thing
+            raise UserError(f"config key '{key}' = {json.dumps(value)} is for lora.type = \"lora\" only "
+                            f"(got lora.type = {kind!r}): set it back to {json.dumps(off)}")
+    if cfg.model.quantize == "nf4":
+        # peft wraps bitsandbytes' 4-bit Linear as a plain one for LoKr/LoHa: its packed weight has another shape
+        raise UserError(f"config key 'model.quantize' = \"nf4\" works with lora.type = \"lora\" only (got "
+                        f"{kind!r}): use \"int8\" or \"fp8\", or a LoRA")
+    if cfg.train.lora_format == "kohya":
+        raise UserError(f"config key 'train.lora_format' = \"kohya\" holds LoRA's down/up pairs only, no {kind} "
+                        f"(lora.type = {kind!r}): use \"lycoris\" (ComfyUI) or \"diffusers\"")
+
+
 def validate(cfg: Config) -> None:
     """Value checks that do not touch the disk (paths are checked where they are used)."""
     _choice(cfg.train.dtype, DTYPES, "train.dtype")
@@ -370,7 +402,8 @@ def validate(cfg: Config) -> None:
     _choice(cfg.train.loss_weighting, ("none", "sigma_sqrt", "cosmap", "min_snr"), "train.loss_weighting")
     _choice(cfg.lora.init, ("default", "gaussian"), "lora.init")
     _choice(cfg.lora.targets, TARGET_PRESETS, "lora.targets")
-    _choice(cfg.train.lora_format, ("diffusers", "kohya"), "train.lora_format")
+    _choice(cfg.train.lora_format, ("diffusers", "kohya", "lycoris"), "train.lora_format")
+    _adapter_type(cfg)
     _choice(cfg.model.prediction_type, ("", "epsilon", "v_prediction"), "model.prediction_type")
     _choice(cfg.model.quantize, QUANTIZE, "model.quantize")
     if cfg.model.quantize != "none" and cfg.train.blocks_to_swap:

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from pipeline.families.capabilities import require
-from pipeline.denoiser.lora import add_lora, resolve_targets
+from pipeline.denoiser.lora import adapter_shapes, add_lora, resolve_targets
 from pipeline.denoiser.swap import swap_blocks, swapped_indices
 from pipeline.errors import note
 from pipeline.families.load import get_family
@@ -112,11 +112,7 @@ def lora_bytes(model: torch.nn.Module, lora_cfg, presets: dict, optimizer: str) 
     modules = dict(model.named_modules())
     params, factored = 0, 0
     for name in resolve_targets(model, lora_cfg, presets):
-        m, r = modules[name], lora_cfg.rank
-        if isinstance(m, torch.nn.Linear):
-            shapes = [(r, m.in_features), (m.out_features, r)]
-        else:  # Conv2d: A takes the kernel, B is 1x1
-            shapes = [(r, m.in_channels * m.kernel_size[0] * m.kernel_size[1]), (m.out_channels, r)]
+        shapes = adapter_shapes(modules[name], lora_cfg)
         params += sum(a * b for a, b in shapes) + (shapes[1][0] if lora_cfg.use_dora else 0)
         factored += sum(a + b for a, b in shapes)
     state = factored * 4 if optimizer == "adafactor" else params * OPTIMIZER_BYTES[optimizer]

@@ -1,5 +1,6 @@
 """`python -m pipeline sample`: render prompts with the base model plus a saved LoRA, the way a user of the
-LoRA would (the family's diffusers pipeline, `load_lora_weights`), to look at a run after it ended."""
+LoRA would (the family's diffusers pipeline, `load_lora_weights`; a LoKr or LoHa its loader does not read
+goes into the pipeline's denoiser), to look at a run after it ended."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
+from pipeline.denoiser.lora import load_into_pipeline
 from pipeline.errors import UserError
 from pipeline.families.load import get_family
 from pipeline.families.base import load_full_pipeline
@@ -31,7 +33,7 @@ def sample(cfg: Config, lora: str | None, prompts: list[str], out: str | None, s
     family = get_family(cfg.model)
     pipe = load_full_pipeline(family, pick_device(cfg.train.device), TORCH_DTYPES[cfg.train.dtype])
     try:
-        pipe.load_lora_weights(str(lora_path))
+        load_into_pipeline(pipe, family, lora_path)  # a LoKr or LoHa the pipeline cannot read: into its denoiser
     except (ValueError, KeyError, OSError) as e:
         raise UserError(f"--lora: '{lora_path}' does not load into this {family.name} model: {e}") from None
     size = {"height": height or v.height or cfg.data.resolution, "width": width or v.width or cfg.data.resolution}

@@ -136,6 +136,9 @@ def _refuse(cfg: Config, family: Family, processes: str) -> None:
 
 def refuse_sharding(cfg: Config, family) -> None:
     """What sharded training (train.fsdp under a launcher) does not take, in one line naming the key."""
+    if cfg.lora.type != "lora":  # its tests shard LoRA's two factors; a LoKr or LoHa is not checked sharded
+        raise UserError(f"config key 'train.fsdp' works with lora.type = \"lora\" only (got {cfg.lora.type!r}): "
+                        "set one of them")
     if not family.swap_blocks:
         raise UserError(f"config key 'train.fsdp' shards transformer families by block; {family.name}'s denoiser "
                         "has no list of blocks (and fits one GPU): set it to false")

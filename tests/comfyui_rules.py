@@ -191,3 +191,62 @@ def to_comfy(state_dict: dict[str, torch.Tensor], targets: dict[str, Target]) ->
             rows_of(fused, t).copy_(swapped(w, t))
         out[weight] = fused
     return out
+
+
+# -- LyCORIS' LoKr and LoHa (comfy/weight_adapter/lokr.py, loha.py) ---------------------------------
+# A stem is LoKr where `<stem>.lokr_w1`, `.lokr_w2`, `.lokr_w1_a` or `.lokr_w2_a` exists, LoHa where
+# `<stem>.hada_w1_a` does. LoKr: w1 = lokr_w1, or lokr_w1_a @ lokr_w1_b (then its rank is w1_b's rows); w2
+# likewise (its rank, where w2 is a product, wins); the update is kron(w1, w2) reshaped to the weight, times
+# `<stem>.alpha` / rank where the key exists and a factor is a product, else 1. LoHa: (hada_w1_a @ hada_w1_b)
+# * (hada_w2_a @ hada_w2_b), times alpha / hada_w1_b's rows where alpha exists, else 1.
+LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+
+
+@dataclass
+class Diff:
+    target: Target
+    stem: str
+    lora: dict  # the file
+
+
+def load_lycoris(lora: dict[str, torch.Tensor], stems: dict[str, Target]) -> tuple[list[Diff], set[str]]:
+    """The LoKr and LoHa patches ComfyUI makes of a file, and the keys it does not load."""
+    diffs, used = [], set()
+    for stem, target in stems.items():
+        found = [f"{stem}.{t}" for t in LOKR + LOHA if f"{stem}.{t}" in lora]
+        if found:
+            diffs.append(Diff(target, stem, lora))
+            used |= {*found, f"{stem}.alpha"}
+    return diffs, set(lora) - used
+
+
+def lycoris_update(d: Diff, shape: torch.Size) -> torch.Tensor:
+    """What ComfyUI adds to the (rows of the) weight for one stem, at strength 1."""
+    get = lambda name: d.lora.get(f"{d.stem}.{name}")  # noqa: E731
+    alpha, rank = get("alpha"), None
+    if get("hada_w1_a") is not None:
+        m1 = get("hada_w1_a").float() @ get("hada_w1_b").float()
+        m2 = get("hada_w2_a").float() @ get("hada_w2_b").float()
+        scale = float(alpha) / get("hada_w1_b").shape[0] if alpha is not None else 1.0
+        return (m1 * m2).reshape(shape) * scale
+    w1, w2 = get("lokr_w1"), get("lokr_w2")
+    if w1 is None:
+        rank, w1 = get("lokr_w1_b").shape[0], get("lokr_w1_a").float() @ get("lokr_w1_b").float()
+    if w2 is None:
+        rank, w2 = get("lokr_w2_b").shape[0], get("lokr_w2_a").float() @ get("lokr_w2_b").float()
+    w1, w2 = w1.float(), w2.float()
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    scale = float(alpha) / rank if alpha is not None and rank is not None else 1.0
+    return torch.kron(w1, w2).reshape(shape) * scale
+
+
+@torch.no_grad()
+def merge_lycoris(weights: dict[str, torch.Tensor], diffs: list[Diff]) -> dict[str, torch.Tensor]:
+    """ComfyUI's patched weights: a copy of `weights` (ComfyUI's names) with every LoKr/LoHa update added."""
+    out = {k: v.clone() for k, v in weights.items()}
+    for d in diffs:
+        region = rows_of(out[d.target.weight], d.target)
+        region += swapped(lycoris_update(d, region.shape), d.target).to(region.dtype)
+    return out

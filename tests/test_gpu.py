@@ -1,6 +1,6 @@
 """GPU-only checks (`pytest -m gpu`): they skip without CUDA, so `make test` passes on a CPU machine, and
 only then: on a machine with CUDA any other error fails them (nf4 needs the quant extra installed).
-On a GPU: the step-0 prior loss in bf16 on CUDA, block swap equal to no swap on CUDA (where the copies
+On a GPU: the step-0 prior loss in bf16 on CUDA (LoRA, LoKr, LoHa), block swap equal to no swap on CUDA (where the copies
 and the side stream are real), and the step-0 prior loss with an nf4 denoiser (bitsandbytes)."""
 
 import json
@@ -16,10 +16,11 @@ from conftest import configure
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _cuda_run(project, steps=1, **train):
-    path, _ = project(name=f"gpu{len(train)}{sorted(train)}.toml", dtype="bf16", max_steps=steps,
-                      cache=project.root / f"cache-{sorted(train)}", out=project.root / f"out-{sorted(train)}")
-    cfg = configure(path, train={"device": "cuda", **train}, cache={"device": "cuda"})
+def _cuda_run(project, steps=1, lora=None, **train):
+    tag = f"{sorted(train)}{lora or ''}"
+    path, _ = project(name=f"gpu{len(train)}{tag}.toml", dtype="bf16", max_steps=steps,
+                      cache=project.root / f"cache-{sorted(train)}", out=project.root / f"out-{tag}")
+    cfg = configure(path, train={"device": "cuda", **train}, cache={"device": "cuda"}, lora=lora or {})
     run_cache(cfg, progress=False)
     return train_lora(cfg, progress=False)
 
@@ -28,8 +29,9 @@ def _first_step(summary):
     return json.loads(open(summary["metrics"]).readline())
 
 
-def test_step0_prior_loss_is_zero_on_cuda_in_bf16(project):
-    _, summary = _cuda_run(project)
+@pytest.mark.parametrize("kind", ["lora", "lokr", "loha"])
+def test_step0_prior_loss_is_zero_on_cuda_in_bf16(project, kind):
+    _, summary = _cuda_run(project, lora={"type": kind})  # a LoKr or LoHa uses the LoRA's cache
     first = _first_step(summary)
     assert first["loss_prior"] <= 1e-4 * first["loss_standard"]  # the bound the CPU tests use for bf16
 

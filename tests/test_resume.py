@@ -21,7 +21,7 @@ from conftest import configure
 pytestmark = pytest.mark.e2e
 
 
-def _config(project, name, out):
+def _config(project, name, out, kind="lora"):
     path, _ = project(name=name, out=out, epochs=3, dtype="fp32")
     text = path.read_text()
     text = text.replace("[train]\n", "[train]\ncheckpoint_every = 5\nkeep_checkpoints = 2\nema = true\nema_decay = 0.9\n")
@@ -30,20 +30,23 @@ def _config(project, name, out):
     text = text.replace("[cache]\n", held_out + "[cache]\n")
     text += '\n[validation]\nprompts = ["a photo of sks teapot"]\nevery = 4\nsteps = 1\n'
 
-    text = text.replace("[lora]\n", "[lora]\ndropout = 0.1\n").replace("[optimizer]\n", '[optimizer]\nscheduler = "cosine"\nwarmup_steps = 3\n')
+    # a LoRA with dropout; a LoKr (which has none) draws from the RNG too: its module dropout's coin
+    lora = "dropout = 0.1" if kind == "lora" else f'type = "{kind}"'
+    text = text.replace("[lora]\n", f"[lora]\n{lora}\n").replace("[optimizer]\n", '[optimizer]\nscheduler = "cosine"\nwarmup_steps = 3\n')
     path.write_text(text)
     return load_config(path)
 
 
-def test_interrupted_and_run_again_equals_uninterrupted(project, monkeypatch, capsys):
-    full = _config(project, "full.toml", project.root / "full")
+@pytest.mark.parametrize("kind", ["lora", "lokr"])
+def test_interrupted_and_run_again_equals_uninterrupted(project, monkeypatch, capsys, kind):
+    full = _config(project, "full.toml", project.root / "full", kind)
     run_cache(full, progress=False)
     summary = run_train(full, progress=False)
     expected, expected_ema = load_file(summary["lora"]), load_file(summary["lora_ema"])
     expected_metrics = [json.loads(x) for x in open(project.root / "full" / "metrics.jsonl")]
     assert len(expected_metrics) == 24
 
-    cut = _config(project, "cut.toml", project.root / "cut")
+    cut = _config(project, "cut.toml", project.root / "cut", kind)
     with pytest.raises(UserError, match="no checkpoint in"):
         run_train(cut, progress=False, resume=True)
     real, calls = train_step_module.train_step, {"n": 0}

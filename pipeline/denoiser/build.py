@@ -9,7 +9,7 @@ import torch
 from pipeline.denoiser.model import Denoiser
 from pipeline.config import Config
 from pipeline.errors import warn
-from pipeline.denoiser.lora import add_lora, kohya_weights
+from pipeline.denoiser.lora import NAMES, add_lora, kohya_weights
 from pipeline.denoiser.swap import load_denoiser
 
 
@@ -25,9 +25,26 @@ def prepare_model(model: torch.nn.Module, cfg, family, checks: bool = True) -> l
         # ComfyUI has no reader for peft's magnitude vectors (its DoRA normalises the other axis of the weight)
         warn("lora.use_dora = true: the LoRA file loads in diffusers, but ComfyUI would load it without DoRA's "
              "magnitudes, so its images would differ")
+    if cfg.lora.type != "lora" and checks:
+        say_loader(cfg, family)
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
     return params
+
+
+def say_loader(cfg, family) -> None:
+    """One line at the start where no diffusers pipeline of the family loads the LoKr or LoHa file."""
+    kind, name, component = cfg.lora.type, NAMES[cfg.lora.type], family.denoiser_component
+    if cfg.train.lora_format == "lycoris":
+        warn(f"train.lora_format = \"lycoris\": the {name} file is in the layout ComfyUI reads; {family.name}'s "
+             f"diffusers pipeline does not read it (train.lora_format = \"diffusers\" writes what diffusers reads)")
+    elif kind == "loha":
+        warn("lora.type = \"loha\": diffusers has no loader for LoHa files (peft's set_peft_model_state_dict loads "
+             "this one); train.lora_format = \"lycoris\" writes the layout ComfyUI reads")
+    elif kind not in family.pipeline_adapter_types:
+        warn(f"lora.type = \"{kind}\": {family.name}'s diffusers pipeline does not load {name} files "
+             f"(load_lora_weights); pipe.{component}.load_lora_adapter(path, prefix=\"{component}\") does, and "
+             f"train.lora_format = \"lycoris\" writes the layout ComfyUI reads")
 
 
 def build_denoiser(cfg: Config, family, device: torch.device, dtype: torch.dtype, checks: bool = True,

@@ -55,6 +55,9 @@ class Family(Protocol):
     # first axis differs between captions (pipeline/data/schema.py checks the rest of their shapes)
     text_lengths_vary: bool = False
     denoiser_kwargs: Mapping[str, Any] = MappingProxyType({})  # passed to the denoiser class when it is built
+    # the lora.type values whose diffusers-format file the family's pipeline's load_lora_weights reads
+    # (diffusers 0.42 reads LoKr for FLUX.2 and Z-Image; every denoiser's load_lora_adapter reads a LoKr)
+    pipeline_adapter_types: tuple[str, ...] = ("lora",)
     # the capabilities (capabilities.py); None: the family lacks it
     planning: Planning | None = None
     lora_layout: LoraLayout | None = None

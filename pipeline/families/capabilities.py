@@ -16,7 +16,7 @@ naming the config key or command that needs it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,6 +64,9 @@ class LoraLayout(Protocol):
     """The LoRA file under names that tools other than peft load."""
 
     kohya_metadata: Mapping[str, str] = MappingProxyType({})  # written into kohya-format files (ss_network_module...)
+    # module -> the stem of its LoKr/LoHa tensors in train.lora_format = "lycoris", a name ComfyUI maps onto
+    # it; None: '<denoiser_component>.<module>' (peft's names, which ComfyUI maps for the transformers)
+    lycoris_stem: Callable[[str], str] | None = None
 
     def to_kohya(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         """The LoRA as peft holds it (keys '<denoiser_component>.<module>.lora_A.weight' / '.lora_B.weight',

@@ -127,3 +127,6 @@ class SDXLLayout(LoraLayout):
 
     def diffusers_layout(self, state_dict):
         return processor_names(state_dict, self.prefix)
+
+    def lycoris_stem(self, module):  # kohya's (and LyCORIS') name: ComfyUI maps no peft name of the UNet's
+        return "lora_unet_" + ldm_unet_name(module, self.unet_config).replace(".", "_")
