@@ -5,6 +5,7 @@ from __future__ import annotations
 from html import escape
 from urllib.parse import quote
 
+from pipeline.config import field_default
 from pipeline.ui.project import SETTINGS, TYPES, concept_type, get
 
 
@@ -46,7 +47,8 @@ def _field(key: str, label: str, kind, value, errors: dict) -> str:
         text = "\n".join(value) if isinstance(value, list) else value
         control = f'<textarea name="{e(key)}" rows="3">{e(text)}</textarea>'
     else:
-        control = f'<input name="{e(key)}" value="{e(value)}">'
+        default = field_default(key)
+        control = f'<input name="{e(key)}" value="{e(value)}" placeholder="{e(default)}">'
     return f'<label>{e(label)} {control}</label>{error_line(errors, key)}'
 
 
@@ -106,8 +108,8 @@ def runs(name: str, jobs: list[dict], progress: dict, previous: list[dict]) -> s
     job_rows = "".join(
         f"""<tr class="job" data-job="{e(j['id'])}"><td>{e(j['id'])}</td>
 <td class="state">{'running' if j['running'] else 'ended, exit ' + e(j.get('rc', '?'))}</td>
-<td class="message">{e(j.get('message', ''))}</td><td>{_stop(name, j)}</td></tr>
-<tr><td colspan="4"><pre class="log">{e(j['log'])}</pre></td></tr>""" for j in jobs)
+<td>{_stop(name, j)}</td><td><div class="message">{e(j.get('message', ''))}</div>
+<pre class="notes">{e(j['notes'])}</pre><pre class="log">{e(j['log'])}</pre></td></tr>""" for j in jobs)
     prev = "".join(f"<li>{e(r['name'])}: {r['steps']} steps, LoRA {e(', '.join(r['loras']) or 'none')}, "
                    f"standard loss {_num(r['loss_standard'])}, prior loss {_num(r['loss_prior'])}</li>" for r in previous)
     return layout(f"{name}: runs", f"""

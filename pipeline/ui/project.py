@@ -117,8 +117,14 @@ def save(path: Path, doc) -> None:
 def apply_settings(doc, form: dict[str, str]) -> None:
     _set(doc, "model.path", form.get("model.path", "").strip())
     for key, _, kind in SETTINGS:
-        if key in form:
-            _set(doc, key, _parse(kind if isinstance(kind, str) else "str", form[key], key))
+        if key not in form:
+            continue
+        if not form[key].strip() and kind != "lines":  # left empty: the key's default (shown as the placeholder)
+            table, _, name = key.partition(".")
+            if name in doc.get(table, {}):
+                del doc[table][name]
+            continue
+        _set(doc, key, _parse(kind if isinstance(kind, str) else "str", form[key], key))
     concepts = doc.get("concepts", [])
     for i, concept in enumerate(concepts):
         prefix = f"concepts[{i}]."

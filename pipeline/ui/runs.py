@@ -70,6 +70,7 @@ def jobs(projects: Path, config: Path) -> list[dict]:
             record.update(json.loads(status.read_text()))
         log = path.with_name(job + ".log")
         record["log"] = _tail(log)
+        record["notes"] = _notes(log)
         out.append(record)
     return out
 
@@ -80,6 +81,14 @@ def _tail(log: Path, lines: int = 12) -> str:
     text = log.read_bytes()[-20000:].decode(errors="replace")
     # progress bars rewrite their line with \r: keep each line's last state
     return "\n".join(line.split("\r")[-1] for line in text.split("\n")[-lines:])
+
+
+def _notes(log: Path) -> str:
+    """The stages' one-line notices (where a run starts, warnings), which the tail of the log may have passed."""
+    if not log.is_file():
+        return ""
+    lines = log.read_text(errors="replace").split("\n")
+    return "\n".join(line for line in lines if line.startswith(("train: ", "warning: ", "cache: ")))
 
 
 def stop(projects: Path, job: str) -> None:

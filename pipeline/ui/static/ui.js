@@ -15,8 +15,8 @@
           if (!row) continue;
           row.querySelector(".state").textContent = job.running ? "running" : `ended, exit ${job.rc ?? "?"}`;
           row.querySelector(".message").textContent = job.message || "";
-          const log = row.nextElementSibling && row.nextElementSibling.querySelector(".log");
-          if (log) log.textContent = job.log;
+          row.querySelector(".log").textContent = job.log;
+          row.querySelector(".notes").textContent = job.notes;
           if (!job.running) row.querySelectorAll("button.stop").forEach((b) => b.remove());
         }
       }
