@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pipeline.config import Config
 from pipeline.train.outdir import LOCK, PREVIOUS
 from pipeline.train.sinks import read_records
 
+NOTICE = re.compile(r"(train|cache|warning): (?!\s*\d+%)")  # a notice, not a progress bar's line
 CHILDREN: dict[int, subprocess.Popen] = {}  # this UI's own jobs, polled so that none lingers as a zombie
 
 
@@ -87,8 +89,8 @@ def _notes(log: Path) -> str:
     """The stages' one-line notices (where a run starts, warnings), which the tail of the log may have passed."""
     if not log.is_file():
         return ""
-    lines = log.read_text(errors="replace").split("\n")
-    return "\n".join(line for line in lines if line.startswith(("train: ", "warning: ", "cache: ")))
+    lines = re.split(r"[\r\n]", log.read_text(errors="replace"))
+    return "\n".join(line for line in lines if NOTICE.match(line))
 
 
 def stop(projects: Path, job: str) -> None:
