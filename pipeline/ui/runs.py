@@ -77,7 +77,7 @@ def jobs(projects: Path, config: Path) -> list[dict]:
     return out
 
 
-def _tail(log: Path, lines: int = 12) -> str:
+def _tail(log: Path, lines: int = 8) -> str:
     if not log.is_file():
         return ""
     text = log.read_bytes()[-20000:].decode(errors="replace")
