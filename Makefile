@@ -1,6 +1,8 @@
 # make train: cache what is missing, then train (default: the embedded tiny Flux config)
 # make test:  the test suite: the unit tier first (make test-fast, a few minutes: a broken build stops
-#             there), then the end-to-end and subprocess tiers
+#             there), then the end-to-end and subprocess tiers, then the UI in headless Chromium (-m ui)
+# make ui:    the local web UI (python -m pipeline ui; installs the [ui] extra). Variables: HOST=, PORT=,
+#             PROJECTS=folder of config files (default projects/)
 # make bench: seconds per training step, cached vs online priors, and the step against its bare compute
 # make bench-scale: cache status, verify and a training start on 10,000 images under ulimit -n 1024
 #                   (not part of make test: minutes; ARGS="--images 2000" for a smaller run)
@@ -37,7 +39,7 @@ VIA_MAKE := PIPELINE_VIA_MAKE=1
 # torchrun's --standalone picks a free port on this machine; without GPUS, one plain process as before
 LAUNCH = $(VIA_MAKE) $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS),$(PY))
 
-.PHONY: cache cache-status train test test-fast bench bench-scale plan-memory memory-table bench-memory bench-gpu test-gpu
+.PHONY: ui cache cache-status train test test-fast bench bench-scale plan-memory memory-table bench-memory bench-gpu test-gpu
 
 # torch==2.13.0 first, pinned: pip takes the build its index serves for that version (a local CPU wheel
 # where one is on disk, the CUDA build from PyPI on Linux x86-64; see the README for a CPU-only index).
@@ -47,6 +49,14 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/pip install -q "torch==2.13.0"
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $@
+
+HOST ?= 127.0.0.1
+PORT ?= 7860
+PROJECTS ?= projects
+
+ui: $(SETUP)
+	$(PY) -m pip install -q -e ".[ui]"
+	$(VIA_MAKE) $(PY) -m pipeline ui --host $(HOST) --port $(PORT) --projects $(PROJECTS)
 
 cache: $(SETUP)
 	$(LAUNCH) -m pipeline cache --config $(CONFIG) $(DTYPE_ARG)
@@ -60,9 +70,10 @@ train: $(SETUP)
 
 test: test-fast
 	$(PY) -m pytest -q -m "e2e or slow"
+	$(PY) -m pytest -q -m ui
 
 test-fast: $(SETUP)
-	$(PY) -m pytest -q -m "not e2e and not slow"
+	$(PY) -m pytest -q -m "not e2e and not slow and not ui"
 
 bench: $(SETUP)
 	$(PY) -m pipeline.tools.bench

@@ -348,5 +348,27 @@ def plot(run_dir, out):
     _run(go, "nothing was written")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to serve on; any other than 127.0.0.1 needs the access token it prints.")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=7860, show_default=True,
+              help="Port (0: any free one, printed).")
+@click.option("--projects", default="projects", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of the config files the UI lists and creates (configs/ shows the examples).")
+def ui(host, port, projects):
+    """A local web UI over the same config files and run folders: projects, runs, the cache."""
+
+    def go():
+        try:
+            from pipeline.ui.server import serve
+        except ImportError as e:
+            raise UserError(f"the UI needs its extra ({e.name} is missing): pip install -e '.[ui]' (or make ui)") from None
+        from pathlib import Path
+
+        serve(host, port, Path(projects))
+
+    _run(go, "the UI stopped; runs it started go on")
+
+
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@ synthetic images, its own cache directory and a config writer.
 
 Tests come in three tiers, run in this order: unit tests (unmarked: no stage runs end to end; `make
 test-fast` runs only these), `e2e` (a stage runs in this process) and `slow` (a subprocess runs the CLI,
-is interrupted or killed). `make test` runs all three."""
+is interrupted or killed); then `ui` (the web UI driven in headless Chromium). `make test` runs them all."""
 
 import json
 import shutil
@@ -64,7 +64,8 @@ prior_mode = "{prior_mode}"
 
 def pytest_collection_modifyitems(items):
     # unit tests first, so a broken basic fails fast; the sort is stable, so files keep their order
-    tier = lambda item: 2 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("e2e") else 0  # noqa: E731
+    tier = lambda item: (3 if item.get_closest_marker("ui") else 2 if item.get_closest_marker("slow")  # noqa: E731
+                         else 1 if item.get_closest_marker("e2e") else 0)
     items.sort(key=tier)
 
 
