@@ -22,6 +22,8 @@
 #            docs/multi-gpu.md)  PYTHON=/path/to/python (an env with the project installed)
 
 CONFIG ?= configs/tiny-flux.toml
+# processes for make test's end-to-end tier (pytest-xdist): one per core, each with one torch thread
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
 DTYPE ?=
 VENV := .venv
 ifdef PYTHON
@@ -69,7 +71,7 @@ train: $(SETUP)
 	$(LAUNCH) -m pipeline train --config $(CONFIG) $(DTYPE_ARG) $(RESUME_ARG) $(RESTART_ARG)
 
 test: test-fast
-	$(PY) -m pytest -q -m "e2e or slow"
+	$(PY) -m pytest -q -n $(TEST_JOBS) -m "e2e or slow"
 	$(PY) -m pytest -q -m ui
 
 test-fast: $(SETUP)

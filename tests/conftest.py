@@ -5,12 +5,23 @@ Tests come in three tiers, run in this order: unit tests (unmarked: no stage run
 test-fast` runs only these), `e2e` (a stage runs in this process) and `slow` (a subprocess runs the CLI,
 is interrupted or killed); then `ui` (the web UI driven in headless Chromium). `make test` runs them all."""
 
+import os
+
+# Under pytest-xdist (make test runs one worker per core): one torch thread per worker, and for the
+# processes a test starts, so that workers do not fight over the cores. Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 from diffusers import FluxTransformer2DModel
 
 from pipeline import tiny
