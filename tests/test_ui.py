@@ -139,6 +139,7 @@ def test_a_project_from_new_to_a_resumed_run(browser, tiny_assets, tmp_path):
         page.fill("input[name='concepts[0].folder']", str(data / "standard"))
         _shot(page, "home")
         page.click("#create")
+        page.wait_for_load_state()
         assert page.url.endswith("/p/teapot") and page.locator("#family").inner_text() == "flux"
         config = projects / "teapot.toml"
         # concepts of each type
@@ -146,20 +147,24 @@ def test_a_project_from_new_to_a_resumed_run(browser, tiny_assets, tmp_path):
             page.fill("#add-concept input[name=folder]", str(data / folder))
             page.select_option("#add-concept select[name=type]", kind)
             page.click("#add-concept button")
+            page.wait_for_load_state()
         doc = tomlkit.parse(config.read_text())
         assert [(c["type"], c.get("prior", False)) for c in doc["concepts"]] == [
             ("standard", False), ("prior", False), ("validation", True)]
         # the image without a caption is flagged; its caption written in place
         flagged = page.locator("figure.missing-caption")
+        flagged.first.wait_for()  # the page the last add redirected to (a click does not wait for it)
         assert flagged.count() == 1 and uncaptioned.name in flagged.inner_text()
         flagged.locator("textarea").fill("a photo of sks teapot")
         flagged.locator("button").click()
+        page.wait_for_load_state()
         assert uncaptioned.with_suffix(".txt").read_text() == "a photo of sks teapot\n"
         assert page.locator("figure.missing-caption").count() == 0
         # a refused setting: the CLI's message beside its field, the file unchanged, the typed value kept
         before = config.read_bytes()
         page.fill("input[name='optimizer.lr']", "-1")
         page.click("#save")
+        page.wait_for_load_state()
         error = page.locator(".error[data-key='optimizer.lr']")
         assert error.inner_text().endswith("config key 'optimizer.lr' must be > 0, got -1.0")
         assert page.input_value("input[name='optimizer.lr']") == "-1" and config.read_bytes() == before
@@ -170,6 +175,7 @@ def test_a_project_from_new_to_a_resumed_run(browser, tiny_assets, tmp_path):
             page.fill(f"input[name='{key}']", value)
         page.fill("textarea[name='validation.prompts']", "a photo of sks teapot")
         page.click("#save")
+        page.wait_for_load_state()
         assert page.locator(".error").count() == 0
         # the same file the CLI reads: a key set there by hand shows too (no state of the UI's own)
         doc = tomlkit.parse(config.read_text())
@@ -218,6 +224,7 @@ def test_a_project_from_new_to_a_resumed_run(browser, tiny_assets, tmp_path):
         page.goto(server.url + "/p/teapot")
         page.fill("input[name='train.max_steps']", str(stopped + 2))
         page.click("#save")
+        page.wait_for_load_state()
         assert page.locator(".error").count() == 0
         page.goto(server.url + "/p/teapot/runs")
         page.click("#start")
