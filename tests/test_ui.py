@@ -21,6 +21,10 @@ from pathlib import Path
 import pytest
 import tomlkit
 
+from pipeline.config import load_config
+from pipeline.train.sinks import read_records
+from pipeline.ui import runs
+
 pytestmark = pytest.mark.ui
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +173,8 @@ def test_a_project_from_new_to_a_resumed_run(browser, tiny_assets, tmp_path):
         assert error.inner_text().endswith("config key 'optimizer.lr' must be > 0, got -1.0")
         assert page.input_value("input[name='optimizer.lr']") == "-1" and config.read_bytes() == before
         _shot(page, "project-refused")
-        settings = {"data.resolution": "64", "train.epochs": "100", "train.max_steps": "200", "optimizer.lr": "0.001",
+        # no max_steps: the run's length is epochs times an epoch's steps, which the runs page works out
+        settings = {"data.resolution": "64", "train.epochs": "100", "optimizer.lr": "0.001",
                     "lora.rank": "4", "cache.variants": "2", "train.checkpoint_every": "1", "validation.every": "0"}
         for key, value in settings.items():
             page.fill(f"input[name='{key}']", value)
@@ -184,13 +189,15 @@ def test_a_project_from_new_to_a_resumed_run(browser, tiny_assets, tmp_path):
         doc["train"]["batch_size"] = 2
         config.write_text(tomlkit.dumps(doc))
         page.reload()
-        assert page.input_value("input[name='train.max_steps']") == "200"
+        assert page.input_value("input[name='train.epochs']") == "100"
         _shot(page, "project")
 
         # cache, then train; progress as it goes
         page.goto(server.url + "/p/teapot/runs")
         page.click("#start")
         _wait(page, lambda p: p.locator("#state").inner_text() == "training" and _step(p) >= 1, "training")
+        total = page.locator("#step").inner_text().split("/")[1].strip()  # before or after an epoch is done
+        assert total.isdigit(), page.locator("#step").inner_text()
         assert page.locator("#loss-prior").inner_text() != "-" or page.locator("#loss-standard").inner_text() != "-"
         # the browser closes and the UI restarts: the run goes on, and the new UI finds it
         context.close()
@@ -213,13 +220,19 @@ def test_a_project_from_new_to_a_resumed_run(browser, tiny_assets, tmp_path):
         page.reload()
         _wait(page, lambda p: p.locator(".samples img").count() >= 1, "the step-0 sample grid")
         _shot(page, "runs-training")
+        # the total shown is the train stage's count: an epoch's steps, as the run recorded them, times 100
+        out = Path(load_config(config).train.output_dir)
+        records = lambda: read_records(out / "metrics.jsonl")  # noqa: E731
+        _wait(page, lambda p: any(r.get("epoch") == 1 for r in records()), "a whole epoch")
+        per_epoch = sum(1 for r in records() if r.get("epoch") == 0)
+        assert int(total) == 100 * per_epoch == runs.planned_steps(load_config(config))
         # stop: Ctrl-C's handling, the checkpoints kept
         _job(page, 1).locator("button.stop").click()
         _wait(page, lambda p: _job(p, 1).locator(".state").inner_text() == "ended, exit 130", "the stop")
         assert _job(page, 1).locator(".message").inner_text().startswith("interrupted: ")
         _wait(page, lambda p: p.locator("#state").inner_text() == "idle", "the lock released")
         stopped = _step(page)
-        assert 1 <= stopped < 200
+        assert per_epoch < stopped < int(total)
         # resume: a plain rerun goes on from the newest checkpoint (made to end soon)
         page.goto(server.url + "/p/teapot")
         page.fill("input[name='train.max_steps']", str(stopped + 2))
@@ -234,15 +247,39 @@ def test_a_project_from_new_to_a_resumed_run(browser, tiny_assets, tmp_path):
         assert page.locator("#step").inner_text() == f"{stopped + 2} / {stopped + 2}"
         grids = page.locator(".samples figure")
         assert grids.count() == 2 and f"step {stopped + 2}: a photo of sks teapot" in grids.nth(0).inner_text()
-        _shot(page, "runs")
         href = grids.nth(0).locator("a").get_attribute("href")
         response = page.goto(server.url + href)
         assert response.status == 200 and response.headers["content-type"] == "image/png"
-        # the cache page: status, verify
+        # settings as a diff between runs: an earlier run (made here from the newest checkpoint's record, with
+        # another rank) against the current run, whose LoRA file records what the config file says now
+        newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+        state = json.loads((newest / "state.json").read_text())
+        state["config"]["lora"]["rank"] = 8
+        (out / "previous" / "earlier" / "checkpoints" / newest.name).mkdir(parents=True)
+        (out / "previous" / "earlier" / "checkpoints" / newest.name / "state.json").write_text(json.dumps(state))
+        page.goto(server.url + "/p/teapot/runs")
+        assert "lora.rank 8 -> 4" in page.locator("#previous").inner_text()
+        assert page.locator("#settings-diff").inner_text().strip() == "lora.rank 8 -> 4"
+        _shot(page, "runs")
+        page.select_option("#compare-old", "current")
+        page.select_option("#compare-new", "config")
+        page.click("#compare button")
+        assert page.locator("#settings-diff").inner_text().strip() == "the same settings"
+        # the cache page: status; prune (dry run, with an option), verify --repair --rehash: the CLI's commands
         page.goto(server.url + "/p/teapot/cache")
         assert page.locator("#cache-status tr").count() > 2
+        page.check("#keep-dtypes")
+        page.click("#prune-dry")
+        output = page.locator("#cache-output").inner_text()
+        assert "$ python -m pipeline cache prune --dry-run --keep-dtypes --config " in output
+        assert "prune: would remove (dry run, nothing changed)" in output
+        page.check("#repair")
+        page.check("#rehash")
         page.click("#verify")
-        assert re.search(r"verify: \d+ entries checked, 0 damaged", page.locator("#cache-output").inner_text())
+        output = page.locator("#cache-output").inner_text()
+        assert "$ python -m pipeline cache verify --repair --rehash --config " in output
+        assert "no fingerprint changed" in output and "repair: 0 entries recomputed" in output
+        assert re.search(r"verify: \d+ entries checked, 0 damaged", output)
         _shot(page, "cache")
     finally:
         with contextlib.suppress(Exception):

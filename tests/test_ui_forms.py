@@ -2,13 +2,17 @@
 keeps the file's comments and is what load_config reads; a refused one is the CLI's one-line message with
 the config key it names, and the file is left byte for byte; captions are written beside their image."""
 
+import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.ui import project
+from pipeline.ui import project, runs
 
 
 def _project(tiny_assets, tmp_path):
@@ -85,3 +89,30 @@ def test_an_empty_field_is_the_key_s_default(tiny_assets, tmp_path):
     project.save(path, doc)
     cfg = load_config(path)
     assert (cfg.train.epochs, cfg.data.resolution) == (1, 512) and "resolution" not in path.read_text()
+
+
+def test_a_runs_settings_are_a_diff_of_the_configs_the_runs_recorded(tiny_assets, tmp_path):
+    path = _project(tiny_assets, tmp_path)
+    cfg = load_config(path)
+    out = Path(cfg.train.output_dir)
+    now = json.loads(cfg.portable_json())
+    older = json.loads(cfg.portable_json())
+    older["lora"]["rank"], older["optimizer"]["lr"] = cfg.lora.rank + 4, 0.5
+    # the run in the output folder: its LoRA file's metadata
+    out.mkdir(parents=True)
+    save_file({"w": np.zeros(1, np.float32)}, str(out / cfg.train.lora_name),
+              metadata={"prior_lora.config": json.dumps(now)})
+    # an earlier run stopped before it wrote its LoRA file: its newest checkpoint's state.json
+    for step, config in ((1, now), (2, older)):
+        folder = out / "previous" / "run-1" / "checkpoints" / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text(json.dumps({"step": step, "config": config}))
+    (out / "previous" / "run-2").mkdir()  # stopped before its first checkpoint
+    assert runs.run_names(cfg) == ["config", "current", "previous/run-2", "previous/run-1"]
+    assert runs.settings_diff(cfg, "previous/run-1", "current") == [
+        f"lora.rank {cfg.lora.rank + 4} -> {cfg.lora.rank}", f"optimizer.lr 0.5 -> {cfg.optimizer.lr}"]
+    assert runs.settings_diff(cfg, "current", "config") == []
+    assert runs.settings_diff(cfg, "previous/run-2", "current") == (
+        "no config recorded for previous/run-2 (no LoRA file or checkpoint yet)")
+    with pytest.raises(UserError, match="no run 'previous/run-3' in '"):
+        runs.settings_diff(cfg, "previous/run-3", "current")

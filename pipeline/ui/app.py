@@ -126,16 +126,29 @@ def make_app(projects: Path, middleware=()) -> Starlette:
         data = await run_in_threadpool(thumbnail, p["name"], int(p["index"]), p["image"])
         return Response(data, media_type="image/png")
 
-    def runs_page(name: str) -> str:
+    def runs_page(name: str, old: str | None, new: str | None) -> str:
         path = config_path(name)
         try:
             cfg = load_config(path)
         except UserError as e:
             return pages.layout(f"{name}: runs", f'<div class="error">error: {pages.e(e)}</div>', project=name)
-        return pages.runs(name, runs.jobs(projects, path), runs.progress(cfg), runs.previous_runs(cfg))
+        previous = runs.previous_runs(cfg)
+        for r in previous:  # each earlier run's settings against the run in the output folder
+            r["diff"] = runs.settings_diff(cfg, f"{runs.PREVIOUS}/{r['name']}", runs.CURRENT)
+        # by default the newest earlier run against the current one; without one, the current run against
+        # the config file as it is now (what was changed since)
+        old = old or (f"{runs.PREVIOUS}/{previous[0]['name']}" if previous else runs.CURRENT)
+        new = new or (runs.CURRENT if old != runs.CURRENT else runs.NOW)
+        try:
+            diff = runs.settings_diff(cfg, old, new)
+        except UserError as e:
+            diff = f"error: {e}"
+        compare = {"names": runs.run_names(cfg), "old": old, "new": new, "diff": diff}
+        return pages.runs(name, runs.jobs(projects, path), runs.progress(cfg), previous, compare)
 
     async def runs_route(request: Request):
-        return HTMLResponse(await run_in_threadpool(runs_page, request.path_params["name"]))
+        q = request.query_params
+        return HTMLResponse(await run_in_threadpool(runs_page, request.path_params["name"], q.get("old"), q.get("new")))
 
     async def start(request: Request):
         name = request.path_params["name"]
@@ -168,11 +181,18 @@ def make_app(projects: Path, middleware=()) -> Starlette:
         error = next((line for line in reversed(p.stderr.splitlines()) if line.startswith("error: ")), "")
         return p.returncode, p.stdout, error
 
-    def cache_page(name: str, action: str = "") -> str:
+    # each action's command line and the options its form may add (checkboxes named as the options)
+    actions = {"verify": (("verify",), ("--repair", "--rehash")),
+               "prune-dry": (("prune", "--dry-run"), ("--keep-dtypes", "--all-configs")),
+               "prune": (("prune",), ("--keep-dtypes", "--all-configs"))}
+
+    def cache_page(name: str, action: str = "", form: dict | None = None) -> str:
         output = message = ""
         if action:
-            args = {"verify": ("verify",), "prune": ("prune",), "prune-dry": ("prune", "--dry-run")}[action]
+            args, options = actions[action]
+            args = (*args, *(o for o in options if (form or {}).get(o[2:])))
             _, output, message = cli(name, *args)
+            output = f"$ python -m pipeline cache {' '.join(args)} --config {config_path(name)}\n{output}"
         rc, out, error = cli(name, "status", "--json")
         status = json.loads(out) if rc == 0 else None
         return pages.cache(name, status, message or error, output)
@@ -182,9 +202,10 @@ def make_app(projects: Path, middleware=()) -> Starlette:
 
     async def cache_action(request: Request):
         action = request.path_params["action"]
-        if action not in ("verify", "prune", "prune-dry"):
+        if action not in actions:
             return Response("not found", status_code=404)
-        return HTMLResponse(await run_in_threadpool(cache_page, request.path_params["name"], action))
+        form = await form_of(request)
+        return HTMLResponse(await run_in_threadpool(cache_page, request.path_params["name"], action, form))
 
     async def user_error(request: Request, exc: UserError):
         return HTMLResponse(pages.layout("error", f'<div class="error">error: {pages.e(exc)}</div>'), status_code=404)

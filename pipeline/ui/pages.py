@@ -104,21 +104,42 @@ def _gallery(name: str, i: int, c: dict) -> str:
             f'<div class="gallery" data-concept="{i}">{"".join(cells)}</div>{more}')
 
 
-def runs(name: str, jobs: list[dict], progress: dict, previous: list[dict]) -> str:
+def _diff(diff) -> str:
+    """changed_keys' lines (or a one-line reason) as a list."""
+    if isinstance(diff, str):
+        return f'<ul class="diff"><li class="error">{e(diff)}</li></ul>'
+    return '<ul class="diff">' + ("".join(f"<li><code>{e(line)}</code></li>" for line in diff)
+                                  or "<li>the same settings</li>") + "</ul>"
+
+
+def _compare(name: str, c: dict) -> str:
+    def select(field: str) -> str:
+        options = "".join(f'<option{" selected" if n == c[field] else ""}>{e(n)}</option>' for n in c["names"])
+        return f'<select name="{field}" id="compare-{field}">{options}</select>'
+    return (f'<form method="get" action="/p/{e(name)}/runs" id="compare" class="row">Settings of {select("old")} '
+            f'against {select("new")} <button type="submit">Compare</button></form>'
+            f'<div id="settings-diff">{_diff(c["diff"])}</div>')
+
+
+def runs(name: str, jobs: list[dict], progress: dict, previous: list[dict], compare: dict) -> str:
     job_rows = "".join(
         f"""<tr class="job" data-job="{e(j['id'])}"><td>{e(j['id'])}</td>
 <td class="state">{'running' if j['running'] else 'ended, exit ' + e(j.get('rc', '?'))}</td>
 <td>{_stop(name, j)}</td><td><div class="message">{e(j.get('message', ''))}</div>
 <pre class="notes">{e(j['notes'])}</pre><pre class="log">{e(j['log'])}</pre></td></tr>""" for j in jobs)
     prev = "".join(f"<li>{e(r['name'])}: {r['steps']} steps, LoRA {e(', '.join(r['loras']) or 'none')}, "
-                   f"standard loss {_num(r['loss_standard'])}, prior loss {_num(r['loss_prior'])}</li>" for r in previous)
+                   f"standard loss {_num(r['loss_standard'])}, prior loss {_num(r['loss_prior'])}; its settings against "
+                   f"the current run's: {_diff(r['diff'])}</li>" for r in previous)
     return layout(f"{name}: runs", f"""
 <form method="post" action="/p/{e(name)}/start" class="row"><button type="submit" id="start">Start (cache, then train)</button>
 <span>A run of the same settings goes on from its newest checkpoint; a finished one has nothing to do.</span></form>
 <h2>Progress</h2>
 <div id="progress" data-url="/p/{e(name)}/progress" data-files="/p/{e(name)}/file/">{progress_html(name, progress)}</div>
 <h2>Jobs started here</h2><table id="jobs">{job_rows}</table>
-<h2>Earlier runs (previous/)</h2><ul id="previous">{prev or '<li>none</li>'}</ul>""", project=name)
+<h2>Earlier runs (previous/)</h2><ul id="previous">{prev or '<li>none</li>'}</ul>
+<h2>Settings diff</h2>
+<p>"config" is the config file as it is now, "current" the run in the output folder; each run's settings are
+those it recorded (its LoRA file's metadata, else its newest checkpoint).</p>{_compare(name, compare)}""", project=name)
 
 
 def _stop(name: str, job: dict) -> str:
@@ -164,7 +185,18 @@ def cache(name: str, status: dict | None, message: str, output: str) -> str:
                 "<th>other configs</th><th>stale</th><th>MiB</th></tr>" + rows + "</table>"
                 f"<p>cache {e(status['cache_dir'])}, train dtype {e(status['dtype'])}; priors cached for: "
                 f"{e(', '.join(status['dtypes_with_priors']) or 'no dtype')}</p>")
-    buttons = "".join(f'<form method="post" action="/p/{e(name)}/cache/{a}"><button type="submit" id="{a}">{label}</button></form>'
-                      for a, label in (("verify", "Verify"), ("prune-dry", "Prune (dry run)"), ("prune", "Prune")))
+
+    def box(option: str, label: str) -> str:
+        return f'<label><input type="checkbox" name="{option}" id="{option}"> {e(label)}</label>'
+    # one form per command; the prune form's two buttons run it with and without --dry-run
+    verify = (f'<form method="post" action="/p/{e(name)}/cache/verify" class="row" id="verify-form">'
+              f'{box("repair", "--repair: drop damaged entries and recompute them")}'
+              f'{box("rehash", "--rehash: hash the model files again first")}'
+              '<button type="submit" id="verify">Verify</button></form>')
+    prune = (f'<form method="post" action="/p/{e(name)}/cache/prune" class="row" id="prune-form">'
+             f'{box("keep-dtypes", "--keep-dtypes: keep the priors of other dtypes")}'
+             f'{box("all-configs", "--all-configs: also what other configs use")}'
+             f'<button type="submit" id="prune-dry" formaction="/p/{e(name)}/cache/prune-dry">Prune (dry run)</button>'
+             '<button type="submit" id="prune">Prune</button></form>')
     return layout(f"{name}: cache", f"""{f'<div class="error">{e(message)}</div>' if message else ''}{rows}
-<div class="row">{buttons}</div><pre id="cache-output">{e(output)}</pre>""", project=name)
+{verify}{prune}<pre id="cache-output">{e(output)}</pre>""", project=name)

@@ -12,13 +12,17 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 
 from pipeline.atomic import pid_alive, replacing
-from pipeline.config import Config
+from pipeline.config import Config, changed_keys
+from pipeline.errors import UserError
+from pipeline.train import checkpoint
 from pipeline.train.outdir import LOCK, PREVIOUS
 from pipeline.train.sinks import read_records
 
@@ -130,6 +134,32 @@ def total_steps(cfg: Config, records: list[dict]) -> int | None:
     return whole
 
 
+PLANNED: dict[str, int | None] = {}  # run lengths by config (portable_json): a plan is not read on every poll
+PLANNING = threading.Lock()
+
+
+def planned_steps(cfg: Config) -> int | None:
+    """The run's last step as the train stage counts it (setup.run_length: train.epochs times the batches of
+    an epoch, from the plan and the cached latents' shapes), for a run with no train.max_steps before its first
+    epoch is done. Loads no model, but the plan reads every image: once per config. None where it cannot be
+    known (the cache incomplete, a folder gone)."""
+    from pipeline.data.plan import open_plan
+    from pipeline.train.setup import run_length
+
+    key = cfg.portable_json()
+    with PLANNING:
+        if key not in PLANNED:
+            try:
+                plan, store = open_plan(cfg)
+                try:
+                    PLANNED[key] = run_length(plan, store).total_steps
+                finally:
+                    store.close()  # no segment file held open by the UI (a prune may remove it)
+            except (UserError, OSError, KeyError, ValueError):
+                PLANNED[key] = None
+        return PLANNED[key]
+
+
 def grid_labels(path: Path) -> list[str]:
     try:
         with Image.open(path) as image:
@@ -144,12 +174,15 @@ def progress(cfg: Config) -> dict:
     records = read_records(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
     validations = read_records(out / "validation.jsonl") if (out / "validation.jsonl").is_file() else []
     step = records[-1]["step"] + 1 if records else 0
+    training = lock_holder(out / LOCK)
     total = total_steps(cfg, records)
+    if total is None and records and training:
+        total = planned_steps(cfg)
     seconds = _mean(records, "seconds")
     last_val = next((v for v in reversed(validations) if "val_loss" in v or "prior_drift" in v), {})
     samples = sorted((out / "samples").glob("step-*.png")) if (out / "samples").is_dir() else []
     return {
-        "training": lock_holder(out / LOCK),
+        "training": training,
         "caching": lock_holder(Path(cfg.cache.dir) / ".lock-write"),
         "step": step, "total": total,
         "eta_seconds": round(seconds * (total - step)) if seconds and total and total > step else None,
@@ -166,11 +199,63 @@ def previous_runs(cfg: Config) -> list[dict]:
     root = Path(cfg.train.output_dir) / PREVIOUS
     runs = []
     for folder in sorted(root.iterdir(), reverse=True) if root.is_dir() else []:
+        if not folder.is_dir():
+            continue
         records = read_records(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else []
         runs.append({"name": folder.name, "loras": sorted(p.name for p in folder.glob("*.safetensors")),
                      "steps": records[-1]["step"] + 1 if records else 0,
                      "loss_standard": _mean(records, "loss_standard"), "loss_prior": _mean(records, "loss_prior")})
     return runs
+
+
+NOW = "config"  # the config file as it is now, for comparing with a run before any is recorded
+CURRENT = "current"  # the run in train.output_dir itself
+
+
+def recorded_config(folder: Path, lora_name: str) -> dict | None:
+    """The config a run recorded (docs/lora-files.md): its LoRA file's prior_lora.config, else the newest
+    checkpoint's state.json; None where neither is there (a run stopped before its first checkpoint)."""
+    for lora in [folder / lora_name, *sorted(folder.glob("*.safetensors"))]:
+        try:
+            with safe_open(str(lora), "numpy") as f:  # the header only: no tensor is read
+                config = json.loads((f.metadata() or {}).get("prior_lora.config") or "null")
+        except (OSError, SafetensorError, ValueError):
+            continue
+        if isinstance(config, dict):
+            return config
+    newest = checkpoint.latest(folder)
+    try:
+        return checkpoint.saved_state(newest).get("config") if newest else None
+    except (OSError, ValueError):
+        return None
+
+
+def run_names(cfg: Config) -> list[str]:
+    """What a settings diff can compare: the config file now, the run in output_dir, each run in previous/
+    (newest first)."""
+    root = Path(cfg.train.output_dir) / PREVIOUS
+    earlier = sorted((p.name for p in root.iterdir() if p.is_dir()), reverse=True) if root.is_dir() else []
+    return [NOW, CURRENT, *(f"{PREVIOUS}/{name}" for name in earlier)]
+
+
+def settings_of(cfg: Config, name: str, names: list[str]) -> dict | None:
+    if name == NOW:
+        return json.loads(cfg.portable_json())
+    if name not in names:
+        raise UserError(f"no run '{name}' in '{cfg.train.output_dir}' (one of: {', '.join(names)})")
+    out = Path(cfg.train.output_dir)
+    return recorded_config(out if name == CURRENT else out / name, cfg.train.lora_name)
+
+
+def settings_diff(cfg: Config, old: str, new: str) -> list[str] | str:
+    """The config keys that differ between two runs' recorded configs, as "key old -> new" lines
+    (config.changed_keys, as a resume's refusal lists them); a one-line reason where one recorded none."""
+    names = run_names(cfg)
+    a, b = settings_of(cfg, old, names), settings_of(cfg, new, names)
+    missing = [n for n, c in ((old, a), (new, b)) if c is None]
+    if missing:
+        return f"no config recorded for {' or '.join(missing)} (no LoRA file or checkpoint yet)"
+    return changed_keys(a, b, ("",))
 
 
 def run_file(cfg: Config, relative: str) -> Path | None:
