@@ -186,3 +186,19 @@ def test_two_ranks_train_the_klein_lora_one_trains(project, model, tmp_path):
     assert one.keys() == two[0].keys()
     assert max(float((one[k] - two[0][k]).abs().max()) for k in one) <= 1e-6
     assert all(torch.equal(two[0][k], two[1][k]) for k in one)
+
+
+def test_klein_9b_is_a_planning_variant_with_its_public_widths():
+    from pipeline.families.flux2.planning import PLANNING
+    from pipeline.memory import meta_denoiser
+    from pipeline.families import family_class
+    from pipeline.tools.public_configs import encoder_params
+
+    (nine,) = PLANNING.variants
+    assert nine.label == "FLUX.2 klein 9B" and not nine.variants
+    model = meta_denoiser(family_class("flux2"), dict(nine.denoiser_config))
+    assert (len(model.transformer_blocks), len(model.single_transformer_blocks)) == (8, 24)
+    assert model.x_embedder.out_features == 4096 and model.context_embedder.in_features == 3 * 4096
+    assert 8.5e9 < sum(p.numel() for p in model.parameters()) < 9.5e9  # "9B"
+    # its text encoder is Qwen3-8B (8.19B parameters with its untied head), not klein 4B's Qwen3-4B
+    assert 8.1e9 < encoder_params("flux2", nine)["text_encoder"] < 8.3e9

@@ -178,3 +178,24 @@ def test_live_peak_counts_what_a_no_grad_forward_holds_at_once():
     assert live_peak(model, lambda: model(x)) == 2 * 8 * 1000 * 4
     keep = []
     assert live_peak(model, lambda: keep.extend([model[0](x), model[1](x)])) == 2 * 8 * 1000 * 4
+
+
+def test_memory_table_gives_each_public_variant_rows_of_its_own():
+    from click.testing import CliRunner
+
+    from pipeline.families import FAMILIES
+    from pipeline.tools.memory_table import main
+
+    result = CliRunner().invoke(main)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    variants = 0
+    for name in FAMILIES:
+        planning = family_class(name).planning
+        if planning is None:
+            continue
+        assert sum(line.startswith(f"| {name} |") for line in lines) == len(planning.table_rows)
+        for variant in planning.variants:
+            variants += 1
+            assert sum(line.startswith(f"| {name} ({variant.label}) |") for line in lines) == len(variant.table_rows)
+    assert variants  # a family with two public sizes (FLUX.2 klein 4B and 9B) has rows for both

@@ -39,6 +39,9 @@ class Planning(Protocol):
     table_rows: tuple[tuple[str, int, int], ...]
     sequence_length_applies: bool  # model.max_sequence_length sets the text tokens (False: a fixed length)
     conv_denoiser: bool  # the denoiser convolves (a CPU measurement holds im2col columns, see bench_memory)
+    # further public models of the family (another size), each a Planning of its own: the memory table gives
+    # each its own rows, named "<family> (<its label>)"
+    variants: tuple[Planning, ...] = ()
 
     def dry_run_shapes(self, config: dict, batch: int, resolution: int, max_sequence_length: int
                        ) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:

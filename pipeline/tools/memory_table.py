@@ -1,5 +1,6 @@
 """`make memory-table`: the table of docs/memory.md from the planner (pipeline/memory.py)
-for each family's public full-size configs and table rows (its planning capability) at 1024 px, batch 1,
+for each family's public full-size configs and table rows (its planning capability, and its variants':
+another public size gets rows of its own) at 1024 px, batch 1,
 LoRA rank 16 on attention, AdamW, bf16, with gradient checkpointing (without it, activations alone are
 tens of GiB for the large transformers)."""
 
@@ -10,7 +11,7 @@ import click
 from pipeline.config import LoraConfig
 from pipeline.families import FAMILIES, family_class
 from pipeline.memory import GiB, Settings, estimate
-from pipeline.tools.public_configs import ENCODERS, public_family
+from pipeline.tools.public_configs import ENCODERS, encoder_params, public_family
 
 
 @click.command()
@@ -22,16 +23,26 @@ def main():
         planning = family_class(name).planning
         if planning is None:  # no public configs to plan
             continue
-        family = public_family(name)
-        for quantize, swap, processes in planning.table_rows:
-            e = estimate(family, dict(planning.denoiser_config), LoraConfig(), Settings(
-                quantize=quantize, blocks_to_swap=swap, gradient_checkpointing=True, encoder_dtype="bf16",
-                fsdp_processes=processes), ENCODERS[name], dict(planning.vae_config))
-            peak = max(e.cache_peak, e.train_peak)
-            fits = lambda gb: "yes" if peak <= gb * 1e9 else "no"  # noqa: E731 - cards are sold in 10^9 bytes
-            sharded = f"{processes} GPUs" if processes > 1 else "-"
-            click.echo(f"| {name} | {quantize} | {swap} | {sharded} | {e.cache_peak / GiB:.1f} | {e.train_peak / GiB:.1f} | "
-                       f"{fits(24)} | {fits(16)} |")
+        rows(name, planning)
+        for variant in planning.variants:  # another public size of the family: rows of its own
+            rows(name, variant, variant)
+
+
+def rows(name: str, planning, variant=None) -> None:
+    """The table's rows of one public model of the family `name`: its own, or `variant` (one of its planning
+    variants, named after its label in the family column)."""
+    family = public_family(name, variant)
+    encoders = ENCODERS[name] if variant is None else encoder_params(name, variant)
+    shown = name if variant is None else f"{name} ({variant.label})"
+    for quantize, swap, processes in planning.table_rows:
+        e = estimate(family, dict(planning.denoiser_config), LoraConfig(), Settings(
+            quantize=quantize, blocks_to_swap=swap, gradient_checkpointing=True, encoder_dtype="bf16",
+            fsdp_processes=processes), encoders, dict(planning.vae_config))
+        peak = max(e.cache_peak, e.train_peak)
+        fits = lambda gb: "yes" if peak <= gb * 1e9 else "no"  # noqa: E731 - cards are sold in 10^9 bytes
+        sharded = f"{processes} GPUs" if processes > 1 else "-"
+        click.echo(f"| {shown} | {quantize} | {swap} | {sharded} | {e.cache_peak / GiB:.1f} | {e.train_peak / GiB:.1f} | "
+                   f"{fits(24)} | {fits(16)} |")
 
 
 if __name__ == "__main__":

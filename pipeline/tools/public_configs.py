@@ -18,14 +18,15 @@ def planning(name: str):
     return require(family_class(name), "planning", "make memory-table and the benches")
 
 
-def encoder_params(name: str) -> dict[str, int]:
-    """Parameter counts of the family's public VAE and text encoders, built from their configs on the meta
-    device (the counts are beside each family's configs, in its planning.py)."""
+def encoder_params(name: str, public=None) -> dict[str, int]:
+    """Parameter counts of the family's public VAE and text encoders (those of `public`, one of its planning
+    variants, where given), built from their configs on the meta device (the counts are beside each
+    family's configs, in its planning.py)."""
     import diffusers
     import torch
     import transformers
 
-    public = planning(name)
+    public = public or planning(name)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     with torch.device("meta"):
         out = {"vae": count(diffusers.AutoencoderKL.from_config(dict(public.vae_config)))}
@@ -77,15 +78,16 @@ def save_cut_model(name: str, root: Path, blocks: int = 1, dtype=None) -> Path:
     return root
 
 
-def public_family(name: str):
-    """A family object over a folder holding only the public denoiser config (what predict reads)."""
+def public_family(name: str, public=None):
+    """A family object over a folder holding only the public denoiser config (what predict reads): the
+    family's own public model, or `public`, one of its planning variants."""
     from pipeline.config import ModelConfig
     from pipeline.families import family_class
 
-    cls = family_class(name)
+    cls, public = family_class(name), public or planning(name)
     root = Path(tempfile.mkdtemp(prefix=f"prior-lora-{name}-"))
     (root / cls.denoiser_component).mkdir()
-    (root / cls.denoiser_component / "config.json").write_text(json.dumps(planning(name).denoiser_config))
+    (root / cls.denoiser_component / "config.json").write_text(json.dumps(public.denoiser_config))
     (root / "vae").mkdir()
-    (root / "vae" / "config.json").write_text(json.dumps(planning(name).vae_config))
+    (root / "vae" / "config.json").write_text(json.dumps(public.vae_config))
     return cls(root, ModelConfig(path=str(root)))

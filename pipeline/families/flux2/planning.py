@@ -1,6 +1,6 @@
 """What the memory planner asks of FLUX.2 klein (`Flux2Family.planning`): the dry run's shapes and block
 counts, and the public FLUX.2-klein-4B full-size configs and rows of the memory table of
-docs/memory.md."""
+docs/memory.md, with klein 9B's as a variant (its own rows)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ KLEIN_4B = {"_class_name": "Flux2Transformer2DModel", "attention_head_dim": 128,
             "guidance_embeds": False, "in_channels": 128, "joint_attention_dim": 7680, "mlp_ratio": 3.0,
             "num_attention_heads": 24, "num_layers": 5, "num_single_layers": 20, "patch_size": 1,
             "rope_theta": 2000, "timestep_guidance_channels": 256}
+# black-forest-labs/FLUX.2-klein-9B: 8 double- and 24 single-stream blocks, 4096 wide (32 heads of 128), joint
+# attention over 3 x 4096 (three Qwen3-8B layers); no guidance embedding. BFL's reference code (flux2's
+# model.py, Klein9BParams: depth 8, depth_single_blocks 24, hidden_size 4096, num_heads 32, context_in_dim 12288,
+# mlp_ratio 3.0, theta 2000, use_guidance_embed False) in diffusers' key names
+KLEIN_9B = {**KLEIN_4B, "joint_attention_dim": 12288, "num_attention_heads": 32, "num_layers": 8,
+            "num_single_layers": 24}
 # the FLUX.2 VAE (vae/config.json of every FLUX.2 repository): 32 latent channels, 128 once patchified
 VAE = {"_class_name": "AutoencoderKLFlux2", "block_out_channels": [128, 256, 512, 512],
        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
@@ -24,14 +30,12 @@ VAE = {"_class_name": "AutoencoderKLFlux2", "block_out_channels": [128, 256, 512
 QWEN3_4B = {"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
             "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": True,
             "max_position_embeddings": 40960, "rope_theta": 1000000}
+# Qwen/Qwen3-8B config.json (klein 9B's text_encoder): Qwen3-4B's depth and heads, wider, untied embeddings
+QWEN3_8B = {**QWEN3_4B, "hidden_size": 4096, "intermediate_size": 12288, "tie_word_embeddings": False}
 
 
-class Flux2Planning(Planning):
-    label = "FLUX.2 klein 4B"
-    denoiser_config = KLEIN_4B
+class _KleinPlanning(Planning):
     vae_config = VAE
-    text_encoder_configs = {"text_encoder": ("Qwen3ForCausalLM", QWEN3_4B)}
-    table_rows = (("none", 0, 1), ("none", 15, 1), ("int8", 0, 1), ("fp8", 0, 1), ("nf4", 0, 1))
     sequence_length_applies = True
     conv_denoiser = False
 
@@ -43,6 +47,21 @@ class Flux2Planning(Planning):
 
     def block_depths(self, config):
         return {"num_layers": config["num_layers"], "num_single_layers": config["num_single_layers"]}
+
+
+class Klein9BPlanning(_KleinPlanning):
+    label = "FLUX.2 klein 9B"
+    denoiser_config = KLEIN_9B
+    text_encoder_configs = {"text_encoder": ("Qwen3ForCausalLM", QWEN3_8B)}
+    table_rows = (("none", 0, 1), ("none", 20, 1), ("int8", 0, 1), ("fp8", 0, 1), ("nf4", 0, 1))
+
+
+class Flux2Planning(_KleinPlanning):
+    label = "FLUX.2 klein 4B"
+    denoiser_config = KLEIN_4B
+    text_encoder_configs = {"text_encoder": ("Qwen3ForCausalLM", QWEN3_4B)}
+    table_rows = (("none", 0, 1), ("none", 15, 1), ("int8", 0, 1), ("fp8", 0, 1), ("nf4", 0, 1))
+    variants = (Klein9BPlanning(),)
 
 
 PLANNING = Flux2Planning()
