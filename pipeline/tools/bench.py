@@ -1,11 +1,12 @@
 """`make bench`: median seconds per training step on each family's small model (its tiny builder's "bench"
 preset, random weights; `--family` picks some) for a batch of standard samples, a batch of prior samples
 with cached targets, and the same prior batch with its target computed online (the peers' extra no-grad,
-adapter-disabled forward), each as the train loop runs it: its batches read one step ahead (train.prefetch). Against them: the standard step reading
-its batch itself, and its bare compute (forward, backward and optimizer step on a batch held in memory):
-`ratio_step_to_bare` is what reading still costs a step (goal: at most 1.02). `checksum_share` is the sha256
-check of every entry a prior step reads (Store.read checks each one) against that step: an upper bound of
-what the check costs, since the reader does it beside the step (goal: under 1%).
+adapter-disabled forward), each as the train loop runs it: its batches read one step ahead
+(train.prefetch). Against them: the standard step reading its batch itself, and its bare compute (forward,
+backward and optimizer step on a batch held in memory): `ratio_step_to_bare` is what reading still costs a
+step (goal: at most 1.02). `checksum_share` is the sha256 check of every entry a prior step reads
+(Store.read checks each one) against that step: an upper bound of what the check costs, since the reader
+does it beside the step (goal: under 1%).
 
 One table per family; the JSON line holds the first family's numbers at its top level (the keys this tool
 printed when it measured one family) and every family's under "families"."""
