@@ -180,6 +180,7 @@ def test_live_peak_counts_what_a_no_grad_forward_holds_at_once():
     assert live_peak(model, lambda: keep.extend([model[0](x), model[1](x)])) == 2 * 8 * 1000 * 4
 
 
+@pytest.mark.slow  # the whole table: every family's public models on meta, about 40 s on 2 cores
 def test_memory_table_gives_each_public_variant_rows_of_its_own():
     from click.testing import CliRunner
 
