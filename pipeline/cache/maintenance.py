@@ -19,7 +19,7 @@ from pipeline.store.store import Store
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.data import schema
-from pipeline.data.plan import Plan, make_plan, open_plan
+from pipeline.data.plan import Plan, model_fingerprints, open_plan
 
 
 def _open(cfg: Config) -> tuple[Plan, Store]:
@@ -74,21 +74,17 @@ def rehash(cfg: Config) -> dict:
     from pipeline.store.keys import Fingerprints
 
     ensure_embedded(cfg)
-    before = make_plan(cfg)
-    family = before.family
+    family = resolve(cfg).family
     mine = [family.root.resolve()] + ([family.denoiser_file.resolve()] if family.denoiser_file else [])
-    memo = Path(cfg.cache.dir) / "fingerprints.json"
     with cache_lock(cfg.cache.dir, "read"):
-        fps = Fingerprints(memo)
+        fps = Fingerprints(Path(cfg.cache.dir) / "fingerprints.json")
+        before = model_fingerprints(fps, family)  # as the memo has them
         dropped = [k for k in fps.memo if any(Path(k) == m or Path(k).is_relative_to(m) for m in mine)]
         for k in dropped:
             del fps.memo[k]
-        fps.dirty = True
+        after = model_fingerprints(fps, family)  # from the files' contents
         fps.save()
-    after = make_plan(cfg, resolve(cfg))
-    names = {"vae": "vae_fp", "text encoders": "text_fp", "denoiser": "denoiser_fp"}
-    return {"files_rehashed": len(dropped),
-            "changed": [n for n, a in names.items() if getattr(before, a) != getattr(after, a)]}
+    return {"files_rehashed": len(dropped), "changed": [n for n in before if before[n] != after[n]]}
 
 
 def verify(cfg: Config, repair: bool = False) -> dict:

@@ -190,6 +190,13 @@ def _denoiser_fp(fps: Fingerprints, family: Family) -> str:
     return digest([["file", fps.file(family.denoiser_file)], ["config", fps.file(config)]])
 
 
+def model_fingerprints(fps: Fingerprints, family: Family) -> dict[str, str]:
+    """The fingerprints of what the entries are computed with: the VAE, the text encoders, the denoiser."""
+    return {"vae": _component_fp(fps, family.root, family.vae_components),
+            "text encoders": _component_fp(fps, family.root, family.text_components),
+            "denoiser": _denoiser_fp(fps, family)}
+
+
 def open_plan(cfg: Config, settings: Settings | None = None):
     """How every command starts: the paths checked, the plan, and its cache's store, with the images the
     cache holds undecodable verdicts for left out (plan.bad). check_paths comes first: with a missing model
@@ -206,9 +213,7 @@ def make_plan(cfg: Config, settings: Settings | None = None) -> Plan:
     settings = settings or resolve(cfg)
     family = settings.family
     fps = Fingerprints(Path(cfg.cache.dir) / "fingerprints.json")
-    vae_fp = _component_fp(fps, family.root, family.vae_components)
-    text_fp = _component_fp(fps, family.root, family.text_components)
-    denoiser_fp = _denoiser_fp(fps, family)
+    vae_fp, text_fp, denoiser_fp = model_fingerprints(fps, family).values()
     fps.save()
     c, d = cfg.cache, cfg.data
     timestep_settings = [draw_settings(cfg, family), family.timestep_spec()]
