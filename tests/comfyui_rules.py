@@ -65,6 +65,11 @@ def hidream_targets(modules: list[str]) -> dict[str, Target]:
     return {d: Target(f"diffusion_model.{d}.weight") for d in modules}
 
 
+def qwenimage_targets(modules: list[str]) -> dict[str, Target]:
+    # ComfyUI's Qwen-Image keeps the reference names, as diffusers does (its single-file reader maps nothing)
+    return {d: Target(f"diffusion_model.{d}.weight") for d in modules}
+
+
 _FLUX_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "norm1.linear": "img_mod.lin",
                 "norm1_context.linear": "txt_mod.lin", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
                 "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
@@ -121,7 +126,7 @@ def key_map(family: str, targets: dict[str, Target]) -> dict[str, Target]:
             p = d.replace(".to_", ".processor.to_")
             p = p.removesuffix(".0") if p.endswith(".to_out.0") else p
             stems[p] = stems[f"unet.{p}"] = t
-        elif family in ("flux", "hidream", "chroma"):  # Chroma: a subclass of ComfyUI's Flux model; FLUX.2: the generic stems
+        elif family in ("flux", "hidream", "chroma", "qwenimage"):  # Chroma: a subclass of ComfyUI's Flux model; FLUX.2: the generic stems
             stems[f"transformer.{d}"] = t
     return stems
 

@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel, HiDreamImageTransformer2DModel, UNet2DConditionModel
+from diffusers import QwenImageTransformer2DModel
 from diffusers.loaders.single_file_utils import (
     convert_flux_transformer_checkpoint_to_diffusers, convert_hidream_transformer_to_diffusers,
     convert_ldm_unet_checkpoint,
@@ -28,6 +29,7 @@ from pipeline.config import LoraConfig, ModelConfig
 from pipeline.families import family_class
 from pipeline.families.base import load_full_pipeline
 from pipeline.families.chroma.planning import DENOISER as CHROMA1_HD
+from pipeline.families.qwenimage.planning import DENOISER as QWEN_IMAGE
 from pipeline.families.sdxl.kohya import ldm_unet_name
 from pipeline.denoiser.lora import LORA_LAYERS, add_lora, diffusers_weights, lora_file, save_lora
 
@@ -56,7 +58,8 @@ HIDREAM_I1 = dict(attention_head_dim=128, axes_dims_rope=[64, 32, 32], caption_c
                   patch_size=2, text_emb_dim=2048)
 FULL_SIZE = {"flux": (FluxTransformer2DModel, FLUX1_DEV), "sdxl": (UNet2DConditionModel, SDXL_BASE),
              "hidream": (HiDreamImageTransformer2DModel, HIDREAM_I1),
-             "chroma": (ChromaTransformer2DModel, {k: v for k, v in CHROMA1_HD.items() if k != "_class_name"})}
+             "chroma": (ChromaTransformer2DModel, {k: v for k, v in CHROMA1_HD.items() if k != "_class_name"}),
+             "qwenimage": (QwenImageTransformer2DModel, {k: v for k, v in QWEN_IMAGE.items() if k != "_class_name"})}
 # every family, preset and format; Flux's kohya layout (Chroma's too) refuses all_linear (test_lora_format.py)
 PRESETS, FORMATS = ("attention", "attention_mlp", "all_linear"), ("diffusers", "kohya")
 CASES = [(f, p, fmt) for f in FULL_SIZE for p in PRESETS for fmt in FORMATS
@@ -81,6 +84,8 @@ def targets_of(name, model, config):
         return {d: t for d, t in comfy.flux_targets(config).items() if d in modules}
     if name == "sdxl":
         return comfy.sdxl_targets(modules, config)
+    if name == "qwenimage":
+        return comfy.qwenimage_targets(modules)
     return comfy.hidream_targets(modules)
 
 

@@ -55,9 +55,10 @@ def test_training_is_one_forward_per_batch_and_starts_at_zero_prior_loss(family_
             raise AssertionError(f"the train stage built a {cls.__name__}")
         return init
 
-    # every text encoder is a transformers PreTrainedModel; every family's VAE an AutoencoderKL or FLUX.2's
+    # every text encoder is a transformers PreTrainedModel; every family's VAE an AutoencoderKL, FLUX.2's or
+    # Qwen-Image's
     monkeypatch.setattr(transformers.PreTrainedModel, "__init__", refuse(transformers.PreTrainedModel))
-    for vae in (diffusers.AutoencoderKL, diffusers.AutoencoderKLFlux2):
+    for vae in (diffusers.AutoencoderKL, diffusers.AutoencoderKLFlux2, diffusers.AutoencoderKLQwenImage):
         monkeypatch.setattr(vae, "__init__", refuse(vae))
     calls = []
     plan = make_plan(cfg)
