@@ -274,18 +274,25 @@ def live_peak(model: torch.nn.Module, forward, cpu_conv: bool = False) -> int:
     return peak[0]
 
 
+def vae_class(vae_config: dict):
+    """The diffusers class a VAE config names (its `_class_name`), AutoencoderKL where it names none."""
+    import diffusers
+
+    return getattr(diffusers, vae_config.get("_class_name") or "AutoencoderKL", diffusers.AutoencoderKL)
+
+
 def vae_working(vae_config: dict, batch: int, resolution: int, dtype: torch.dtype) -> int:
     """The working set of the cache stage's VAE encode (no grad) of `batch` square images (live_peak)."""
-    from diffusers import AutoencoderKL
-
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            vae = AutoencoderKL.from_config(vae_config)
+            vae = vae_class(vae_config).from_config(vae_config)
     finally:
         torch.set_default_dtype(previous)
     shape = (batch, vae_config.get("in_channels", 3), resolution, resolution)
+    if "temperal_downsample" in vae_config:  # a video VAE (3D-causal): an image is one frame
+        shape = (shape[0], shape[1], 1, *shape[2:])
     return live_peak(vae, lambda: vae.encode(torch.zeros(shape, device="meta", dtype=dtype)).latent_dist.mode())
 
 

@@ -84,6 +84,8 @@ def measure_peaks(config_path: str, kind: str) -> dict:
     if kind == "vae":  # the cache stage's encode, with the family's own encode_images
         from diffusers import AutoencoderKL
 
+        from pipeline.memory import vae_class
+
         vae_dtype = TORCH_DTYPES[cfg.model.encoder_dtype]
         encode = lambda: family.encode_images(vae, torch.rand(  # noqa: E731 - the images are made in the call
             cfg.cache.batch_size, 3, cfg.data.resolution, cfg.data.resolution, dtype=vae_dtype))
@@ -91,7 +93,8 @@ def measure_peaks(config_path: str, kind: str) -> dict:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(vae_dtype)
         try:
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(family.root, subfolder="vae")).eval()
+            vae_config = AutoencoderKL.load_config(family.root, subfolder="vae")
+            vae = vae_class(vae_config).from_config(vae_config).eval()
         finally:
             torch.set_default_dtype(previous)
         encode()

@@ -22,14 +22,15 @@ def encoder_params(name: str, public=None) -> dict[str, int]:
     """Parameter counts of the family's public VAE and text encoders (those of `public`, one of its planning
     variants, where given), built from their configs on the meta device (the counts are beside each
     family's configs, in its planning.py)."""
-    import diffusers
     import torch
     import transformers
+
+    from pipeline.memory import vae_class
 
     public = public or planning(name)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     with torch.device("meta"):
-        out = {"vae": count(diffusers.AutoencoderKL.from_config(dict(public.vae_config)))}
+        out = {"vae": count(vae_class(public.vae_config).from_config(dict(public.vae_config)))}
         for component, (cls_name, config) in public.text_encoder_configs.items():
             cls = getattr(transformers, cls_name)
             out[component] = count(cls(cls.config_class(**config)))
@@ -71,9 +72,10 @@ def save_cut_model(name: str, root: Path, blocks: int = 1, dtype=None) -> Path:
         torch.set_default_dtype(previous)
     model.save_pretrained(root / cls.denoiser_component)  # safetensors, written by diffusers
     (root / "vae").mkdir(parents=True, exist_ok=True)
-    (root / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **planning(name).vae_config}))
+    vae = {"_class_name": "AutoencoderKL", **planning(name).vae_config}
+    (root / "vae" / "config.json").write_text(json.dumps(vae))
     index = {"_class_name": cls.pipeline_classes[0], cls.denoiser_component: ["diffusers", cls.denoiser_class.__name__],
-             "vae": ["diffusers", "AutoencoderKL"]}
+             "vae": ["diffusers", vae["_class_name"]]}
     (root / "model_index.json").write_text(json.dumps(index))
     return root
 

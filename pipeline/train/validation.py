@@ -100,7 +100,9 @@ def render_prompts(plan: Plan, store: Store, denoiser: Denoiser) -> list:
     if not v.prompts:
         return []
     vae = plan.family.load_vae(denoiser.device, denoiser.dtype)
-    vae.encoder = None  # decoding only: the encoder's memory goes at once
+    # decoding only: the encoder's memory goes at once (an empty module, not None: a 3D-causal VAE counts its
+    # encoder's layers when it decodes)
+    vae.encoder = torch.nn.Module()
     gc.collect()
     model = denoiser.module
     model.eval()

@@ -42,6 +42,14 @@ OTHER_LINEAR = ["img_mod.1", "txt_mod.1", "img_in", "txt_in", "proj_out", "norm_
 PIPE = QwenImagePipeline  # its static helpers pack and unpack the latents
 
 
+class QwenImageSampling(PipelineSampling):
+    def pipeline_layout(self, cond):
+        # a cached caption, unpadded, with its mask of ones, which the pipeline drops (it warns without one)
+        masks = {f"{k}_mask": torch.ones(t.shape[:2], dtype=torch.long) for k, t in cond.items()
+                 if k.endswith("prompt_embeds")}
+        return {**cond, **masks}
+
+
 class QwenImageFamily(FlowMatchingFamily):
     name = "qwenimage"
     pipeline_classes = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
@@ -59,7 +67,7 @@ class QwenImageFamily(FlowMatchingFamily):
     planning = PLANNING
     lora_layout = QwenImageLayout("transformer")
     # true classifier-free guidance outside the transformer, with a negative prompt ("" here)
-    sampling = PipelineSampling("QwenImagePipeline", negative_is_empty_caption=True)
+    sampling = QwenImageSampling("QwenImagePipeline", negative_is_empty_caption=True)
 
     def __init__(self, root: Path, cfg: ModelConfig):
         super().__init__(root, cfg)

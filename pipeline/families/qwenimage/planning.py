@@ -43,10 +43,10 @@ class QwenImagePlanning(Planning):
     conv_denoiser = False
 
     def dry_run_shapes(self, config, batch, resolution, max_sequence_length):
-        # the longest caption of a batch sets its text length: plan for captions of max_sequence_length tokens
-        h = resolution // 8
+        # every batch is padded to max_sequence_length text tokens (the adapter's collate), with its mask
+        L, h = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH, resolution // 8
         return (batch, config["out_channels"], h, h), {
-            "prompt_embeds": (batch, max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH, config["joint_attention_dim"]),
+            "prompt_embeds": (batch, L, config["joint_attention_dim"]), "prompt_embeds_mask": (batch, L),
         }
 
     def block_depths(self, config):
