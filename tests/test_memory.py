@@ -25,7 +25,7 @@ def built(tiny_family_model, name, dtype=torch.float32):
     return cls, real, config
 
 
-@pytest.mark.parametrize("name", ["flux", "sdxl", "hidream"])
+@pytest.mark.parametrize("name", ["flux", "sdxl", "hidream", "qwenimage"])
 def test_weights_and_lora_sizes_equal_the_built_models(tiny_family_model, name):
     cls, real, config = built(tiny_family_model, name)
     planned = meta_denoiser(cls, config)
@@ -110,7 +110,8 @@ def test_stages_say_the_estimate_on_a_gpu_only(project, capsys):
 
 @pytest.mark.parametrize("name,depths", [("flux", {"num_layers": 3, "num_single_layers": 4}),
                                          ("hidream", {"num_layers": 3, "num_single_layers": 4}),
-                                         ("sdxl", {"transformer_layers_per_block": [1, 3]})])
+                                         ("sdxl", {"transformer_layers_per_block": [1, 3]}),
+                                         ("qwenimage", {"num_layers": 3})])
 def test_cut_dry_runs_stand_for_the_whole_model(tiny_family_model, name, depths, monkeypatch):
     # the planner's dry runs of one- and two-block models, extrapolated, give what a dry run of the whole
     # (deeper) model gives: the same saved bytes, and with checkpointing what is kept to within 1%

@@ -142,13 +142,34 @@ def test_the_comfyui_file_holds_alpha_and_diffusers_reads_it(family, tmp_path):
     alphas = [k for k in written if k.endswith(".alpha")]
     assert all(k.startswith("diffusion_model.") for k in written) and alphas
     assert all(float(written[k]) == 8.0 for k in alphas) and 3 * len(alphas) == len(written)
-    # every Linear of the transformer has its module in ComfyUI's layout
+    # every Linear of the transformer has its module in ComfyUI's layout, but the last block's text stream
     linears = {n for n, m in QwenImageTransformer2DModel.from_pretrained(family.root, subfolder="transformer")
                .named_modules() if isinstance(m, torch.nn.Linear)}
-    assert {k.removeprefix("diffusion_model.").removesuffix(".alpha") for k in alphas} == linears
+    dead = {f"transformer_blocks.1.{m}" for m in ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj",
+                                                  "txt_mlp.net.2")}
+    assert {k.removeprefix("diffusion_model.").removesuffix(".alpha") for k in alphas} == linears - dead
     # diffusers' converter reads the scale from alpha: every pair placed, nothing left over
     pairs = QwenImagePipeline.lora_state_dict(str(path))
     assert len(pairs) == 2 * len(alphas) and all(k.startswith("transformer.") for k in pairs)
+
+
+@pytest.mark.parametrize("preset", ["attention", "attention_mlp", "all_linear"])
+def test_every_layer_of_each_preset_gets_a_gradient(family, preset):
+    # the last block's text stream makes nothing the output depends on: the presets leave it out, so that
+    # no LoRA layer waits for a gradient that never comes (DDP would wait forever)
+    from pipeline.config import LoraConfig
+    from pipeline.denoiser.lora import add_lora
+    from pipeline.processes import refuse_missing_gradients
+
+    model = family.load_denoiser(**CPU32)
+    add_lora(model, LoraConfig(rank=4, targets=preset), family.target_presets)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # B starts at zero, and A's gradient with it
+            torch.nn.init.normal_(p.data)
+    cond = family.collate(family.encode_captions(family.load_text_encoders(**CPU32), CAPTIONS[:2]))
+    family.predict(model, torch.randn(2, 4, 8, 8), torch.tensor([500.0, 200.0]), cond, **CPU32).square().mean().backward()
+    refuse_missing_gradients(model, "lora.targets")
+    assert any(".add_q_proj." in n for n, _ in model.named_parameters())
 
 
 def test_a_single_file_transformer_loads(family, model, tmp_path):

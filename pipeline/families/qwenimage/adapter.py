@@ -35,10 +35,28 @@ from pipeline.families.qwenimage.planning import DEFAULT_MAX_SEQUENCE_LENGTH, MA
 
 # each block's joint attention (image and text streams), then its two MLPs, then the modulation Linears and
 # the embedders outside the blocks (every Linear of the model)
-ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-MLP = ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+MLP = ["img_mlp.net.0.proj", "img_mlp.net.2"]
 OTHER_LINEAR = ["img_mod.1", "txt_mod.1", "img_in", "txt_in", "proj_out", "norm_out.linear",
                 "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2"]
+# The text stream's queries, its attention output and its MLP: only the image stream leaves the last block
+# (the model's output is the image tokens'), so in the last block these layers make nothing the output
+# depends on. A LoRA there would never get a gradient (and under DDP the processes would wait for it
+# forever), so they are targeted in every block but the last.
+TEXT_ATTENTION, TEXT_MLP = ["attn.add_q_proj", "attn.to_add_out"], ["txt_mlp.net.0.proj", "txt_mlp.net.2"]
+
+
+def presets_for(num_layers: int | None) -> dict[str, list[str]]:
+    """lora.targets' presets for a transformer of `num_layers` blocks (None: the text stream's layers in every
+    block, which the planner's counts take)."""
+    def text(layers):
+        if num_layers is None:
+            return [f"transformer_blocks.*.{m}" for m in layers]
+        return [f"transformer_blocks.{i}.{m}" for i in range(num_layers - 1) for m in layers]
+
+    attention = ATTENTION + text(TEXT_ATTENTION)
+    mlp = MLP + text(TEXT_MLP)
+    return {"attention": attention, "attention_mlp": attention + mlp, "all_linear": attention + mlp + OTHER_LINEAR}
 PIPE = QwenImagePipeline  # its static helpers pack and unpack the latents
 
 
@@ -59,8 +77,7 @@ class QwenImageFamily(FlowMatchingFamily):
     denoiser_class = QwenImageTransformer2DModel
     pixel_multiple = 16  # VAE downsamples by 8, the 2x2 packing by 2 more
     default_max_sequence_length = DEFAULT_MAX_SEQUENCE_LENGTH
-    target_presets = {"attention": ATTENTION, "attention_mlp": ATTENTION + MLP,
-                      "all_linear": ATTENTION + MLP + OTHER_LINEAR}
+    target_presets = presets_for(None)  # the model folder's own, without its last block's dead layers: __init__
     default_target_modules = target_presets["attention"]
     swap_blocks = ("transformer_blocks",)  # 60 dual-stream blocks
     text_lengths_vary = True
@@ -76,6 +93,10 @@ class QwenImageFamily(FlowMatchingFamily):
         if found is not None and found not in self.pipeline_classes:  # model.family = "qwenimage" on another folder
             raise UserError(f"model.path: '{self.root}' holds a {found or 'pipeline without _class_name'}, "
                             f"not a Qwen-Image model (model.family = \"qwenimage\")")
+        config = self.root / self.denoiser_component / "config.json"
+        if config.is_file():
+            self.target_presets = presets_for(json.loads(config.read_text()).get("num_layers", 60))
+            self.default_target_modules = self.target_presets["attention"]
         if self.max_sequence_length > MAX_SEQUENCE_LENGTH:
             raise UserError(f"config key 'model.max_sequence_length' must be at most {MAX_SEQUENCE_LENGTH} for "
                             f"Qwen-Image (its pipeline refuses more), got {self.max_sequence_length}")

@@ -21,7 +21,7 @@ PRESETS = {
     "default": dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 6, 6),
                     text_width=16),
     # a few million parameters: timings mean something
-    "bench": dict(num_layers=6, attention_head_dim=32, num_attention_heads=8, axes_dims_rope=(8, 12, 12),
+    "bench": dict(num_layers=4, attention_head_dim=32, num_attention_heads=8, axes_dims_rope=(8, 12, 12),
                   text_width=64),
 }
 LATENT_CHANNELS = 4
