@@ -153,6 +153,32 @@ def test_the_comfyui_file_holds_alpha_and_diffusers_reads_it(family, tmp_path):
     assert len(pairs) == 2 * len(alphas) and all(k.startswith("transformer.") for k in pairs)
 
 
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_both_files_load_in_the_pipeline_every_pair_placed_at_the_trained_strength(family, fmt, tmp_path):
+    from pipeline.config import LoraConfig
+    from pipeline.denoiser.lora import add_lora, save_lora
+    from pipeline.families.base import load_full_pipeline
+
+    model = family.load_denoiser(**CPU32)
+    cfg = LoraConfig(rank=4, alpha=8.0, targets="all_linear")  # alpha != rank: the strength must survive
+    add_lora(model, cfg, family.target_presets)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    path = tmp_path / "lora.safetensors"
+    save_lora(path, model, family, {}, cfg, fmt)
+    pipe = load_full_pipeline(family, **CPU32)
+    pipe.load_lora_weights(str(path), adapter_name="file")
+    ours = {n: m.get_delta_weight("default") for n, m in model.named_modules() if hasattr(m, "get_delta_weight")}
+    theirs = {n: m.get_delta_weight("file") for n, m in pipe.transformer.named_modules()
+              if hasattr(m, "get_delta_weight") and "file" in getattr(m, "lora_A", {})}
+    assert theirs.keys() == ours.keys() and len(ours) == 30  # every pair placed (14 + 10 in the blocks, 6 outside)
+    for n in ours:
+        torch.testing.assert_close(theirs[n], ours[n], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("preset", ["attention", "attention_mlp", "all_linear"])
 def test_every_layer_of_each_preset_gets_a_gradient(family, preset):
     # the last block's text stream makes nothing the output depends on: the presets leave it out, so that
@@ -205,3 +231,18 @@ def test_two_ranks_train_the_lora_one_trains(project, model, tmp_path):
     assert one.keys() == two[0].keys()
     assert max(float((one[k] - two[0][k]).abs().max()) for k in one) <= 1e-6
     assert all(torch.equal(two[0][k], two[1][k]) for k in one)
+
+
+def test_the_public_configs_give_the_published_sizes():
+    from pipeline.families import family_class
+    from pipeline.memory import meta_denoiser, vae_working
+    from pipeline.tools.public_configs import encoder_params
+
+    planning = family_class("qwenimage").planning
+    model = meta_denoiser(family_class("qwenimage"), dict(planning.denoiser_config))
+    assert len(model.transformer_blocks) == 60 and 20.3e9 < sum(p.numel() for p in model.parameters()) < 20.5e9
+    counts = encoder_params("qwenimage")
+    # Qwen2.5-VL-7B-Instruct with its vision tower (8.29B); the VAE is AutoencoderKLQwenImage's 127M, not an
+    # AutoencoderKL's: the planner builds the class the VAE config names
+    assert 8.2e9 < counts["text_encoder"] < 8.4e9 and 126e6 < counts["vae"] < 128e6
+    assert vae_working(dict(planning.vae_config), 1, 64, torch.bfloat16) > 0  # a video VAE encodes one frame
