@@ -256,7 +256,9 @@ def render_cached(family: Family, denoiser, vae, cond, *, device, dtype, height,
         # this pipeline's classifier-free guidance encodes "" as the negative prompt: pass that, cached
         cond = {**cond, **{f"negative_{k}": t for k, t in negative.items()}}
     # the cache stacks every tensor batch-first; a family whose pipeline wants another layout converts it
-    cond = {k: t.to(device, dtype) for k, t in sampling.pipeline_layout(cond).items()}
+    # (a list of per-prompt tensors where the pipeline takes captions at their own lengths)
+    cond = {k: [x.to(device, dtype) for x in t] if isinstance(t, list) else t.to(device, dtype)
+            for k, t in sampling.pipeline_layout(cond).items()}
     with torch.no_grad():
         return pipe(**cond, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
                     generator=generator, output_type="pil").images
