@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import ZImagePipeline
 from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import comfyui_rules as comfy
 from conftest import CPU32, configure
@@ -23,6 +23,8 @@ from pipeline.denoiser.lora import add_lora, save_lora
 from pipeline.errors import UserError
 from pipeline.families.base import load_full_pipeline
 from pipeline.families.load import get_family
+from pipeline.data.plan import make_plan
+from pipeline.config import load_config
 from pipeline.train import step as train_step_module
 from pipeline.train.stage import run_train
 
@@ -237,6 +239,45 @@ def test_another_pipeline_and_a_one_layer_text_encoder_are_refused_in_one_line(m
     with pytest.raises(UserError, match=r"text_encoder/config.json' has 1 hidden layers.*at least 2") as e:
         get_family(ModelConfig(path=str(short))).load_text_encoders(**CPU32)
     assert "\n" not in str(e.value)
+
+
+# ComfyUI's (the reference) names of the Z-Image weights that are not Linears, from diffusers' (the inverse of
+# convert_z_image_transformer_checkpoint_to_diffusers's renames)
+_REFERENCE = ((".attention.to_out.0.", ".attention.out."), (".attention.norm_q.", ".attention.q_norm."),
+              (".attention.norm_k.", ".attention.k_norm."), ("all_final_layer.2-1.", "final_layer."),
+              ("all_x_embedder.2-1.", "x_embedder."))
+
+
+def _reference_layout(sd, dim):
+    """A diffusers Z-Image state dict in the layout of the single files users download for ComfyUI
+    (Comfy-Org's z_image_turbo_bf16.safetensors): reference names, q, k and v fused in attention.qkv."""
+    out = {}
+    for k, v in sd.items():
+        if ".attention.to_k." in k or ".attention.to_v." in k:
+            continue
+        if ".attention.to_q." in k:
+            out[k.replace(".to_q.", ".qkv.")] = torch.cat([v, sd[k.replace(".to_q.", ".to_k.")],
+                                                          sd[k.replace(".to_q.", ".to_v.")]])
+            continue
+        for d, r in _REFERENCE:
+            k = k.replace(d, r) if k.startswith(d) or d.startswith(".") else k
+        out[k] = v
+    assert len(out) < len(sd) and any(".attention.qkv." in k for k in out) and "x_embedder.weight" in out
+    return out
+
+
+def test_a_single_file_denoiser_in_comfyuis_layout(project, model, tmp_path):
+    denoiser = get_family(ModelConfig(path=str(model))).load_denoiser(**CPU32)
+    reference = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    single = tmp_path / "z_image_bf16.safetensors"
+    save_file(_reference_layout(reference, denoiser.config.dim), str(single))
+    path, _ = project(model=model)
+    folder_fp = make_plan(load_config(path)).denoiser_fp
+    path.write_text(path.read_text().replace("[model]\n", f'[model]\ndenoiser_file = "{single}"\n', 1))
+    cfg = load_config(path)
+    loaded = get_family(cfg.model).load_denoiser(**CPU32).state_dict()
+    assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
+    assert make_plan(cfg).denoiser_fp != folder_fp  # the file's weights key the priors
 
 
 @pytest.mark.slow
