@@ -280,6 +280,58 @@ def test_a_single_file_denoiser_in_comfyuis_layout(project, model, tmp_path):
     assert make_plan(cfg).denoiser_fp != folder_fp  # the file's weights key the priors
 
 
+def _adapter_file(family, tmp_path, preset="attention_mlp"):
+    """A random LoRA in ai-toolkit's Z-Image layout (diffusion_model.<module>, .alpha), as the Turbo training
+    adapter is, and the denoiser's weights with it merged."""
+    from peft.tuners.lora import LoraLayer
+
+    denoiser, base, cfg = _adapted(family, "lora", preset=preset)
+    path = tmp_path / "adapter.safetensors"
+    save_lora(path, denoiser, family, {}, cfg, "kohya")
+    with torch.no_grad():
+        merged = {**base, **{f"{n}.weight": base[f"{n}.weight"] + m.get_delta_weight("default")
+                             for n, m in denoiser.named_modules() if isinstance(m, LoraLayer)}}
+    return path, base, merged
+
+
+def test_a_training_adapter_is_merged_into_the_denoiser_and_keys_the_priors(project, model, tmp_path):
+    path, plain = project(model=model)
+    adapter, base, merged = _adapter_file(get_family(plain.model), tmp_path)
+    cfg = configure(path, model={"training_adapter": str(adapter)})
+    loaded = get_family(cfg.model).load_denoiser(**CPU32).state_dict()  # a plain denoiser again, no adapter left
+    assert loaded.keys() == merged.keys()
+    changed = [k for k in merged if not torch.equal(merged[k], base[k])]
+    assert len(changed) > 20
+    for k in merged:
+        torch.testing.assert_close(loaded[k], merged[k], rtol=1e-5, atol=1e-6)
+    assert make_plan(cfg).denoiser_fp != make_plan(plain).denoiser_fp
+    assert json.loads(cfg.portable_json())["model"]["training_adapter"] == "adapter.safetensors"  # beside the config
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"training_adapter": "adapter.pt"}, r"config.toml: config key 'model.training_adapter' must name a .safetensors file"),
+    ({"training_adapter": "ADAPTER", "quantize": "int8"},
+     r"config.toml: config keys 'model.training_adapter' and 'model.quantize' exclude each other"),
+])
+def test_bad_training_adapter_keys_are_one_line(project, model, tmp_path, keys, message):
+    path, _ = project(model=model)
+    (tmp_path / "adapter.safetensors").write_bytes(b"")
+    keys = {k: str(tmp_path / "adapter.safetensors") if v == "ADAPTER" else v for k, v in keys.items()}
+    with pytest.raises(UserError, match=message) as e:
+        configure(path, model=keys)
+    assert "\n" not in str(e.value)
+
+
+def test_a_training_adapter_for_another_model_is_refused_in_one_line(family, tmp_path):
+    adapter, *_ = _adapter_file(family, tmp_path, preset="attention")
+    lora = load_file(adapter)
+    save_file({k.replace(".attention.", ".attn."): v for k, v in lora.items()}, str(adapter))
+    other = get_family(ModelConfig(path=str(family.root), training_adapter=str(adapter)))
+    with pytest.raises(UserError, match=r"^model.training_adapter: .* (is not a LoRA|names \d+ module)") as e:
+        other.load_denoiser(**CPU32)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.slow
 def test_two_ranks_train_the_lora_one_trains(project, model, tmp_path):
     from test_dist import _train
