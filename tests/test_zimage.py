@@ -308,6 +308,22 @@ def test_a_training_adapter_is_merged_into_the_denoiser_and_keys_the_priors(proj
     assert json.loads(cfg.portable_json())["model"]["training_adapter"] == "adapter.safetensors"  # beside the config
 
 
+@pytest.mark.e2e
+def test_with_a_training_adapter_only_priors_are_recomputed_and_training_starts_at_zero_prior_loss(
+    project, model, tmp_path
+):
+    path, plain = project(model=model, dtype="fp32", max_steps=1)
+    adapter, *_ = _adapter_file(get_family(plain.model), tmp_path)
+    run_cache(plain, progress=False)
+    cfg = configure(path, model={"training_adapter": str(adapter)})
+    again = run_cache(cfg, progress=False)
+    assert (again["latents_encoded"], again["texts_encoded"], again["noise_computed"]) == (0, 0, 0)
+    assert again["priors_computed"] == again["prior_samples"] * cfg.cache.variants  # the merged model's own
+    summary = run_train(cfg, progress=False)
+    first = json.loads(open(summary["metrics"]).readline())
+    assert first["n_prior"] > 0 and first["loss_prior"] <= 1e-10 * first["loss_standard"]
+
+
 @pytest.mark.parametrize("keys, message", [
     ({"training_adapter": "adapter.pt"}, r"config.toml: config key 'model.training_adapter' must name a .safetensors file"),
     ({"training_adapter": "ADAPTER", "quantize": "int8"},
