@@ -70,7 +70,7 @@ class ZImageFamily(FlowMatchingFamily):
     default_target_modules = target_presets["attention"]
     # the 30 main layers (the refiners, 2 + 2 blocks on two separate branches, stay resident)
     swap_blocks = ("layers",)
-    # Z-Image's scheduler (use_dynamic_shifting false, shift 3) shifts the training table itself: draw
+    # Z-Image's scheduler (use_dynamic_shifting false; Turbo's shift 3) shifts the training table itself: draw
     # uniformly over it, as for HiDream
     default_timestep_sampling = "uniform"
     # diffusers 0.42's ZImageLoraLoaderMixin reads a LoKr file (peft's names, or ai-toolkit's diffusion_model.)

@@ -44,7 +44,7 @@ def build(path: Path, preset: str = "default", seed: int = 0) -> None:
         num_attention_heads=2, num_key_value_heads=1, head_dim=d // 2, max_position_embeddings=512,
         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     ))
-    # Z-Image's scheduler_config.json: a fixed shift of 3, no resolution-dependent shift
+    # Z-Image-Turbo's scheduler_config.json: a fixed shift of 3, no resolution-dependent shift
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                           transformer=transformer)
