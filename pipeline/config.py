@@ -44,6 +44,9 @@ class ModelConfig:
     denoiser_file: str = ""  # a single-file (.safetensors) denoiser checkpoint used instead of the folder's weights
     prediction_type: str = ""  # epsilon/v models: "epsilon" | "v_prediction" when the scheduler config says otherwise; "": its own
     quantize: str = "none"  # the frozen denoiser's weights: "none" | "int8" | "fp8" (torchao) | "nf4" (bitsandbytes, CUDA)
+    # a LoRA (.safetensors) merged into the frozen denoiser in both stages, never saved with the trained one: a
+    # distilled model's de-distillation training adapter (Z-Image-Turbo's); its file keys the priors
+    training_adapter: str = ""
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ class Config:
         d["source"] = Path(self.source).name
         d["model"]["path"] = rel(self.model.path)
         d["model"]["denoiser_file"] = rel(self.model.denoiser_file) if self.model.denoiser_file else ""
+        d["model"]["training_adapter"] = rel(self.model.training_adapter) if self.model.training_adapter else ""
         d["cache"]["dir"] = rel(self.cache.dir)
         d["train"]["output_dir"] = rel(self.train.output_dir)
         for c in d["concepts"]:
@@ -346,7 +350,9 @@ def load_config(path: str | Path, dtype: str | None = None) -> Config:
             cfg,
             source=str(path.resolve()),
             model=dataclasses.replace(cfg.model, path=model_path, denoiser_file=cfg.model.denoiser_file
-                                      and _resolve(base, cfg.model.denoiser_file, "model.denoiser_file")),
+                                      and _resolve(base, cfg.model.denoiser_file, "model.denoiser_file"),
+                                      training_adapter=cfg.model.training_adapter
+                                      and _resolve(base, cfg.model.training_adapter, "model.training_adapter")),
             concepts=[dataclasses.replace(c, folder=_resolve(base, c.folder, f"concepts[{i}].folder"))
                       for i, c in enumerate(cfg.concepts)],
             cache=dataclasses.replace(cfg.cache, dir=_resolve(base, cfg.cache.dir, "cache.dir")),
@@ -478,6 +484,11 @@ def validate(cfg: Config) -> None:
         check_config(cfg.model.quantize, {"cache.device": cfg.cache.device, "train.device": cfg.train.device})
     if cfg.model.denoiser_file and not cfg.model.denoiser_file.endswith(".safetensors"):
         raise UserError("config key 'model.denoiser_file' must name a .safetensors file (pickle checkpoints are not loaded)")
+    if cfg.model.training_adapter and not cfg.model.training_adapter.endswith(".safetensors"):
+        raise UserError("config key 'model.training_adapter' must name a .safetensors file (pickle files are not loaded)")
+    if cfg.model.training_adapter and cfg.model.quantize != "none":
+        raise UserError("config keys 'model.training_adapter' and 'model.quantize' exclude each other: the adapter is "
+                        "merged into the unquantized weights (train.blocks_to_swap saves memory with it)")
     if cfg.embedded is not None:
         _choice(cfg.embedded.family, FAMILIES, "embedded.family")
         _choice(cfg.embedded.preset, tuple(tiny_module(cfg.embedded.family).PRESETS), "embedded.preset")
@@ -537,6 +548,9 @@ def check_paths(cfg: Config) -> None:
     single = cfg.model.denoiser_file
     if single and not Path(single).is_file():
         raise UserError(f"model.denoiser_file: '{single}' does not exist")
+    adapter = cfg.model.training_adapter
+    if adapter and not Path(adapter).is_file():
+        raise UserError(f"model.training_adapter: '{adapter}' does not exist")
     for i, c in enumerate(cfg.concepts):
         folder = Path(c.folder)
         if not folder.is_dir():

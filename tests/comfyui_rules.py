@@ -18,6 +18,10 @@ matrices apply) and comfy/utils.py (`unet_to_diffusers`, `flux_to_diffusers`: th
 - HiDream: each model weight also under `transformer.<m>`.
 - Chroma: as Flux (its model class is a subclass of Flux's, so the same table maps it), on the Linears
   Chroma has (no modulation Linears in its blocks, no norm_out.linear).
+- Z-Image (ComfyUI's Lumina2 model, the reference layout: q, k, v fused in `attention.qkv`, `attention.out`,
+  `x_embedder`, `final_layer`): the Lumina2 branch of `model_lora_keys_unet` maps each diffusers weight
+  named by `z_image_to_diffusers` (comfy/utils.py) under `diffusion_model.<d>`, `transformer.<d>`,
+  `lycoris_<d, '_'>` and `<d>`; to_q, to_k, to_v patch row ranges of the fused qkv (dim rows each).
 - A stem is found with one of these (up, down) pairs: `.lora_up.weight`/`.lora_down.weight`,
   `_lora.up.weight`/`_lora.down.weight`, `.lora_B.weight`/`.lora_A.weight`, `.lora.up.weight`/
   `.lora.down.weight`. The scale is `<stem>.alpha` / rank (the down matrix's rows) where that key exists,
@@ -113,6 +117,32 @@ def flux_targets(config: dict) -> dict[str, Target]:
     return out
 
 
+_ZIMAGE_BLOCK = {"attention.to_out.0": "attention.out", "feed_forward.w1": "feed_forward.w1",
+                 "feed_forward.w2": "feed_forward.w2", "feed_forward.w3": "feed_forward.w3",
+                 "adaLN_modulation.0": "adaLN_modulation.0"}
+_ZIMAGE_TOP = {"all_x_embedder.2-1": "x_embedder", "all_final_layer.2-1.linear": "final_layer.linear",
+               "all_final_layer.2-1.adaLN_modulation.1": "final_layer.adaLN_modulation.1",
+               "cap_embedder.1": "cap_embedder.1", "t_embedder.mlp.0": "t_embedder.mlp.0",
+               "t_embedder.mlp.2": "t_embedder.mlp.2"}
+
+
+def zimage_targets(config: dict) -> dict[str, Target]:
+    """Every Linear of a diffusers Z-Image transformer in the reference layout, as z_image_to_diffusers
+    names them (checked against diffusers' own single-file reader in the tests)."""
+    dim, out = config["dim"], {}
+    blocks = [f"layers.{i}" for i in range(config["n_layers"])]
+    blocks += [f"{kind}.{i}" for kind in ("context_refiner", "noise_refiner") for i in range(config["n_refiner_layers"])]
+    for b in blocks:
+        for j, p in enumerate("qkv"):
+            out[f"{b}.attention.to_{p}"] = Target(f"diffusion_model.{b}.attention.qkv.weight", (j * dim, dim))
+        for d, c in _ZIMAGE_BLOCK.items():
+            if d != "adaLN_modulation.0" or not b.startswith("context_refiner"):  # context refiners: no modulation
+                out[f"{b}.{d}"] = Target(f"diffusion_model.{b}.{c}.weight")
+    for d, c in _ZIMAGE_TOP.items():
+        out[d] = Target(f"diffusion_model.{c}.weight")
+    return out
+
+
 # -- the loader ------------------------------------------------------------------------------------
 def key_map(family: str, targets: dict[str, Target]) -> dict[str, Target]:
     """Stem -> Target, as ComfyUI builds it for a model of `family` whose modules are `targets`."""
@@ -128,6 +158,9 @@ def key_map(family: str, targets: dict[str, Target]) -> dict[str, Target]:
             stems[p] = stems[f"unet.{p}"] = t
         elif family in ("flux", "hidream", "chroma", "qwenimage"):  # Chroma: a subclass of ComfyUI's Flux model; FLUX.2: the generic stems
             stems[f"transformer.{d}"] = t
+        elif family == "zimage":  # the Lumina2 branch
+            for stem in (f"diffusion_model.{d}", f"transformer.{d}", "lycoris_" + d.replace(".", "_"), d):
+                stems[stem] = t
     return stems
 
 

@@ -1,7 +1,7 @@
 """Every LoRA file the project writes loads in ComfyUI as it loads in diffusers, checked through a model of
 ComfyUI's key mapping written from its naming rules (comfyui_rules.py):
 
-- at full size (FLUX.1-dev, SDXL base and HiDream-I1 built on the meta device from their public configs,
+- at full size (FLUX.1-dev, SDXL base, HiDream-I1, Chroma1-HD and Z-Image built on the meta device from their public configs,
   only the LoRA's own tensors real): for each target preset and format, every key of the file maps to a
   weight of ComfyUI's model, and the update ComfyUI applies is the trained one, alpha/rank included;
 - the model's own Flux and SDXL layouts are what diffusers' single-file readers take (Black Forest Labs'
@@ -14,8 +14,8 @@ import json
 
 import pytest
 import torch
-from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel, HiDreamImageTransformer2DModel, UNet2DConditionModel
-from diffusers import QwenImageTransformer2DModel
+from diffusers import (ChromaTransformer2DModel, FluxTransformer2DModel, HiDreamImageTransformer2DModel,
+                       QwenImageTransformer2DModel, UNet2DConditionModel, ZImageTransformer2DModel)
 from diffusers.loaders.single_file_utils import (
     convert_flux_transformer_checkpoint_to_diffusers, convert_hidream_transformer_to_diffusers,
     convert_ldm_unet_checkpoint,
@@ -31,6 +31,7 @@ from pipeline.families.base import load_full_pipeline
 from pipeline.families.chroma.planning import DENOISER as CHROMA1_HD
 from pipeline.families.qwenimage.planning import DENOISER as QWEN_IMAGE
 from pipeline.families.sdxl.kohya import ldm_unet_name
+from pipeline.families.zimage.planning import DENOISER as Z_IMAGE
 from pipeline.denoiser.lora import LORA_LAYERS, add_lora, diffusers_weights, lora_file, save_lora
 
 # the public configs of the full-size denoisers (transformer/ or unet/config.json of each repository)
@@ -59,7 +60,8 @@ HIDREAM_I1 = dict(attention_head_dim=128, axes_dims_rope=[64, 32, 32], caption_c
 FULL_SIZE = {"flux": (FluxTransformer2DModel, FLUX1_DEV), "sdxl": (UNet2DConditionModel, SDXL_BASE),
              "hidream": (HiDreamImageTransformer2DModel, HIDREAM_I1),
              "chroma": (ChromaTransformer2DModel, {k: v for k, v in CHROMA1_HD.items() if k != "_class_name"}),
-             "qwenimage": (QwenImageTransformer2DModel, {k: v for k, v in QWEN_IMAGE.items() if k != "_class_name"})}
+             "qwenimage": (QwenImageTransformer2DModel, {k: v for k, v in QWEN_IMAGE.items() if k != "_class_name"}),
+             "zimage": (ZImageTransformer2DModel, {k: v for k, v in Z_IMAGE.items() if k != "_class_name"})}
 # every family, preset and format; Flux's kohya layout (Chroma's too) refuses all_linear (test_lora_format.py)
 PRESETS, FORMATS = ("attention", "attention_mlp", "all_linear"), ("diffusers", "kohya")
 CASES = [(f, p, fmt) for f in FULL_SIZE for p in PRESETS for fmt in FORMATS
@@ -86,6 +88,8 @@ def targets_of(name, model, config):
         return comfy.sdxl_targets(modules, config)
     if name == "qwenimage":
         return comfy.qwenimage_targets(modules)
+    if name == "zimage":
+        return comfy.zimage_targets(config)
     return comfy.hidream_targets(modules)
 
 

@@ -75,7 +75,7 @@ def rehash(cfg: Config) -> dict:
 
     ensure_embedded(cfg)
     family = resolve(cfg).family
-    mine = [family.root.resolve()] + ([family.denoiser_file.resolve()] if family.denoiser_file else [])
+    mine = [family.root.resolve()] + [p.resolve() for p in (family.denoiser_file, family.training_adapter) if p]
     with cache_lock(cfg.cache.dir, "read"):
         fps = Fingerprints(Path(cfg.cache.dir) / "fingerprints.json")
         before = model_fingerprints(fps, family)  # as the memo has them

@@ -184,10 +184,14 @@ def _component_fp(fps: Fingerprints, root: Path, names) -> str:
 
 def _denoiser_fp(fps: Fingerprints, family: Family) -> str:
     if family.denoiser_file is None:
-        return _component_fp(fps, family.root, [family.denoiser_component])
-    # model.denoiser_file: the weights are that file's; the folder gives only the config
-    config = family.root / family.denoiser_component / "config.json"
-    return digest([["file", fps.file(family.denoiser_file)], ["config", fps.file(config)]])
+        weights = _component_fp(fps, family.root, [family.denoiser_component])
+    else:
+        # model.denoiser_file: the weights are that file's; the folder gives only the config
+        config = family.root / family.denoiser_component / "config.json"
+        weights = digest([["file", fps.file(family.denoiser_file)], ["config", fps.file(config)]])
+    adapter = getattr(family, "training_adapter", None)
+    # model.training_adapter is merged into those weights; without one the fingerprint is the weights' alone
+    return weights if adapter is None else digest([["weights", weights], ["training adapter", fps.file(adapter)]])
 
 
 def model_fingerprints(fps: Fingerprints, family: Family) -> dict[str, str]:

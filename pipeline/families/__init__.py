@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-FAMILIES = ("flux", "sdxl", "hidream", "flux2", "chroma", "qwenimage")
+FAMILIES = ("flux", "sdxl", "hidream", "flux2", "chroma", "qwenimage", "zimage")
 
 
 def family_class(name: str) -> type:

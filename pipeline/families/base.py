@@ -130,6 +130,7 @@ class FolderFamily(Family):
         self.root = Path(root)
         self.cfg = cfg
         self.denoiser_file = Path(cfg.denoiser_file) if cfg.denoiser_file else None
+        self.training_adapter = Path(cfg.training_adapter) if cfg.training_adapter else None
         self._scheduler = None
 
     @property
@@ -172,7 +173,39 @@ class FolderFamily(Family):
             model = cls.from_pretrained(self.root, subfolder=sub, dtype=dtype, **kwargs)
         if scheme != "none":
             quantize.report(model, scheme, sub)
+        if self.training_adapter is not None:
+            merge_training_adapter(self, model)
         return model.to(device).eval().requires_grad_(False)
+
+
+def merge_training_adapter(family: Family, model: torch.nn.Module) -> None:
+    """Merge model.training_adapter into the loaded denoiser's weights, for good (`model` is then a plain
+    denoiser again, which the trained LoRA goes on). The file is read as the family's pipeline reads LoRA
+    files (its lora_state_dict converts the layouts it knows), and every module it names must be there."""
+    import diffusers
+
+    path = family.training_adapter
+    loader = getattr(diffusers, require(family, "sampling", "config key 'model.training_adapter'").pipeline_class)
+    name = "training_adapter"
+    try:
+        state_dict, metadata = loader.lora_state_dict(str(path), return_lora_metadata=True)
+        model.load_lora_adapter(state_dict, prefix=family.denoiser_component, adapter_name=name, metadata=metadata)
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        model.delete_adapters(name) if name in getattr(model, "peft_config", {}) else None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.training_adapter: '{path}' is not a LoRA the {family.name} denoiser takes ({first})") from None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # every module the file names got its adapter (load_lora_adapter only warns about the others)
+    wanted = {k.removeprefix(f"{family.denoiser_component}.").rsplit(".lora_", 1)[0].rsplit(".lokr_", 1)[0]
+              for k in state_dict}
+    placed = {n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and name in m.active_adapters}
+    if not wanted <= placed:
+        missing = sorted(wanted - placed)
+        raise UserError(f"model.training_adapter: '{path}' names {len(missing)} module(s) the {family.name} denoiser "
+                        f"does not have (first: {missing[0]})")
+    model.fuse_lora(adapter_names=[name])
+    model.unload_lora()
 
 
 class FlowMatchingFamily(FolderFamily):
@@ -256,7 +289,9 @@ def render_cached(family: Family, denoiser, vae, cond, *, device, dtype, height,
         # this pipeline's classifier-free guidance encodes "" as the negative prompt: pass that, cached
         cond = {**cond, **{f"negative_{k}": t for k, t in negative.items()}}
     # the cache stacks every tensor batch-first; a family whose pipeline wants another layout converts it
-    cond = {k: t.to(device, dtype) for k, t in sampling.pipeline_layout(cond).items()}
+    # (a list of per-prompt tensors where the pipeline takes captions at their own lengths)
+    cond = {k: [x.to(device, dtype) for x in t] if isinstance(t, list) else t.to(device, dtype)
+            for k, t in sampling.pipeline_layout(cond).items()}
     with torch.no_grad():
         return pipe(**cond, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
                     generator=generator, output_type="pil").images
