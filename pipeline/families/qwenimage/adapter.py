@@ -28,6 +28,7 @@ from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransf
 
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.families import padding
 from pipeline.families.base import FlowMatchingFamily
 from pipeline.families.capabilities import PipelineSampling
 from pipeline.families.qwenimage.kohya import QwenImageLayout
@@ -145,14 +146,11 @@ class QwenImageFamily(FlowMatchingFamily):
         return {"text_padding": f"right to {self.max_sequence_length} tokens, masked"}
 
     def collate(self, conds):
-        # _get_qwen_prompt_embeds' padded batch: each caption, then zeros; the mask ones over each caption
-        n = self.max_sequence_length
-        lengths = torch.tensor([c["prompt_embeds"].shape[0] for c in conds])
-        embeds = torch.stack([torch.nn.functional.pad(c["prompt_embeds"], (0, 0, 0, n - c["prompt_embeds"].shape[0]))
-                              for c in conds])
-        mask = (torch.arange(n)[None] < lengths[:, None]).long()
-        rest = sorted(k for k in conds[0] if k != "prompt_embeds")  # the image geometry cached with the latent
-        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask, **{k: torch.stack([c[k] for c in conds]) for k in rest}}
+        # _get_qwen_prompt_embeds' padded batch: each caption, then zeros; the mask ones over each caption.
+        # Always to max_sequence_length, not to the batch's longest: masked tokens still change the joint
+        # attention's rounding, so a prior is exact only if every batch pads alike
+        return padding.pad(conds, "prompt_embeds", "prompt_embeds_mask", length=self.max_sequence_length,
+                           mask_dtype=torch.long)
 
     def predict(self, denoiser, noisy, timesteps, cond, *, device, dtype):
         b, c, h, w = noisy.shape
