@@ -10,6 +10,8 @@
 # make memory-table: the per-family memory table of docs/memory.md, from the planner
 # make bench-memory: the planner against measured CPU peaks of real-width models cut to one block per kind
 #                    (not part of make test: about 15 minutes on 2 cores)
+# make tiny-base: retrain the shipped tiny base (pipeline/tinybase/model) on the CPU, deterministically, and
+#                 measure its caption accuracy (docs/tiny-base.md; about 15 minutes on 2 cores)
 # make bench-gpu: full-size denoisers on a CUDA GPU (one line and exit 0 without one); test-gpu: pytest -m gpu
 # make cache-status: what the cache holds, lacks and stores unused for CONFIG (DTYPE)
 # Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32
@@ -41,7 +43,7 @@ VIA_MAKE := PIPELINE_VIA_MAKE=1
 # torchrun's --standalone picks a free port on this machine; without GPUS, one plain process as before
 LAUNCH = $(VIA_MAKE) $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS),$(PY))
 
-.PHONY: ui cache cache-status train test test-fast bench bench-scale plan-memory memory-table bench-memory bench-gpu test-gpu
+.PHONY: ui cache cache-status train test test-fast tiny-base bench bench-scale plan-memory memory-table bench-memory bench-gpu test-gpu
 
 # torch==2.13.0 first, pinned: pip takes the build its index serves for that version (a local CPU wheel
 # where one is on disk, the CUDA build from PyPI on Linux x86-64; see the README for a CPU-only index).
@@ -76,6 +78,9 @@ test: test-fast
 
 test-fast: $(SETUP)
 	$(PY) -m pytest -q -m "not e2e and not slow and not ui"
+
+tiny-base: $(SETUP)
+	$(PY) -m pipeline.tinybase.train $(ARGS)
 
 bench: $(SETUP)
 	$(PY) -m pipeline.tools.bench

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.families import FAMILIES, tiny_module
+from pipeline.tinybase import shipped
 
 SIZES = [(80, 80), (96, 72), (72, 96)]  # not all square, all > 64 px: resize + centre crop get exercised
 COLOURS = {"red": (200, 40, 40), "blue": (50, 80, 200), "green": (50, 160, 70), "yellow": (230, 200, 40),
@@ -103,7 +104,8 @@ def _mark(folder: Path) -> None:
 def ensure_embedded(
     model_path: Path, concept_folders: list[Path], family: str = "flux", preset: str = "default"
 ) -> list[str]:
-    """Build the tiny model at `model_path` and the synthetic data set where they are missing. Returns one
+    """Build the tiny model at `model_path` (for the shipped base's family and preset: copy the shipped
+    trained base there) and the synthetic data set where they are missing. Returns one
     line per thing built (nothing: everything was there). FileExistsError, before anything is built, when
     that would mean building into a folder the builder did not make."""
     if family not in FAMILIES:
@@ -126,7 +128,10 @@ def ensure_embedded(
             "to train on your own model and images remove the [embedded] table, or point the config at new folders"
         )
     built = []
-    if build_model:
+    if build_model and (family, preset) == (shipped.FAMILY, shipped.PRESET):  # the shipped trained base
+        shipped.copy_to(model_path)
+        built.append(f"embedded: copied the tiny trained {family} base (docs/tiny-base.md) to '{model_path}'")
+    elif build_model:
         tiny_module(family).build(model_path, preset)
         built.append(f"embedded: built a tiny random-weight {family} model (preset {preset}) in '{model_path}'")
     for root in roots:

@@ -28,7 +28,7 @@ def test_default_config_end_to_end(tmp_path):
 
     first = _cli("cache", "--config", str(config), "--quiet")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert (tmp_path / "cache" / "tiny-flux" / "model" / "model_index.json").is_file()
+    assert (tmp_path / "cache" / "tiny-flux" / "base" / "model_index.json").is_file()
     summary = json.loads(first.stdout.strip().splitlines()[-1])["cache_summary"]
     # 8 prior images and 2 held-out prior images, 4 variants each
     assert summary["samples"] == 16 and summary["priors_computed"] == 40

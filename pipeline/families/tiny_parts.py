@@ -78,12 +78,12 @@ def check_target(path: Path, preset: str, presets: dict) -> Path:
     return path
 
 
-def tiny_vae(**family_settings):
-    """A 4-block AutoencoderKL (scale factor 8, like the real ones) with 4 latent channels."""
+def tiny_vae(block_out_channels=(8, 16, 16, 16), latent_channels=4, **family_settings):
+    """A 4-block AutoencoderKL (scale factor 8, like the real ones), by default with 4 latent channels."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=block_out_channels,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=1, norm_num_groups=8, sample_size=64, **family_settings,
     )

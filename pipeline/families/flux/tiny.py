@@ -18,7 +18,16 @@ PRESETS = {
         num_layers=2, num_single_layers=4, attention_head_dim=32, num_attention_heads=8,
         joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 12, 12),
     ),
+    # the architecture of the tiny trained base (pipeline/tinybase, docs/tiny-base.md): what `make
+    # tiny-base` starts from; this builder alone gives it random weights
+    "base": dict(
+        num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=4,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    ),
 }
+# a preset's VAE settings other than tiny_parts.tiny_vae's: the base's VAE is trained to reconstruct
+# the scenes, and 8 latent channels at 8x8 hold them much better than 4
+VAES = {"base": dict(block_out_channels=(16, 32, 32, 32), latent_channels=8)}
 # FLUX.1-schnell's layout at the default's size: timestep-distilled, so no guidance embedding, and its
 # scheduler neither shifts nor shifts dynamically (as schnell's scheduler_config.json)
 PRESETS["schnell"] = dict(PRESETS["default"], guidance_embeds=False)
@@ -41,10 +50,11 @@ def build(path: Path, preset: str = "default", seed: int = 0) -> None:
 
     # Each component gets its own seed, so changing one component's config leaves the others' weights alone.
     torch.manual_seed(seed + 0)
-    # in_channels 16 = 4 latent channels packed 2x2
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, **tf)
+    vae_settings = {**FLUX_VAE, **VAES.get(preset, {})}
+    # in_channels: the latent channels packed 2x2 (16 for the default's 4)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * vae_settings.get("latent_channels", 4), **tf)
     torch.manual_seed(seed + 1)
-    vae = tiny_parts.tiny_vae(**FLUX_VAE)
+    vae = tiny_parts.tiny_vae(**vae_settings)
     torch.manual_seed(seed + 2)
     # FluxPipeline uses CLIP's pooler_output (hidden_size wide) as the pooled projection.
     text_encoder = CLIPTextModel(CLIPTextConfig(
