@@ -54,7 +54,7 @@ class Recipe:
     vae_batch: int = 16
     vae_lr: float = 2e-3
     kl_weight: float = 1e-5
-    steps: int = 1500  # denoiser steps
+    steps: int = 4000  # denoiser steps
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100
