@@ -11,7 +11,7 @@ from PIL import Image, ImageFilter
 from pipeline.tinybase import judge, scenes
 from pipeline.tinybase.scenes import COLOURS, SHAPES, Scene
 
-GOAL = 0.80  # the shipped base's held-out caption accuracy, measured (docs/tiny-base.md), less a margin
+GOAL = 0.85  # the shipped base's held-out caption accuracy was 0.944 (docs/tiny-base.md); less a margin
 
 
 def test_split_holds_out_combinations_whose_parts_are_all_trained():

@@ -178,6 +178,14 @@ def caption_accuracy(family, denoiser, vae, encoders, combos, per_combo: int, st
     return sum(m for _, _, m in results) / len(results), results
 
 
+def strip_build_path(config: Path) -> None:
+    """Drop `_name_or_path` (the folder a model was loaded from, here a temporary one) from a saved config:
+    the same recipe then writes the same bytes wherever it runs. The format is diffusers' own."""
+    data = json.loads(config.read_text())
+    data.pop("_name_or_path", None)
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def sha256s(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -202,6 +210,7 @@ def build(out: Path = MODEL, r: Recipe = Recipe(), log=print) -> dict:
     vae_accuracy = reconstruction_accuracy(vae, scenes.COMBOS)
     log(f"judge on the VAE's reconstructions of every combination: {vae_accuracy:.3f}")
     vae.save_pretrained(work / "vae", safe_serialization=True)
+    strip_build_path(work / "vae" / "config.json")
     vae_seconds = time.perf_counter() - started
     latents = torch.cat([family.encode_images(vae, pixels[i : i + 256]) for i in range(0, len(pixels), 256)])
 
@@ -211,6 +220,7 @@ def build(out: Path = MODEL, r: Recipe = Recipe(), log=print) -> dict:
     denoiser = family.load_denoiser(CPU, torch.float32)
     train_denoiser(family, denoiser, latents, combo_of, text, caption_table, r, log)
     denoiser.save_pretrained(work / family.denoiser_component, safe_serialization=True)
+    strip_build_path(work / family.denoiser_component / "config.json")
     train_seconds = time.perf_counter() - started
 
     heldout = trained = None
