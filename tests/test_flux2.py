@@ -1,4 +1,4 @@
-"""The FLUX.2 klein family on its tiny model: the conditioning is Flux2KleinPipeline's encode_prompt, the
+"""The FLUX.2 family on its tiny models (klein; dev where named): the conditioning is Flux2KleinPipeline's encode_prompt, the
 latents its _encode_vae_image (patchified, batch-norm normalised), `predict` the transformer call of one of
 its denoising steps; step-0 prior loss zero in bf16, bitwise resume and 2 processes on klein; the BFL file
 patched by ComfyUI's naming rules gives the weights diffusers loads; bad folders in one line."""
@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from diffusers import Flux2KleinPipeline
+from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from safetensors.torch import load_file
 
 import comfyui_rules as comfy
@@ -76,7 +76,10 @@ def test_predict_is_the_pipelines_denoising_step(family, model):
 
 
 @pytest.mark.e2e
-def test_step_zero_prior_loss_in_bf16_and_resume_is_bitwise(project, model, monkeypatch):
+@pytest.mark.parametrize("tiny", ["flux2", "flux2-dev"])
+def test_step_zero_prior_loss_in_bf16_and_resume_is_bitwise(project, tiny, tiny_family_model, monkeypatch):
+    model = tiny_family_model(tiny)
+
     def config(name):
         path, _ = project(name=f"{name}.toml", model=model, out=project.root / name, dtype="bf16", epochs=2)
         return configure(path, train={"checkpoint_every": 3})
@@ -153,15 +156,17 @@ def test_norm_out_in_the_bfl_layout_is_refused_before_training(project, model):
     assert not (project.root / "out" / "metrics.jsonl").exists()
 
 
-def test_a_dev_folder_is_refused_in_one_line(model, tmp_path):
+def test_a_klein_folder_labelled_dev_is_refused_in_one_line(model, tmp_path):
     dev = tmp_path / "dev"
     shutil.copytree(model, dev)
     index = json.loads((dev / "model_index.json").read_text())
     (dev / "model_index.json").write_text(json.dumps({**index, "_class_name": "Flux2Pipeline"}))
-    for family in ("auto", "flux2"):
-        with pytest.raises(UserError, match=r"^model.path: .* is FLUX.2 dev \(Flux2Pipeline") as e:
-            get_family(ModelConfig(path=str(dev), family=family))
-        assert "\n" not in str(e.value)
+    family = get_family(ModelConfig(path=str(dev), family="flux2"))
+    assert family.dev
+    with pytest.raises(UserError, match=r"^model.path: .*text_encoder/config.json' is a Qwen3ForCausalLM; FLUX.2 "
+                                        r"dev \(Flux2Pipeline in model_index.json\) encodes text with Mistral3") as e:
+        family.load_text_encoders(**CPU32)
+    assert "\n" not in str(e.value)
 
 
 def test_a_text_encoder_with_too_few_layers_is_refused_in_one_line(model, tmp_path):
@@ -194,11 +199,57 @@ def test_klein_9b_is_a_planning_variant_with_its_public_widths():
     from pipeline.families import family_class
     from pipeline.tools.public_configs import encoder_params
 
-    (nine,) = PLANNING.variants
-    assert nine.label == "FLUX.2 klein 9B" and not nine.variants
+    nine, dev = PLANNING.variants
+    assert nine.label == "FLUX.2 klein 9B" and not nine.variants and dev.label == "FLUX.2 dev"
     model = meta_denoiser(family_class("flux2"), dict(nine.denoiser_config))
     assert (len(model.transformer_blocks), len(model.single_transformer_blocks)) == (8, 24)
     assert model.x_embedder.out_features == 4096 and model.context_embedder.in_features == 3 * 4096
     assert 8.5e9 < sum(p.numel() for p in model.parameters()) < 9.5e9  # "9B"
     # its text encoder is Qwen3-8B (8.19B parameters with its untied head), not klein 4B's Qwen3-4B
     assert 8.1e9 < encoder_params("flux2", nine)["text_encoder"] < 8.3e9
+
+
+# -- FLUX.2 dev: Flux2Pipeline, a Mistral 3 text encoder with BFL's system message, embedded guidance ----------
+
+@pytest.fixture(scope="module")
+def dev_model(tiny_family_model):
+    return tiny_family_model("flux2-dev")
+
+
+def test_dev_text_and_step_are_flux2pipelines(dev_model):
+    family = get_family(ModelConfig(path=str(dev_model), max_sequence_length=32, guidance=3.5))
+    assert family.name == "flux2" and family.dev and family.sampling.pipeline_class == "Flux2Pipeline"
+    # the embedded guidance changes every prediction: it is in the prior key
+    assert family.prediction_settings() == {"guidance": 3.5}
+    pipe = Flux2Pipeline.from_pretrained(dev_model)
+    ours = torch.stack([e["prompt_embeds"] for e in family.encode_captions(family.load_text_encoders(**CPU32),
+                                                                            CAPTIONS)])
+    theirs, _ = pipe.encode_prompt(CAPTIONS, device=torch.device("cpu"), max_sequence_length=32)
+    assert torch.equal(ours, theirs) and ours.shape == (3, 32, 48)  # Mistral layers 10, 20, 30 side by side
+    assert not torch.equal(ours[0], ours[2])  # the caption survives the system message's tokens
+    latents, calls, real = torch.randn(2, 16, 4, 6), [], pipe.transformer.forward
+    pipe.transformer.forward = lambda *a, **k: calls.append((k["guidance"], real(*a, **k))) or calls[-1][1]
+    pipe(prompt_embeds=ours[:2], latents=latents, height=64, width=96, num_inference_steps=1, guidance_scale=3.5,
+         output_type="latent")
+    assert torch.equal(calls[0][0], torch.full([2], 3.5))
+    theirs = Flux2Pipeline._unpack_latents_with_ids(calls[0][1][0], Flux2Pipeline._prepare_latent_ids(latents))
+    step = torch.full((2,), float(pipe.scheduler.timesteps[0]))
+    assert torch.equal(family.predict(pipe.transformer, latents, step, {"prompt_embeds": ours[:2]}, **CPU32), theirs)
+    other = get_family(ModelConfig(path=str(dev_model), max_sequence_length=32, guidance=1.0))
+    assert not torch.equal(other.predict(pipe.transformer, latents, step, {"prompt_embeds": ours[:2]}, **CPU32),
+                           theirs)
+
+
+def test_dev_is_a_planning_variant_with_its_public_widths():
+    from pipeline.families import family_class
+    from pipeline.families.flux2.planning import PLANNING
+    from pipeline.memory import meta_denoiser
+    from pipeline.tools.public_configs import encoder_params, public_family
+
+    dev = PLANNING.variants[1]
+    model = meta_denoiser(family_class("flux2"), dict(dev.denoiser_config))
+    assert (len(model.transformer_blocks), len(model.single_transformer_blocks)) == (8, 48)
+    assert model.context_embedder.in_features == 3 * 5120 and model.time_guidance_embed.guidance_embedder
+    assert 31.5e9 < sum(p.numel() for p in model.parameters()) < 32.5e9  # "32B"
+    assert 23e9 < encoder_params("flux2", dev)["text_encoder"] < 24.5e9  # Mistral Small 3.1 "24B"
+    assert public_family("flux2", dev).dev  # the planner's forward embeds the guidance

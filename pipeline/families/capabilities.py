@@ -42,6 +42,9 @@ class Planning(Protocol):
     # further public models of the family (another size), each a Planning of its own: the memory table gives
     # each its own rows, named "<family> (<its label>)"
     variants: tuple[Planning, ...] = ()
+    # the pipeline class the public model's model_index.json names, where the family reads it (None: the
+    # family's first pipeline class)
+    pipeline_class: str | None = None
 
     def dry_run_shapes(self, config: dict, batch: int, resolution: int, max_sequence_length: int
                        ) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
