@@ -253,3 +253,39 @@ def test_dev_is_a_planning_variant_with_its_public_widths():
     assert 31.5e9 < sum(p.numel() for p in model.parameters()) < 32.5e9  # "32B"
     assert 23e9 < encoder_params("flux2", dev)["text_encoder"] < 24.5e9  # Mistral Small 3.1 "24B"
     assert public_family("flux2", dev).dev  # the planner's forward embeds the guidance
+
+
+@pytest.mark.parametrize("tiny", ["flux2", "flux2-dev"])
+def test_the_diffusers_lokr_file_loads_with_the_pipelines_load_lora_weights(tiny, tiny_family_model, tmp_path):
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    from pipeline.denoiser.lora import load_into_pipeline
+
+    family = get_family(ModelConfig(path=str(tiny_family_model(tiny))))
+    assert "lokr" in family.pipeline_adapter_types  # training says nothing about another loader
+    model = family.load_denoiser(**CPU32)
+    cfg = LoraConfig(rank=4, alpha=8.0, targets="attention_mlp", type="lokr")
+    add_lora(model, cfg, family.target_presets)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    path = tmp_path / "lokr.safetensors"
+    save_lora(path, model, family, {}, cfg, "diffusers")
+
+    def deltas(m):
+        with torch.no_grad():
+            return {n: layer.get_delta_weight(next(iter(layer._available_adapters)))
+                    for n, layer in m.named_modules() if isinstance(layer, LycorisLayer)}
+
+    pipe = load_full_pipeline(family, **CPU32)
+    assert type(pipe).__name__ == ("Flux2Pipeline" if family.dev else "Flux2KleinPipeline")
+    pipe.load_lora_weights(str(path))  # the pipeline's own loader, as users call it
+    ours, theirs = deltas(model), deltas(pipe.transformer)
+    assert ours and ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(theirs[k], ours[k], rtol=1e-5, atol=1e-6)
+    pipe = load_full_pipeline(family, **CPU32)
+    load_into_pipeline(pipe, family, path)  # `sample` goes the same way
+    assert deltas(pipe.transformer).keys() == ours.keys()

@@ -52,6 +52,8 @@ class Flux2Family(FlowMatchingFamily):
     default_target_modules = target_presets["attention"]
     swap_blocks = ("transformer_blocks", "single_transformer_blocks")  # klein 4B: 5 double, 20 single
     planning = PLANNING
+    # Flux2LoraLoaderMixin.load_lora_weights reads a LoKr file in peft's names (tests/test_flux2.py)
+    pipeline_adapter_types = ("lora", "lokr")
     lora_layout = Flux2Layout("transformer")
     # base klein's classifier-free guidance encodes "" as the negative prompt (dev's own, in __init__)
     sampling = PipelineSampling("Flux2KleinPipeline", negative_is_empty_caption=True)
