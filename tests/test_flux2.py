@@ -289,3 +289,35 @@ def test_the_diffusers_lokr_file_loads_with_the_pipelines_load_lora_weights(tiny
     pipe = load_full_pipeline(family, **CPU32)
     load_into_pipeline(pipe, family, path)  # `sample` goes the same way
     assert deltas(pipe.transformer).keys() == ours.keys()
+
+
+@pytest.mark.parametrize("tiny", ["flux2", "flux2-dev"])
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])  # BFL's file; ComfyUI's checkpoint names
+def test_a_single_file_in_bfl_layout_loads_as_model_denoiser_file(tiny, prefix, tiny_family_model, tmp_path):
+    from diffusers import Flux2Transformer2DModel
+    from safetensors.torch import save_file
+
+    from bfl_checkpoints import flux2_to_bfl
+
+    root = tiny_family_model(tiny)
+    reference = Flux2Transformer2DModel.from_pretrained(root, subfolder="transformer").state_dict()
+    bfl = flux2_to_bfl(reference)
+    assert "double_blocks.0.img_attn.qkv.weight" in bfl and "final_layer.adaLN_modulation.1.weight" in bfl
+    single = tmp_path / "flux2.safetensors"
+    save_file({prefix + k: v.contiguous() for k, v in bfl.items()}, str(single))
+    family = get_family(ModelConfig(path=str(root), denoiser_file=str(single)))
+    loaded = family.load_denoiser(**CPU32).state_dict()
+    assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
+def test_a_single_file_that_is_no_flux2_denoiser_is_refused_in_one_line(model, tmp_path):
+    from safetensors.torch import save_file
+
+    single = tmp_path / "other.safetensors"
+    save_file({"single_stream_modulation.lin.weight": torch.zeros(2, 2), "img_in.weight": torch.zeros(2, 2)},
+              str(single))
+    family = get_family(ModelConfig(path=str(model), denoiser_file=str(single)))
+    with pytest.raises(UserError, match=r"^model.denoiser_file: '.*other.safetensors' does not load as the "
+                                        r"transformer of") as e:
+        family.load_denoiser(**CPU32)
+    assert "\n" not in str(e.value)

@@ -160,6 +160,11 @@ class FolderFamily(Family):
             z = z - vae.config.shift_factor
         return (z * vae.config.scaling_factor).cpu()
 
+    def single_file_checkpoint(self) -> str | dict:
+        """What model.denoiser_file hands diffusers' from_single_file: the path (its converter reads the
+        layout), or a state dict a family has renamed first."""
+        return str(self.denoiser_file)
+
     def load_denoiser(self, device, dtype):
         cls, sub, kwargs = self.denoiser_class, self.denoiser_component, dict(self.denoiser_kwargs)
         scheme = self.cfg.quantize
@@ -167,8 +172,13 @@ class FolderFamily(Family):
             skip = quantize.unquantizable(cls, self.root, sub, scheme)
             kwargs["quantization_config"] = quantize.diffusers_config(scheme, skip)
         if self.denoiser_file is not None:  # weights from one file, the config from the folder
-            model = cls.from_single_file(str(self.denoiser_file), config=str(self.root), subfolder=sub, dtype=dtype,
-                                         **kwargs)
+            try:
+                model = cls.from_single_file(self.single_file_checkpoint(), config=str(self.root), subfolder=sub,
+                                             dtype=dtype, **kwargs)
+            except (KeyError, ValueError, RuntimeError, IndexError) as e:  # the converter's, on keys it lacks
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise UserError(f"model.denoiser_file: '{self.denoiser_file}' does not load as the {sub} of "
+                                f"'{self.root}' ({cls.__name__}): {type(e).__name__} {first[:200]}") from None
         else:
             model = cls.from_pretrained(self.root, subfolder=sub, dtype=dtype, **kwargs)
         if scheme != "none":

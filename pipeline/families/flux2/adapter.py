@@ -68,6 +68,19 @@ class Flux2Family(FlowMatchingFamily):
         if self.dev:  # its guidance is embedded: no negative prompt
             self.sampling = PipelineSampling("Flux2Pipeline")
 
+    def single_file_checkpoint(self):
+        # diffusers' FLUX.2 converter reads BFL's names as BFL's files have them (double_blocks.0...), not with
+        # the "model.diffusion_model." that ComfyUI's checkpoints put before them: that prefix is dropped here
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        prefix = "model.diffusion_model."
+        with safe_open(str(self.denoiser_file), "pt") as f:
+            prefixed = all(k.startswith(prefix) for k in f.keys())
+        if not prefixed:
+            return str(self.denoiser_file)
+        return {k[len(prefix):]: v for k, v in load_file(str(self.denoiser_file)).items()}
+
     # -- cache stage: latents ------------------------------------------------------------------------
     def load_vae(self, device, dtype):
         return AutoencoderKLFlux2.from_pretrained(self.root, subfolder="vae", dtype=dtype).to(device).eval()
