@@ -280,6 +280,38 @@ class FlowMatchingFamily(FolderFamily):
         return compute_loss_weighting_for_sd3(train.loss_weighting, sigmas)
 
 
+def text_encoder_names(family: Family) -> list[str]:
+    """The family's text encoder components (its text_components less the tokenizers)."""
+    return [c for c in family.text_components if c.startswith("text_encoder")]
+
+
+def text_encoder_loading(family: Family) -> dict:
+    """from_pretrained kwargs for the family's pipeline (its text encoders alone) under
+    model.text_encoder_quantize: each text encoder quantized by transformers as it loads."""
+    scheme = family.cfg.text_encoder_quantize
+    if scheme == "none":
+        return {}
+    from diffusers import PipelineQuantizationConfig
+
+    config = quantize.text_encoder_config(scheme)
+    return {"quantization_config": PipelineQuantizationConfig(
+        quant_mapping={name: config for name in text_encoder_names(family)})}
+
+
+def place_text_encoders(family: Family, pipe, device: torch.device):
+    """The pipeline's text encoders on `device`, or with model.text_encoder_offload their weights kept on the
+    CPU and each layer moved to `device` as it runs (accelerate's cpu_offload): the device then holds one
+    layer of one encoder at a time. Families call encode_prompt with the pipeline's `_execution_device`."""
+    if not family.cfg.text_encoder_offload:
+        return pipe.to(device)
+    from accelerate import cpu_offload
+
+    for name in text_encoder_names(family):
+        if getattr(pipe, name, None) is not None:
+            cpu_offload(getattr(pipe, name), execution_device=device)
+    return pipe
+
+
 def render_cached(family: Family, denoiser, vae, cond, *, device, dtype, height, width, steps, guidance_scale,
                   generator, negative=None) -> list:
     """Run the family's own text-to-image pipeline (its sampling.pipeline_class) on cached text conditioning:

@@ -20,7 +20,7 @@ from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flu
 
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
-from pipeline.families.base import FlowMatchingFamily
+from pipeline.families.base import FlowMatchingFamily, place_text_encoders, text_encoder_loading
 from pipeline.families.capabilities import PipelineSampling
 from pipeline.families.flux2.kohya import Flux2Layout
 from pipeline.families.flux2.planning import DEV_TEXT_LAYERS, PLANNING, TEXT_LAYERS
@@ -118,14 +118,15 @@ class Flux2Family(FlowMatchingFamily):
                             f"hidden states of layers {', '.join(map(str, self.text_layers))}, so it needs at "
                             f"least {max(self.text_layers)} (is this {which}'s {wanted}?)")
         # the pipeline itself, without transformer and VAE: its encode_prompt is the reference conditioning
-        pipe = self.pipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype)
-        return pipe.to(device)
+        pipe = self.pipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype,
+                                             **text_encoder_loading(self))
+        return place_text_encoders(self, pipe, device)
 
     @torch.no_grad()
     def encode_captions(self, encoders, captions):
         # the chat template, padding to max_sequence_length and the stacked layers are the pipeline's own;
         # text_ids depend only on the length and are rebuilt in predict
-        embeds, _ = encoders.encode_prompt(captions, device=encoders.device,
+        embeds, _ = encoders.encode_prompt(captions, device=encoders._execution_device,
                                            max_sequence_length=self.max_sequence_length,
                                            text_encoder_out_layers=self.text_layers)
         return [{"prompt_embeds": e.float().cpu()} for e in embeds]
