@@ -74,15 +74,18 @@ class DevPlanning(_KleinPlanning):
     pipeline_class = "Flux2Pipeline"
     denoiser_config = DEV
     text_encoder_configs = {"text_encoder": ("Mistral3ForConditionalGeneration", MISTRAL_SMALL_3_1)}
-    # 32B parameters: 64 GB in bf16, so full precision only with most blocks swapped
-    table_rows = (("none", 40, 1), ("int8", 0, 1), ("int8", 20, 1), ("fp8", 0, 1), ("nf4", 0, 1))
+    # 32B parameters: 64 GB in bf16, so full precision only with most blocks swapped; the 24B Mistral 3 is
+    # 48 GB in bf16, so every row quantizes or offloads it for the cache stage
+    table_rows = (("none", 40, 1, "offload"), ("none", 50, 1, "nf4"), ("none", 54, 1, "offload"), ("int8", 0, 1, "int8"),
+                  ("fp8", 0, 1, "fp8"), ("nf4", 0, 1, "nf4"))
 
 
 class Klein9BPlanning(_KleinPlanning):
     label = "FLUX.2 klein 9B"
     denoiser_config = KLEIN_9B
     text_encoder_configs = {"text_encoder": ("Qwen3ForCausalLM", QWEN3_8B)}
-    table_rows = (("none", 0, 1), ("none", 20, 1), ("int8", 0, 1), ("fp8", 0, 1), ("nf4", 0, 1))
+    table_rows = (("none", 0, 1), ("none", 20, 1), ("int8", 0, 1), ("fp8", 0, 1), ("nf4", 0, 1),
+                  ("nf4", 0, 1, "nf4"), ("int8", 0, 1, "int8"))  # Qwen3-8B quantized: a cache stage for 16 GB
 
 
 class Flux2Planning(_KleinPlanning):
