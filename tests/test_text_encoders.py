@@ -131,3 +131,31 @@ def test_the_cache_stage_holds_one_model_at_a_time(klein, project, monkeypatch):
             assert encoders == 0 and others == ["AutoencoderKLFlux2"], (name, encoders, others)
         else:
             assert encoders == 0 and others == ["Flux2Transformer2DModel"], (name, encoders, others)
+
+
+def test_the_planner_counts_the_text_phase_as_the_stage_holds_it():
+    from pipeline.config import LoraConfig
+    from pipeline.families.flux2.planning import PLANNING
+    from pipeline.memory import GiB, Settings, estimate
+    from pipeline.tools.public_configs import encoder_params, public_family
+
+    dev = PLANNING.variants[1]
+    family, encoders = public_family("flux2", dev), encoder_params("flux2", dev)
+
+    def text_phase(**settings):
+        e = estimate(family, dict(dev.denoiser_config), LoraConfig(), Settings(encoder_dtype="bf16", **settings),
+                     encoders, dict(dev.vae_config))
+        return e.cache_parts["text_encoder"] / GiB
+
+    plain, nf4, int8, offload = (text_phase(), text_phase(text_encoder_quantize="nf4"),
+                                 text_phase(text_encoder_quantize="int8"), text_phase(text_encoder_offload=True))
+    assert 44 < plain < 46  # Mistral Small 3.1 in bf16
+    assert offload < nf4 < int8 < plain and nf4 < 18  # a 24 GB card runs dev's cache stage with nf4
+    # several text encoders are held together: FLUX.1's CLIP and T5 are one phase
+    flux = public_family("flux")
+    from pipeline.tools.public_configs import ENCODERS, planning
+
+    e = estimate(flux, dict(planning("flux").denoiser_config), LoraConfig(), Settings(encoder_dtype="bf16"),
+                 ENCODERS["flux"], dict(planning("flux").vae_config))
+    both = ENCODERS["flux"]["text_encoder"] + ENCODERS["flux"]["text_encoder_2"]
+    assert e.cache_parts["text encoders"] == both * 2 + int(0.75 * GiB)
