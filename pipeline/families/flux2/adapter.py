@@ -11,7 +11,6 @@ pipeline a folder is for is its model_index.json's class: Flux2KleinPipeline or 
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -107,7 +106,7 @@ class Flux2Family(FlowMatchingFamily):
         config = self.root / "text_encoder" / "config.json"
         settings = json.loads(config.read_text()) if config.is_file() else {}
         which, wanted = ("dev", "Mistral3ForConditionalGeneration") if self.dev else ("klein", "Qwen3ForCausalLM")
-        found = (settings.get("architectures") or ["none"])[0]
+        found = (settings.get("architectures") or [wanted])[0]
         if found != wanted:  # e.g. a klein folder whose model_index.json was changed to dev's pipeline
             raise UserError(f"model.path: '{config}' is a {found}; FLUX.2 {which} ({self.pipeline.__name__} in "
                             f"model_index.json) encodes text with {wanted}")
