@@ -321,3 +321,15 @@ def test_a_single_file_that_is_no_flux2_denoiser_is_refused_in_one_line(model, t
                                         r"transformer of") as e:
         family.load_denoiser(**CPU32)
     assert "\n" not in str(e.value)
+
+
+def test_the_dev_configs_read():
+    from pathlib import Path
+
+    from pipeline.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    tiny = load_config(configs / "tiny-flux2-dev.toml")
+    assert (tiny.embedded.family, tiny.embedded.preset) == ("flux2", "dev")
+    example = load_config(configs / "flux2-dev.example.toml")
+    assert example.model.path == "black-forest-labs/FLUX.2-dev" and example.model.text_encoder_offload
