@@ -181,15 +181,20 @@ def test_a_text_encoder_with_too_few_layers_is_refused_in_one_line(model, tmp_pa
 
 
 @pytest.mark.slow
-def test_two_ranks_train_the_klein_lora_one_trains(project, model, tmp_path):
+@pytest.mark.parametrize("tiny", ["flux2", "flux2-dev"])
+def test_two_ranks_train_the_lora_one_trains(project, tiny, tiny_family_model, tmp_path):
     from test_dist import _train
 
-    path, cfg = project(model=model, dtype="fp32", epochs=1)
+    path, cfg = project(model=tiny_family_model(tiny), dtype="fp32", epochs=1)
     run_cache(cfg, progress=False)
     one = _train(0, path, tmp_path / "one")[0]
     two = _train(2, path, tmp_path / "two")
     assert one.keys() == two[0].keys()
-    assert max(float((one[k] - two[0][k]).abs().max()) for k in one) <= 1e-6
+    # a batch of 2 on one rank and two of 1 averaged by the all-reduce round differently, and AdamW's division
+    # by sqrt(v) enlarges that where a gradient is near zero: equal to 1e-4 of the LoRA's own size (measured:
+    # klein 5e-6, dev 1.1e-5, of its largest weight)
+    scale = max(float(one[k].abs().max()) for k in one)
+    assert max(float((one[k] - two[0][k]).abs().max()) for k in one) <= 1e-4 * scale
     assert all(torch.equal(two[0][k], two[1][k]) for k in one)
 
 
