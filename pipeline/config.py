@@ -47,6 +47,10 @@ class ModelConfig:
     # a LoRA (.safetensors) merged into the frozen denoiser in both stages, never saved with the trained one: a
     # distilled model's de-distillation training adapter (Z-Image-Turbo's); its file keys the priors
     training_adapter: str = ""
+    # the cache stage's text encoders: quantized as they load (the same schemes), and/or their layers kept on
+    # the CPU and moved to the device as they run
+    text_encoder_quantize: str = "none"
+    text_encoder_offload: bool = False
 
 
 @dataclass(frozen=True)
@@ -412,6 +416,12 @@ def validate(cfg: Config) -> None:
     _adapter_type(cfg)
     _choice(cfg.model.prediction_type, ("", "epsilon", "v_prediction"), "model.prediction_type")
     _choice(cfg.model.quantize, QUANTIZE, "model.quantize")
+    _choice(cfg.model.text_encoder_quantize, QUANTIZE, "model.text_encoder_quantize")
+    if cfg.model.text_encoder_quantize != "none" and cfg.model.text_encoder_offload:
+        # accelerate's offload hooks move plain tensors; quantized weights are tensor subclasses or bitsandbytes'
+        # packed parameters, and a quantized encoder is what fits without offloading
+        raise UserError(f"config key 'model.text_encoder_offload' works with model.text_encoder_quantize = \"none\" "
+                        f"only (got {cfg.model.text_encoder_quantize!r}): set one of them")
     if cfg.model.quantize != "none" and cfg.train.blocks_to_swap:
         # the swap moves plain tensors by .data; quantized weights are tensor subclasses (torchao) or carry
         # a separate quantization state (bitsandbytes), and at 1 byte or less per weight they fit without it
@@ -482,6 +492,10 @@ def validate(cfg: Config) -> None:
         from pipeline.quantize import check_config
 
         check_config(cfg.model.quantize, {"cache.device": cfg.cache.device, "train.device": cfg.train.device})
+    if cfg.model.text_encoder_quantize == "nf4":  # only the cache stage runs the text encoders
+        from pipeline.quantize import check_config
+
+        check_config("nf4", {"cache.device": cfg.cache.device}, "model.text_encoder_quantize")
     if cfg.model.denoiser_file and not cfg.model.denoiser_file.endswith(".safetensors"):
         raise UserError("config key 'model.denoiser_file' must name a .safetensors file (pickle checkpoints are not loaded)")
     if cfg.model.training_adapter and not cfg.model.training_adapter.endswith(".safetensors"):

@@ -28,7 +28,8 @@ start of both stages).
 - **Overhead**: a fixed 0.75 GiB for the CUDA context, cuBLAS workspaces and the allocator's slack.
 
 The cache stage holds one model at a time: the VAE (weights and its encode's working set), the text
-encoders (weights only: their activations on a caption are small beside them), then the denoiser's
+encoders, all of the pipeline's together (weights only: their activations on a caption are small beside
+them; quantized or offloaded as model.text_encoder_quantize/_offload say), then the denoiser's
 no-grad prior forward at cache.batch_size. A no-grad forward's working set (the VAE's encode, the prior
 forward) is the peak of the bytes its ops' outputs hold at once on meta tensors (`live_peak`).
 Checked against measured peaks on a CPU (`make bench-memory`, docs/memory.md);
@@ -71,6 +72,8 @@ class Settings:
     encoder_dtype: str = "fp32"
     max_sequence_length: int = 0  # 0: the family's default
     fsdp_processes: int = 1  # training sharded across this many (train.fsdp under a launcher); 1: not sharded
+    text_encoder_quantize: str = "none"  # model.text_encoder_quantize
+    text_encoder_offload: bool = False  # model.text_encoder_offload
 
 
 @dataclass
@@ -392,13 +395,37 @@ def estimate(family, config: dict, lora_cfg, s: Settings, encoders: dict[str, in
     cache_parts = {"denoiser prior forward": weights - swapped + working + OVERHEAD}
     working_sets = {"denoiser prior forward": working}
     encoder_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.encoder_dtype]
-    for name, n in (encoders or {}).items():
-        # the text encoders' working set on a caption is small beside their weights
-        working_sets[name] = (vae_working(vae_config, s.cache_batch_size, s.resolution, encoder_dtype)
-                              if name == "vae" and vae_config else 0)
-        cache_parts[name] = n * DTYPE_BYTES[s.encoder_dtype] + working_sets[name] + OVERHEAD
+    encoders = dict(encoders or {})
+    if "vae" in encoders:
+        working_sets["vae"] = vae_working(vae_config, s.cache_batch_size, s.resolution, encoder_dtype) if vae_config else 0
+        cache_parts["vae"] = encoders.pop("vae") * DTYPE_BYTES[s.encoder_dtype] + working_sets["vae"] + OVERHEAD
+    if encoders:
+        # the text phase holds every text encoder of the family's pipeline at once (its encode_prompt runs
+        # them in turn on each chunk); their working set on a caption is small beside their weights
+        name = "text encoders" if len(encoders) > 1 else next(iter(encoders))
+        working_sets[name] = 0
+        cache_parts[name] = sum(text_encoder_bytes(n, s) for n in encoders.values()) + OVERHEAD
     phase = max(cache_parts, key=cache_parts.get)
     return Estimate(parts, sum(parts.values()), cache_parts[phase], phase, cache_parts, working_sets)
+
+
+# Of a text encoder's parameters, the share left unquantized (the token embeddings, and the output head that
+# transformers keeps whole: 3% of T5-XXL, 6% of Mistral Small 3.1, 15% of Qwen3-8B): the larger figure, so the
+# estimate errs high. With model.text_encoder_offload the device holds the largest module accelerate moves
+# at once, the embedding table: at most 10% of these encoders (Qwen3-4B's tied one).
+TEXT_UNQUANTIZED_SHARE = 0.15
+TEXT_OFFLOADED_SHARE = 0.10
+
+
+def text_encoder_bytes(n: int, s: Settings) -> int:
+    """The device bytes of a text encoder of n parameters under model.text_encoder_quantize/_offload."""
+    plain = DTYPE_BYTES[s.encoder_dtype]
+    if s.text_encoder_offload:
+        return int(n * plain * TEXT_OFFLOADED_SHARE)
+    if s.text_encoder_quantize != "none":
+        share = TEXT_UNQUANTIZED_SHARE
+        return int(n * (share * plain + (1 - share) * QUANT_LINEAR_BYTES[s.text_encoder_quantize]))
+    return n * plain
 
 
 def encoder_params(root: Path, family) -> dict[str, int]:
@@ -433,7 +460,9 @@ def settings_of(cfg, shards: int = 1) -> Settings:
                     batch_size=t.batch_size, resolution=cfg.data.resolution,
                     gradient_checkpointing=t.gradient_checkpointing, optimizer=cfg.optimizer.name,
                     cache_batch_size=cfg.cache.batch_size, encoder_dtype=cfg.model.encoder_dtype,
-                    max_sequence_length=cfg.model.max_sequence_length)
+                    max_sequence_length=cfg.model.max_sequence_length,
+                    text_encoder_quantize=cfg.model.text_encoder_quantize,
+                    text_encoder_offload=cfg.model.text_encoder_offload)
 
 
 def plan_memory(cfg, cache: bool = True, shards: int = 1) -> Estimate:

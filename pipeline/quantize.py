@@ -34,31 +34,31 @@ NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_
 GRAD_SENSITIVE = frozenset({"nf4"})
 
 
-def check_config(scheme: str, devices: dict[str, str]) -> None:
+def check_config(scheme: str, devices: dict[str, str], key: str = "model.quantize") -> None:
     """Config-time refusals (before any backend is imported): nf4 needs CUDA, on every stage's device."""
     if scheme != "nf4":
         return
     if not torch.cuda.is_available():
         build = f"torch {torch.__version__} " + ("is a CPU-only build" if torch.version.cuda is None else "finds no CUDA GPU")
-        raise UserError(f"config key 'model.quantize' is \"nf4\" (bitsandbytes 4-bit), which needs a CUDA GPU, but {build}: "
+        raise UserError(f"config key '{key}' is \"nf4\" (bitsandbytes 4-bit), which needs a CUDA GPU, but {build}: "
                         "use \"int8\" or \"fp8\" (torchao, runs on a CPU too) or \"none\"")
-    for key, value in devices.items():
+    for device_key, value in devices.items():
         if not (value == "auto" or value.startswith("cuda")):
-            raise UserError(f"config key 'model.quantize' is \"nf4\", which runs on CUDA only, but {key} is {value!r}: "
+            raise UserError(f"config key '{key}' is \"nf4\", which runs on CUDA only, but {device_key} is {value!r}: "
                             "set it to \"auto\" or \"cuda\"")
 
 
-def _backend(scheme: str):
+def _backend(scheme: str, key: str = "model.quantize"):
     name = BACKEND[scheme]
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise UserError(f"config key 'model.quantize' is {scheme!r}, which needs {name}, and it is not installed: "
+        raise UserError(f"config key '{key}' is {scheme!r}, which needs {name}, and it is not installed: "
                         f"{EXTRA}") from None
 
 
-def _torchao_config(scheme: str):
-    _backend(scheme)
+def _torchao_config(scheme: str, key: str = "model.quantize"):
+    _backend(scheme, key)
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
     # set_inductor_config would change torch.compile's global settings on every layer; nothing here compiles
@@ -66,15 +66,15 @@ def _torchao_config(scheme: str):
     return cls(set_inductor_config=False)
 
 
-def settings(scheme: str) -> dict:
+def settings(scheme: str, key: str = "model.quantize") -> dict:
     """The scheme and every setting of it, as the backend itself serialises them (JSON): part of the prior key."""
     if scheme == "none":
         return {"scheme": "none"}
     if BACKEND[scheme] == "torchao":
         from torchao.core.config import config_to_dict
 
-        return {"scheme": scheme, "backend": "torchao", "config": config_to_dict(_torchao_config(scheme))}
-    _backend(scheme)
+        return {"scheme": scheme, "backend": "torchao", "config": config_to_dict(_torchao_config(scheme, key))}
+    _backend(scheme, key)
     return {"scheme": scheme, "backend": "bitsandbytes", "config": NF4}
 
 
@@ -134,6 +134,29 @@ def diffusers_config(scheme: str, skip: list[str]):
     # llm_int8_skip_modules is diffusers' modules_to_not_convert for both bitsandbytes modes (names matched as
     # substrings: takes() skips nothing for bitsandbytes, so none are passed today)
     return BitsAndBytesConfig(**{**NF4, "bnb_4bit_compute_dtype": torch.bfloat16}, llm_int8_skip_modules=skip)
+
+
+def text_encoder_config(scheme: str):
+    """transformers' quantization_config for model.text_encoder_quantize: the same schemes and settings as
+    the denoiser's (torchao weight-only int8/fp8, bitsandbytes NF4), through transformers' own classes."""
+    key = "model.text_encoder_quantize"
+    if BACKEND[scheme] == "torchao":
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(_torchao_config(scheme, key))
+    _backend(scheme, key)
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**{**NF4, "bnb_4bit_compute_dtype": torch.bfloat16})
+
+
+def text_encoder_settings(scheme: str) -> dict:
+    """What a quantized text encoder's embeddings depend on beyond the weights and the dtype: the scheme,
+    its settings and the backend's version (part of each text entry's key; nothing for "none")."""
+    if scheme == "none":
+        return {}
+    key = "model.text_encoder_quantize"
+    return {**settings(scheme, key), BACKEND[scheme]: importlib.metadata.version(BACKEND[scheme])}
 
 
 def is_quantized(linear: torch.nn.Module) -> bool:

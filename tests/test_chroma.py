@@ -177,3 +177,40 @@ def test_the_kohya_lora_of_the_double_blocks_loads_in_chroma_pipeline(project, c
         return path, configure(path, lora={"target_regex": r"transformer_blocks\.\d+\.(attn|ff|ff_context)\..*"})
 
     check_lora_loads(double_blocks, "kohya")
+
+
+def test_chroma_single_files_in_bfl_layout_map_onto_the_full_size_model():
+    """diffusers' Chroma converter is written for Chroma's own width (3072, fixed in it), so the names are
+    checked at full size on the meta device: BFL's file, made by the converter's reverse, converts back to
+    every parameter of the model with its shape."""
+    from accelerate import init_empty_weights
+    from diffusers import ChromaTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_chroma_transformer_checkpoint_to_diffusers
+
+    from bfl_checkpoints import chroma_to_bfl
+    from pipeline.families.chroma.planning import DENOISER
+
+    with init_empty_weights():
+        model = ChromaTransformer2DModel.from_config(DENOISER)
+    state = model.state_dict()
+    bfl = chroma_to_bfl(state)
+    assert "single_blocks.0.linear1.weight" in bfl and "distilled_guidance_layer.norms.0.scale" in bfl
+    back = convert_chroma_transformer_checkpoint_to_diffusers({f"model.diffusion_model.{k}": v for k, v in bfl.items()})
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in state.items()}
+
+
+def test_a_chroma_single_file_of_another_width_is_refused_in_one_line(chroma, tmp_path):
+    model = chroma
+    from diffusers import ChromaTransformer2DModel
+    from safetensors.torch import save_file
+
+    from bfl_checkpoints import chroma_to_bfl
+
+    reference = ChromaTransformer2DModel.from_pretrained(model, subfolder="transformer").state_dict()
+    single = tmp_path / "chroma.safetensors"
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in chroma_to_bfl(reference).items()}, str(single))
+    family = get_family(ModelConfig(path=str(model), denoiser_file=str(single)))
+    with pytest.raises(UserError, match=r"^model.denoiser_file: '.*chroma.safetensors' does not load as the "
+                                        r"transformer of") as e:
+        family.load_denoiser(**CPU32)
+    assert "\n" not in str(e.value)

@@ -26,10 +26,12 @@ score when the config holds out none (data.auto_hold_out).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
+from pipeline import quantize
 from pipeline.store.keys import Fingerprints, derive_seed, digest, sha256_file
 from pipeline.store.store import Store
 from pipeline.config import Config, check_paths
@@ -125,7 +127,15 @@ class Plan:
         )
 
     def text_key(self, caption: str) -> str:
-        return digest("text", caption, self.text_fp, self.family.max_sequence_length, self.cfg.model.encoder_dtype)
+        # a quantized text encoder gives other embeddings: its scheme is in the key (nothing when unquantized,
+        # so caches made before the key existed stay valid); offloading moves weights, never changes values
+        quantized = self._text_quantization
+        return digest("text", caption, self.text_fp, self.family.max_sequence_length, self.cfg.model.encoder_dtype,
+                      *([quantized] if quantized else []))
+
+    @functools.cached_property
+    def _text_quantization(self) -> dict:
+        return quantize.text_encoder_settings(self.cfg.model.text_encoder_quantize)
 
     @property
     def training(self) -> list[Sample]:

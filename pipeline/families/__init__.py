@@ -4,7 +4,8 @@ outside this folder names one (tests/test_structure.py), except the embedded def
 A new family is one package here plus its name in FAMILIES:
 
 - `<name>/adapter.py`: the family, a class on `base.FolderFamily` or `base.FlowMatchingFamily` implementing
-  `base.Family` (what the cache and train stages need), exported as `FAMILY`. Its methods are handed the
+  `base.Family` (what the cache and train stages need), exported as `FAMILY`. Its load_text_encoders goes
+  through `base.text_encoder_loading` and `base.place_text_encoders` (model.text_encoder_quantize/_offload). Its methods are handed the
   denoiser's device and dtype and read its config from the model folder, never from the module, which
   may be wrapped (DDP, FSDP).
 - `<name>/tiny.py`: its tiny random-weight model, `PRESETS` (with "default") and `build(path, preset, seed)`,

@@ -160,6 +160,11 @@ class FolderFamily(Family):
             z = z - vae.config.shift_factor
         return (z * vae.config.scaling_factor).cpu()
 
+    def single_file_checkpoint(self) -> str | dict:
+        """What model.denoiser_file hands diffusers' from_single_file: the path (its converter reads the
+        layout), or a state dict a family has renamed first."""
+        return str(self.denoiser_file)
+
     def load_denoiser(self, device, dtype):
         cls, sub, kwargs = self.denoiser_class, self.denoiser_component, dict(self.denoiser_kwargs)
         scheme = self.cfg.quantize
@@ -167,8 +172,13 @@ class FolderFamily(Family):
             skip = quantize.unquantizable(cls, self.root, sub, scheme)
             kwargs["quantization_config"] = quantize.diffusers_config(scheme, skip)
         if self.denoiser_file is not None:  # weights from one file, the config from the folder
-            model = cls.from_single_file(str(self.denoiser_file), config=str(self.root), subfolder=sub, dtype=dtype,
-                                         **kwargs)
+            try:
+                model = cls.from_single_file(self.single_file_checkpoint(), config=str(self.root), subfolder=sub,
+                                             dtype=dtype, **kwargs)
+            except (KeyError, ValueError, RuntimeError, IndexError) as e:  # the converter's, on keys it lacks
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise UserError(f"model.denoiser_file: '{self.denoiser_file}' does not load as the {sub} of "
+                                f"'{self.root}' ({cls.__name__}): {type(e).__name__} {first[:200]}") from None
         else:
             model = cls.from_pretrained(self.root, subfolder=sub, dtype=dtype, **kwargs)
         if scheme != "none":
@@ -268,6 +278,38 @@ class FlowMatchingFamily(FolderFamily):
             raise UserError(f"config key 'train.loss_weighting' must be one of {', '.join(self.loss_weightings)} "
                             f"for {self.name} (min_snr is for epsilon/v-prediction models such as SDXL)")
         return compute_loss_weighting_for_sd3(train.loss_weighting, sigmas)
+
+
+def text_encoder_names(family: Family) -> list[str]:
+    """The family's text encoder components (its text_components less the tokenizers)."""
+    return [c for c in family.text_components if c.startswith("text_encoder")]
+
+
+def text_encoder_loading(family: Family) -> dict:
+    """from_pretrained kwargs for the family's pipeline (its text encoders alone) under
+    model.text_encoder_quantize: each text encoder quantized by transformers as it loads."""
+    scheme = family.cfg.text_encoder_quantize
+    if scheme == "none":
+        return {}
+    from diffusers import PipelineQuantizationConfig
+
+    config = quantize.text_encoder_config(scheme)
+    return {"quantization_config": PipelineQuantizationConfig(
+        quant_mapping={name: config for name in text_encoder_names(family)})}
+
+
+def place_text_encoders(family: Family, pipe, device: torch.device):
+    """The pipeline's text encoders on `device`, or with model.text_encoder_offload their weights kept on the
+    CPU and each layer moved to `device` as it runs (accelerate's cpu_offload): the device then holds one
+    layer of one encoder at a time. Families call encode_prompt with the pipeline's `_execution_device`."""
+    if not family.cfg.text_encoder_offload:
+        return pipe.to(device)
+    from accelerate import cpu_offload
+
+    for name in text_encoder_names(family):
+        if getattr(pipe, name, None) is not None:
+            cpu_offload(getattr(pipe, name), execution_device=device)
+    return pipe
 
 
 def render_cached(family: Family, denoiser, vae, cond, *, device, dtype, height, width, steps, guidance_scale,

@@ -35,13 +35,17 @@ class Planning(Protocol):
     denoiser_config: Mapping[str, Any]
     vae_config: Mapping[str, Any]  # diffusers AutoencoderKL
     text_encoder_configs: Mapping[str, tuple[str, Mapping[str, Any]]]  # component -> (transformers class, config)
-    # the memory table of docs/memory.md: (model.quantize, train.blocks_to_swap, processes train.fsdp shards across)
-    table_rows: tuple[tuple[str, int, int], ...]
+    # the memory table of docs/memory.md: (model.quantize, train.blocks_to_swap, processes train.fsdp shards
+    # across), and optionally the cache stage's text encoders: model.text_encoder_quantize or "offload"
+    table_rows: tuple[tuple, ...]
     sequence_length_applies: bool  # model.max_sequence_length sets the text tokens (False: a fixed length)
     conv_denoiser: bool  # the denoiser convolves (a CPU measurement holds im2col columns, see bench_memory)
     # further public models of the family (another size), each a Planning of its own: the memory table gives
     # each its own rows, named "<family> (<its label>)"
     variants: tuple[Planning, ...] = ()
+    # the pipeline class the public model's model_index.json names, where the family reads it (None: the
+    # family's first pipeline class)
+    pipeline_class: str | None = None
 
     def dry_run_shapes(self, config: dict, batch: int, resolution: int, max_sequence_length: int
                        ) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:

@@ -2,7 +2,8 @@
 for each family's public full-size configs and table rows (its planning capability, and its variants':
 another public size gets rows of its own) at 1024 px, batch 1,
 LoRA rank 16 on attention, AdamW, bf16, with gradient checkpointing (without it, activations alone are
-tens of GiB for the large transformers)."""
+tens of GiB for the large transformers). A row's fourth field, where it has one, is the cache stage's text
+encoders: model.text_encoder_quantize, or "offload" (model.text_encoder_offload); else "none"."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from pipeline.tools.public_configs import ENCODERS, encoder_params, public_famil
 
 @click.command()
 def main():
-    click.echo("| family | quantize | blocks_to_swap | train.fsdp | cache stage (GiB) | training (GiB) | fits 24 GB | "
-               "fits 16 GB |")
-    click.echo("|---|---|---|---|---|---|---|---|")
+    click.echo("| family | quantize | text encoders | blocks_to_swap | train.fsdp | cache stage (GiB) | training (GiB) | "
+               "fits 48 GB | fits 24 GB | fits 16 GB |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|")
     for name in FAMILIES:
         planning = family_class(name).planning
         if planning is None:  # no public configs to plan
@@ -34,15 +35,17 @@ def rows(name: str, planning, variant=None) -> None:
     family = public_family(name, variant)
     encoders = ENCODERS[name] if variant is None else encoder_params(name, variant)
     shown = name if variant is None else f"{name} ({variant.label})"
-    for quantize, swap, processes in planning.table_rows:
+    for quantize, swap, processes, *text in planning.table_rows:
+        text = text[0] if text else "none"
         e = estimate(family, dict(planning.denoiser_config), LoraConfig(), Settings(
             quantize=quantize, blocks_to_swap=swap, gradient_checkpointing=True, encoder_dtype="bf16",
-            fsdp_processes=processes), encoders, dict(planning.vae_config))
+            fsdp_processes=processes, text_encoder_quantize="none" if text == "offload" else text,
+            text_encoder_offload=text == "offload"), encoders, dict(planning.vae_config))
         peak = max(e.cache_peak, e.train_peak)
         fits = lambda gb: "yes" if peak <= gb * 1e9 else "no"  # noqa: E731 - cards are sold in 10^9 bytes
         sharded = f"{processes} GPUs" if processes > 1 else "-"
-        click.echo(f"| {shown} | {quantize} | {swap} | {sharded} | {e.cache_peak / GiB:.1f} | {e.train_peak / GiB:.1f} | "
-                   f"{fits(24)} | {fits(16)} |")
+        click.echo(f"| {shown} | {quantize} | {text} | {swap} | {sharded} | {e.cache_peak / GiB:.1f} | "
+                   f"{e.train_peak / GiB:.1f} | {fits(48)} | {fits(24)} | {fits(16)} |")
 
 
 if __name__ == "__main__":

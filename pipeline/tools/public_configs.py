@@ -92,4 +92,7 @@ def public_family(name: str, public=None):
     (root / cls.denoiser_component / "config.json").write_text(json.dumps(public.denoiser_config))
     (root / "vae").mkdir()
     (root / "vae" / "config.json").write_text(json.dumps(public.vae_config))
+    # the pipeline it is for (FLUX.2 dev's guidance depends on it)
+    index = {"_class_name": public.pipeline_class or cls.pipeline_classes[0]}
+    (root / "model_index.json").write_text(json.dumps(index))
     return cls(root, ModelConfig(path=str(root)))

@@ -17,7 +17,7 @@ from diffusers import ChromaPipeline, ChromaTransformer2DModel
 
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
-from pipeline.families.base import FlowMatchingFamily
+from pipeline.families.base import FlowMatchingFamily, place_text_encoders, text_encoder_loading
 from pipeline.families.capabilities import PipelineSampling
 from pipeline.families.chroma.kohya import ChromaLayout
 from pipeline.families.chroma.planning import DEFAULT_MAX_SEQUENCE_LENGTH, PLANNING
@@ -66,14 +66,16 @@ class ChromaFamily(FlowMatchingFamily):
     # -- cache stage: encoders (the VAE's are FolderFamily's) --------------------------------------
     def load_text_encoders(self, device, dtype):
         # The pipeline itself, without transformer and VAE: its encode_prompt is the reference conditioning.
-        return ChromaPipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype).to(device)
+        pipe = ChromaPipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype,
+                                              **text_encoder_loading(self))
+        return place_text_encoders(self, pipe, device)
 
     @torch.no_grad()
     def encode_captions(self, encoders, captions):
         # T5 runs with the padding masked; the mask it returns unmasks the first padding token too, as the
         # transformer is to see it (0/1 values: exact in float32)
         embeds, _, mask, *_ = encoders.encode_prompt(
-            captions, device=encoders.device, do_classifier_free_guidance=False,
+            captions, device=encoders._execution_device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
         return [{"prompt_embeds": e.float().cpu(), "prompt_attention_mask": m.float().cpu()} for e, m in zip(embeds, mask)]

@@ -22,7 +22,8 @@ class ChromaPlanning(Planning):
     denoiser_config = DENOISER
     vae_config = FLUX_VAE  # Chroma1-HD ships FLUX.1's VAE
     text_encoder_configs = {"text_encoder": ("T5EncoderModel", T5_XXL)}  # T5 v1.1 XXL's encoder alone
-    table_rows = (("none", 0, 1), ("none", 30, 1), ("none", 50, 1), ("int8", 0, 1), ("fp8", 0, 1), ("nf4", 0, 1))
+    table_rows = (("none", 0, 1), ("none", 30, 1), ("none", 50, 1), ("int8", 0, 1), ("fp8", 0, 1), ("nf4", 0, 1),
+                  ("nf4", 0, 1, "nf4"))  # T5-XXL quantized too
     sequence_length_applies = True
     conv_denoiser = False
 

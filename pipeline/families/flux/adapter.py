@@ -12,7 +12,7 @@ import json
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from pipeline.families.base import FlowMatchingFamily
+from pipeline.families.base import FlowMatchingFamily, place_text_encoders, text_encoder_loading
 from pipeline.families.capabilities import PipelineSampling
 from pipeline.families.flux.kohya import FluxLayout
 from pipeline.families.flux.planning import PLANNING
@@ -46,13 +46,14 @@ class FluxFamily(FlowMatchingFamily):
     # -- cache stage: encoders (the VAE's are FolderFamily's) --------------------------------------
     def load_text_encoders(self, device, dtype):
         # The pipeline itself, without transformer and VAE: its encode_prompt is the reference conditioning.
-        pipe = FluxPipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype)
-        return pipe.to(device)
+        pipe = FluxPipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype,
+                                            **text_encoder_loading(self))
+        return place_text_encoders(self, pipe, device)
 
     @torch.no_grad()
     def encode_captions(self, encoders, captions):
         embeds, pooled, _ = encoders.encode_prompt(
-            captions, prompt_2=None, device=encoders.device, max_sequence_length=self.max_sequence_length
+            captions, prompt_2=None, device=encoders._execution_device, max_sequence_length=self.max_sequence_length
         )
         return [
             {"prompt_embeds": e.float().cpu(), "pooled_prompt_embeds": p.float().cpu()} for e, p in zip(embeds, pooled)

@@ -17,9 +17,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
 from diffusers import HiDreamImageTransformer2DModel
 
+from pipeline import quantize
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
-from pipeline.families.base import FlowMatchingFamily
+from pipeline.families.base import FlowMatchingFamily, place_text_encoders, text_encoder_loading
 from pipeline.families.capabilities import Sampling
 from pipeline.families.hidream.kohya import HiDreamLayout
 from pipeline.families.hidream.planning import DEFAULT_MAX_SEQUENCE_LENGTH, PLANNING
@@ -96,19 +97,22 @@ class HiDreamFamily(FlowMatchingFamily):
         if not listed("text_encoder_4"):
             from transformers import LlamaForCausalLM
 
-            extra["text_encoder_4"] = LlamaForCausalLM.from_pretrained(llama, dtype=dtype)
+            scheme = self.cfg.text_encoder_quantize  # as text_encoder_loading quantizes the folder's encoders
+            kwargs = {} if scheme == "none" else {"quantization_config": quantize.text_encoder_config(scheme)}
+            extra["text_encoder_4"] = LlamaForCausalLM.from_pretrained(llama, dtype=dtype, **kwargs)
         if not listed("tokenizer_4") or not (self.root / "tokenizer_4").is_dir():
             from transformers import AutoTokenizer
 
             tokenizer = self.root / "tokenizer_4" if (self.root / "tokenizer_4").is_dir() else llama
             extra["tokenizer_4"] = AutoTokenizer.from_pretrained(tokenizer)
-        pipe = HiDreamImagePipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype, **extra)
-        return pipe.to(device)
+        pipe = HiDreamImagePipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype, **extra,
+                                                    **text_encoder_loading(self))
+        return place_text_encoders(self, pipe, device)
 
     @torch.no_grad()
     def encode_captions(self, encoders, captions):
         t5, _, llama, _, pooled, _ = encoders.encode_prompt(
-            captions, device=encoders.device, do_classifier_free_guidance=False,
+            captions, device=encoders._execution_device, do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
         # llama: (layers, B, tokens, D), every hidden layer as the pipeline returns it. The transformer picks

@@ -35,7 +35,9 @@ class HiDreamPlanning(Planning):
                             "text_encoder_3": ("T5EncoderModel", T5_XXL),
                             "text_encoder_4": ("LlamaForCausalLM", LLAMA_8B)}
     table_rows = (("none", 0, 1), ("none", 24, 1), ("none", 40, 1), ("int8", 0, 1), ("fp8", 0, 1), ("nf4", 0, 1),
-                  ("none", 24, 4), ("none", 24, 8))
+                  ("none", 24, 4), ("none", 24, 8),
+                  # the four text encoders (13.7B together) quantized or offloaded for the cache stage
+                  ("int8", 0, 1, "int8"), ("nf4", 0, 1, "nf4"), ("none", 40, 1, "offload"))
     sequence_length_applies = True
     conv_denoiser = False
 

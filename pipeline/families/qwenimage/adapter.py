@@ -29,7 +29,7 @@ from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransf
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.families import padding
-from pipeline.families.base import FlowMatchingFamily
+from pipeline.families.base import FlowMatchingFamily, place_text_encoders, text_encoder_loading
 from pipeline.families.capabilities import PipelineSampling
 from pipeline.families.qwenimage.kohya import QwenImageLayout
 from pipeline.families.qwenimage.planning import DEFAULT_MAX_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH, PLANNING
@@ -124,7 +124,9 @@ class QwenImageFamily(FlowMatchingFamily):
     # -- cache stage: text ---------------------------------------------------------------------------
     def load_text_encoders(self, device, dtype):
         # the pipeline itself, without transformer and VAE: its encode_prompt is the reference conditioning
-        return QwenImagePipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype).to(device)
+        pipe = QwenImagePipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype,
+                                                 **text_encoder_loading(self))
+        return place_text_encoders(self, pipe, device)
 
     @torch.no_grad()
     def encode_captions(self, encoders, captions):
@@ -133,7 +135,7 @@ class QwenImageFamily(FlowMatchingFamily):
         # cut at max_sequence_length, are encode_prompt's own.
         out = []
         for caption in captions:
-            embeds, mask = encoders.encode_prompt([caption], device=encoders.device,
+            embeds, mask = encoders.encode_prompt([caption], device=encoders._execution_device,
                                                   max_sequence_length=self.max_sequence_length)
             assert mask is None  # one prompt has no padding
             out.append({"prompt_embeds": embeds[0].float().cpu()})

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, U
 from diffusers.training_utils import compute_snr
 
 from pipeline.errors import UserError, warn
-from pipeline.families.base import FolderFamily
+from pipeline.families.base import FolderFamily, place_text_encoders, text_encoder_loading
 from pipeline.families.capabilities import PipelineSampling
 from pipeline.families.sdxl.kohya import SDXLLayout
 from pipeline.families.sdxl.planning import PLANNING
@@ -60,12 +60,14 @@ class SDXLFamily(FolderFamily):
 
     def load_text_encoders(self, device, dtype):
         # The pipeline itself, without UNet and VAE: its encode_prompt is the reference conditioning.
-        return StableDiffusionXLPipeline.from_pretrained(self.root, unet=None, vae=None, dtype=dtype).to(device)
+        pipe = StableDiffusionXLPipeline.from_pretrained(self.root, unet=None, vae=None, dtype=dtype,
+                                                         **text_encoder_loading(self))
+        return place_text_encoders(self, pipe, device)
 
     @torch.no_grad()
     def encode_captions(self, encoders, captions):
         # no classifier-free guidance; "" (caption dropout) is encoded like any caption, as the training script does
-        embeds, _, pooled, _ = encoders.encode_prompt(captions, device=encoders.device,
+        embeds, _, pooled, _ = encoders.encode_prompt(captions, device=encoders._execution_device,
                                                       do_classifier_free_guidance=False)
         return [
             {"prompt_embeds": e.float().cpu(), "pooled_prompt_embeds": p.float().cpu()} for e, p in zip(embeds, pooled)

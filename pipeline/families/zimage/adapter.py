@@ -26,7 +26,7 @@ from diffusers import ZImagePipeline, ZImageTransformer2DModel
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.families import padding
-from pipeline.families.base import FlowMatchingFamily
+from pipeline.families.base import FlowMatchingFamily, place_text_encoders, text_encoder_loading
 from pipeline.families.capabilities import Sampling
 from pipeline.families.zimage.kohya import ZImageLayout
 from pipeline.families.zimage.planning import PLANNING
@@ -95,14 +95,17 @@ class ZImageFamily(FlowMatchingFamily):
             raise UserError(f"model.path: '{config}' has {layers} hidden layers; Z-Image takes the penultimate "
                             f"layer's hidden state, so its Qwen3 needs at least 2")
         # the pipeline itself, without transformer and VAE: its encode_prompt is the reference conditioning
-        return ZImagePipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype).to(device)
+        pipe = ZImagePipeline.from_pretrained(self.root, transformer=None, vae=None, dtype=dtype,
+                                              **text_encoder_loading(self))
+        return place_text_encoders(self, pipe, device)
 
     @torch.no_grad()
     def encode_captions(self, encoders, captions):
         # the pipeline's own: chat template (thinking enabled), padding to max_sequence_length in the encoder,
         # then each caption's tokens alone (its list of variable-length embeddings). It rewrites the list it
         # is given in place, hence the copy.
-        embeds, _ = encoders.encode_prompt(list(captions), device=encoders.device, do_classifier_free_guidance=False,
+        embeds, _ = encoders.encode_prompt(list(captions), device=encoders._execution_device,
+                                           do_classifier_free_guidance=False,
                                            max_sequence_length=self.max_sequence_length)
         return [{"prompt_embeds": e.float().cpu()} for e in embeds]
 
