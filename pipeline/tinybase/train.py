@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import EmbeddedConfig, ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.families import tiny_module
 from pipeline.families.base import render_cached
 from pipeline.families.load import get_family
