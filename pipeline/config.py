@@ -158,6 +158,17 @@ class TrainConfig:
     min_snr_gamma: float = 5.0
     ema: bool = False  # also keep an EMA of the LoRA weights (diffusers' EMAModel), saved as <lora stem>-ema
     ema_decay: float = 0.999  # its largest decay; diffusers' EMAModel ramps up to it: (1+n)/(10+n) at step n
+    # "lora" (the adapter of [lora]) | "full": the denoiser's own weights train (pipeline/train/full.py)
+    method: str = "lora"
+    # full: the parameters that train, as glob patterns over their dotted names (a pattern naming a module
+    # takes its parameters: "transformer_blocks.*", "down_blocks.1"); empty: all of them
+    full_train_modules: list[str] = field(default_factory=list)
+    # full with bf16/fp16 weights: an fp32 copy of the trained weights that the optimizer updates (4 more
+    # bytes a weight); off (bf16): each update is rounded stochastically into the bf16 weights
+    master_weights: bool = False
+    fused_backward: bool = False  # full: each weight's optimizer step as its gradient is ready, then freed
+    max_shard_size: str = "5GB"  # full: the saved denoiser's safetensors shards (save_pretrained)
+    extract_rank: int = 0  # full: also write the difference to the base as a LoRA of this rank (0: none)
 
 
 @dataclass(frozen=True)
@@ -402,6 +413,49 @@ def _adapter_type(cfg: Config) -> None:
                         f"(lora.type = {kind!r}): use \"lycoris\" (ComfyUI) or \"diffusers\"")
 
 
+def _method(cfg: Config) -> None:
+    """train.method and the keys that only one method takes."""
+    t = cfg.train
+    _choice(t.method, ("lora", "full"), "train.method")
+    defaults = TrainConfig()
+    full_only = ("full_train_modules", "master_weights", "fused_backward", "max_shard_size", "extract_rank")
+    if t.method == "lora":
+        for key in full_only:
+            if getattr(t, key) != getattr(defaults, key):
+                raise UserError(f"config key 'train.{key}' is for train.method = \"full\": set train.method = "
+                                "\"full\", or leave the key out")
+        return
+    if t.prior_mode == "online":
+        raise UserError("config key 'train.prior_mode' = \"online\" does not work with train.method = \"full\": there "
+                        "is no second copy of the base to ask (use \"cached\": the cache holds its predictions)")
+    if cfg.model.quantize != "none":
+        raise UserError(f"config key 'model.quantize' = {cfg.model.quantize!r} does not work with train.method = "
+                        "\"full\": the quantized weights are the ones that would train (set \"none\")")
+    if cfg.lora != LoraConfig():
+        changed = next(f.name for f in dataclasses.fields(LoraConfig)
+                       if getattr(cfg.lora, f.name) != getattr(LoraConfig(), f.name))
+        raise UserError(f"config key 'lora.{changed}' is for train.method = \"lora\": with \"full\" there is no "
+                        "adapter (leave [lora] out)")
+    for key in ("lora_format", "lora_name", "ema"):
+        if getattr(t, key) != getattr(defaults, key):
+            raise UserError(f"config key 'train.{key}' is for train.method = \"lora\": with \"full\" the output "
+                            "is the denoiser itself (leave the key out)")
+    if t.dtype == "fp16" and not t.master_weights:
+        raise UserError("config key 'train.dtype' = \"fp16\" with train.method = \"full\" needs "
+                        "train.master_weights = true (stochastic rounding is for bf16)")
+    if t.fused_backward and cfg.optimizer.max_grad_norm > 0:
+        raise UserError("config key 'train.fused_backward' steps each weight before the others have a gradient, "
+                        "so nothing can clip their total norm: set optimizer.max_grad_norm = 0")
+    if t.fused_backward and cfg.optimizer.name == "prodigy":
+        raise UserError("config key 'train.fused_backward' does not work with optimizer.name = \"prodigy\", whose "
+                        "step sums over all weights: use \"adamw\", \"adamw8bit\" or \"adafactor\"")
+    if t.extract_rank < 0:
+        raise UserError(f"config key 'train.extract_rank' must be >= 0, got {t.extract_rank}")
+    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMG]?B", t.max_shard_size):
+        raise UserError(f"config key 'train.max_shard_size' must be a size such as \"5GB\" or \"500MB\", got "
+                        f"{t.max_shard_size!r}")
+
+
 def validate(cfg: Config) -> None:
     """Value checks that do not touch the disk (paths are checked where they are used)."""
     _choice(cfg.train.dtype, DTYPES, "train.dtype")
@@ -414,6 +468,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg.lora.targets, TARGET_PRESETS, "lora.targets")
     _choice(cfg.train.lora_format, ("diffusers", "kohya", "lycoris"), "train.lora_format")
     _adapter_type(cfg)
+    _method(cfg)
     _choice(cfg.model.prediction_type, ("", "epsilon", "v_prediction"), "model.prediction_type")
     _choice(cfg.model.quantize, QUANTIZE, "model.quantize")
     _choice(cfg.model.text_encoder_quantize, QUANTIZE, "model.text_encoder_quantize")

@@ -130,6 +130,11 @@ def _refuse(cfg: Config, family: Family, processes: str) -> None:
     if t.lora_format == "kohya" and cfg.lora.use_dora:
         raise UserError("config key 'train.lora_format' = \"kohya\" cannot hold a DoRA (lora.use_dora = true): "
                         "use train.lora_format = \"diffusers\"")
+    if t.method == "full" and processes != "one":
+        # the trained weights, their gradients and the optimizer's state whole on every rank, checkpointed by
+        # rank 0: not built or tested for several processes yet (a LoRA run shards; see docs/full-finetuning.md)
+        raise UserError(f"config key 'train.method' = \"full\" trains in one process (this launcher started "
+                        f"{launched_size()}): run it without the launcher, or train a LoRA")
     if processes == "fsdp":
         refuse_sharding(cfg, family)
 

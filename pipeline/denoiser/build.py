@@ -9,6 +9,7 @@ import torch
 from pipeline.denoiser.model import Denoiser
 from pipeline.config import Config
 from pipeline.errors import warn
+from pipeline.denoiser.full import train_weights
 from pipeline.denoiser.lora import NAMES, add_lora, kohya_weights
 from pipeline.denoiser.swap import load_denoiser
 
@@ -17,7 +18,13 @@ def prepare_model(model: torch.nn.Module, cfg, family, checks: bool = True) -> l
     """What training does to the loaded denoiser: add the LoRA (its parameters are returned), check the
     output format, turn on gradient checkpointing. `make bench-memory` measures a step after this too.
     checks: refuse what the LoRA file's format cannot hold, warn about DoRA (the train stage; the cache
-    stage saves no LoRA)."""
+    stage saves no LoRA). With train.method = "full" no LoRA: the weights train.full_train_modules names
+    train (in the train stage; the cache stage's base is the same without it, a LoRA at zero adds exactly 0)."""
+    if cfg.train.method == "full":
+        params = train_weights(model, cfg.train.full_train_modules) if checks else []
+        if cfg.train.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        return params
     params = add_lora(model, cfg.lora, family.target_presets)
     if cfg.train.lora_format == "kohya" and checks:
         kohya_weights(model, family, cfg.lora)  # refuse now, not after training, what kohya's layout cannot hold

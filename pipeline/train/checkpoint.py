@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import changed_keys
 from pipeline.errors import UserError, option, warn
+from pipeline.denoiser.full import restore_trained, trained_state
 from pipeline.denoiser.lora import CHECKPOINT_LORA, save_file_or_oserror, save_run_lora
 from pipeline.store.keys import sha256_file
 from pipeline.atomic import writer_gone, writer_tag
@@ -32,6 +33,7 @@ from pipeline.train.ema import save_ema_lora
 from pipeline.train.state import TrainState
 
 PREFIX = "step-"
+WEIGHTS = "weights.safetensors"  # a full fine-tuning's trained weights (train.method = "full")
 CHECKSUMS = "checksums.json"
 
 
@@ -80,9 +82,12 @@ def save(out_dir: Path, state: TrainState, run, plan, data_fp: str, optimizer_st
     try:
         tmp.mkdir(parents=True)
         model = run.denoiser.module
-        save_file_or_oserror({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
-                             tmp / "lora.safetensors")
-        save_run_lora(tmp / CHECKPOINT_LORA, model, plan, state.step)
+        if plan.cfg.train.method == "full":  # the trained weights as they are (train.dtype), no LoRA file
+            save_file_or_oserror(trained_state(model), tmp / WEIGHTS)
+        else:
+            save_file_or_oserror({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()},
+                                 tmp / "lora.safetensors")
+            save_run_lora(tmp / CHECKPOINT_LORA, model, plan, state.step)
         if run.ema is not None:  # train.ema: its LoRA file beside the checkpoint's, its state in state.*
             save_ema_lora(tmp / CHECKPOINT_LORA, run.ema, run.params, model, plan, state.step)
         tensors: dict = {}
@@ -168,9 +173,11 @@ def damage(path: Path) -> str | None:
         return f"{CHECKSUMS} is not a table of file checksums"
     try:
         files = {p.name for p in path.iterdir() if p.is_file()} - {CHECKSUMS}
-        unlisted = sorted((files | {"state.json", "state.safetensors", "lora.safetensors"}) - sums.keys())
+        unlisted = sorted((files | {"state.json", "state.safetensors"}) - sums.keys())
         if unlisted:
             return f"{CHECKSUMS} has no checksum for {unlisted[0]}"
+        if not {"lora.safetensors", WEIGHTS} & sums.keys():
+            return f"{CHECKSUMS} has no checksum for lora.safetensors"
         for name, want in sums.items():
             if not (path / name).is_file():
                 return f"{name} is missing"
@@ -214,6 +221,14 @@ def restore_lora(path: Path, model: torch.nn.Module) -> None:
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"checkpoint '{path}' does not fit this LoRA (e.g. {result.unexpected_keys[0]}): "
                         f"set lora.* back as it was, or {start_over()}")
+
+
+def restore_weights(path: Path, model: torch.nn.Module) -> None:
+    """The checkpoint's trained weights (train.method = "full") into the freshly built model."""
+    if not (path / WEIGHTS).is_file():
+        raise UserError(f"checkpoint '{path}' holds a LoRA, not the weights train.method = \"full\" trains: "
+                        f"{start_over()}")
+    restore_trained(model, load_file(str(path / WEIGHTS)), path)
 
 
 def restore_state(path: Path) -> tuple[TrainState, dict, dict]:
@@ -260,6 +275,7 @@ RESULT_KEYS = (
     "cache.shift", "cache.dynamic_shift", "cache.noise_offset", "cache.input_perturbation",
     "train.dtype", "train.batch_size", "train.seed", "train.gradient_accumulation", "train.prior_mode",
     "train.loss_weighting", "train.min_snr_gamma", "train.ema",  # train.ema covers train.ema_decay
+    "train.method", "train.full_train_modules", "train.master_weights",
 )
 
 

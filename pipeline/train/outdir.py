@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.denoiser.full import MODEL_DIR
 from pipeline.store.lock import take
 from pipeline.errors import UserError, note, option
 from pipeline.store.keys import sha256_file
@@ -53,10 +54,16 @@ def run_files(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.iterdir() if p.name not in (PREVIOUS, LOCK)) if out_dir.is_dir() else []
 
 
+def final_output(out_dir: Path, cfg) -> Path:
+    """What a finished run wrote last of what it must write: the LoRA, or with train.method = "full" the
+    trained pipeline folder."""
+    return out_dir / (MODEL_DIR if cfg.train.method == "full" else cfg.train.lora_name)
+
+
 def holds_a_run(out_dir: Path, cfg) -> bool:
     """Whether a training run wrote here: its metrics.jsonl (written from its first step), checkpoints or
-    LoRA. A folder with none of them is not moved aside, whatever else it holds."""
-    return any(p.exists() for p in (out_dir / "metrics.jsonl", out_dir / "checkpoints", out_dir / cfg.train.lora_name))
+    LoRA (or model). A folder with none of them is not moved aside, whatever else it holds."""
+    return any(p.exists() for p in (out_dir / "metrics.jsonl", out_dir / "checkpoints", final_output(out_dir, cfg)))
 
 
 def starting_point(out_dir: Path, cfg, plan, data_fp: str, total_steps: int, world_size: int,
@@ -87,7 +94,7 @@ def starting_point(out_dir: Path, cfg, plan, data_fp: str, total_steps: int, wor
         move_aside(out_dir, cfg, f"it went on to step {step}, and this run ends at step {total_steps}")
         return None, False
     restart_hint = f"train with {option('--restart')} to start over (the run is moved to {PREVIOUS}/)"
-    if step == total_steps and (out_dir / cfg.train.lora_name).is_file():
+    if step == total_steps and final_output(out_dir, cfg).exists():
         length = "train.max_steps" if cfg.train.max_steps else "train.epochs"
         note(f"train: the run in '{out_dir}' is complete (step {step} of {total_steps}): nothing to do; raise "
              f"{length} to train on, or {restart_hint}")

@@ -20,6 +20,7 @@ from pipeline.processes import OneProcess
 from pipeline.denoiser.swap import swap_blocks
 from pipeline.train import checkpoint, ema
 from pipeline.train.epochs import epoch_batches
+from pipeline.train.full import FullOptimizer
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.state import TrainState
 
@@ -30,8 +31,8 @@ class Run:
     # the same model as its training forward runs it: under DDP through its wrapper, which every rank must
     # enter together (a forward on one rank alone, a sample grid, uses `denoiser`); else `denoiser` itself
     trained: Denoiser
-    params: list[torch.nn.Parameter]  # what trains (the LoRA's, float32; under FSDP their shards)
-    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]  # what trains (the LoRA's, float32; under FSDP their shards; or the weights)
+    optimizer: torch.optim.Optimizer  # or train.full's FullOptimizer (train.method = "full")
     scheduler: object  # the lr schedule (a torch LRScheduler; ours, not accelerate's, which would step per process)
     shapes: dict[str, tuple]  # latent key -> shape, read from the cache once per run
     steps_per_epoch: int  # optimizer steps
@@ -69,17 +70,23 @@ def setup(plan: Plan, store: Store, device: torch.device, dtype: torch.dtype, pr
     torch.manual_seed(cfg.train.seed)  # the LoRA's initial weights: the same on every rank
     denoiser, _ = build_denoiser(cfg, plan.family, device, dtype, place=not procs.places_weights)
     state, optimizer_state, schedule_state = TrainState(), None, None
-    if resume_from is not None:
-        checkpoint.restore_lora(resume_from, denoiser.module)  # into the whole model, before it is placed
+    full = cfg.train.method == "full"
+    if resume_from is not None:  # into the whole model, before it is placed
+        (checkpoint.restore_weights if full else checkpoint.restore_lora)(resume_from, denoiser.module)
         state, optimizer_state, schedule_state = checkpoint.restore_state(resume_from)
     model = procs.place(denoiser.module, swap_blocks(denoiser.module, plan.family))
     trained = denoiser if model is denoiser.module else Denoiser(model, device, denoiser.dtype)
     params = [p for p in model.parameters() if p.requires_grad]  # as they train: under FSDP their shards
-    optimizer = procs.prepare_optimizer(build_optimizer(params, cfg.optimizer))
+    if full:  # the weights in train.dtype, updated in fp32 (train.full)
+        t = cfg.train
+        optimizer = FullOptimizer(params, lambda groups: build_optimizer(groups, cfg.optimizer), t.master_weights,
+                                  t.seed, t.fused_backward)
+    else:
+        optimizer = procs.prepare_optimizer(build_optimizer(params, cfg.optimizer))
     length = length or run_length(plan, store)
     # the schedule before the saved state: building one sets each group's lr to its step-0 value, which the
     # optimizer's saved state then replaces with the lr of the step the run is at
-    scheduler = build_scheduler(optimizer, cfg.optimizer, length.total_steps)
+    scheduler = build_scheduler(getattr(optimizer, "inner", optimizer), cfg.optimizer, length.total_steps)
     if resume_from is not None:
         procs.load_optimizer_state(optimizer, optimizer_state, params)
         scheduler.load_state_dict(schedule_state)

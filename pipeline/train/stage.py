@@ -25,13 +25,14 @@ from pipeline.data.kinds import check_complete
 from pipeline.store.lock import cache_lock
 from pipeline.config import Config, check_output_dir
 from pipeline.errors import Interrupted, UserError, option, warn
+from pipeline.denoiser.full import EXTRACTED, SINGLE_FILE, save_run_model
 from pipeline.denoiser.lora import save_run_lora
 from pipeline.memory import say_estimate
 from pipeline.data.plan import open_plan
 from pipeline.processes import OneProcess, start
 from pipeline.settings import Settings, resolve
 from pipeline.train import checkpoint
-from pipeline.train.outdir import output_lock, starting_point
+from pipeline.train.outdir import final_output, output_lock, starting_point
 from pipeline.train.ema import ema_path, save_ema_lora
 from pipeline.train.epochs import epoch_batches
 from pipeline.train.practice import batch_size_warning, practice_warnings, prior_share
@@ -132,13 +133,15 @@ def _train_lora(settings: Settings, progress: bool, resume: bool, restart: bool,
                   + ([TensorBoardSink(out_dir)] if t.tensorboard else []) if procs.is_main else [])
     validator = Validator(plan, store, run.denoiser, out_dir, sinks, procs)
     model = run.denoiser.module
-    lora_path = out_dir / t.lora_name
+    lora_path = final_output(out_dir, cfg)  # the LoRA, or the trained pipeline folder (train.method = "full")
     try:
         # the next step's batches are read while this one computes (stopped on any way out of the loop)
         with Prefetcher(plan, store, procs, run.denoiser.device, upcoming(run, plan, state)) as prefetch:
             _loop(run, plan, store, state, sinks, validator, data_fp, prefetch)
         with procs.whole_lora(model):  # under FSDP, every rank gathers the LoRA; rank 0 writes
-            if procs.is_main:
+            if procs.is_main and t.method == "full":
+                save_run_model(out_dir, model, plan, state.step)
+            elif procs.is_main:
                 save_run_lora(lora_path, model, plan, state.step)  # first: everything after it is optional
                 if run.ema is not None:
                     save_ema_lora(lora_path, run.ema, run.params, model, plan, state.step)
@@ -182,8 +185,10 @@ def _train_lora(settings: Settings, progress: bool, resume: bool, restart: bool,
         "images_per_bucket": plan.bucket_counts(),
         **validator.last,
         "skipped_images": plan.skipped,
-        "lora": str(lora_path),
+        **({"model": str(lora_path), "model_file": str(out_dir / SINGLE_FILE)} if t.method == "full" else
+           {"lora": str(lora_path)}),
         **({"lora_ema": str(ema_path(lora_path))} if run.ema is not None else {}),
+        **({"extracted_lora": str(out_dir / EXTRACTED)} if t.method == "full" and t.extract_rank else {}),
         "metrics": str(jsonl.metrics_path),
         "plot": str(plot) if plot else None,
         "seconds": round(time.perf_counter() - start_time, 2),

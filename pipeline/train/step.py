@@ -146,6 +146,9 @@ def optimizer_step(run, plan: Plan, store: Store, group: list[list[tuple[Sample,
     # LoRA dropout draws from the global RNG: seeded by (seed, step, rank), so a resumed run draws what an
     # uninterrupted one would without any saved RNG state
     torch.manual_seed(derive_seed("dropout", plan.cfg.train.seed, step, procs.rank))
+    fused = plan.cfg.train.fused_backward
+    if hasattr(run.optimizer, "step_number"):  # train.full's: its stochastic rounding is seeded by the step
+        run.optimizer.step_number = step
     mine, first = [], 0
     for j, batch in enumerate(group):
         lo, hi = procs.slice(len(batch))
@@ -154,11 +157,17 @@ def optimizer_step(run, plan: Plan, store: Store, group: list[list[tuple[Sample,
         with procs.no_sync(run.trained.module, last=j == len(group) - 1):
             losses, timesteps = train_step(plan, store, run, share or batch[:1], mode, step, first + lo,
                                            read=reads[j] if reads else None)
+            if fused:  # the last backward steps the weights (train.full): a bad loss must stop it first
+                if not torch.isfinite(losses).all():
+                    raise NonFinite(step, f"loss {float(losses.mean())}", [str(s.path) for s, _ in batch])
+                run.optimizer.armed = j == len(group) - 1
             procs.backward_loss(losses, len(batch), len(group), empty=not share).backward()
         losses = losses.detach().cpu()
         mine.append((list(zip(timesteps.float().tolist(), losses.tolist())), [s.prior for s, _ in share])
                     if share else ([], []))
         first += len(batch)
+    if fused:
+        run.optimizer.armed = False
     if check:
         procs.check_gradients(run.denoiser.module, target_key(plan.cfg.lora))
     records = []
