@@ -130,8 +130,10 @@ def extract_lora(model: torch.nn.Module, base: dict[str, torch.Tensor], rank: in
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         r = min(rank, s.numel())
         root = s[:r].sqrt()
-        out[f"{prefix}.{name}.lora_B.weight"] = (u[:, :r] * root).contiguous()
-        out[f"{prefix}.{name}.lora_A.weight"] = (root[:, None] * vh[:r]).contiguous()
+        # a layer narrower than `rank` gets zero rows: one rank for all, as the LoRA's config says
+        b, a = torch.zeros(delta.shape[0], rank), torch.zeros(rank, delta.shape[1])
+        b[:, :r], a[:r] = u[:, :r] * root, root[:, None] * vh[:r]
+        out[f"{prefix}.{name}.lora_B.weight"], out[f"{prefix}.{name}.lora_A.weight"] = b, a
     return out
 
 

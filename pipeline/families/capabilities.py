@@ -74,6 +74,9 @@ class LoraLayout(Protocol):
     # module -> the stem of its LoKr/LoHa tensors in train.lora_format = "lycoris", a name ComfyUI maps onto
     # it; None: '<denoiser_component>.<module>' (peft's names, which ComfyUI maps for the transformers)
     lycoris_stem: Callable[[str], str] | None = None
+    # a whole denoiser's state dict (diffusers' names) -> the family's original single-file checkpoint layout,
+    # which ComfyUI's model loader reads (train.method = "full"); None: the file keeps diffusers' names
+    single_file_names: Callable[[dict], dict] | None = None
 
     def to_kohya(self, state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
         """The LoRA as peft holds it (keys '<denoiser_component>.<module>.lora_A.weight' / '.lora_B.weight',

@@ -128,5 +128,11 @@ class SDXLLayout(LoraLayout):
     def diffusers_layout(self, state_dict):
         return processor_names(state_dict, self.prefix)
 
+    def single_file_names(self, state_dict):
+        """A whole UNet's weights (diffusers' names) in the original checkpoint's layout
+        (`model.diffusion_model.<input_blocks...>`), which ComfyUI's and A1111's UNet loaders and diffusers'
+        from_single_file read (train.method = "full")."""
+        return {"model.diffusion_model." + ldm_unet_name(k, self.unet_config): v for k, v in state_dict.items()}
+
     def lycoris_stem(self, module):  # kohya's (and LyCORIS') name: ComfyUI maps no peft name of the UNet's
         return "lora_unet_" + ldm_unet_name(module, self.unet_config).replace(".", "_")
