@@ -147,3 +147,41 @@ def test_a_finished_run_made_longer_goes_on_from_its_last_step(project, capsys):
 
     # --resume still goes on from the newest checkpoint (here the last step's: nothing left to train)
     assert run_train(_length(project, "run", 7), progress=False, resume=True)["resumed_from_step"] == 7
+
+
+@pytest.mark.parametrize("master", [False, True])
+def test_full_fine_tuning_interrupted_and_run_again_equals_uninterrupted(project, monkeypatch, master):
+    """train.method = "full" in bf16: with stochastic rounding (seeded per step and weight) or fp32 master
+    weights (in the checkpoint beside the optimizer's state), a resumed run ends bitwise where an
+    uninterrupted one does."""
+    def config(name):
+        path, _ = project(name=f"{name}.toml", out=project.root / name, max_steps=8, dtype="bf16")
+        return configure(path, lora={"rank": None, "alpha": None},
+                         optimizer={"scheduler": "cosine", "warmup_steps": 2},
+                         train={"method": "full", "master_weights": master, "checkpoint_every": 3,
+                                "full_train_modules": ["transformer_blocks.*"]})
+
+    whole = config("whole")
+    run_cache(whole, progress=False)
+    expected = load_file(run_train(whole, progress=False)["model_file"])
+    cut = config("cut")
+    real, calls = train_step_module.train_step, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:  # during step 7: checkpoints at 3 and 6
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_step_module, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cut, progress=False)
+    monkeypatch.undo()
+    saved = project.root / "cut" / "checkpoints" / "step-00000006"
+    assert (saved / "weights.safetensors").is_file() and not (saved / "lora.safetensors").exists()
+    resumed = run_train(cut, progress=False)
+    assert resumed["resumed_from_step"] == 6
+    got = load_file(resumed["model_file"])
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
