@@ -446,9 +446,10 @@ def _method(cfg: Config) -> None:
     if t.fused_backward and cfg.optimizer.max_grad_norm > 0:
         raise UserError("config key 'train.fused_backward' steps each weight before the others have a gradient, "
                         "so nothing can clip their total norm: set optimizer.max_grad_norm = 0")
-    if t.fused_backward and cfg.optimizer.name == "prodigy":
-        raise UserError("config key 'train.fused_backward' does not work with optimizer.name = \"prodigy\", whose "
-                        "step sums over all weights: use \"adamw\", \"adamw8bit\" or \"adafactor\"")
+    if cfg.optimizer.name == "prodigy":
+        # each weight is stepped on its own (train/full.py), and Prodigy's step size is an estimate over all
+        raise UserError("config key 'optimizer.name' = \"prodigy\" does not work with train.method = \"full\", "
+                        "whose weights step one at a time: use \"adamw\", \"adamw8bit\" or \"adafactor\"")
     if t.extract_rank < 0:
         raise UserError(f"config key 'train.extract_rank' must be >= 0, got {t.extract_rank}")
     if not re.fullmatch(r"\d+(\.\d+)?\s*[KMG]?B", t.max_shard_size):

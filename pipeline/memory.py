@@ -15,6 +15,11 @@ start of both stages).
 - **LoRA**: exact, from the layers `lora.*` selects (the trainer's own resolve_targets on the meta model):
   float32 parameters, float32 gradients, and the optimizer's state (AdamW two float32 moments,
   AdamW8bit two bytes, Prodigy four float32 tensors, Adafactor factored rows and columns).
+- **Full fine-tuning** (train.method = "full"): the weights as above, plus the trained weights' gradients
+  (in their dtype; with train.fused_backward only the largest weight's), fp32 master copies with
+  train.master_weights, the optimizer's fp32 state over them (AdamW 8 bytes a weight, AdamW8bit 2,
+  Adafactor a row and a column per matrix) and the largest weight's fp32 value and gradient at its step.
+  Block swap moves only the frozen weights of the swapped blocks.
 - **Activations**: a dry run of the family's own forward (`family.predict`) on meta tensors at the
   config's resolution and batch, counting every tensor autograd saves for the backward (each storage
   once) and attributing it to the checkpointing unit that saved it (what the model's own gradient
@@ -45,6 +50,7 @@ from pathlib import Path
 import torch
 
 from pipeline.families.capabilities import require
+from pipeline.denoiser.full import selected, train_weights
 from pipeline.denoiser.lora import adapter_shapes, add_lora, resolve_targets
 from pipeline.denoiser.swap import swap_blocks, swapped_indices
 from pipeline.errors import note
@@ -74,6 +80,10 @@ class Settings:
     fsdp_processes: int = 1  # training sharded across this many (train.fsdp under a launcher); 1: not sharded
     text_encoder_quantize: str = "none"  # model.text_encoder_quantize
     text_encoder_offload: bool = False  # model.text_encoder_offload
+    method: str = "lora"  # train.method; "full": the keys below
+    full_train_modules: tuple[str, ...] = ()
+    master_weights: bool = False
+    fused_backward: bool = False
 
 
 @dataclass
@@ -120,6 +130,22 @@ def lora_bytes(model: torch.nn.Module, lora_cfg, presets: dict, optimizer: str) 
         factored += sum(a + b for a, b in shapes)
     state = factored * 4 if optimizer == "adafactor" else params * OPTIMIZER_BYTES[optimizer]
     return {"lora": params * 4, "lora_grads": params * 4, "optimizer_state": state}
+
+
+def full_bytes(model: torch.nn.Module, s: Settings) -> dict[str, int]:
+    """What full fine-tuning (train.method = "full", pipeline/train/full.py) adds to the weights: the trained
+    weights' gradients (in the weights' dtype; fused: one weight's at a time), fp32 master copies, the
+    optimizer's fp32 state, and one weight's fp32 temporaries at its step (its value and gradient)."""
+    trained = [p for n, p in model.named_parameters() if selected(n, list(s.full_train_modules))]
+    count, largest = sum(p.numel() for p in trained), max((p.numel() for p in trained), default=0)
+    per = DTYPE_BYTES[s.dtype]
+    if s.optimizer == "adafactor":  # factored: a row and a column of a matrix, whole for a vector
+        state = sum((p.shape[0] + p.numel() // p.shape[0] if p.dim() >= 2 else p.numel()) * 4 for p in trained)
+    else:
+        state = count * OPTIMIZER_BYTES[s.optimizer]
+    return {"full_grads": largest * per if s.fused_backward else count * per,
+            "master_weights": count * 4 if s.master_weights and s.dtype != "fp32" else 0,
+            "optimizer_state": state, "step_temporaries": largest * 8 if s.dtype != "fp32" else 0}
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:
@@ -300,7 +326,7 @@ def vae_working(vae_config: dict, batch: int, resolution: int, dtype: torch.dtyp
 
 
 def activations(family, config: dict, lora_cfg, batch: int, resolution: int, dtype: torch.dtype,
-                max_sequence_length: int) -> Activations:
+                max_sequence_length: int, full_modules: list[str] | None = None) -> Activations:
     """dry_run for the whole denoiser, from dry runs of models cut to one or two blocks of each kind
     (family.planning.block_depths): blocks of a kind save the same, so the whole is the one-block model plus, per
     kind, (count - 1) times what a second block adds. Exact (tests/test_memory.py compares it with the
@@ -312,7 +338,10 @@ def activations(family, config: dict, lora_cfg, batch: int, resolution: int, dty
             model = meta_denoiser(family, cfg)
         finally:
             torch.set_default_dtype(previous)
-        add_lora(model, lora_cfg, family.target_presets)  # the trainer's own: its float32 inputs are saved too
+        if full_modules is None:
+            add_lora(model, lora_cfg, family.target_presets)  # the trainer's own: its float32 inputs are saved too
+        else:  # full fine-tuning: the weights themselves need their inputs saved
+            train_weights(model, full_modules)
         return dry_run(family, model, cfg, batch, resolution, dtype, max_sequence_length)
 
     planning = _planning(family)
@@ -371,14 +400,22 @@ def estimate(family, config: dict, lora_cfg, s: Settings, encoders: dict[str, in
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.dtype]
     model = meta_denoiser(family, config)  # counted in s.dtype: no need to cast it
     weights = weight_bytes(model, s.dtype, s.quantize)
+    full = s.method == "full"
     swapped = 0
     if s.blocks_to_swap:
         blocks = swap_blocks(model, family)
-        sizes = sorted(weight_bytes(blocks[i], s.dtype, s.quantize)
-                       for i in swapped_indices(len(blocks), s.blocks_to_swap))
+        # a fully fine-tuned weight stays on the device (only frozen ones swap)
+        if full:
+            trained = {id(p) for n, p in model.named_parameters() if selected(n, list(s.full_train_modules))}
+            sizes = sorted(sum(p.numel() for p in blocks[i].parameters() if id(p) not in trained) * DTYPE_BYTES[s.dtype]
+                           for i in swapped_indices(len(blocks), s.blocks_to_swap))
+        else:
+            sizes = sorted(weight_bytes(blocks[i], s.dtype, s.quantize)
+                           for i in swapped_indices(len(blocks), s.blocks_to_swap))
         swapped = sum(sizes) - sum(sizes[-2:])
-    lora = lora_bytes(model, lora_cfg, family.target_presets, s.optimizer)
-    act = activations(family, config, lora_cfg, s.batch_size, s.resolution, torch_dtype, s.max_sequence_length)
+    lora = full_bytes(model, s) if full else lora_bytes(model, lora_cfg, family.target_presets, s.optimizer)
+    act = activations(family, config, lora_cfg, s.batch_size, s.resolution, torch_dtype, s.max_sequence_length,
+                      list(s.full_train_modules) if full else None)
     ckpt = s.gradient_checkpointing and act.unit > 0
     n = s.fsdp_processes
     if n > 1:  # sharded training swaps nothing (blocks_to_swap is the cache stage's then)
@@ -462,7 +499,9 @@ def settings_of(cfg, shards: int = 1) -> Settings:
                     cache_batch_size=cfg.cache.batch_size, encoder_dtype=cfg.model.encoder_dtype,
                     max_sequence_length=cfg.model.max_sequence_length,
                     text_encoder_quantize=cfg.model.text_encoder_quantize,
-                    text_encoder_offload=cfg.model.text_encoder_offload)
+                    text_encoder_offload=cfg.model.text_encoder_offload, method=t.method,
+                    full_train_modules=tuple(t.full_train_modules), master_weights=t.master_weights,
+                    fused_backward=t.fused_backward)
 
 
 def plan_memory(cfg, cache: bool = True, shards: int = 1) -> Estimate:

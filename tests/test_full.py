@@ -78,11 +78,44 @@ def test_full_keys_with_a_lora_are_one_line(project, key, value):
         configure(path, train={key: value})
 
 
-def test_prodigy_and_fused_backward_are_refused(project):
+def test_prodigy_is_refused(project):
     path, _ = project()
-    with pytest.raises(UserError, match="does not work with optimizer.name = \"prodigy\""):
-        configure(path, lora=NO_LORA, train={**FULL, "fused_backward": True},
-                  optimizer={"name": "prodigy", "max_grad_norm": 0})
+    with pytest.raises(UserError, match="'optimizer.name' = \"prodigy\" does not work with train.method = \"full\""):
+        configure(path, lora=NO_LORA, train=FULL, optimizer={"name": "prodigy"})
+
+
+def test_the_planner_counts_what_full_fine_tuning_holds(tiny_family_model):
+    from pipeline.config import ModelConfig
+    from pipeline.denoiser.full import train_weights
+    from pipeline.families import family_class
+    from pipeline.memory import Settings, full_bytes, meta_denoiser
+
+    root = tiny_family_model("flux")
+    fam = family_class("flux")(root, ModelConfig(path=str(root)))
+    built = fam.load_denoiser(torch.device("cpu"), torch.bfloat16)
+    trained = train_weights(built, ["transformer_blocks.*"])
+    count, largest = sum(p.numel() for p in trained), max(p.numel() for p in trained)
+    model = meta_denoiser(fam, fam.denoiser_class.load_config(root, subfolder="transformer"))
+    s = Settings(method="full", full_train_modules=("transformer_blocks.*",), optimizer="adamw")
+    assert full_bytes(model, s) == {"full_grads": count * 2, "master_weights": 0, "optimizer_state": count * 8,
+                                    "step_temporaries": largest * 8}
+    fused = full_bytes(model, Settings(method="full", full_train_modules=("transformer_blocks.*",), master_weights=True,
+                                       fused_backward=True, optimizer="adamw8bit"))
+    assert fused == {"full_grads": largest * 2, "master_weights": count * 4, "optimizer_state": count * 2,
+                     "step_temporaries": largest * 8}
+
+
+def test_sdxl_full_fine_tuning_plans_onto_a_24_gb_card():
+    from pipeline.families import family_class
+    from pipeline.memory import Settings, estimate
+    from pipeline.config import LoraConfig
+    from pipeline.tools.public_configs import public_family
+
+    planning = family_class("sdxl").planning
+    e = estimate(public_family("sdxl"), dict(planning.denoiser_config), LoraConfig(), Settings(
+        method="full", optimizer="adafactor", fused_backward=True, gradient_checkpointing=True))
+    assert e.parts["weights"] > 4.5 * 2**30 and "lora" not in e.parts  # 2.6 billion bf16 weights, no adapter
+    assert e.train_peak <= 24e9
 
 
 def test_a_pattern_that_takes_nothing_is_one_line(project):

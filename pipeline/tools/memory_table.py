@@ -27,6 +27,34 @@ def main():
         rows(name, planning)
         for variant in planning.variants:  # another public size of the family: rows of its own
             rows(name, variant, variant)
+    click.echo("\nFull fine-tuning (train.method = \"full\", all weights, bf16 weights, gradient checkpointing, 1024 px, "
+               "batch 1):\n")
+    click.echo("| family | optimizer | weights update | fused backward | training (GiB) | fits 24 GB | fits 48 GB | "
+               "fits 80 GB |")
+    click.echo("|---|---|---|---|---|---|---|---|")
+    for name in FAMILIES:
+        planning = family_class(name).planning
+        if planning is not None:
+            for variant in [None, *planning.variants]:
+                full_rows(name, planning if variant is None else variant, variant)
+
+
+# (optimizer, master weights, fused backward): the cheapest first, then what the memory buys
+FULL_ROWS = (("adafactor", False, True), ("adamw8bit", False, True), ("adamw", False, True), ("adamw", True, False))
+
+
+def full_rows(name: str, planning, variant=None) -> None:
+    """The full fine-tuning rows of one public model (training only: its cache stage is a LoRA run's)."""
+    family = public_family(name, variant)
+    shown = f"{name} (full)" if variant is None else f"{name} ({variant.label}, full)"
+    for optimizer, master, fused in FULL_ROWS:
+        e = estimate(family, dict(planning.denoiser_config), LoraConfig(), Settings(
+            gradient_checkpointing=True, optimizer=optimizer, method="full", master_weights=master,
+            fused_backward=fused))
+        fits = lambda gb: "yes" if e.train_peak <= gb * 1e9 else "no"  # noqa: E731
+        update = "fp32 master" if master else "stochastic rounding"
+        click.echo(f"| {shown} | {optimizer} | {update} | {'yes' if fused else 'no'} | {e.train_peak / GiB:.1f} | "
+                   f"{fits(24)} | {fits(48)} | {fits(80)} |")
 
 
 def rows(name: str, planning, variant=None) -> None:
