@@ -163,13 +163,15 @@ def test_full_fine_tuning_starts_at_zero_prior_loss_from_a_lora_cache(project, t
     cfg = configure(path, lora=NO_LORA, train={**FULL, "full_train_modules": modules})
     again = run_cache(cfg, progress=False)
     assert not any(v for k, v in again.items() if k.endswith(("_computed", "_encoded")))
-    _, summary = train_lora(cfg, progress=False)
+    trained, summary = train_lora(cfg, progress=False)
     first = json.loads(open(summary["metrics"]).readline())
     assert first["n_prior"] > 0 and first["loss_standard"] > 0
     # zero up to the rounding of kernels that differ where weights need a gradient (as for a LoRA)
     assert first["loss_prior"] <= 1e-10 * first["loss_standard"]
     plan, base, saved = _trained_and_base(cfg, summary, name)
     assert saved.keys() == base.keys()
+    for k, v in trained.state_dict().items():  # the folder holds the weights as trained
+        assert torch.equal(saved[k], v), k
     changed = {k for k in base if not torch.equal(base[k], saved[k])}
     taken = {k for k in base if not modules or any(k.startswith(m.rstrip("*").rstrip(".") + ".") for m in modules)}
     assert changed and changed <= taken
