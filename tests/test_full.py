@@ -178,6 +178,11 @@ def test_full_fine_tuning_starts_at_zero_prior_loss_from_a_lora_cache(project, t
     # the family's pipeline loads the folder; its other components are the base's files
     pipe = DiffusionPipeline.from_pretrained(summary["model"])
     assert type(pipe).__name__ in plan.family.pipeline_classes
+    if name == "flux" and dtype == "fp32":  # `sample` renders with the trained folder
+        from pipeline.sample import sample
+
+        grid = sample(cfg, None, ["a photo of sks teapot"], None, steps=1)
+        assert grid == project.root / "out" / "model-sample.png" and grid.is_file()
 
 
 @pytest.mark.e2e

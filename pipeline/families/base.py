@@ -339,9 +339,10 @@ def render_cached(family: Family, denoiser, vae, cond, *, device, dtype, height,
                     generator=generator, output_type="pil").images
 
 
-def load_full_pipeline(family: Family, device: torch.device, dtype: torch.dtype):
-    """Every component of the family's text-to-image pipeline, for sampling from a saved LoRA."""
+def load_full_pipeline(family: Family, device: torch.device, dtype: torch.dtype, root=None):
+    """Every component of the family's text-to-image pipeline, for sampling from a saved LoRA (`root`: another
+    folder of the family's layout, a fully fine-tuned one)."""
     import diffusers
 
     sampling = require(family, "sampling", "python -m pipeline sample")
-    return getattr(diffusers, sampling.pipeline_class).from_pretrained(family.root, dtype=dtype).to(device)
+    return getattr(diffusers, sampling.pipeline_class).from_pretrained(root or family.root, dtype=dtype).to(device)

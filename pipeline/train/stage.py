@@ -237,7 +237,8 @@ def _complete(out_dir: Path, cfg: Config, found: Path, length: Length, start_tim
         "resumed_from_step": None,
         "complete_already": True,
         **loss_summary(read_records(metrics) if metrics.is_file() else [], summary_window(length.steps_per_epoch)),
-        "lora": str(out_dir / cfg.train.lora_name),
+        **({"model": str(final_output(out_dir, cfg)), "model_file": str(out_dir / SINGLE_FILE)}
+           if cfg.train.method == "full" else {"lora": str(out_dir / cfg.train.lora_name)}),
         **({"lora_ema": str(ema_path(out_dir / cfg.train.lora_name))} if cfg.train.ema else {}),
         "metrics": str(metrics),
         "plot": str(plot) if plot.is_file() else None,
