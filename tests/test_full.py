@@ -249,3 +249,24 @@ def test_fused_backward_steps_as_the_step_after_the_backward(project, monkeypatc
     assert got[False].keys() == got[True].keys()
     for k in got[False]:
         assert torch.equal(got[False][k], got[True][k]), k
+
+
+@pytest.mark.e2e
+def test_block_swap_and_gradient_checkpointing_train_as_without(project):
+    """The frozen weights of swapped blocks leave the device and come back; the trained ones stay: the
+    result is the plain run's, bit for bit (fp32)."""
+    from pipeline.cache.stage import run_cache
+    from pipeline.train.stage import train_lora
+
+    got = {}
+    for memory in (False, True):
+        path, _ = project(name=f"{memory}.toml", out=project.root / f"out-{memory}", max_steps=2, dtype="fp32")
+        cfg = configure(path, lora=NO_LORA, train={**FULL, "full_train_modules": ["transformer_blocks.*"],
+                                                   "blocks_to_swap": 2 if memory else 0,
+                                                   "gradient_checkpointing": memory})
+        run_cache(cfg, progress=False)
+        trained, summary = train_lora(cfg, progress=False)
+        assert bool(trained._forward_pre_hooks) == memory  # the block swap's hook on the model
+        got[memory] = load_file(summary["model_file"])
+    for k in got[False]:
+        assert torch.equal(got[False][k], got[True][k]), k
