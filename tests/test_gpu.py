@@ -1,7 +1,8 @@
 """GPU-only checks (`pytest -m gpu`): they skip without CUDA, so `make test` passes on a CPU machine, and
 only then: on a machine with CUDA any other error fails them (nf4 needs the quant extra installed).
 On a GPU: the step-0 prior loss in bf16 on CUDA (LoRA, LoKr, LoHa), block swap equal to no swap on CUDA (where the copies
-and the side stream are real), and the step-0 prior loss with an nf4 denoiser (bitsandbytes)."""
+and the side stream are real), the step-0 prior loss with an nf4 denoiser (bitsandbytes), and a full fine-tuning in bf16 (stochastic
+rounding, fused backward, AdamW8bit and Adafactor) starting at zero prior loss."""
 
 import json
 
@@ -51,3 +52,18 @@ def test_step0_prior_loss_with_nf4_on_cuda(project):
     _, summary = train_lora(cfg, progress=False)
     first = _first_step(summary)
     assert first["loss_prior"] <= 1e-3 * first["loss_standard"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "adafactor"])
+def test_full_fine_tuning_on_cuda_starts_at_zero_prior_loss_and_moves_the_weights(project, optimizer):
+    # bf16 weights with stochastic rounding (the random bits drawn on the GPU), the fused backward
+    path, _ = project(name=f"full-{optimizer}.toml", dtype="bf16", max_steps=2, out=project.root / f"full-{optimizer}")
+    cfg = configure(path, lora={"rank": None, "alpha": None}, optimizer={"name": optimizer, "max_grad_norm": 0},
+                    train={"device": "cuda", "method": "full", "fused_backward": True}, cache={"device": "cuda"})
+    run_cache(cfg, progress=False)
+    trained, summary = train_lora(cfg, progress=False)
+    first = _first_step(summary)
+    assert first["loss_prior"] <= 1e-4 * first["loss_standard"]
+    base = type(trained).from_pretrained(cfg.model.path, subfolder="transformer", torch_dtype=torch.bfloat16)
+    moved = [k for k, v in base.state_dict().items() if not torch.equal(v, trained.state_dict()[k].cpu())]
+    assert moved and all(p.grad is None for p in trained.parameters())
