@@ -281,7 +281,8 @@ def default_model(root: Path) -> tuple[Path, str]:
               help="A model folder (default: the shipped tiny base, else a random-weight tiny model).")
 @click.option("--keep", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Work in this folder and keep it (sample grids samples-<mode>.png); default: a temporary one.")
-@click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
+@click.option("--threads", default=1, show_default=True, help="torch CPU threads (0: torch's default). The tiny "
+              "models' operations are too small to gain from more, and on a busy machine more cost many times over.")
 def main(steps, batch_size, lr, rank, images, sample_steps, seeds, modes, prompts, model, keep, threads):
     if threads:
         torch.set_num_threads(threads)
