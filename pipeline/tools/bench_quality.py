@@ -42,7 +42,7 @@ MODES = {"none": (4, "cached", 0.0), "cached_k1": (1, "cached", 1.0), "cached_k4
 CONFIG = """
 [model]
 path = "{model}"
-max_sequence_length = 32
+max_sequence_length = {max_sequence_length}
 guidance = 1.0
 [data]
 resolution = 64
@@ -174,7 +174,9 @@ def run_mode(root: Path, mode: str, model: Path, steps: int, settings: dict, see
     from pipeline.train.stage import run_train
 
     variants, prior_mode, weight = MODES[mode]
-    values = dict(model=model, prior_weight=weight, variants=variants, prior_mode=prior_mode, mode=mode,
+    from pipeline.tinybase.shipped import MAX_SEQUENCE_LENGTH
+
+    values = dict(model=model, max_sequence_length=MAX_SEQUENCE_LENGTH, prior_weight=weight, variants=variants, prior_mode=prior_mode, mode=mode,
                   steps=steps, **settings)
     n = len(concept_prompts(settings["prompts"]))
     prompts = concept_prompts(settings["prompts"]) + class_prompts(settings["prompts"])
@@ -252,19 +254,13 @@ def bench(root: Path, model: Path, steps: int, settings: dict, seeds: list[int],
 
 def default_model(root: Path) -> tuple[Path, str]:
     """The shipped tiny base where it is, else the embedded family's random-weight tiny model built here."""
-    try:
-        from pipeline.tinybase import shipped
-
-        if (shipped.MODEL / "model_index.json").is_file():
-            return shipped.MODEL, "the shipped tiny base"
-    except ImportError:
-        pass
-    from pipeline.config import EmbeddedConfig
     from pipeline.families import tiny_module
+    from pipeline.tinybase import shipped
 
-    family = EmbeddedConfig().family
-    tiny_module(family).build(root / "model")
-    return root / "model", f"the random-weight tiny {family} model (no shipped base)"
+    if (shipped.MODEL / "model_index.json").is_file():
+        return shipped.MODEL, "the shipped tiny base"
+    tiny_module(shipped.FAMILY).build(root / "model", shipped.PRESET)
+    return root / "model", f"a random-weight tiny {shipped.FAMILY} model of the base's size (no shipped base)"
 
 
 @click.command()
