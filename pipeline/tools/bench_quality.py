@@ -48,6 +48,7 @@ guidance = 1.0
 resolution = 64
 buckets = false
 auto_hold_out = 0
+prior_ratio = {prior_ratio}
 [[concepts]]
 folder = "data/concept"
 [[concepts]]
@@ -171,18 +172,18 @@ def run_mode(root: Path, mode: str, model: Path, steps: int, settings: dict, see
     from pipeline.denoiser.build import build_denoiser
     from pipeline.store.store import Store
     from pipeline.train import checkpoint
+    from pipeline.tinybase.shipped import MAX_SEQUENCE_LENGTH
     from pipeline.train.stage import run_train
 
     variants, prior_mode, weight = MODES[mode]
-    from pipeline.tinybase.shipped import MAX_SEQUENCE_LENGTH
-
-    values = dict(model=model, max_sequence_length=MAX_SEQUENCE_LENGTH, prior_weight=weight, variants=variants, prior_mode=prior_mode, mode=mode,
-                  steps=steps, **settings)
+    values = dict(model=model, max_sequence_length=MAX_SEQUENCE_LENGTH, prior_weight=weight, variants=variants,
+                  prior_mode=prior_mode, mode=mode, steps=steps, **settings)
     n = len(concept_prompts(settings["prompts"]))
     prompts = concept_prompts(settings["prompts"]) + class_prompts(settings["prompts"])
-    validation = "[validation]\nprompts = " + json.dumps(prompts) + f"\nsteps = {settings['sample_steps']}\nguidance_scale = 1.0"
+    validation = (f"[validation]\nprompts = {json.dumps(prompts)}\nsteps = {settings['sample_steps']}\n"
+                  "guidance_scale = 1.0")
     (root / f"{mode}.toml").write_text(CONFIG.format(heldout="", validation="", **values))
-    # the same run with what is measured: held-out prior images and the prompts, cached with it, never trained on
+    # the same run with what is measured: held-out prior images and the prompts, cached, never trained on
     (root / f"{mode}-eval.toml").write_text(CONFIG.format(heldout=HELDOUT, validation=validation, **values))
     cfg, eval_cfg = load_config(root / f"{mode}.toml"), load_config(root / f"{mode}-eval.toml")
     run_cache(eval_cfg, progress=False)
@@ -229,10 +230,12 @@ def rounded(result: dict) -> dict:
 
 def print_table(modes: dict, accuracy: float, settings: dict, steps: int, seeds: list[int], seconds: float) -> None:
     click.echo(f"\nprior prediction's quality: {steps} steps per mode, batch {settings['batch']}, lr {settings['lr']}, "
-               f"LoRA rank {settings['rank']}, fp32 on the CPU; drift: MSE to the base at {DRAWS} fresh draws per image; "
-               f"samples: {settings['sample_steps']} steps, {len(seeds)} seed(s) per prompt; {seconds:.0f} s in all")
+               f"LoRA rank {settings['rank']}, prior ratio {settings['prior_ratio']}, fp32 on the CPU; drift: MSE "
+               f"to the base at {DRAWS} fresh draws per image; samples: {settings['sample_steps']} steps, "
+               f"{len(seeds)} seed(s) per prompt; {seconds:.0f} s in all")
     click.echo(f"base caption accuracy on held-out combinations: {accuracy:.3f}")
-    click.echo(f"  {'mode':<14}{'drift train prior':>18}{'drift held-out':>16}{'class kept':>12}{'concept':>10}{'s/step':>9}")
+    click.echo(f"  {'mode':<14}{'drift train prior':>18}{'drift held-out':>16}{'class kept':>12}{'concept':>10}"
+               f"{'s/step':>9}")
     for mode, r in modes.items():
         click.echo(f"  {mode:<14}{r['drift_train_prior']:>18.3e}{r['drift_heldout_prior']:>16.3e}"
                    f"{r['class_preservation']:>12.3f}{r['concept_match']:>10.3f}{r['seconds_per_step']:>9.4f}")
@@ -268,6 +271,7 @@ def default_model(root: Path) -> tuple[Path, str]:
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--rank", default=4, show_default=True)
+@click.option("--prior-ratio", default=0.5, show_default=True, help="data.prior_ratio: the share of prior samples.")
 @click.option("--images", default="6,24,12", show_default=True, help="Concept, prior and held-out prior images.")
 @click.option("--sample-steps", default=20, show_default=True, help="Denoising steps per sample.")
 @click.option("--seeds", default=2, show_default=True, help="Samples per prompt (seeds 0..N-1).")
@@ -279,7 +283,7 @@ def default_model(root: Path) -> tuple[Path, str]:
               help="Work in this folder and keep it (sample grids samples-<mode>.png); default: a temporary one.")
 @click.option("--threads", default=1, show_default=True, help="torch CPU threads (0: torch's default). The tiny "
               "models' operations are too small to gain from more, and on a busy machine more cost many times over.")
-def main(steps, batch_size, lr, rank, images, sample_steps, seeds, modes, prompts, model, keep, threads):
+def main(steps, batch_size, lr, rank, prior_ratio, images, sample_steps, seeds, modes, prompts, model, keep, threads):
     if threads:
         torch.set_num_threads(threads)
     chosen = [m for m in modes.split(",") if m]
@@ -287,7 +291,8 @@ def main(steps, batch_size, lr, rank, images, sample_steps, seeds, modes, prompt
         if m not in MODES:
             raise click.BadParameter(f"{m!r} is not a mode; choose from {', '.join(MODES)}", param_hint="'--modes'")
     sizes = tuple(int(x) for x in images.split(","))
-    settings = {"batch": batch_size, "lr": lr, "rank": rank, "sample_steps": sample_steps, "prompts": prompts or None}
+    settings = {"batch": batch_size, "lr": lr, "rank": rank, "prior_ratio": prior_ratio, "sample_steps": sample_steps,
+                "prompts": prompts or None}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(keep or tmp).resolve()

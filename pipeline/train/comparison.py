@@ -80,9 +80,9 @@ def compare(cfg: Config, model: torch.nn.Module | None, summary: dict, train) ->
     elif cfg.validation.prompts and not grid.is_file():
         warn(f"validation.compare_without_priors: no '{grid}' (a run was complete already, and its samples are "
              f"not rendered again): train with {option('--restart')} to make it")
-    without = last_scores(other.train.output_dir)
+    lora = other_summary.get("lora", str(Path(other.train.output_dir) / cfg.train.lora_name))
     return {
         **summary,
-        "without_priors": {**without, "lora": other_summary.get("lora", str(Path(other.train.output_dir) / cfg.train.lora_name))},
+        "without_priors": {**last_scores(other.train.output_dir), "lora": lora},
         "comparison": str(grid) if grid.is_file() else None,
     }
