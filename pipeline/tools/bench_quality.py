@@ -267,7 +267,7 @@ def default_model(root: Path) -> tuple[Path, str]:
 
 
 @click.command()
-@click.option("--steps", default=300, show_default=True, help="Training steps per mode.")
+@click.option("--steps", default=600, show_default=True, help="Training steps per mode.")
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--rank", default=4, show_default=True)
