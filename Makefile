@@ -4,6 +4,9 @@
 # make ui:    the local web UI (python -m pipeline ui; installs the [ui] extra). Variables: HOST=, PORT=,
 #             PROJECTS=folder of config files (default projects/)
 # make bench: seconds per training step, cached vs online priors, and the step against its bare compute
+# make bench-quality: does prior prediction preserve the model? Drift, concept match and class preservation
+#                     of modes none, cached K=1/4/16 and online (the peers' way) on the tiny base (under
+#                     about 30 minutes on 2 cores; not part of make test)
 # make bench-methods: drift and concept match of full fine-tuning (with and without priors), LoRA and LoKr
 #                     on the tiny model (not part of make test: about 8 minutes on 2 cores; ARGS="--steps 30")
 # make bench-scale: cache status, verify and a training start on 10,000 images under ulimit -n 1024
@@ -45,7 +48,7 @@ VIA_MAKE := PIPELINE_VIA_MAKE=1
 # torchrun's --standalone picks a free port on this machine; without GPUS, one plain process as before
 LAUNCH = $(VIA_MAKE) $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS),$(PY))
 
-.PHONY: ui cache cache-status train test test-fast tiny-base bench bench-scale bench-methods plan-memory memory-table bench-memory bench-gpu test-gpu
+.PHONY: ui cache cache-status train test test-fast tiny-base bench bench-quality bench-scale bench-methods plan-memory memory-table bench-memory bench-gpu test-gpu
 
 # torch==2.13.0 first, pinned: pip takes the build its index serves for that version (a local CPU wheel
 # where one is on disk, the CUDA build from PyPI on Linux x86-64; see the README for a CPU-only index).
@@ -86,6 +89,9 @@ tiny-base: $(SETUP)
 
 bench: $(SETUP)
 	$(PY) -m pipeline.tools.bench
+
+bench-quality: $(SETUP)
+	$(PY) -m pipeline.tools.bench_quality $(ARGS)
 
 bench-scale: $(SETUP)
 	$(PY) -m pipeline.tools.bench_scale $(ARGS)

@@ -180,6 +180,9 @@ class ValidationConfig:
     seed: int = 0
     width: int = 0  # 0: data.resolution
     height: int = 0
+    # after the run, train it again with every prior concept at loss weight 0 (<output_dir>/without-priors)
+    # and render both side by side (<output_dir>/comparison.png); see pipeline/train/comparison.py
+    compare_without_priors: bool = False
 
 
 @dataclass(frozen=True)
@@ -503,6 +506,9 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key 'concepts[{i}].prior' is for validation concepts (a prior concept is type = \"prior\")")
         _positive(c.repeats, f"concepts[{i}].repeats")
         _positive(c.loss_weight, f"concepts[{i}].loss_weight", zero_ok=True)
+    if cfg.validation.compare_without_priors and not any(c.type == "prior" and c.loss_weight > 0 for c in cfg.concepts):
+        raise UserError("config key 'validation.compare_without_priors' compares a run with its prior concepts to one "
+                        "without them: add a [[concepts]] table with type = \"prior\" (loss_weight above 0)")
     if not any(c.type == "standard" for c in cfg.concepts):
         # prior concepts hold the model where it is and validation ones only score it: alone, nothing is learnt
         raise UserError("config has no standard concept, so there is nothing to learn: add a [[concepts]] table with "

@@ -86,6 +86,36 @@ def build_synthetic_concepts(root: Path, seed: int = 0, n: int = 8) -> dict[str,
     return folders
 
 
+def build_scene_concepts(root: Path, seed: int = 0) -> dict[str, Path]:
+    """The synthetic data set in the tiny base's own scenes (pipeline/tinybase/scenes.py), for the demo on
+    the shipped base: the folders and counts of build_synthetic_concepts, "a sks teapot on a <colour> table"
+    as the subject and scenes of trained combinations, captioned in full, as the prior concept (the
+    held-out prior images: combinations the base never saw). Existing folders are left alone."""
+    from pipeline.tinybase.scenes import COLOURS, HELDOUT, TRAIN, Scene, caption_for, render
+
+    tables = list(COLOURS)
+    chosen = {"standard": [Scene(table=tables[i % len(tables)], sks=True) for i in range(FOLDERS["standard"])],
+              "prior": [TRAIN[(i * 11) % len(TRAIN)] for i in range(FOLDERS["prior"])],  # spread over them
+              "heldout-standard": [Scene(table=tables[(i + 2) % len(tables)], sks=True)
+                                   for i in range(FOLDERS["heldout-standard"])],
+              "heldout-prior": [HELDOUT[(i * 7) % len(HELDOUT)] for i in range(FOLDERS["heldout-prior"])]}
+    folders = {kind: Path(root) / kind for kind in FOLDERS}
+    for k, (kind, folder) in enumerate(folders.items()):
+        if folder.exists():
+            continue
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for i, scene in enumerate(chosen[kind]):
+            render(scene, seed=seed * 1000 + 100 * k + i).save(tmp / f"{i:03d}.png")
+            (tmp / f"{i:03d}.txt").write_text(caption_for(scene) + "\n", encoding="utf-8")
+        if folder.exists():  # someone else built it meanwhile: theirs is identical, keep it
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, folder)
+    return folders
+
+
 # Written into the synthetic data set's folder and each concept folder it builds there. [embedded] builds
 # only into folders that do not exist or carry this file, never into a folder of the user's (a config
 # copied from a demo that kept its [embedded] table would otherwise get synthetic teapots beside its images).
@@ -138,9 +168,10 @@ def ensure_embedded(
         root.mkdir(parents=True, exist_ok=True)
         _mark(root)
         new = [kind for kind in FOLDERS if not (root / kind).exists()]
-        folders = build_synthetic_concepts(root)
+        scenes = (family, preset) == (shipped.FAMILY, shipped.PRESET)  # the base's own kind of images
+        folders = build_scene_concepts(root) if scenes else build_synthetic_concepts(root)
         for kind in new:
             _mark(folders[kind])
-        built.append(f"embedded: built synthetic teapot images in '{root}': "
+        built.append(f"embedded: built synthetic teapot {'scenes' if scenes else 'images'} in '{root}': "
                      + ", ".join(f"{kind}/ ({FOLDERS[kind]})" for kind in new))
     return built

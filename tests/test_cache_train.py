@@ -252,3 +252,24 @@ def test_online_prior_mode_caches_no_priors_and_trains(project):
     s = run_cache(cfg, progress=False)
     assert s["priors_computed"] == 0 and s["latents_encoded"] == 16
     assert run_train(cfg, progress=False)["steps"] == 8
+
+
+@pytest.mark.e2e
+def test_online_prior_mode_draws_prior_samples_fresh(project):
+    """Online priors draw like the peers do: a fresh noise and timestep every step, from (train seed, step,
+    position), never the cached draw (cached priors keep it: test_cached_prior_equals_a_fresh_forward)."""
+    from pipeline.data.draws import fresh_seeds
+    from pipeline.train.step import read_batch
+
+    _, cfg = project(prior_mode="online")
+    run_cache(cfg, progress=False)
+    plan, store = make_plan(cfg), Store(cfg.cache.dir)
+    for s in [s for s in plan.samples if s.prior][:2]:  # one per batch: their buckets may differ
+        draw = store.read("noise", s.noise_keys[0])[0]
+        online, later = (read_batch(plan, store, [(s, 0)], "online", step=step, first=1).inputs for step in (3, 4))
+        assert not torch.equal(online.noise, plan.draws.noise(int(draw["seed"]), online.latents.shape)[0])
+        noise_seed, timestep_seed = fresh_seeds(cfg, 3, 1)
+        assert online.timesteps[0] == plan.draws.timestep(tuple(online.latents.shape[2:]), timestep_seed)[0]
+        assert torch.equal(online.noise, plan.draws.noise(noise_seed, online.latents.shape)[0])
+        assert not torch.equal(online.noise, later.noise)  # another step, another draw
+    store.close()

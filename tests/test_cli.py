@@ -43,6 +43,10 @@ def test_default_config_end_to_end(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(lora.stat().st_mode) == 0o666 & ~umask  # a file to share: the user's usual permissions
+    # the demo trains the run without its prior concept too, and shows both side by side
+    done = json.loads(trained.stdout.strip().splitlines()[-1])["train_summary"]
+    assert done["comparison"] == str(tmp_path / "output" / "tiny-flux" / "comparison.png")
+    assert done["without_priors"]["prior_drift"] > done["prior_drift"] > 0
 
     # what `make train RESUME=1` runs on the default config: it checkpoints, the last step too, so --resume
     # goes on from the end (nothing left to train)

@@ -1,6 +1,7 @@
 """Checkpoints and resume: a run interrupted at step k and run again (no flag: it goes on from its newest
 checkpoint) ends with a LoRA (and its EMA, train.ema) bitwise equal to an uninterrupted run's (CPU, same
-config), with LoRA dropout on, so the RNG state is part of the test; a finished run made longer goes on
+config), with LoRA dropout on, so the RNG state is part of the test, and with online priors, which draw
+afresh every step; a finished run made longer goes on
 from its last step, which is checkpointed, to the LoRA of an uninterrupted longer run; run again as it
 is, it has nothing to do."""
 
@@ -22,7 +23,9 @@ pytestmark = pytest.mark.e2e
 
 
 def _config(project, name, out, kind="lora"):
-    path, _ = project(name=name, out=out, epochs=3, dtype="fp32")
+    # "lora-online": train.prior_mode = "online", whose prior samples draw afresh every step
+    kind, _, mode = kind.partition("-")
+    path, _ = project(name=name, out=out, epochs=3, dtype="fp32", prior_mode=mode or "cached")
     text = path.read_text()
     text = text.replace("[train]\n", "[train]\ncheckpoint_every = 5\nkeep_checkpoints = 2\nema = true\nema_decay = 0.9\n")
     # validation in between steps must not change the run: held-out images and a prompt, every 4 steps
@@ -37,7 +40,7 @@ def _config(project, name, out, kind="lora"):
     return load_config(path)
 
 
-@pytest.mark.parametrize("kind", ["lora", "lokr"])
+@pytest.mark.parametrize("kind", ["lora", "lokr", "lora-online"])
 def test_interrupted_and_run_again_equals_uninterrupted(project, monkeypatch, capsys, kind):
     full = _config(project, "full.toml", project.root / "full", kind)
     run_cache(full, progress=False)

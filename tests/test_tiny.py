@@ -108,6 +108,28 @@ def test_synthetic_concepts(tmp_path):
     assert marker.read_text() == "mine"
 
 
+def test_scene_concepts_for_the_demo_on_the_base(tmp_path):
+    """The demo's data set on the shipped base: its own scenes, the judge reading each as its caption (the
+    subject as a yellow round teapot), the prior teapots of trained combinations, the held-out ones not."""
+    from pipeline.tinybase import judge, scenes
+
+    first = tiny.build_scene_concepts(tmp_path / "one")
+    second = tiny.build_scene_concepts(tmp_path / "two")
+    assert {k: len(list(f.glob("*.png"))) for k, f in first.items()} == tiny.FOLDERS
+    for kind, folder in first.items():
+        assert _files(folder) == _files(second[kind])
+        for png in sorted(folder.glob("*.png")):
+            caption = png.with_suffix(".txt").read_text(encoding="utf-8").strip()
+            wanted = scenes.parse(caption)
+            assert wanted.sks == kind.endswith("standard")
+            if kind == "prior":
+                assert wanted in scenes.TRAIN
+            if kind == "heldout-prior":
+                assert wanted in scenes.HELDOUT
+            assert judge.matches(Image.open(png), caption.replace("sks", "yellow round"))
+    assert len({p.with_suffix(".txt").read_text() for p in first["prior"].glob("*.png")}) == tiny.FOLDERS["prior"]
+
+
 def test_ensure_embedded_builds_only_what_is_missing(tmp_path):
     model, data = tmp_path / "model", tmp_path / "data"
     tiny.build_synthetic_concepts(data, n=2)

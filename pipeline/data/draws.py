@@ -3,7 +3,8 @@
 Prior samples (and held-out images) use the K draws cached per image (noise entries), because their
 target, the base model's prediction, was computed at exactly that input. Standard samples draw afresh
 at every step, as every peer does, from seeds of (train seed, step, position in the step's batch), so a
-run is reproducible and a resumed run continues bit for bit. Both kinds of draw follow one recipe:
+run is reproducible and a resumed run continues bit for bit. With train.prior_mode = "online" prior samples
+draw afresh too (their target is computed at the draw, as the peers do). Both kinds follow one recipe:
 
   timestep: u from the scheme (diffusers' compute_density_for_timestep_sampling), index = floor(u * N)
             into the family's training table, shifted as cache.shift / cache.dynamic_shift say
@@ -35,7 +36,8 @@ def draw_settings(cfg: Config, family) -> dict:
 
 
 def fresh_seeds(cfg: Config, step: int, position: int) -> tuple[int, int]:
-    """(noise seed, timestep seed) of a standard sample's draw at this optimizer step and batch position."""
+    """(noise seed, timestep seed) of a fresh draw (a standard sample, or an online prior) at this optimizer
+    step and batch position."""
     return (derive_seed("train-noise", cfg.train.seed, step, position),
             derive_seed("train-timestep", cfg.train.seed, step, position))
 

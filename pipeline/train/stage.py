@@ -29,7 +29,7 @@ from pipeline.denoiser.full import EXTRACTED, SINGLE_FILE, save_run_model
 from pipeline.denoiser.lora import save_run_lora
 from pipeline.memory import say_estimate
 from pipeline.data.plan import open_plan
-from pipeline.processes import OneProcess, start
+from pipeline.processes import OneProcess, launched_size, start
 from pipeline.settings import Settings, resolve
 from pipeline.train import checkpoint
 from pipeline.train.outdir import final_output, output_lock, starting_point
@@ -50,8 +50,20 @@ def run_train(cfg: Config, progress: bool = True, resume: bool = False, restart:
     """Train a LoRA on the cache and save it. Where it starts is train.outdir's decision: a run of the same
     settings in train.output_dir goes on from its newest checkpoint, another is moved aside; with resume,
     go on from the newest intact checkpoint or refuse; with restart (overwrite: its former name), start
-    over, the earlier run moved aside. Raises UserError when the cache lacks anything needed."""
-    return train_lora(cfg, progress, resume, restart, overwrite)[1]
+    over, the earlier run moved aside. With validation.compare_without_priors, the comparison run follows
+    (train.comparison). Raises UserError when the cache lacks anything needed."""
+    model, summary = train_lora(cfg, progress, resume, restart, overwrite)
+    if not cfg.validation.compare_without_priors:
+        return summary
+    if launched_size() > 1:
+        warn("validation.compare_without_priors: no comparison run under a launcher (run `train` in one process "
+             "to make it)")
+        return summary
+    from pipeline.train.comparison import compare
+
+    # the comparison run goes on from its own checkpoint where it has one, else it starts (never --resume:
+    # the first run may have been interrupted before it began)
+    return compare(cfg, model, summary, lambda other: train_lora(other, progress, False, restart or overwrite))
 
 
 def train_lora(cfg: Config, progress: bool = True, resume: bool = False, restart: bool = False,

@@ -38,7 +38,7 @@ def targets(plan: Plan, store: Store, denoiser: Denoiser, batch: list[tuple[Samp
     """What the denoiser should predict for each sample (float32, on the CPU): the family's target (flow:
     noise - x0; epsilon; v) for a standard sample, the base model's own prediction for a prior sample.
     That prediction is read from the cache ("cached"), or computed by a second, adapter-disabled forward
-    ("online": what every peer does, kept for comparison and the benchmark). `read_ahead`: what read_targets
+    ("online": what every peer does, at a fresh draw each step, kept for comparison and the benchmark). `read_ahead`: what read_targets
     gave for this batch, when it was read ahead."""
     target = read_targets(plan, store, batch, inputs, prior_mode) if read_ahead is None else read_ahead
     is_prior = torch.tensor([s.prior for s, _ in batch])
@@ -88,7 +88,10 @@ def read_batch(plan: Plan, store: Store, batch: list[tuple[Sample, int]], prior_
                first: int = 0) -> Read:
     """The reading half of train_step (same arguments): the inputs and the targets as far as the cache gives
     them. Raises what the store raises (UserError for a damaged entry)."""
-    fresh = [None if s.prior else fresh_seeds(plan.cfg, step, first + i) for i, (s, _) in enumerate(batch)]
+    # a cached prior is the base's prediction at its variant's cached draw, so it must use that draw; an
+    # online prior computes its target at whatever draw it gets, so it draws afresh like the peers do
+    fresh = [None if s.prior and prior_mode == "cached" else fresh_seeds(plan.cfg, step, first + i)
+             for i, (s, _) in enumerate(batch)]
     inputs = load_inputs(plan, store, batch, fresh)
     return Read(batch, step, first, prior_mode, inputs, read_targets(plan, store, batch, inputs, prior_mode))
 
@@ -98,7 +101,7 @@ def train_step(plan: Plan, store: Store, run, batch: list[tuple[Sample, int]], p
     """The forward of one batch of (sample, variant) items: its per-sample losses (weighted; the backward is
     the caller's) and its timesteps. Standard samples draw fresh noise and timesteps, seeded by (train seed,
     `step`, position in the step's batches: `first` is the batch's first); prior samples use their variant's
-    cached draw. `run` is what train.setup built: its `trained` model runs the forward. `read`: this batch
+    cached draw with prior_mode "cached", and draw afresh too with "online". `run` is what train.setup built: its `trained` model runs the forward. `read`: this batch
     as read_batch read it ahead (train.prefetch); else it is read here."""
     if read is None:
         read = read_batch(plan, store, batch, prior_mode, step, first)

@@ -94,10 +94,13 @@ def held_out_scores(plan: Plan, store: Store, denoiser: Denoiser, procs: OneProc
     return {"val_loss": mean(losses[False]), "prior_drift": mean(losses[True])}
 
 
-def render_prompts(plan: Plan, store: Store, denoiser: Denoiser) -> list:
-    """The validation prompts rendered with the model as it is now (one PIL image each)."""
+def render_prompts(plan: Plan, store: Store, denoiser: Denoiser, prompts: list[str] | None = None,
+                   seed: int | None = None) -> list:
+    """The validation prompts (or `prompts`, cached among them) rendered with the model as it is now (one PIL
+    image each), each from validation.seed (or `seed`)."""
     v = plan.cfg.validation
-    if not v.prompts:
+    prompts = v.prompts if prompts is None else prompts
+    if not prompts:
         return []
     vae = plan.family.load_vae(denoiser.device, denoiser.dtype)
     # decoding only: the encoder's memory goes at once (an empty module, not None: a 3D-causal VAE counts its
@@ -109,9 +112,9 @@ def render_prompts(plan: Plan, store: Store, denoiser: Denoiser) -> list:
     try:
         images = []
         empty = {k: t[None] for k, t in schema.read(plan, store, "text", plan.text_key(""))[0].items()}
-        for prompt in v.prompts:  # one at a time: peak memory of one image, and each image its own seed
+        for prompt in prompts:  # one at a time: peak memory of one image, and each image its own seed
             cond = schema.read(plan, store, "text", plan.text_key(prompt))[0]
-            generator = torch.Generator("cpu").manual_seed(v.seed)
+            generator = torch.Generator("cpu").manual_seed(v.seed if seed is None else seed)
             images += render_cached(
                 plan.family, model, vae, {k: t[None] for k, t in cond.items()}, device=denoiser.device,
                 dtype=denoiser.dtype, height=v.height or plan.cfg.data.resolution,
