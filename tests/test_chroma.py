@@ -14,12 +14,10 @@ from safetensors.torch import load_file
 from conftest import CPU32, configure
 from pipeline.cache.stage import run_cache
 from pipeline.config import ModelConfig
-from pipeline.data.batches import load_inputs
 from pipeline.data.plan import make_plan
 from pipeline.errors import UserError
 from pipeline.families.chroma.adapter import ChromaFamily
 from pipeline.families.load import detect_family, get_family
-from pipeline.store.store import Store
 from pipeline.train import step as train_step_module
 from pipeline.train.stage import train_lora
 
