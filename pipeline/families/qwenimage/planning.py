@@ -38,7 +38,8 @@ class QwenImagePlanning(Planning):
     text_encoder_configs = {"text_encoder": ("Qwen2_5_VLForConditionalGeneration", QWEN25_VL_7B)}
     # 20B in bf16 is 41 GB of weights: on 24 GB through nf4, or through block swap (50 of 60 blocks waiting in
     # CPU memory); int8/fp8 fit 48 GB
-    table_rows = (("none", 0, 1), ("none", 30, 1), ("none", 50, 1), ("int8", 0, 1), ("fp8", 0, 1), ("nf4", 0, 1))
+    table_rows = (("none", 0, 1), ("none", 30, 1), ("none", 50, 1), ("int8", 0, 1), ("fp8", 0, 1), ("nf4", 0, 1),
+                  ("nf4", 0, 1, "nf4"), ("none", 50, 1, "int8"))  # Qwen2.5-VL-7B quantized too: 16 GB cards
     sequence_length_applies = True
     conv_denoiser = False
 
