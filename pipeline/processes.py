@@ -162,9 +162,9 @@ class OneProcess:
         """Clip the gradients of `params` to `max_norm` in total, every rank's alike; their norm before."""
         return shard.total_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
-    def whole_lora(self, module):
+    def whole_lora(self, module, every: bool = False):
         """Under FSDP, the LoRA's full tensors on every rank for the duration (a collective), for rank 0 to
-        write it; otherwise nothing to do."""
+        write it (every: all the weights, for rank 0 to write the whole denoiser); otherwise nothing to do."""
         return contextlib.nullcontext()
 
     def close(self) -> None:
@@ -326,8 +326,8 @@ class Sharded(DataParallel):
     def clip_grad_norm(self, params, max_norm):
         return shard.total_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))  # sharded gradients as they are
 
-    def whole_lora(self, module):
-        return shard.whole_lora(module)
+    def whole_lora(self, module, every=False):
+        return shard.whole_lora(module, every)
 
 
 def refuse_missing_gradients(model: torch.nn.Module, targets_key: str, gather=OneProcess().gather) -> None:
@@ -338,6 +338,10 @@ def refuse_missing_gradients(model: torch.nn.Module, targets_key: str, gather=On
     if missing:
         name = missing[0]
         layer = name.split(".lora_")[0] if ".lora_" in name else name.rsplit(".", 1)[0]  # the layer, not its tensor
+        if targets_key == "train.full_train_modules":  # full fine-tuning: the weight itself
+            raise UserError(f"config key '{targets_key}': the weight '{name}' gets no gradient (this model's forward "
+                            f"does not use it; {len(missing)} such weights), and with several processes DDP would "
+                            "wait for it forever: name only the modules that train in train.full_train_modules")
         raise UserError(f"config key '{targets_key}': the LoRA on '{layer}' gets no gradient (this model's forward "
                         f"does not use that layer; {len(missing)} such parameters), and with several processes "
                         "DDP would wait for it forever: leave it out (lora.target_modules or lora.target_regex)")

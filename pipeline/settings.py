@@ -130,11 +130,11 @@ def _refuse(cfg: Config, family: Family, processes: str) -> None:
     if t.lora_format == "kohya" and cfg.lora.use_dora:
         raise UserError("config key 'train.lora_format' = \"kohya\" cannot hold a DoRA (lora.use_dora = true): "
                         "use train.lora_format = \"diffusers\"")
-    if t.method == "full" and processes != "one":
-        # the trained weights, their gradients and the optimizer's state whole on every rank, checkpointed by
-        # rank 0: not built or tested for several processes yet (a LoRA run shards; see docs/full-finetuning.md)
-        raise UserError(f"config key 'train.method' = \"full\" trains in one process (this launcher started "
-                        f"{launched_size()}): run it without the launcher, or train a LoRA")
+    if t.method == "full" and processes != "one" and t.fused_backward:
+        # the fused step runs in each weight's gradient hook, before DDP's all-reduce (or FSDP's
+        # reduce-scatter) has averaged that gradient across the ranks: each rank would step on its own
+        raise UserError(f"config key 'train.fused_backward' works in one process only (this launcher started "
+                        f"{launched_size()}): set it to false, or run without the launcher")
     if processes == "fsdp":
         refuse_sharding(cfg, family)
 
@@ -154,6 +154,10 @@ def refuse_sharding(cfg: Config, family) -> None:
         # every forward is a collective, and only the ranks whose share holds a prior sample would run it
         raise UserError(f"config key 'train.fsdp' works with train.prior_mode = \"cached\" only (got "
                         f"{cfg.train.prior_mode!r}: its second forward runs on some ranks only)")
+    if cfg.train.method == "full" and cfg.train.dtype != "fp32" and not cfg.train.master_weights:
+        # stochastic rounding writes each weight from a temporary fp32 copy that is not kept: not built for shards
+        raise UserError(f"config key 'train.fsdp' with train.method = \"full\" and train.dtype = "
+                        f"\"{cfg.train.dtype}\" needs train.master_weights = true (sharded, each rank holds 1/N of them)")
     if cfg.optimizer.name != "adamw":
         raise UserError(f"config key 'train.fsdp' works with optimizer.name = \"adamw\" only (got "
                         f"{cfg.optimizer.name!r}): its state is sharded like the LoRA's weights")

@@ -1,5 +1,5 @@
 """Run by test_dist.py under torchrun: `python -m pipeline train` as a function, then this rank's LoRA as it
-holds it in memory is written to <dir>/rank-<r>.safetensors, so that the test can compare the ranks. Ranks
+holds it in memory (train.method = "full": its trained weights) is written to <dir>/rank-<r>.safetensors, so that the test can compare the ranks. Ranks
 other than 0 get their own train.output_dir, which must stay absent: they write nothing.
 
 usage: dist_train.py CONFIG DIR [--resume] [--skew]   (--skew: rank 1 gets another learning rate)"""
@@ -31,5 +31,6 @@ except UserError as e:
     sys.exit(2)
 # under FSDP (train.fsdp) a rank holds its shard of each tensor: that is what it writes
 weights = {k: (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
-           for k, v in get_peft_model_state_dict(model).items()}
+           for k, v in (get_peft_model_state_dict(model) if cfg.train.method == "lora" else
+                        {n: p for n, p in model.named_parameters() if p.requires_grad}).items()}
 save_file(weights, str(out / f"rank-{rank}.safetensors"))

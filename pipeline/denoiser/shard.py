@@ -52,21 +52,27 @@ def _is_sharded(t) -> bool:
 
 
 @contextlib.contextmanager
-def whole_lora(model: torch.nn.Module) -> Iterator[None]:
+def whole_lora(model: torch.nn.Module, every: bool = False) -> Iterator[None]:
     """The LoRA's full tensors in place of its shards for the duration (every rank enters: each tensor is
     gathered), for what reads the LoRA off the model (its file, a checkpoint); the frozen weights stay
-    sharded. No forward may run inside."""
+    sharded. No forward may run inside. every (train.method = "full": the outputs are the whole denoiser):
+    every sharded parameter, gathered one at a time onto the CPU, where rank 0 keeps it and the others drop
+    it at once (an empty stand-in), so that no GPU and only rank 0's memory holds the whole model."""
     from torch.distributed.fsdp import FSDPModule
 
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()  # every registered tensor is its shard (the optimizer's), none a stale gathered one
+    main = torch.distributed.get_rank() == 0
     swapped = []
     for m in model.modules():
         for name, p in list(m._parameters.items()):
-            if p is not None and p.requires_grad and _is_sharded(p):
+            if p is not None and (p.requires_grad or every) and _is_sharded(p):
                 swapped.append((m, name, p))
-                m._parameters[name] = torch.nn.Parameter(p.full_tensor().detach(), requires_grad=True)
+                whole = p.full_tensor().detach()
+                if every:
+                    whole = whole.cpu() if main else torch.empty(0, dtype=whole.dtype)
+                m._parameters[name] = torch.nn.Parameter(whole, requires_grad=p.requires_grad)
     try:
         yield
     finally:
@@ -74,27 +80,41 @@ def whole_lora(model: torch.nn.Module) -> Iterator[None]:
             m._parameters[name] = p
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """optimizer.state_dict() with every sharded tensor gathered (a collective), so a checkpoint holds what
-    one process's optimizer would: it resumes with or without sharding, on any number of ranks."""
-    state = optimizer.state_dict()
+def _gathered(state: dict) -> dict:
     for i in sorted(state["state"]):  # the same order on every rank
         state["state"][i] = {k: v.full_tensor().cpu() if _is_sharded(v) else v for k, v in state["state"][i].items()}
     return state
 
 
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every sharded tensor gathered (a collective), so a checkpoint holds what
+    one process's optimizer would: it resumes with or without sharding, on any number of ranks. Full
+    fine-tuning's optimizer (train/full.py): its inner optimizer's state and its fp32 master weights alike."""
+    state = optimizer.state_dict()
+    if "inner" in state:
+        return {"inner": _gathered(state["inner"]),
+                "master": [m.full_tensor().cpu() if _is_sharded(m) else m for m in state["master"]]}
+    return _gathered(state)
+
+
 def sharded_optimizer_state(state: dict, params: list[torch.nn.Parameter]) -> dict:
     """The inverse, for the optimizer over the sharded parameters (in the order the full one had them): each
     tensor of its parameter's full shape becomes this rank's shard of it. Every rank holds the full state
-    (read from the checkpoint, or fresh), so each cuts its own shard without communication."""
+    (read from the checkpoint, or fresh), so each cuts its own shard without communication. Full
+    fine-tuning's (with "inner" and "master": one master a parameter that is not float32)."""
     from torch.distributed.tensor import distribute_tensor
 
+    def cut(v, p):
+        return distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements, src_data_rank=None)
+
+    if "inner" in state:
+        kept = [p for p in params if p.dtype != torch.float32]
+        return {"inner": sharded_optimizer_state(state["inner"], params),
+                "master": [cut(m, p) for m, p in zip(state["master"], kept, strict=True)]}
     out = {"param_groups": state["param_groups"], "state": {}}
     for i, entry in state["state"].items():
         p = params[i]
-        out["state"][i] = {k: distribute_tensor(v.to(p.device_mesh.device_type), p.device_mesh, p.placements,
-                                                src_data_rank=None)
-                           if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape) else v
+        out["state"][i] = {k: cut(v, p) if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape) else v
                            for k, v in entry.items()}
     return out
 

@@ -150,7 +150,7 @@ def _train_lora(settings: Settings, progress: bool, resume: bool, restart: bool,
         # the next step's batches are read while this one computes (stopped on any way out of the loop)
         with Prefetcher(plan, store, procs, run.denoiser.device, upcoming(run, plan, state)) as prefetch:
             _loop(run, plan, store, state, sinks, validator, data_fp, prefetch)
-        with procs.whole_lora(model):  # under FSDP, every rank gathers the LoRA; rank 0 writes
+        with procs.whole_lora(model, every=t.method == "full"):  # under FSDP every rank gathers; rank 0 writes
             if procs.is_main and t.method == "full":
                 save_run_model(out_dir, model, plan, state.step)
             elif procs.is_main:
@@ -232,7 +232,8 @@ def _loop(run, plan, store, state: TrainState, sinks: Sinks, validator: Validato
                 validator.run(state.step)
             # the last step too: a longer run of these settings goes on from the end of this one
             if t.checkpoint_every and (state.step % t.checkpoint_every == 0 or state.step == run.total_steps):
-                with run.procs.whole_lora(run.denoiser.module):  # under FSDP every rank gathers; rank 0 writes
+                # under FSDP every rank gathers (a full fine-tuning's weights onto rank 0's CPU); rank 0 writes
+                with run.procs.whole_lora(run.denoiser.module, every=cfg.train.method == "full"):
                     optimizer_state = run.optimizer_state()
                     if run.procs.is_main:
                         checkpoint.save(Path(t.output_dir), state, run, plan, data_fp, optimizer_state)

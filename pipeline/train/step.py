@@ -172,7 +172,8 @@ def optimizer_step(run, plan: Plan, store: Store, group: list[list[tuple[Sample,
     if fused:
         run.optimizer.armed = False
     if check:
-        procs.check_gradients(run.denoiser.module, target_key(plan.cfg.lora))
+        procs.check_gradients(run.denoiser.module, "train.full_train_modules" if plan.cfg.train.method == "full"
+                              else target_key(plan.cfg.lora))
     records = []
     for parts in zip(*procs.gather(mine)):  # per batch: every rank's share, in rank order
         samples = [p for per_sample, _ in parts for p in per_sample]
