@@ -65,13 +65,13 @@ def test_two_ranks_train_the_weights_one_trains(project, tiny_family_model, tmp_
 
 @pytest.mark.slow
 def test_sharded_full_fine_tuning_trains_what_one_process_trains(project, tiny_family_model, tmp_path):
-    cfg, path = _full(project, tiny_family_model, "fp32")
+    cfg, path = _full(project, tiny_family_model, "fp32", lr=1e-4)
     _, single_one, ckpt_one = _outputs(path, tmp_path / "one", 0)
     ranks, single_two, ckpt_two = _outputs(path, tmp_path / "two", 2, fsdp=True)
     assert any(ranks[0][k].shape != ranks[1][k].shape or not torch.equal(ranks[0][k], ranks[1][k])
                for k in ranks[0])  # each rank held its shard
-    print("1 rank vs 2 sharded, largest relative difference:", _close(single_two, single_one, 1e-4))
-    _close(ckpt_two, ckpt_one, 1e-4)
+    print("1 rank vs 2 sharded, largest relative difference:", _close(single_two, single_one, 1e-5))
+    _close(ckpt_two, ckpt_one, 1e-5)
 
 
 def test_the_fused_backward_under_a_launcher_is_one_line(project, monkeypatch):
