@@ -270,3 +270,19 @@ def test_block_swap_and_gradient_checkpointing_train_as_without(project):
         got[memory] = load_file(summary["model_file"])
     for k in got[False]:
         assert torch.equal(got[False][k], got[True][k]), k
+
+
+def test_sharded_full_fine_tuning_plans_a_share_of_the_trained_state():
+    """train.fsdp over N processes: weights, gradients, master copies and optimizer state are 1/N a GPU."""
+    from pipeline.config import LoraConfig
+    from pipeline.families import family_class
+    from pipeline.memory import Settings, estimate
+    from pipeline.tools.public_configs import public_family
+
+    planning = family_class("flux").planning
+    plan = {n: estimate(public_family("flux"), dict(planning.denoiser_config), LoraConfig(), Settings(
+        method="full", optimizer="adamw", master_weights=True, gradient_checkpointing=True, fsdp_processes=n))
+        for n in (1, 8)}
+    for part in ("weights", "full_grads", "master_weights", "optimizer_state"):
+        assert plan[8].parts[part] == plan[1].parts[part] // 8, part
+    assert plan[8].train_peak < 80e9 < plan[1].train_peak  # 12B weights: AdamW with masters on 8 80 GB GPUs

@@ -38,6 +38,16 @@ def main():
             for variant in [None, *planning.variants]:
                 full_rows(name, planning if variant is None else variant, variant)
 
+    click.echo("\nFull fine-tuning sharded (train.fsdp under a launcher: AdamW, fp32 master weights; one GPU's "
+               "share):\n")
+    click.echo("| family | GPUs | training per GPU (GiB) | fits 24 GB | fits 48 GB | fits 80 GB |")
+    click.echo("|---|---|---|---|---|---|")
+    for name in FAMILIES:
+        planning = family_class(name).planning
+        if planning is not None:
+            for variant in [None, *planning.variants]:
+                sharded_full_rows(name, planning if variant is None else variant, variant)
+
 
 # (optimizer, master weights, fused backward): the cheapest first, then what the memory buys
 FULL_ROWS = (("adafactor", False, True), ("adamw8bit", False, True), ("adamw", False, True), ("adamw", True, False))
@@ -55,6 +65,21 @@ def full_rows(name: str, planning, variant=None) -> None:
         update = "fp32 master" if master else "stochastic rounding"
         click.echo(f"| {shown} | {optimizer} | {update} | {'yes' if fused else 'no'} | {e.train_peak / GiB:.1f} | "
                    f"{fits(24)} | {fits(48)} | {fits(80)} |")
+
+
+def sharded_full_rows(name: str, planning, variant=None) -> None:
+    """Full fine-tuning sharded across 4 and 8 GPUs (what train.fsdp takes for it: AdamW, and with bf16
+    weights fp32 master copies; no fused backward), for the families that shard (those with blocks)."""
+    family = public_family(name, variant)
+    if not family.swap_blocks:
+        return
+    shown = f"{name} (full)" if variant is None else f"{name} ({variant.label}, full)"
+    for processes in (4, 8):
+        e = estimate(family, dict(planning.denoiser_config), LoraConfig(), Settings(
+            gradient_checkpointing=True, optimizer="adamw", method="full", master_weights=True,
+            fsdp_processes=processes))
+        fits = lambda gb: "yes" if e.train_peak <= gb * 1e9 else "no"  # noqa: E731
+        click.echo(f"| {shown} | {processes} | {e.train_peak / GiB:.1f} | {fits(24)} | {fits(48)} | {fits(80)} |")
 
 
 def rows(name: str, planning, variant=None) -> None:
