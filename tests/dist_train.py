@@ -1,6 +1,7 @@
 """Run by test_dist.py under torchrun: `python -m pipeline train` as a function, then this rank's LoRA as it
 holds it in memory (train.method = "full": its trained weights) is written to <dir>/rank-<r>.safetensors, so that the test can compare the ranks. Ranks
-other than 0 get their own train.output_dir, which must stay absent: they write nothing.
+other than 0 get their own train.output_dir, which must stay absent: they write nothing. Rank 0 writes the
+step its run resumed from to <dir>/resumed_from_step.
 
 usage: dist_train.py CONFIG DIR [--resume] [--skew]   (--skew: rank 1 gets another learning rate)"""
 
@@ -25,7 +26,7 @@ if rank:
 if rank and "--skew" in sys.argv:
     cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=cfg.optimizer.lr * 2))
 try:
-    model, _ = train_lora(cfg, progress=False, resume="--resume" in sys.argv)
+    model, summary = train_lora(cfg, progress=False, resume="--resume" in sys.argv)
 except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -34,3 +35,5 @@ weights = {k: (v.to_local() if isinstance(v, DTensor) else v).detach().cpu().con
            for k, v in (get_peft_model_state_dict(model) if cfg.train.method == "lora" else
                         {n: p for n, p in model.named_parameters() if p.requires_grad}).items()}
 save_file(weights, str(out / f"rank-{rank}.safetensors"))
+if not rank:  # where the run went on from (--resume)
+    (out / "resumed_from_step").write_text(str(summary.get("resumed_from_step")))

@@ -25,10 +25,10 @@ def _full(project, tiny_family_model, dtype, lr=1e-2, **train):
     return configure(path, lora=NO_LORA, train={"method": "full", "gradient_accumulation": 2, **train}), path
 
 
-def _outputs(path, out: Path, n: int, **train) -> tuple[dict, dict, dict]:
-    """The ranks' trained weights as each holds them, rank 0's single file and its last checkpoint."""
+def _outputs(path, out: Path, n: int, resume: bool = False, **train) -> tuple[dict, dict, dict]:
+    """The ranks' trained weights as each holds them, rank 0's single file and its step-2 checkpoint."""
     cfg = configure(path, train={"output_dir": str(out / "run"), "checkpoint_every": 2, **train})
-    ranks = _train(n, path, out)
+    ranks = _train(n, path, out, *(["--resume"] if resume else []))
     run = Path(cfg.train.output_dir)
     return ranks, load_file(str(run / "model.safetensors")), load_file(str(run / "checkpoints" / "step-00000002" /
                                                                              "weights.safetensors"))
@@ -64,14 +64,22 @@ def test_two_ranks_train_the_weights_one_trains(project, tiny_family_model, tmp_
 
 
 @pytest.mark.slow
-def test_sharded_full_fine_tuning_trains_what_one_process_trains(project, tiny_family_model, tmp_path):
-    cfg, path = _full(project, tiny_family_model, "fp32", lr=1e-4)
+@pytest.mark.parametrize("dtype, rtol", [("fp32", 1e-5), ("bf16", 2 ** -7)])  # bf16: fp32 master weights
+def test_sharded_full_fine_tuning_trains_what_one_process_trains(project, tiny_family_model, tmp_path, dtype, rtol):
+    cfg, path = _full(project, tiny_family_model, dtype, lr=1e-4, master_weights=dtype != "fp32")
     _, single_one, ckpt_one = _outputs(path, tmp_path / "one", 0)
     ranks, single_two, ckpt_two = _outputs(path, tmp_path / "two", 2, fsdp=True)
     assert any(ranks[0][k].shape != ranks[1][k].shape or not torch.equal(ranks[0][k], ranks[1][k])
                for k in ranks[0])  # each rank held its shard
-    print("1 rank vs 2 sharded, largest relative difference:", _close(single_two, single_one, 1e-5))
-    _close(ckpt_two, ckpt_one, 1e-5)
+    _close(single_two, single_one, rtol)
+    _close(ckpt_two, ckpt_one, rtol)
+    # a longer run goes on from each one's last checkpoint: the sharded one loads the gathered optimizer
+    # state (AdamW's moments, the master weights) back into its shards
+    configure(path, train={"max_steps": 3})
+    single_one = _outputs(path, tmp_path / "one", 0, resume=True)[1]
+    single_two = _outputs(path, tmp_path / "two", 2, resume=True, fsdp=True)[1]
+    print("1 rank vs 2 sharded after a resume:", _close(single_two, single_one, rtol))
+    assert (tmp_path / "one" / "resumed_from_step").read_text() == (tmp_path / "two" / "resumed_from_step").read_text() == "2"
 
 
 def test_the_fused_backward_under_a_launcher_is_one_line(project, monkeypatch):
