@@ -1,6 +1,8 @@
 """FSDP for big denoisers (train.fsdp = true, under a launcher): the frozen weights sharded across the ranks
 with torch's FSDP2 (`fully_shard`, the engine accelerate's FSDP2 config calls too), each transformer block
-one unit, so a GPU holds 1/N of the weights plus the block it is running.
+one unit, so a GPU holds 1/N of the weights plus the block it is running. With train.method = "full" the
+trained weights are sharded the same way, and so their gradients, fp32 master copies and AdamW moments
+(train/full.py steps each rank's shards); checkpoints and the outputs gather them (`whole_lora(every=True)`).
 
 Why the pipeline calls `fully_shard` itself rather than handing the model to accelerate's FSDP config:
 accelerate turns FSDP on for GPUs only (on the CPU it falls back to DDP without a word), so its FSDP could
