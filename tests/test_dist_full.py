@@ -92,3 +92,12 @@ def test_the_fused_backward_under_a_launcher_is_one_line(project, monkeypatch):
     cfg = configure(path, train={"fused_backward": False, "fsdp": True, "dtype": "bf16"})
     with pytest.raises(UserError, match="'train.fsdp' with train.method = \"full\" .* needs train.master_weights"):
         resolve(cfg, "train")
+
+
+def test_a_trained_weight_without_a_gradient_is_refused_naming_the_full_key():
+    from pipeline.processes import refuse_missing_gradients
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0](torch.ones(1, 2)).sum().backward()  # the second layer takes no part in the forward
+    with pytest.raises(UserError, match="'train.full_train_modules': the weight '1.weight' gets no gradient"):
+        refuse_missing_gradients(model, "train.full_train_modules")
