@@ -99,5 +99,5 @@ def test_a_trained_weight_without_a_gradient_is_refused_naming_the_full_key():
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[0](torch.ones(1, 2)).sum().backward()  # the second layer takes no part in the forward
-    with pytest.raises(UserError, match="'train.full_train_modules': the weight '1.weight' gets no gradient"):
+    with pytest.raises(UserError, match="'train.full_train_modules': the weight '1.bias' gets no gradient"):
         refuse_missing_gradients(model, "train.full_train_modules")
