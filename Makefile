@@ -78,7 +78,7 @@ train: $(SETUP)
 	$(LAUNCH) -m pipeline train --config $(CONFIG) $(DTYPE_ARG) $(RESUME_ARG) $(RESTART_ARG)
 
 test: test-fast
-	$(PY) -m pytest -q -n $(TEST_JOBS) -m "e2e or slow"
+	$(PY) -m pytest -q -n $(TEST_JOBS) -m "e2e or slow" --durations=15
 	$(PY) -m pytest -q -m ui
 
 test-fast: $(SETUP)
