@@ -185,7 +185,7 @@ def test_chroma_single_files_in_bfl_layout_map_onto_the_full_size_model():
     from diffusers import ChromaTransformer2DModel
     from diffusers.loaders.single_file_utils import convert_chroma_transformer_checkpoint_to_diffusers
 
-    from bfl_checkpoints import chroma_to_bfl
+    from pipeline.families.chroma.single_file import chroma_to_bfl
     from pipeline.families.chroma.planning import DENOISER
 
     with init_empty_weights():
@@ -202,7 +202,7 @@ def test_a_chroma_single_file_of_another_width_is_refused_in_one_line(chroma, tm
     from diffusers import ChromaTransformer2DModel
     from safetensors.torch import save_file
 
-    from bfl_checkpoints import chroma_to_bfl
+    from pipeline.families.chroma.single_file import chroma_to_bfl
 
     reference = ChromaTransformer2DModel.from_pretrained(model, subfolder="transformer").state_dict()
     single = tmp_path / "chroma.safetensors"

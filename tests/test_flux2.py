@@ -298,15 +298,16 @@ def test_the_diffusers_lokr_file_loads_with_the_pipelines_load_lora_weights(tiny
 
 @pytest.mark.parametrize("tiny", ["flux2", "flux2-dev"])
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])  # BFL's file; ComfyUI's checkpoint names
-def test_a_single_file_in_bfl_layout_loads_as_model_denoiser_file(tiny, prefix, tiny_family_model, tmp_path):
+def test_the_single_file_full_fine_tuning_writes_is_bfls_layout_and_loads_as_model_denoiser_file(tiny, prefix, tiny_family_model, tmp_path):
     from diffusers import Flux2Transformer2DModel
     from safetensors.torch import save_file
 
-    from bfl_checkpoints import flux2_to_bfl
+    from pipeline.denoiser.full import single_file
 
     root = tiny_family_model(tiny)
-    reference = Flux2Transformer2DModel.from_pretrained(root, subfolder="transformer").state_dict()
-    bfl = flux2_to_bfl(reference)
+    model = Flux2Transformer2DModel.from_pretrained(root, subfolder="transformer")
+    reference = model.state_dict()
+    bfl = single_file(model, get_family(ModelConfig(path=str(root))))  # what full fine-tuning writes
     assert "double_blocks.0.img_attn.qkv.weight" in bfl and "final_layer.adaLN_modulation.1.weight" in bfl
     single = tmp_path / "flux2.safetensors"
     save_file({prefix + k: v.contiguous() for k, v in bfl.items()}, str(single))

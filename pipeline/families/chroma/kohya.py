@@ -14,6 +14,7 @@ includes it (adapter.py) and kohya's layout refuses it.
 from __future__ import annotations
 
 from pipeline.families.capabilities import LoraLayout
+from pipeline.families.chroma.single_file import chroma_to_bfl
 from pipeline.families.flux.kohya import to_kohya
 
 
@@ -27,3 +28,7 @@ class ChromaLayout(LoraLayout):
 
     def to_kohya(self, state_dict, alpha):
         return to_kohya(state_dict, alpha, self.prefix, label="Chroma")
+
+    def single_file_names(self, state_dict):
+        """A whole transformer in the layout of Chroma's released files, which ComfyUI loads (train.method = "full")."""
+        return chroma_to_bfl(state_dict)

@@ -21,6 +21,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.families.capabilities import LoraLayout
+from pipeline.families.flux2.single_file import flux2_to_bfl
 
 # module inside a double block -> (BFL name, index of the part in a fused qkv, or None)
 DOUBLE = {
@@ -104,3 +105,7 @@ class Flux2Layout(LoraLayout):
 
     def to_kohya(self, state_dict, alpha):
         return to_bfl(state_dict, alpha, self.prefix)
+
+    def single_file_names(self, state_dict):
+        """A whole transformer in BFL's layout, as users download it and ComfyUI loads it (train.method = "full")."""
+        return flux2_to_bfl(state_dict)
