@@ -16,7 +16,7 @@
 # make bench-memory: the planner against measured CPU peaks of real-width models cut to one block per kind
 #                    (not part of make test: about 15 minutes on 2 cores)
 # make tiny-base: retrain the shipped tiny base (pipeline/tinybase/model) on the CPU, deterministically, and
-#                 measure its caption accuracy (docs/tiny-base.md; about 15 minutes on 2 cores)
+#                 measure its caption accuracy (docs/tiny-base.md; about 7 minutes on a CPU: one thread)
 # make bench-gpu: full-size denoisers on a CUDA GPU (one line and exit 0 without one); test-gpu: pytest -m gpu
 # make cache-status: what the cache holds, lacks and stores unused for CONFIG (DTYPE)
 # Variables: CONFIG=file.toml  DTYPE=bf16|fp16|fp32
