@@ -5,8 +5,8 @@
 #             PROJECTS=folder of config files (default projects/)
 # make bench: seconds per training step, cached vs online priors, and the step against its bare compute
 # make bench-quality: does prior prediction preserve the model? Drift, concept match and class preservation
-#                     of modes none, cached K=1/4/16 and online (the peers' way) on the tiny base (under
-#                     about 30 minutes on 2 cores; not part of make test)
+#                     of modes none, cached K=1/4/16 and online (the peers' way) on the tiny base (about
+#                     6 minutes on a CPU, one thread per run; not part of make test)
 # make bench-methods: drift and concept match of full fine-tuning (with and without priors), LoRA and LoKr
 #                     on the tiny model (not part of make test: about 8 minutes on 2 cores; ARGS="--steps 30")
 # make bench-scale: cache status, verify and a training start on 10,000 images under ulimit -n 1024

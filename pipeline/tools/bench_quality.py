@@ -267,12 +267,12 @@ def default_model(root: Path) -> tuple[Path, str]:
 
 
 @click.command()
-@click.option("--steps", default=600, show_default=True, help="Training steps per mode.")
+@click.option("--steps", default=1500, show_default=True, help="Training steps per mode.")
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--rank", default=4, show_default=True)
 @click.option("--prior-ratio", default=0.5, show_default=True, help="data.prior_ratio: the share of prior samples.")
-@click.option("--images", default="6,24,12", show_default=True, help="Concept, prior and held-out prior images.")
+@click.option("--images", default="6,48,12", show_default=True, help="Concept, prior and held-out prior images.")
 @click.option("--sample-steps", default=20, show_default=True, help="Denoising steps per sample.")
 @click.option("--seeds", default=2, show_default=True, help="Samples per prompt (seeds 0..N-1).")
 @click.option("--modes", default=",".join(MODES), show_default=True)
