@@ -181,7 +181,10 @@ def test_cache_ranks_with_another_config_are_refused_before_any_work(project):
 @pytest.mark.slow
 def test_a_rank_that_dies_is_named_at_once(project):
     path, cfg = project(dtype="bf16")
-    done = _run(2, WORKER.with_name("dist_cache.py"), path, "--die")
+    # torchrun stops the other ranks as soon as it sees one exit (every 0.1 s by default), which can be
+    # before rank 0 has seen the broken barrier and said so (then torchrun's own report names rank 1):
+    # a slower monitor lets rank 0's message through every time
+    done = _run(2, "--monitor-interval=5", WORKER.with_name("dist_cache.py"), path, "--die")
     assert done.returncode != 0, done.stderr[-3000:]
     said = re.findall(r"error: (.*? stopped before finishing .*?run the same command again)", done.stderr)
     assert said and "rank 1 (host" in said[0] and "the latent phase" in said[0], done.stderr[-3000:]
