@@ -133,6 +133,17 @@ class FolderFamily(Family):
         self.training_adapter = Path(cfg.training_adapter) if cfg.training_adapter else None
         self._scheduler = None
 
+    def refuse_other_pipelines(self, label: str) -> None:
+        """One line when model.family names this family over a folder of another pipeline. The planner's
+        folders of public configs have no model_index.json: nothing to check there."""
+        index = self.root / "model_index.json"
+        if not index.is_file():
+            return
+        found = json.loads(index.read_text()).get("_class_name", "")
+        if found not in self.pipeline_classes:
+            raise UserError(f"model.path: '{self.root}' holds a {found or 'pipeline without _class_name'}, "
+                            f"not a {label} model (model.family = \"{self.name}\")")
+
     @property
     def max_sequence_length(self) -> int:
         return self.cfg.max_sequence_length or self.default_max_sequence_length

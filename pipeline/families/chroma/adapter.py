@@ -9,7 +9,6 @@ base model predicts in that pipeline.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -54,11 +53,7 @@ class ChromaFamily(FlowMatchingFamily):
 
     def __init__(self, root: Path, cfg: ModelConfig):
         super().__init__(root, cfg)
-        index = self.root / "model_index.json"  # absent in the planner's folders of public configs
-        found = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else None
-        if found is not None and found not in self.pipeline_classes:  # model.family = "chroma" on another folder
-            raise UserError(f"model.path: '{self.root}' holds a {found or 'pipeline without _class_name'}, "
-                            f"not a Chroma model (model.family = \"chroma\")")
+        self.refuse_other_pipelines("Chroma")
         if self.max_sequence_length > DEFAULT_MAX_SEQUENCE_LENGTH:
             raise UserError(f"config key 'model.max_sequence_length' must be at most {DEFAULT_MAX_SEQUENCE_LENGTH} "
                             f"for Chroma (its pipeline refuses more), got {self.max_sequence_length}")

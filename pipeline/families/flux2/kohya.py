@@ -21,31 +21,8 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.families.capabilities import LoraLayout
-from pipeline.families.flux2.single_file import flux2_to_bfl
+from pipeline.families.flux2.single_file import DOUBLE, SINGLE, TOP, flux2_to_bfl
 
-# module inside a double block -> (BFL name, index of the part in a fused qkv, or None)
-DOUBLE = {
-    "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
-    "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
-    "attn.add_v_proj": ("txt_attn.qkv", 2),
-    "attn.to_out.0": ("img_attn.proj", None), "attn.to_add_out": ("txt_attn.proj", None),
-    "ff.linear_in": ("img_mlp.0", None), "ff.linear_out": ("img_mlp.2", None),
-    "ff_context.linear_in": ("txt_mlp.0", None), "ff_context.linear_out": ("txt_mlp.2", None),
-}
-SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
-# outside the blocks. norm_out.linear (BFL's final_layer.adaLN_modulation.1) is left out on purpose: BFL
-# orders its output halves (shift, scale) the other way round, and diffusers' LoRA converter does not swap
-# them (its checkpoint converter does), so no file could give diffusers and ComfyUI the same weights.
-TOP = {
-    "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
-    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
-    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
-    "single_stream_modulation.linear": "single_stream_modulation.lin",
-}
 BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
 
 

@@ -89,11 +89,7 @@ class QwenImageFamily(FlowMatchingFamily):
 
     def __init__(self, root: Path, cfg: ModelConfig):
         super().__init__(root, cfg)
-        index = self.root / "model_index.json"  # absent in the planner's folders of public configs
-        found = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else None
-        if found is not None and found not in self.pipeline_classes:  # model.family = "qwenimage" on another folder
-            raise UserError(f"model.path: '{self.root}' holds a {found or 'pipeline without _class_name'}, "
-                            f"not a Qwen-Image model (model.family = \"qwenimage\")")
+        self.refuse_other_pipelines("Qwen-Image")
         config = self.root / self.denoiser_component / "config.json"
         if config.is_file():
             self.target_presets = presets_for(json.loads(config.read_text()).get("num_layers", 60))

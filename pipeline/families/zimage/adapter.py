@@ -81,11 +81,7 @@ class ZImageFamily(FlowMatchingFamily):
 
     def __init__(self, root: Path, cfg: ModelConfig):
         super().__init__(root, cfg)
-        index = self.root / "model_index.json"  # absent in the planner's folders of public configs
-        found = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else None
-        if found is not None and found not in self.pipeline_classes:  # model.family = "zimage" on another folder
-            raise UserError(f"model.path: '{self.root}' holds a {found or 'pipeline without _class_name'}, "
-                            f"not a Z-Image model (model.family = \"zimage\")")
+        self.refuse_other_pipelines("Z-Image")
 
     # -- cache stage: text (the VAE is FolderFamily's AutoencoderKL, FLUX.1's) ------------------------
     def load_text_encoders(self, device, dtype):
